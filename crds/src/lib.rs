@@ -1,0 +1,11 @@
+//! gatehouse custom resources and the pure `compile()` that turns them into a `GatewayConfig`.
+
+pub mod compile;
+pub mod config;
+pub mod crdgen;
+pub mod manifests;
+pub mod resources;
+
+pub use compile::{Compiled, Kind, Phase, Resources, Verdict, compile};
+pub use config::*;
+pub use resources::*;

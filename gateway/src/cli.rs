@@ -1,0 +1,57 @@
+//! Command-line flags; each also reads a GATEHOUSE_* environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "gatehouse-gateway",
+    version,
+    about = "gatehouse gateway: OAuth 2.0 for mobile apps, token checks, rate limits, reverse proxy"
+)]
+pub struct Args {
+    /// Api/Plan/Application/Subscription/Secret YAML files or folders (repeatable; reloaded on change).
+    #[arg(
+        long = "manifests",
+        env = "GATEHOUSE_MANIFESTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub manifests: Vec<PathBuf>,
+
+    /// Embedded persistent store directory.
+    #[arg(long, env = "GATEHOUSE_DATA_DIR", default_value = "./gatehouse-data")]
+    pub data_dir: PathBuf,
+
+    /// Address for OAuth endpoints, login pages and proxied APIs.
+    #[arg(long, env = "GATEHOUSE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "GATEHOUSE_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// Public base URL of this gateway (metadata and `iss`). Default: http://localhost:<listen port>.
+    #[arg(long, env = "GATEHOUSE_ISSUER")]
+    pub issuer: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "GATEHOUSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Args {
+    pub fn issuer(&self) -> String {
+        self.issuer
+            .clone()
+            .unwrap_or_else(|| format!("http://localhost:{}", self.listen.port()))
+    }
+}

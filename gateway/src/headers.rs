@@ -1,0 +1,269 @@
+//! Header rewriting between client and upstream. Pure functions over `HeaderMap`.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub const USER_ID: HeaderName = HeaderName::from_static("x-authenticated-userid");
+pub const SCOPE: HeaderName = HeaderName::from_static("x-authenticated-scope");
+pub const CLIENT_ID: HeaderName = HeaderName::from_static("x-client-id");
+pub const APPLICATION_ID: HeaderName = HeaderName::from_static("x-application-id");
+pub const API_PLAN: HeaderName = HeaderName::from_static("x-api-plan");
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including any the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Who the caller is, as the upstream will be told. Values are prevalidated header values.
+pub struct Identity<'a> {
+    pub user_id: Option<HeaderValue>,
+    pub scope: HeaderValue,
+    pub client_id: &'a HeaderValue,
+    pub application_id: &'a HeaderValue,
+    pub plan: &'a HeaderValue,
+}
+
+/// How the request reached us.
+pub struct Forwarded<'a> {
+    pub peer_ip: &'a str,
+    pub proto: &'static str,
+    pub request_id: &'a HeaderValue,
+}
+
+/// Turns the client's request headers into the upstream's: hop-by-hop headers, the bearer token
+/// and every client-supplied identity header (any case, any `X-Authenticated-*`) removed, then
+/// the gateway's identity and forwarding headers set.
+pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forwarded<'_>) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::AUTHORIZATION);
+    // HeaderMap names are lowercase already, so this catches every spelling a client used.
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-authenticated-"))
+        .cloned()
+        .collect();
+    for name in spoofed {
+        headers.remove(name);
+    }
+    for name in [CLIENT_ID, APPLICATION_ID, API_PLAN] {
+        headers.remove(name);
+    }
+
+    if let Some(user) = &id.user_id {
+        headers.insert(USER_ID, user.clone());
+    }
+    headers.insert(SCOPE, id.scope.clone());
+    headers.insert(CLIENT_ID, id.client_id.clone());
+    headers.insert(APPLICATION_ID, id.application_id.clone());
+    headers.insert(API_PLAN, id.plan.clone());
+
+    // X-Forwarded-Host: the Host the client asked for; the upstream gets its own Host.
+    if let Some(host) = headers.remove(header::HOST) {
+        headers.insert(FORWARDED_HOST, host);
+    }
+    let xff = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {}", fwd.peer_ip),
+        _ => fwd.peer_ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(FORWARDED_FOR, v);
+    }
+    headers.insert(FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    headers.insert(REQUEST_ID, fwd.request_id.clone());
+}
+
+/// A client-supplied request id is kept when it is short and plain, so traces join up;
+/// otherwise the gateway makes one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&REQUEST_ID)
+        && !v.is_empty()
+        && v.len() <= 128
+        && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    {
+        return v.clone();
+    }
+    HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).expect("uuid is a valid header")
+}
+
+/// The token from `Authorization: Bearer <token>` (scheme case-insensitive).
+pub enum Bearer<'a> {
+    Missing,
+    Malformed,
+    Token(&'a str),
+}
+
+pub fn bearer(headers: &HeaderMap) -> Bearer<'_> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return if headers.contains_key(header::AUTHORIZATION) {
+            Bearer::Malformed
+        } else {
+            Bearer::Missing
+        };
+    };
+    let Ok(value) = value.to_str() else {
+        return Bearer::Malformed;
+    };
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+            let token = token.trim();
+            if token.is_empty() || token.contains(' ') {
+                Bearer::Malformed
+            } else {
+                Bearer::Token(token)
+            }
+        }
+        _ => Bearer::Malformed,
+    }
+}
+
+/// True when the query string carries an `access_token` parameter (RFC 6750 2.3), which the
+/// gateway refuses: URLs end up in logs and Referer headers.
+pub fn query_has_token(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|pair| pair.split('=').next() == Some("access_token"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hv(s: &str) -> HeaderValue {
+        HeaderValue::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn rewrite_removes_spoofed_identity_and_sets_ours() {
+        let mut h = HeaderMap::new();
+        h.insert("X-Authenticated-UserId", hv("attacker"));
+        h.append("x-authenticated-userid", hv("attacker2"));
+        h.insert("X-AUTHENTICATED-SCOPE", hv("admin"));
+        h.insert("x-authenticated-anything", hv("x"));
+        h.insert("X-Client-Id", hv("evil"));
+        h.insert("x-api-plan", hv("gold"));
+        h.insert("x-application-id", hv("x/y"));
+        h.insert(header::AUTHORIZATION, hv("Bearer secret-token"));
+        h.insert(header::HOST, hv("api.example.com"));
+        h.insert(header::CONNECTION, hv("keep-alive, x-drop-me"));
+        h.insert("x-drop-me", hv("1"));
+        h.insert("keep-alive", hv("timeout=5"));
+        h.insert("x-forwarded-for", hv("10.0.0.1"));
+        h.insert("accept", hv("application/json"));
+        let (c, a, p, rid) = (hv("cid"), hv("demo/app"), hv("basic"), hv("req-1"));
+        let id = Identity {
+            user_id: Some(hv("uuid-1")),
+            scope: hv("profile"),
+            client_id: &c,
+            application_id: &a,
+            plan: &p,
+        };
+        let fwd = Forwarded {
+            peer_ip: "127.0.0.1",
+            proto: "http",
+            request_id: &rid,
+        };
+        rewrite_request(&mut h, &id, &fwd);
+
+        assert_eq!(h.get_all("x-authenticated-userid").iter().count(), 1);
+        assert_eq!(h["x-authenticated-userid"], "uuid-1");
+        assert_eq!(h["x-authenticated-scope"], "profile");
+        assert!(!h.contains_key("x-authenticated-anything"));
+        assert_eq!(h["x-client-id"], "cid");
+        assert_eq!(h["x-application-id"], "demo/app");
+        assert_eq!(h["x-api-plan"], "basic");
+        assert!(!h.contains_key(header::AUTHORIZATION));
+        assert!(!h.contains_key(header::HOST));
+        assert!(!h.contains_key(header::CONNECTION));
+        assert!(!h.contains_key("x-drop-me"));
+        assert!(!h.contains_key("keep-alive"));
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-request-id"], "req-1");
+        assert_eq!(h["accept"], "application/json");
+    }
+
+    #[test]
+    fn client_credentials_tokens_carry_no_user() {
+        let mut h = HeaderMap::new();
+        h.insert("x-authenticated-userid", hv("spoof"));
+        let (c, a, p, rid) = (hv("cid"), hv("demo/app"), hv("basic"), hv("r"));
+        let id = Identity {
+            user_id: None,
+            scope: hv(""),
+            client_id: &c,
+            application_id: &a,
+            plan: &p,
+        };
+        let fwd = Forwarded {
+            peer_ip: "::1",
+            proto: "http",
+            request_id: &rid,
+        };
+        rewrite_request(&mut h, &id, &fwd);
+        assert!(!h.contains_key("x-authenticated-userid"));
+        assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert!(matches!(bearer(&h), Bearer::Missing));
+        h.insert(header::AUTHORIZATION, hv("bearer abc"));
+        assert!(matches!(bearer(&h), Bearer::Token("abc")));
+        h.insert(header::AUTHORIZATION, hv("Basic abc"));
+        assert!(matches!(bearer(&h), Bearer::Malformed));
+        h.insert(header::AUTHORIZATION, hv("Bearer "));
+        assert!(matches!(bearer(&h), Bearer::Malformed));
+        h.insert(header::AUTHORIZATION, hv("Bearer a"));
+        h.append(header::AUTHORIZATION, hv("Bearer b"));
+        assert!(matches!(bearer(&h), Bearer::Malformed));
+    }
+
+    #[test]
+    fn request_ids() {
+        let mut h = HeaderMap::new();
+        assert_eq!(request_id(&h).len(), 36);
+        h.insert("x-request-id", hv("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert("x-request-id", hv(&"x".repeat(200)));
+        assert_eq!(request_id(&h).len(), 36);
+    }
+
+    #[test]
+    fn query_tokens() {
+        assert!(query_has_token(Some("a=1&access_token=x")));
+        assert!(query_has_token(Some("access_token")));
+        assert!(!query_has_token(Some("my_access_token=1")));
+        assert!(!query_has_token(None));
+    }
+}

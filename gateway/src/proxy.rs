@@ -1,0 +1,166 @@
+//! The proxy: token check, rate limits, header rewriting, streaming forward (design 4.2).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::Response;
+use http::{HeaderValue, Uri, Version, header};
+
+use crate::error::{GatewayError, set_rate_limit_headers};
+use crate::headers::{self, Bearer, Forwarded, Identity};
+use crate::ratelimit::{Decision, limit_checks};
+use crate::routing;
+use crate::state::AppState;
+use crate::store::TokenKind;
+use crate::tokens;
+
+pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let request_id = headers::request_id(req.headers());
+    let started = std::time::Instant::now();
+    let result = forward(&state, req, &request_id).await;
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(e) => e.to_response(Some(&request_id)),
+    };
+    metrics::counter!("gatehouse_proxy_responses_total", "class" => status_class(resp.status()))
+        .increment(1);
+    metrics::histogram!("gatehouse_proxy_duration_seconds").record(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn status_class(s: http::StatusCode) -> &'static str {
+    match s.as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+async fn forward(
+    state: &AppState,
+    req: Request,
+    request_id: &HeaderValue,
+) -> Result<Response, GatewayError> {
+    let snap = state.config.load_full();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host());
+    let api_idx = routing::match_api(&snap.config.apis, host, req.uri().path())
+        .ok_or(GatewayError::NoRoute)?;
+    let api = &snap.apis[api_idx];
+
+    if headers::query_has_token(req.uri().query()) {
+        return Err(GatewayError::InvalidRequest(
+            "access tokens in the query string are not accepted; send Authorization: Bearer <token>",
+        ));
+    }
+    let token = match headers::bearer(req.headers()) {
+        Bearer::Missing => return Err(GatewayError::MissingToken),
+        Bearer::Malformed => {
+            return Err(GatewayError::InvalidRequest(
+                "the Authorization header must be exactly one 'Bearer <token>'",
+            ));
+        }
+        Bearer::Token(t) => t,
+    };
+    if !tokens::looks_like_token(token) {
+        return Err(GatewayError::InvalidToken);
+    }
+    let record = state
+        .store
+        .get_token(&tokens::hash(token))
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "token lookup failed");
+            GatewayError::StoreUnavailable
+        })?
+        .ok_or(GatewayError::InvalidToken)?;
+    // The token must be an access token of a subscription that still exists, for this Api.
+    let client = snap
+        .client(&record.client_id)
+        .filter(|c| {
+            record.kind == TokenKind::Access
+                && c.api == api_idx
+                && record.api == api.cfg.id
+                && c.cfg.subscription == record.subscription
+        })
+        .ok_or(GatewayError::InvalidToken)?;
+
+    let plan = &snap.plans[client.plan];
+    let checks = limit_checks(plan, &client.cfg.subscription, record.user_id.as_deref());
+    let decision = match state.limiter.check(&checks).await {
+        Ok(d) => d,
+        Err(e) if plan.fail_open => {
+            tracing::warn!(error = %e, plan = %plan.id, "rate limits unchecked (plan fails open)");
+            Decision::unlimited()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "rate limits cannot be checked; refusing (fail closed)");
+            return Err(GatewayError::LimiterUnavailable);
+        }
+    };
+    if !decision.allowed {
+        return Err(GatewayError::RateLimited(decision));
+    }
+
+    let (mut parts, body) = req.into_parts();
+    let path = routing::upstream_path(
+        &api.base_path,
+        &api.cfg.path_prefix,
+        parts.uri.path(),
+        api.cfg.upstream.strip_prefix,
+    );
+    let uri = match parts.uri.query() {
+        Some(q) => format!("{}{path}?{q}", api.origin),
+        None => format!("{}{path}", api.origin),
+    };
+    parts.uri = uri
+        .parse::<Uri>()
+        .map_err(|_| GatewayError::InvalidRequest("the request path cannot be forwarded"))?;
+    parts.version = Version::HTTP_11;
+
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".to_string());
+    let user_header = match &record.user_id {
+        Some(u) => Some(HeaderValue::from_str(u).map_err(|_| GatewayError::InvalidToken)?),
+        None => None,
+    };
+    let identity = Identity {
+        user_id: user_header,
+        scope: HeaderValue::from_str(&record.scope).map_err(|_| GatewayError::InvalidToken)?,
+        client_id: &client.client_id_header,
+        application_id: &client.application_header,
+        plan: &client.plan_header,
+    };
+    let fwd = Forwarded {
+        peer_ip: &peer,
+        proto: "http",
+        request_id,
+    };
+    headers::rewrite_request(&mut parts.headers, &identity, &fwd);
+
+    let upstream_req = http::Request::from_parts(parts, body);
+    let resp = match tokio::time::timeout(api.timeout, state.http.request(upstream_req)).await {
+        Err(_) => return Err(GatewayError::UpstreamTimeout),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, api = %api.cfg.id, "upstream request failed");
+            return Err(GatewayError::UpstreamUnreachable);
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    set_rate_limit_headers(&mut parts.headers, &decision);
+    parts
+        .headers
+        .insert(headers::REQUEST_ID, request_id.clone());
+    Ok(Response::from_parts(parts, Body::new(body)))
+}

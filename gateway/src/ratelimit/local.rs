@@ -1,0 +1,142 @@
+//! In-process limiter for a single gateway: GCRA state in sharded maps.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use super::gcra::{self, Decision, LimitState};
+use super::{LimitCheck, Limiter, LimiterUnavailable};
+
+const SHARDS: usize = 64;
+
+pub struct LocalLimiter {
+    shards: Vec<Mutex<HashMap<String, u64>>>,
+    hasher: RandomState,
+}
+
+impl Default for LocalLimiter {
+    fn default() -> Self {
+        LocalLimiter {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl LocalLimiter {
+    fn shard_of(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+
+    /// Decides at an explicit instant (tests replay sequences with it).
+    pub fn check_at(&self, checks: &[LimitCheck], now: u64) -> Decision {
+        if checks.is_empty() {
+            return Decision::unlimited();
+        }
+        // Lock every shard involved, in index order (no deadlock), so the check-then-consume of
+        // all limits is atomic with respect to other requests.
+        let mut idx: Vec<usize> = checks.iter().map(|c| self.shard_of(&c.key)).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut guards: Vec<_> = idx.iter().map(|&i| (i, self.shards[i].lock())).collect();
+        let states: Vec<LimitState> = checks
+            .iter()
+            .map(|c| {
+                let shard = self.shard_of(&c.key);
+                let map = &guards.iter().find(|(i, _)| *i == shard).expect("locked").1;
+                gcra::check(c.rate, map.get(&c.key).copied().unwrap_or(0), now)
+            })
+            .collect();
+        let decision = gcra::combine(&states);
+        if decision.allowed {
+            for (c, st) in checks.iter().zip(&states) {
+                let shard = self.shard_of(&c.key);
+                let map = &mut guards
+                    .iter_mut()
+                    .find(|(i, _)| *i == shard)
+                    .expect("locked")
+                    .1;
+                map.insert(c.key.clone(), st.new_tat);
+            }
+        }
+        decision
+    }
+
+    /// Drops keys whose budget is whole again (a TAT in the past is the same as no entry).
+    pub fn purge_idle(&self, now: u64) -> usize {
+        let mut removed = 0;
+        for shard in &self.shards {
+            let mut map = shard.lock();
+            let before = map.len();
+            map.retain(|_, tat| *tat > now);
+            removed += before - map.len();
+        }
+        removed
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl Limiter for LocalLimiter {
+    async fn check(&self, checks: &[LimitCheck]) -> Result<Decision, LimiterUnavailable> {
+        Ok(self.check_at(checks, now_us()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::Rate;
+
+    fn lc(key: &str, n: u64, per: u64) -> LimitCheck {
+        LimitCheck {
+            key: key.into(),
+            rate: Rate::new(n, per),
+        }
+    }
+
+    #[test]
+    fn refusal_by_one_limit_consumes_none_of_the_others() {
+        let l = LocalLimiter::default();
+        let now = 1_000_000_000;
+        let wide = lc("wide", 100, 1);
+        let narrow = lc("narrow", 2, 1);
+        assert!(l.check_at(&[wide.clone(), narrow.clone()], now).allowed);
+        assert!(l.check_at(&[wide.clone(), narrow.clone()], now).allowed);
+        for _ in 0..10 {
+            assert!(!l.check_at(&[wide.clone(), narrow.clone()], now).allowed);
+        }
+        // Only the two allowed requests were counted against `wide`.
+        let d = l.check_at(&[wide], now);
+        assert_eq!(d.remaining, 97);
+    }
+
+    #[test]
+    fn keys_are_independent_and_idle_keys_purged() {
+        let l = LocalLimiter::default();
+        let now = 5_000_000;
+        assert!(l.check_at(&[lc("a", 1, 1)], now).allowed);
+        assert!(!l.check_at(&[lc("a", 1, 1)], now).allowed);
+        assert!(l.check_at(&[lc("b", 1, 1)], now).allowed);
+        assert_eq!(l.len(), 2);
+        assert_eq!(l.purge_idle(now + 2_000_000), 2);
+        assert!(l.is_empty());
+    }
+}

@@ -1,0 +1,81 @@
+//! Rate limiting: which limits apply to a request (pure) and who keeps the counters (a trait,
+//! implemented in-process here and in Redis for several replicas).
+
+pub mod gcra;
+pub mod local;
+
+use async_trait::async_trait;
+use gatehouse_crds::{LimitKey, PlanConfig};
+
+pub use gcra::{Decision, Rate};
+
+/// One limit to check for a request: a key and its rate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitCheck {
+    pub key: String,
+    pub rate: Rate,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("rate-limit store unavailable: {0}")]
+pub struct LimiterUnavailable(pub String);
+
+#[async_trait]
+pub trait Limiter: Send + Sync {
+    /// Checks every limit of one request together; consumes all of them or none.
+    async fn check(&self, checks: &[LimitCheck]) -> Result<Decision, LimiterUnavailable>;
+}
+
+/// The keys of a plan's limits for one caller. The subscription sits in a hash tag so a Redis
+/// Cluster keeps all of one subscription's keys in one slot (one script touches them together).
+/// Tokens without a user (client_credentials) count per application for `key: user` limits.
+pub fn limit_checks(plan: &PlanConfig, subscription: &str, user: Option<&str>) -> Vec<LimitCheck> {
+    plan.rate_limits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let who = match (l.key, user) {
+                (LimitKey::User, Some(u)) => u,
+                _ => "-",
+            };
+            LimitCheck {
+                key: format!("rl:{{{subscription}}}:{}:{i}:{who}", plan.id),
+                rate: Rate::new(l.requests, l.per_seconds),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatehouse_crds::RateLimitConfig;
+
+    #[test]
+    fn keys_per_user_and_per_application() {
+        let plan = PlanConfig {
+            id: "demo/basic".into(),
+            name: "basic".into(),
+            display_name: "Basic".into(),
+            fail_open: false,
+            rate_limits: vec![
+                RateLimitConfig {
+                    requests: 10,
+                    per_seconds: 1,
+                    key: LimitKey::User,
+                },
+                RateLimitConfig {
+                    requests: 1000,
+                    per_seconds: 86_400,
+                    key: LimitKey::Application,
+                },
+            ],
+        };
+        let checks = limit_checks(&plan, "demo/app-sub", Some("u-1"));
+        assert_eq!(checks[0].key, "rl:{demo/app-sub}:demo/basic:0:u-1");
+        assert_eq!(checks[1].key, "rl:{demo/app-sub}:demo/basic:1:-");
+        assert_eq!(checks[0].rate, Rate::new(10, 1));
+        let anon = limit_checks(&plan, "demo/app-sub", None);
+        assert_eq!(anon[0].key, "rl:{demo/app-sub}:demo/basic:0:-");
+    }
+}

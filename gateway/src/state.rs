@@ -1,0 +1,58 @@
+//! Shared state of one gateway process.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::ratelimit::Limiter;
+use crate::snapshot::Snapshot;
+use crate::store::Store;
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+pub struct AppState {
+    pub config: ArcSwap<Snapshot>,
+    pub store: Arc<dyn Store>,
+    pub limiter: Arc<dyn Limiter>,
+    pub http: HttpClient,
+    /// Public base URL, no trailing slash (metadata, `iss`).
+    pub issuer: String,
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn Store>, limiter: Arc<dyn Limiter>, issuer: &str) -> AppState {
+        AppState {
+            config: ArcSwap::from_pointee(Snapshot::default()),
+            store,
+            limiter,
+            http: http_client(),
+            issuer: issuer.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// Installs a new configuration; requests in flight keep the one they started with.
+    pub fn swap_config(&self, snapshot: Snapshot) {
+        self.config.store(Arc::new(snapshot));
+    }
+}
+
+/// Pooled keep-alive client for upstreams, http and https (webpki roots).
+pub fn http_client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .pool_max_idle_per_host(512)
+        .build(https)
+}

@@ -1,0 +1,77 @@
+//! Gateway state (tokens now; users, codes, sessions with the login flow) behind one trait,
+//! implemented by the embedded store here and by Redis for several replicas.
+
+pub mod embedded;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::tokens::TokenHash;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store data could not be read: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    Access,
+    Refresh,
+}
+
+/// What the store keeps for a token, under the SHA-256 of the token.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub kind: TokenKind,
+    pub client_id: String,
+    /// `<namespace>/<subscription>`
+    pub subscription: String,
+    /// `<namespace>/<api>`
+    pub api: String,
+    /// Absent for client_credentials tokens.
+    pub user_id: Option<String>,
+    /// Granted scopes, space-separated.
+    pub scope: String,
+    /// Every token descended from one authorization shares it, so a replayed code or a reused
+    /// refresh token can revoke them all.
+    pub grant_id: String,
+    /// Unix seconds.
+    pub issued_at: u64,
+    pub expires_at: u64,
+}
+
+impl TokenRecord {
+    pub fn is_expired(&self, now: u64) -> bool {
+        self.expires_at <= now
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    async fn put_token(&self, hash: TokenHash, record: TokenRecord) -> StoreResult<()>;
+    /// The live (unexpired, unrevoked) token with this hash.
+    async fn get_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>>;
+    /// Removes one token; returns what it was.
+    async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>>;
+    /// Removes every token of a grant; returns how many.
+    async fn revoke_grant(&self, grant_id: &str) -> StoreResult<usize>;
+    /// Drops expired entries; returns how many.
+    async fn purge_expired(&self, now: u64) -> StoreResult<usize>;
+    /// Can the store serve requests right now?
+    async fn ready(&self) -> StoreResult<()>;
+}

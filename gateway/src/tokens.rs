@@ -1,0 +1,85 @@
+//! Opaque tokens: 256 bits from the OS RNG, base64url without padding. The store only ever sees
+//! their SHA-256, so a leaked database holds nothing a client could present.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// SHA-256 of a token; the key under which the store keeps it.
+pub type TokenHash = [u8; 32];
+
+/// A fresh random token (43 base64url characters).
+pub fn generate() -> String {
+    let mut bytes = [0u8; 32];
+    // ThreadRng is a CSPRNG (ChaCha12) seeded and periodically reseeded from the OS.
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+pub fn hash(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+pub fn hash_hex(value: &[u8]) -> String {
+    hex::encode(Sha256::digest(value))
+}
+
+/// Compares two byte strings without leaking where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.ct_eq(b).into()
+}
+
+/// Checks a presented client secret against the SHA-256 (hex) in the config, in constant time.
+pub fn secret_matches(presented: &str, expected_sha256_hex: &str) -> bool {
+    let presented = hash_hex(presented.as_bytes());
+    constant_time_eq(presented.as_bytes(), expected_sha256_hex.as_bytes())
+}
+
+/// Shape check before touching the store: a token we issued is exactly 43 base64url chars.
+pub fn looks_like_token(token: &str) -> bool {
+    token.len() == 43
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_256_bit_base64url_and_unique() {
+        let a = generate();
+        let b = generate();
+        assert_eq!(a.len(), 43);
+        assert!(looks_like_token(&a));
+        assert_ne!(a, b);
+        assert_eq!(URL_SAFE_NO_PAD.decode(&a).unwrap().len(), 32);
+    }
+
+    #[test]
+    fn hash_is_sha256() {
+        // SHA-256("abc") from FIPS 180-2.
+        assert_eq!(
+            hex::encode(hash("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn secret_compare() {
+        let expected = hash_hex(b"s3cret-s3cret-s3cret");
+        assert!(secret_matches("s3cret-s3cret-s3cret", &expected));
+        assert!(!secret_matches("s3cret-s3cret-s3creT", &expected));
+        assert!(!secret_matches("", &expected));
+    }
+
+    #[test]
+    fn shape_check_rejects_garbage() {
+        assert!(!looks_like_token("short"));
+        assert!(!looks_like_token(&"a".repeat(44)));
+        assert!(!looks_like_token(&format!("{}+", "a".repeat(42))));
+    }
+}

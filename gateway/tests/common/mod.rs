@@ -1,0 +1,216 @@
+//! Shared setup for the gateway's router and socket tests: manifests written to a temp dir,
+//! compiled through the real loader, an in-process echo upstream.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use base64::Engine;
+use gatehouse_gateway::ratelimit::local::LocalLimiter;
+use gatehouse_gateway::state::AppState;
+use gatehouse_gateway::store::embedded::EmbeddedStore;
+use gatehouse_gateway::{server, source};
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+pub const SECRET: &str = "service-secret-0123456789abcdef0123";
+
+/// Manifests for one namespace: Api `mobile` at /mobile (plan basic: `limit` per second),
+/// Api `other` at /other, a confidential app `svc` subscribed to both, a public app `app`.
+pub fn manifests(upstream: &str, limit: u32) -> String {
+    format!(
+        r#"
+apiVersion: gatehouse.dev/v1alpha1
+kind: Plan
+metadata: {{name: basic, namespace: t}}
+spec:
+  rateLimits:
+    - {{requests: {limit}, per: second}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Plan
+metadata: {{name: unlimited, namespace: t}}
+spec: {{}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Api
+metadata: {{name: mobile, namespace: t}}
+spec:
+  pathPrefix: /mobile
+  upstream: {{url: "{upstream}", timeoutSeconds: 1}}
+  plans: [basic]
+  auth:
+    grants: [authorization_code, refresh_token, client_credentials]
+    scopes: [{{name: profile, description: Your profile}}, {{name: orders, description: Orders}}]
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Api
+metadata: {{name: v2, namespace: t}}
+spec:
+  pathPrefix: /mobile/v2
+  upstream: {{url: "{upstream}/version2", stripPrefix: true}}
+  plans: [unlimited]
+  auth: {{grants: [client_credentials]}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Api
+metadata: {{name: other, namespace: t}}
+spec:
+  pathPrefix: /other
+  hosts: [api.example.com]
+  upstream: {{url: "{upstream}", stripPrefix: false}}
+  plans: [unlimited]
+  auth: {{grants: [client_credentials]}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Api
+metadata: {{name: dead, namespace: t}}
+spec:
+  pathPrefix: /dead
+  upstream: {{url: "http://127.0.0.1:1"}}
+  plans: [unlimited]
+  auth: {{grants: [client_credentials]}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {{name: svc, namespace: t}}
+spec: {{clientType: confidential, displayName: Service}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {{name: app, namespace: t}}
+spec: {{clientType: public, redirectUris: ["myapp://cb"]}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: svc-secret, namespace: t}}
+stringData: {{clientSecret: "{SECRET}"}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {{name: svc-mobile, namespace: t}}
+spec:
+  application: svc
+  api: mobile
+  plan: basic
+  clientId: svc-mobile
+  grants: [client_credentials]
+  clientSecretRef: {{name: svc-secret, key: clientSecret}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {{name: svc-v2, namespace: t}}
+spec: {{application: svc, api: v2, plan: unlimited, clientId: svc-v2, clientSecretRef: {{name: svc-secret}}}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {{name: svc-other, namespace: t}}
+spec: {{application: svc, api: other, plan: unlimited, clientId: svc-other, clientSecretRef: {{name: svc-secret}}}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {{name: svc-dead, namespace: t}}
+spec: {{application: svc, api: dead, plan: unlimited, clientId: svc-dead, clientSecretRef: {{name: svc-secret}}}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {{name: app-mobile, namespace: t}}
+spec: {{application: app, api: mobile, plan: basic, clientId: app-mobile}}
+"#
+    )
+}
+
+pub struct Harness {
+    pub state: Arc<AppState>,
+    pub dir: tempfile::TempDir,
+    pub upstream: SocketAddr,
+}
+
+impl Harness {
+    pub async fn new(limit: u32) -> Harness {
+        let upstream = gatehouse_tests::echo::spawn().await;
+        Harness::with_manifests(manifests(&format!("http://{upstream}"), limit), upstream).await
+    }
+
+    pub async fn with_manifests(yaml: String, upstream: SocketAddr) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let mdir = dir.path().join("manifests");
+        std::fs::create_dir_all(&mdir).unwrap();
+        std::fs::write(mdir.join("all.yaml"), yaml).unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("data")).unwrap();
+        let state = Arc::new(AppState::new(
+            Arc::new(store),
+            Arc::new(LocalLimiter::default()),
+            "http://gw.test",
+        ));
+        source::reload(&state, &[mdir]).expect("manifests load");
+        Harness {
+            state,
+            dir,
+            upstream,
+        }
+    }
+
+    pub fn manifest_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    pub async fn call(&self, req: Request<Body>) -> Response<Body> {
+        server::router(self.state.clone())
+            .oneshot(req)
+            .await
+            .unwrap()
+    }
+
+    /// A client_credentials token for `client_id` (secret SECRET).
+    pub async fn cc_token(&self, client_id: &str, scope: Option<&str>) -> String {
+        let mut body = "grant_type=client_credentials".to_string();
+        if let Some(s) = scope {
+            body.push_str(&format!("&scope={}", s.replace(' ', "+")));
+        }
+        let resp = self
+            .call(token_request(&body, Some((client_id, SECRET))))
+            .await;
+        assert_eq!(resp.status(), 200);
+        let v = json(resp).await;
+        v["access_token"].as_str().unwrap().to_string()
+    }
+}
+
+pub fn basic(id: &str, secret: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+    )
+}
+
+pub fn token_request(body: &str, basic_auth: Option<(&str, &str)>) -> Request<Body> {
+    let mut b =
+        Request::post("/oauth2/token").header("content-type", "application/x-www-form-urlencoded");
+    if let Some((id, secret)) = basic_auth {
+        b = b.header("authorization", basic(id, secret));
+    }
+    b.body(Body::from(body.to_string())).unwrap()
+}
+
+pub fn get(path: &str, token: Option<&str>) -> http::request::Builder {
+    let b = Request::get(path);
+    match token {
+        Some(t) => b.header("authorization", format!("Bearer {t}")),
+        None => b,
+    }
+}
+
+pub async fn json(resp: Response<Body>) -> serde_json::Value {
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("not json ({e}): {}", String::from_utf8_lossy(&bytes)))
+}
+
+/// The first value of a header the echo upstream received.
+pub fn seen<'a>(echo: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    echo["headers"][name].get(0).and_then(|v| v.as_str())
+}

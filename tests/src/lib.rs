@@ -1,0 +1,5 @@
+//! Test support for gatehouse: an upstream that echoes what it receives, and helpers to start
+//! the real gateway binary on free ports.
+
+pub mod echo;
+pub mod procs;

@@ -1,0 +1,163 @@
+//! Starting the real `gatehouse-gateway` binary for end-to-end tests.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound and released; the window for a race is tiny).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Path of a workspace binary, built once per test process with the same profile as the tests.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == bin) {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(
+            status.success(),
+            "cargo build -p {package} --bin {bin} failed"
+        );
+        built.push(bin.to_string());
+    }
+    profile_dir.join(bin)
+}
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Gateway {
+    /// Starts a gateway with `--manifests` and fresh ports; `extra` are more flags.
+    pub fn start(manifests: &Path, data_dir: &Path, extra: &[&str]) -> Gateway {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut args = vec![
+            "--manifests".to_string(),
+            manifests.display().to_string(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--listen".to_string(),
+            addr.to_string(),
+            "--admin-listen".to_string(),
+            admin.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = data_dir.with_extension(format!("{}.log", addr.port()));
+        let mut gw = Gateway {
+            child: None,
+            addr,
+            admin,
+            data_dir: data_dir.to_path_buf(),
+            log,
+            args,
+        };
+        gw.spawn();
+        gw
+    }
+
+    fn spawn(&mut self) {
+        let bin = workspace_bin("gatehouse-gateway", "gatehouse-gateway");
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let child = Command::new(bin)
+            .args(&self.args)
+            .env("GATEHOUSE_LOG", "info,gatehouse_gateway=debug")
+            .stdout(Stdio::from(log.try_clone().expect("dup log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting gatehouse-gateway");
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30));
+    }
+
+    /// Blocks until /readyz answers 200, or panics with the gateway's log.
+    pub fn wait_ready(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("gateway exited with {status}:\n{}", self.logs());
+            }
+            if http_status(self.admin, "/readyz") == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("gateway not ready within {within:?}:\n{}", self.logs());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the process (SIGKILL: nothing gets a chance to flush; the store must already be durable).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills and starts again with the same ports, flags and data dir.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Minimal blocking GET returning the status code, for readiness polling without a runtime.
+pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.split(' ').nth(1)?.parse().ok()
+}
