@@ -28,8 +28,7 @@ use crate::config::{
     UpstreamConfig,
 };
 use crate::resources::{
-    APPROVED_ANNOTATION, Api, Application, ClientType, GrantType, Plan, SecretKeyRef,
-    Subscription,
+    APPROVED_ANNOTATION, Api, Application, ClientType, GrantType, Plan, SecretKeyRef, Subscription,
 };
 
 /// Namespace assumed for resources that carry none.
@@ -170,7 +169,12 @@ impl Verdict {
     pub fn ready_condition(&self, observed_generation: Option<i64>) -> crate::resources::Condition {
         crate::resources::Condition {
             type_: "Ready".to_string(),
-            status: if self.phase == Phase::Active { "True" } else { "False" }.to_string(),
+            status: if self.phase == Phase::Active {
+                "True"
+            } else {
+                "False"
+            }
+            .to_string(),
             reason: self.reason.clone(),
             message: self.message.clone(),
             last_transition_time: None,
@@ -327,9 +331,7 @@ pub fn compile(res: &Resources) -> Compiled {
     config.hash = config_hash(&config);
 
     // Stable: duplicates of one kind/namespace/name stay in age order.
-    verdicts.sort_by(|a, b| {
-        (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name))
-    });
+    verdicts.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
     Compiled { config, verdicts }
 }
 
@@ -385,7 +387,14 @@ fn key(namespace: &str, name: &str) -> Key {
     (namespace.to_string(), name.to_string())
 }
 
-fn verdict(kind: Kind, namespace: &str, name: &str, phase: Phase, reason: &str, message: String) -> Verdict {
+fn verdict(
+    kind: Kind,
+    namespace: &str,
+    name: &str,
+    phase: Phase,
+    reason: &str,
+    message: String,
+) -> Verdict {
     Verdict {
         kind,
         namespace: namespace.to_string(),
@@ -430,7 +439,10 @@ fn identity_problem<T>(kind: Kind, e: &Entry<'_, T>, seen: &mut BTreeSet<Key>) -
             e.name,
             Phase::Invalid,
             reasons::MISSING_NAME,
-            format!("{kind} in namespace {} has no metadata.name; give it a name", e.namespace),
+            format!(
+                "{kind} in namespace {} has no metadata.name; give it a name",
+                e.namespace
+            ),
         ));
     }
     if !seen.insert(key(e.namespace, e.name)) {
@@ -512,7 +524,10 @@ fn compile_plans(plans: &[Plan], verdicts: &mut Vec<Verdict>) -> BTreeMap<Key, S
             let message = if spec.rate_limits.is_empty() {
                 format!("plan {id} is valid (no rate limits: unlimited)")
             } else {
-                format!("plan {id} is valid ({} rate limits)", spec.rate_limits.len())
+                format!(
+                    "plan {id} is valid ({} rate limits)",
+                    spec.rate_limits.len()
+                )
             };
             out.insert(
                 key(e.namespace, e.name),
@@ -537,7 +552,14 @@ fn compile_plans(plans: &[Plan], verdicts: &mut Vec<Verdict>) -> BTreeMap<Key, S
                     }),
                 },
             );
-            verdict(Kind::Plan, e.namespace, e.name, Phase::Active, reasons::ACTIVE, message)
+            verdict(
+                Kind::Plan,
+                e.namespace,
+                e.name,
+                Phase::Active,
+                reasons::ACTIVE,
+                message,
+            )
         } else {
             out.insert(
                 key(e.namespace, e.name),
@@ -661,7 +683,12 @@ pub fn normalize_host(raw: &str) -> Result<String, String> {
     if lower.is_empty() {
         return bad("empty");
     }
-    let valid_port = |p: &str| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok();
+    let valid_port = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 5
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok()
+    };
     if let Some(rest) = lower.strip_prefix('[') {
         let Some((addr, after)) = rest.split_once(']') else {
             return bad("unterminated '['");
@@ -690,7 +717,10 @@ pub fn normalize_host(raw: &str) -> Result<String, String> {
         if label.is_empty() || label.len() > 63 {
             return bad("empty or too long label");
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return bad("only letters, digits, '-' and '.' are allowed");
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -764,7 +794,11 @@ fn compile_apis(
             .map(String::as_str)
             .collect();
         if !missing.is_empty() {
-            let (noun, verb) = if missing.len() == 1 { ("plan", "does") } else { ("plans", "do") };
+            let (noun, verb) = if missing.len() == 1 {
+                ("plan", "does")
+            } else {
+                ("plans", "do")
+            };
             issues.push(
                 reasons::DANGLING_REFERENCE,
                 format!(
@@ -858,7 +892,14 @@ fn compile_apis(
                     }),
                 },
             );
-            verdict(Kind::Api, e.namespace, e.name, Phase::Active, reasons::ACTIVE, message)
+            verdict(
+                Kind::Api,
+                e.namespace,
+                e.name,
+                Phase::Active,
+                reasons::ACTIVE,
+                message,
+            )
         } else {
             out.insert(
                 key(e.namespace, e.name),
@@ -904,7 +945,10 @@ fn compile_applications(
         let mut issues = Issues::default();
         for (i, uri) in spec.redirect_uris.iter().enumerate() {
             if let Err(m) = validate_redirect_uri(uri) {
-                issues.push(reasons::INVALID_REDIRECT_URI, format!("spec.redirectUris[{i}]: {m}"));
+                issues.push(
+                    reasons::INVALID_REDIRECT_URI,
+                    format!("spec.redirectUris[{i}]: {m}"),
+                );
             }
         }
         let v = if issues.is_empty() {
@@ -1086,7 +1130,14 @@ fn compile_subscriptions(
                         grant_list(&client.grants)
                     );
                     clients.push(client);
-                    verdict(Kind::Subscription, ns, e.name, Phase::Active, reasons::ACTIVE, message)
+                    verdict(
+                        Kind::Subscription,
+                        ns,
+                        e.name,
+                        Phase::Active,
+                        reasons::ACTIVE,
+                        message,
+                    )
                 }
             }
             _ => verdict(
@@ -1143,9 +1194,23 @@ fn check_subscription(
             Some(Ok(t)) => Some(t),
         }
     }
-    let app = resolve("application", &spec.application, ns, refs.apps, &mut dangling, &mut invalid);
+    let app = resolve(
+        "application",
+        &spec.application,
+        ns,
+        refs.apps,
+        &mut dangling,
+        &mut invalid,
+    );
     let api = resolve("api", &spec.api, ns, refs.apis, &mut dangling, &mut invalid);
-    let plan = resolve("plan", &spec.plan, ns, refs.plans, &mut dangling, &mut invalid);
+    let plan = resolve(
+        "plan",
+        &spec.plan,
+        ns,
+        refs.plans,
+        &mut dangling,
+        &mut invalid,
+    );
     for m in dangling {
         issues.push(reasons::DANGLING_REFERENCE, m);
     }
@@ -1260,7 +1325,12 @@ fn client_secret(
     secrets: &SecretIndex,
     issues: &mut Issues,
 ) -> Option<String> {
-    let (reference, field) = match (&sub.spec.client_secret_ref, sub.status.as_ref().and_then(|s| s.credentials_secret.clone())) {
+    let (reference, field) = match (
+        &sub.spec.client_secret_ref,
+        sub.status
+            .as_ref()
+            .and_then(|s| s.credentials_secret.clone()),
+    ) {
         (Some(r), _) => (r.clone(), "spec.clientSecretRef"),
         (None, Some(generated)) => (
             SecretKeyRef {

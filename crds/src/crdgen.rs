@@ -16,8 +16,25 @@ pub const HEADER: &str =
 /// `format` values the Kubernetes API server recognizes for CRD schemas; schemars also emits
 /// `uint64` and friends, which make `kubectl apply` print "unrecognized format" warnings.
 const KNOWN_FORMATS: &[&str] = &[
-    "int32", "int64", "float", "double", "byte", "binary", "date", "date-time", "datetime",
-    "duration", "password", "uri", "email", "hostname", "ipv4", "ipv6", "cidr", "mac", "uuid",
+    "int32",
+    "int64",
+    "float",
+    "double",
+    "byte",
+    "binary",
+    "date",
+    "date-time",
+    "datetime",
+    "duration",
+    "password",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
 ];
 
 /// The four CRDs with their file names, in a fixed order.
@@ -89,7 +106,16 @@ mod tests {
             problems.push(format!("{path}: schema is not an object"));
             return;
         };
-        for forbidden in ["$ref", "definitions", "$defs", "$schema", "anyOf", "oneOf", "allOf", "not"] {
+        for forbidden in [
+            "$ref",
+            "definitions",
+            "$defs",
+            "$schema",
+            "anyOf",
+            "oneOf",
+            "allOf",
+            "not",
+        ] {
             if map.contains_key(forbidden) {
                 problems.push(format!("{path}: has {forbidden}"));
             }
@@ -100,18 +126,18 @@ mod tests {
         if ty.is_none() && !preserve {
             problems.push(format!("{path}: no type"));
         }
-        if let Some(f) = map.get("format").and_then(Value::as_str) {
-            if !KNOWN_FORMATS.contains(&f) {
-                problems.push(format!("{path}: unknown format {f}"));
-            }
+        if let Some(f) = map.get("format").and_then(Value::as_str)
+            && !KNOWN_FORMATS.contains(&f)
+        {
+            problems.push(format!("{path}: unknown format {f}"));
         }
         if map.get("nullable") == Some(&Value::Bool(true)) && map.contains_key("default") {
             problems.push(format!("{path}: nullable with a default"));
         }
-        if let Some(values) = map.get("enum").and_then(Value::as_array) {
-            if ty != Some("string") || !values.iter().all(Value::is_string) {
-                problems.push(format!("{path}: enum is not a string enum"));
-            }
+        if let Some(values) = map.get("enum").and_then(Value::as_array)
+            && (ty != Some("string") || !values.iter().all(Value::is_string))
+        {
+            problems.push(format!("{path}: enum is not a string enum"));
         }
         if let Some(default) = map.get("default") {
             check_default(default, node, &format!("{path}.default"), problems);
@@ -139,10 +165,10 @@ mod tests {
         } else if ty == Some("array") {
             problems.push(format!("{path}: array without items"));
         }
-        if let Some(extra) = map.get("additionalProperties") {
-            if extra.is_object() {
-                check(extra, &format!("{path}{{}}"), problems);
-            }
+        if let Some(extra) = map.get("additionalProperties")
+            && extra.is_object()
+        {
+            check(extra, &format!("{path}{{}}"), problems);
         }
     }
 
@@ -170,7 +196,12 @@ mod tests {
                         None => problems.push(format!("{path}: unknown field {name}")),
                     }
                 }
-                for r in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+                for r in schema
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     if !r.as_str().is_some_and(|r| fields.contains_key(r)) {
                         problems.push(format!("{path}: misses required {r}"));
                     }
@@ -180,17 +211,23 @@ mod tests {
             _ => false,
         };
         if !ok {
-            problems.push(format!("{path}: default {value} does not match type {ty:?}"));
+            problems.push(format!(
+                "{path}: default {value} does not match type {ty:?}"
+            ));
         }
-        if let Some(values) = schema.get("enum").and_then(Value::as_array) {
-            if !values.contains(value) {
-                problems.push(format!("{path}: default {value} is not one of the enum values"));
-            }
+        if let Some(values) = schema.get("enum").and_then(Value::as_array)
+            && !values.contains(value)
+        {
+            problems.push(format!(
+                "{path}: default {value} is not one of the enum values"
+            ));
         }
-        if let (Some(min), Some(n)) = (schema.get("minimum").and_then(Value::as_f64), value.as_f64()) {
-            if n < min {
-                problems.push(format!("{path}: default {n} is below the minimum {min}"));
-            }
+        if let (Some(min), Some(n)) = (
+            schema.get("minimum").and_then(Value::as_f64),
+            value.as_f64(),
+        ) && n < min
+        {
+            problems.push(format!("{path}: default {n} is below the minimum {min}"));
         }
     }
 
@@ -252,7 +289,12 @@ mod tests {
             let v = &crd.spec.versions[0];
             assert_eq!(v.name, "v1alpha1");
             assert!(v.served && v.storage);
-            assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+            assert!(
+                v.subresources
+                    .as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .is_some()
+            );
         }
         let api = schema(&all[0].1);
         let auth = &api["properties"]["spec"]["properties"]["auth"];
@@ -261,22 +303,35 @@ mod tests {
             serde_json::json!(["authorization_code", "refresh_token", "client_credentials"])
         );
         assert_eq!(auth["properties"]["accessTokenTtlSeconds"]["default"], 3600);
-        assert!(auth["properties"]["accessTokenTtlSeconds"].get("format").is_none());
+        assert!(
+            auth["properties"]["accessTokenTtlSeconds"]
+                .get("format")
+                .is_none()
+        );
         let upstream = &api["properties"]["spec"]["properties"]["upstream"]["properties"];
         assert_eq!(upstream["stripPrefix"]["default"], true);
         assert_eq!(upstream["timeoutSeconds"]["default"], 30);
 
         let plan = schema(&all[1].1);
         let limit = &plan["properties"]["spec"]["properties"]["rateLimits"]["items"]["properties"];
-        assert_eq!(limit["per"]["enum"], serde_json::json!(["second", "minute", "hour", "day"]));
+        assert_eq!(
+            limit["per"]["enum"],
+            serde_json::json!(["second", "minute", "hour", "day"])
+        );
         assert_eq!(limit["key"]["default"], "user");
         assert_eq!(limit["requests"]["minimum"], 1.0);
 
         let sub = schema(&all[3].1);
         let spec = &sub["properties"]["spec"];
-        assert_eq!(spec["required"], serde_json::json!(["api", "application", "plan"]));
+        assert_eq!(
+            spec["required"],
+            serde_json::json!(["api", "application", "plan"])
+        );
         assert_eq!(spec["properties"]["grants"]["nullable"], true);
-        assert_eq!(spec["properties"]["clientSecretRef"]["properties"]["key"]["default"], "clientSecret");
+        assert_eq!(
+            spec["properties"]["clientSecretRef"]["properties"]["key"]["default"],
+            "clientSecret"
+        );
     }
 
     #[test]

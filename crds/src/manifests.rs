@@ -32,7 +32,11 @@ impl fmt::Display for ManifestError {
         if self.document == 0 {
             write!(f, "{}: {}", self.source, self.message)
         } else {
-            write!(f, "{}: document {}: {}", self.source, self.document, self.message)
+            write!(
+                f,
+                "{}: document {}: {}",
+                self.source, self.document, self.message
+            )
         }
     }
 }
@@ -210,7 +214,9 @@ fn add_value(value: Value, at: &str, cx: &mut Context<'_>, into: &mut Resources)
         );
         return;
     }
-    let (Some(api_version), Some(kind)) = (str_field(&value, "apiVersion"), str_field(&value, "kind")) else {
+    let (Some(api_version), Some(kind)) =
+        (str_field(&value, "apiVersion"), str_field(&value, "kind"))
+    else {
         cx.error(at, "missing apiVersion or kind".to_string());
         return;
     };
@@ -284,9 +290,13 @@ fn add_value(value: Value, at: &str, cx: &mut Context<'_>, into: &mut Resources)
 }
 
 /// Deserializes through YAML text so serde's error names the offending field path.
-fn typed<T: DeserializeOwned>(value: Value, at: &str, what: &str, cx: &mut Context<'_>) -> Option<T> {
-    let result = serde_yaml::to_string(&value)
-        .and_then(|text| serde_yaml::from_str::<T>(&text));
+fn typed<T: DeserializeOwned>(
+    value: Value,
+    at: &str,
+    what: &str,
+    cx: &mut Context<'_>,
+) -> Option<T> {
+    let result = serde_yaml::to_string(&value).and_then(|text| serde_yaml::from_str::<T>(&text));
     match result {
         Ok(t) => Some(t),
         Err(e) => {
@@ -392,7 +402,10 @@ stringData: {{clientSecret: abc}}
             "apiVersion: gatehouse.dev/v1alpha1\nkind: Application\nmetadata: {name: app}\nspec: {}\n",
         );
         assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(r.applications[0].metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(
+            r.applications[0].metadata.namespace.as_deref(),
+            Some("default")
+        );
     }
 
     #[test]
@@ -423,7 +436,8 @@ stringData: {{clientSecret: abc}}
 
     #[test]
     fn namespace_objects_are_ignored() {
-        let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo}}\n---\n{PLAN}");
+        let yaml =
+            format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo}}\n---\n{PLAN}");
         let (r, errors) = parse(&yaml);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(r.plans.len(), 1);
@@ -465,14 +479,22 @@ spec:
         let (r, errors) = parse(yaml);
         assert!(r.apis.is_empty());
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].message.contains("missing field `pathPrefix`"), "{}", errors[0]);
+        assert!(
+            errors[0].message.contains("missing field `pathPrefix`"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]
     fn wrong_gatehouse_version_is_reported() {
         let (_, errors) = parse(&PLAN.replace("v1alpha1", "v1beta1"));
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].message.contains("unsupported apiVersion gatehouse.dev/v1beta1"));
+        assert!(
+            errors[0]
+                .message
+                .contains("unsupported apiVersion gatehouse.dev/v1beta1")
+        );
     }
 
     #[test]
@@ -500,7 +522,11 @@ items:
         let (r, errors) = parse(yaml);
         assert_eq!(r.plans.len(), 1);
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].message.starts_with("items[1]: Plan demo/b: "), "{}", errors[0]);
+        assert!(
+            errors[0].message.starts_with("items[1]: Plan demo/b: "),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]
@@ -541,10 +567,8 @@ stringData: {b: new, c: see}
     }
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "gatehouse-manifests-{name}-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("gatehouse-manifests-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -575,7 +599,8 @@ stringData: {b: new, c: see}
         assert!(errors[0].source.ends_with("broken.yaml"));
 
         // A file given explicitly is read whatever its name; the same file twice is read once.
-        let (r, _) = load_paths(&[dir.join(".skipped.yaml"), dir.clone(), dir.join("a.yml")]).unwrap();
+        let (r, _) =
+            load_paths(&[dir.join(".skipped.yaml"), dir.clone(), dir.join("a.yml")]).unwrap();
         assert_eq!(r.plans.len(), 4);
         std::fs::remove_dir_all(&dir).unwrap();
     }

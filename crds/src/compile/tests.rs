@@ -3,7 +3,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::*;
 use crate::manifests::parse_documents;
-use crate::resources::{LimitKey, RateLimit, Period, Scope};
+use crate::resources::{LimitKey, Period, RateLimit, Scope};
 
 const FIXTURE: &str = r#"
 apiVersion: gatehouse.dev/v1alpha1
@@ -125,7 +125,11 @@ fn assert_invalid(c: &Compiled, kind: Kind, name: &str, reason: &str, needle: &s
     let v = get(c, kind, name);
     assert_eq!(v.phase, Phase::Invalid, "{v:#?}");
     assert_eq!(v.reason, reason, "{v:#?}");
-    assert!(v.message.contains(needle), "message {:?} lacks {needle:?}", v.message);
+    assert!(
+        v.message.contains(needle),
+        "message {:?} lacks {needle:?}",
+        v.message
+    );
 }
 
 #[track_caller]
@@ -157,7 +161,11 @@ fn valid_example_compiles() {
     assert_eq!(a.upstream.timeout_seconds, 30);
     assert_eq!(
         a.grants,
-        [GrantType::AuthorizationCode, GrantType::RefreshToken, GrantType::ClientCredentials]
+        [
+            GrantType::AuthorizationCode,
+            GrantType::RefreshToken,
+            GrantType::ClientCredentials
+        ]
     );
     assert_eq!(a.scopes.len(), 2);
     assert_eq!(a.scopes[0].description, "Read your profile");
@@ -172,12 +180,25 @@ fn valid_example_compiles() {
     assert_eq!(
         basic.rate_limits,
         [
-            RateLimitConfig { requests: 10, per_seconds: 1, key: LimitKey::User },
-            RateLimitConfig { requests: 10000, per_seconds: 86_400, key: LimitKey::Application },
+            RateLimitConfig {
+                requests: 10,
+                per_seconds: 1,
+                key: LimitKey::User
+            },
+            RateLimitConfig {
+                requests: 10000,
+                per_seconds: 86_400,
+                key: LimitKey::Application
+            },
         ]
     );
 
-    let ids: Vec<_> = c.config.clients.iter().map(|c| c.client_id.as_str()).collect();
+    let ids: Vec<_> = c
+        .config
+        .clients
+        .iter()
+        .map(|c| c.client_id.as_str())
+        .collect();
     assert_eq!(ids, ["demo-app-mobile", "demo-service-mobile"]);
     let public = client(&c, "demo-app-mobile").unwrap();
     assert_eq!(public.subscription, "demo/demo-app-mobile");
@@ -189,11 +210,18 @@ fn valid_example_compiles() {
     assert_eq!(public.secret_sha256, None);
     assert_eq!(
         public.redirect_uris,
-        ["com.example.demo:/oauth2redirect", "myapp://callback", "http://127.0.0.1/callback"]
+        [
+            "com.example.demo:/oauth2redirect",
+            "myapp://callback",
+            "http://127.0.0.1/callback"
+        ]
     );
     assert!(!public.trusted);
     // client_credentials silently dropped for a public client without spec.grants
-    assert_eq!(public.grants, [GrantType::AuthorizationCode, GrantType::RefreshToken]);
+    assert_eq!(
+        public.grants,
+        [GrantType::AuthorizationCode, GrantType::RefreshToken]
+    );
 
     let service = client(&c, "demo-service-mobile").unwrap();
     assert_eq!(service.client_type, ClientType::Confidential);
@@ -206,7 +234,9 @@ fn valid_example_compiles() {
     assert!(service.redirect_uris.is_empty());
 
     assert_eq!(
-        get(&c, Kind::Subscription, "demo-app-mobile").client_id.as_deref(),
+        get(&c, Kind::Subscription, "demo-app-mobile")
+            .client_id
+            .as_deref(),
         Some("demo-app-mobile")
     );
     assert_eq!(c.config.hash, config_hash(&c.config));
@@ -289,11 +319,10 @@ fn hash_changes_when_something_changes() {
     assert_ne!(compile(&r).config.hash, base);
 
     let mut r = fixture();
-    r.secrets[0]
-        .data
-        .as_mut()
-        .unwrap()
-        .insert("clientSecret".into(), ByteString(b"another-secret-0123456789".to_vec()));
+    r.secrets[0].data.as_mut().unwrap().insert(
+        "clientSecret".into(),
+        ByteString(b"another-secret-0123456789".to_vec()),
+    );
     assert_ne!(compile(&r).config.hash, base);
 
     let mut r = fixture();
@@ -344,7 +373,13 @@ fn plan_with_zero_requests_is_invalid_and_the_rest_compiles() {
     let mut r = fixture();
     plan(&mut r, "basic").spec.rate_limits[1].requests = 0;
     let c = compile(&r);
-    assert_invalid(&c, Kind::Plan, "basic", reasons::INVALID_RATE_LIMIT, "spec.rateLimits[1].requests");
+    assert_invalid(
+        &c,
+        Kind::Plan,
+        "basic",
+        reasons::INVALID_RATE_LIMIT,
+        "spec.rateLimits[1].requests",
+    );
     assert_active(&c, Kind::Plan, "premium");
     // The Api still offers the plan (it exists), but its subscriptions cannot use it.
     assert_active(&c, Kind::Api, "mobile");
@@ -377,18 +412,30 @@ fn path_prefix_rules() {
         assert_eq!(check_path_prefix(ok), Ok(()), "{ok}");
     }
     for bad in [
-        "", "mobile", "/mobile/", "//", "/mo?bile", "/a#b", "/a%20b", "/a b", "/a\tb", "/a/../b", "/..",
-        "/a/./b", "/a//b",
+        "", "mobile", "/mobile/", "//", "/mo?bile", "/a#b", "/a%20b", "/a b", "/a\tb", "/a/../b",
+        "/..", "/a/./b", "/a//b",
     ] {
         assert!(check_path_prefix(bad).is_err(), "{bad:?} accepted");
     }
     let mut r = fixture();
     api(&mut r, "mobile").spec.path_prefix = "/mobile/".into();
     let c = compile(&r);
-    assert_invalid(&c, Kind::Api, "mobile", reasons::INVALID_PATH_PREFIX, "\"/mobile\"");
+    assert_invalid(
+        &c,
+        Kind::Api,
+        "mobile",
+        reasons::INVALID_PATH_PREFIX,
+        "\"/mobile\"",
+    );
     assert!(c.config.apis.is_empty());
     assert_active(&c, Kind::Plan, "basic");
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::INVALID_REFERENCE, "api mobile is Invalid");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::INVALID_REFERENCE,
+        "api mobile is Invalid",
+    );
 }
 
 const SECOND_API: &str = r#"
@@ -401,7 +448,13 @@ spec:
 "#;
 
 fn second_api(r: &mut Resources, ns: &str, name: &str, prefix: &str) {
-    add(r, &SECOND_API.replace("NAME", name).replace("NS", ns).replace("PREFIX", prefix));
+    add(
+        r,
+        &SECOND_API
+            .replace("NAME", name)
+            .replace("NS", ns)
+            .replace("PREFIX", prefix),
+    );
 }
 
 #[test]
@@ -411,7 +464,13 @@ fn path_prefix_conflict_older_wins() {
     second_api(&mut r, "demo", "zzz", "/mobile");
     let c = compile(&r);
     assert_active(&c, Kind::Api, "mobile");
-    assert_invalid(&c, Kind::Api, "zzz", reasons::PATH_PREFIX_CONFLICT, "demo/mobile");
+    assert_invalid(
+        &c,
+        Kind::Api,
+        "zzz",
+        reasons::PATH_PREFIX_CONFLICT,
+        "demo/mobile",
+    );
     assert_eq!(c.config.clients.len(), 2);
 
     // With timestamps, the older one wins even when its name sorts later.
@@ -421,14 +480,32 @@ fn path_prefix_conflict_older_wins() {
     created(&mut api(&mut r, "aaa").metadata, "2024-06-01T00:00:00Z");
     let c = compile(&r);
     assert_active(&c, Kind::Api, "mobile");
-    assert_invalid(&c, Kind::Api, "aaa", reasons::PATH_PREFIX_CONFLICT, "demo/mobile");
+    assert_invalid(
+        &c,
+        Kind::Api,
+        "aaa",
+        reasons::PATH_PREFIX_CONFLICT,
+        "demo/mobile",
+    );
 
     // ...and the other way round.
     created(&mut api(&mut r, "aaa").metadata, "2023-06-01T00:00:00Z");
     let c = compile(&r);
     assert_active(&c, Kind::Api, "aaa");
-    assert_invalid(&c, Kind::Api, "mobile", reasons::PATH_PREFIX_CONFLICT, "demo/aaa");
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::INVALID_REFERENCE, "api mobile is Invalid");
+    assert_invalid(
+        &c,
+        Kind::Api,
+        "mobile",
+        reasons::PATH_PREFIX_CONFLICT,
+        "demo/aaa",
+    );
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::INVALID_REFERENCE,
+        "api mobile is Invalid",
+    );
 
     // Across namespaces too; other prefixes are not normalized ("/Mobile" is different).
     let mut r = fixture();
@@ -437,7 +514,10 @@ fn path_prefix_conflict_older_wins() {
     let c = compile(&r);
     let v = c.verdict(Kind::Api, "other", "mobile").unwrap();
     assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT);
-    assert_eq!(c.verdict(Kind::Api, "other", "upper").unwrap().phase, Phase::Active);
+    assert_eq!(
+        c.verdict(Kind::Api, "other", "upper").unwrap().phase,
+        Phase::Active
+    );
 }
 
 #[test]
@@ -448,16 +528,36 @@ fn apis_are_sorted_longest_prefix_first() {
     second_api(&mut r, "demo", "abc", "/abcdef");
     second_api(&mut r, "demo", "zz", "/aaaaaa");
     let c = compile(&r);
-    let prefixes: Vec<_> = c.config.apis.iter().map(|a| a.path_prefix.as_str()).collect();
-    assert_eq!(prefixes, ["/mobile/v2", "/aaaaaa", "/abcdef", "/mobile", "/"]);
+    let prefixes: Vec<_> = c
+        .config
+        .apis
+        .iter()
+        .map(|a| a.path_prefix.as_str())
+        .collect();
+    assert_eq!(
+        prefixes,
+        ["/mobile/v2", "/aaaaaa", "/abcdef", "/mobile", "/"]
+    );
 }
 
 #[test]
 fn upstream_url_rules() {
-    assert_eq!(normalize_upstream_url("http://127.0.0.1:9001").unwrap(), "http://127.0.0.1:9001");
-    assert_eq!(normalize_upstream_url("http://Backend:8080/").unwrap(), "http://backend:8080");
-    assert_eq!(normalize_upstream_url("https://b.example/v1/").unwrap(), "https://b.example/v1");
-    assert_eq!(normalize_upstream_url("http://b:80/api").unwrap(), "http://b/api");
+    assert_eq!(
+        normalize_upstream_url("http://127.0.0.1:9001").unwrap(),
+        "http://127.0.0.1:9001"
+    );
+    assert_eq!(
+        normalize_upstream_url("http://Backend:8080/").unwrap(),
+        "http://backend:8080"
+    );
+    assert_eq!(
+        normalize_upstream_url("https://b.example/v1/").unwrap(),
+        "https://b.example/v1"
+    );
+    assert_eq!(
+        normalize_upstream_url("http://b:80/api").unwrap(),
+        "http://b/api"
+    );
     for bad in [
         "",
         "backend:8080",
@@ -477,11 +577,23 @@ fn upstream_url_rules() {
     let mut r = fixture();
     api(&mut r, "mobile").spec.upstream.url = "http://b/?x=1".into();
     let c = compile(&r);
-    assert_invalid(&c, Kind::Api, "mobile", reasons::INVALID_UPSTREAM, "spec.upstream.url");
+    assert_invalid(
+        &c,
+        Kind::Api,
+        "mobile",
+        reasons::INVALID_UPSTREAM,
+        "spec.upstream.url",
+    );
 
     let mut r = fixture();
     api(&mut r, "mobile").spec.upstream.timeout_seconds = 0;
-    assert_invalid(&compile(&r), Kind::Api, "mobile", reasons::INVALID_UPSTREAM, "timeoutSeconds");
+    assert_invalid(
+        &compile(&r),
+        Kind::Api,
+        "mobile",
+        reasons::INVALID_UPSTREAM,
+        "timeoutSeconds",
+    );
 }
 
 #[test]
@@ -490,11 +602,23 @@ fn dangling_plan_reference_invalidates_the_api_only() {
     api(&mut r, "mobile").spec.plans.push("gold".into());
     second_api(&mut r, "demo", "other", "/other");
     let c = compile(&r);
-    assert_invalid(&c, Kind::Api, "mobile", reasons::DANGLING_REFERENCE, "plan gold");
+    assert_invalid(
+        &c,
+        Kind::Api,
+        "mobile",
+        reasons::DANGLING_REFERENCE,
+        "plan gold",
+    );
     assert_active(&c, Kind::Api, "other");
     assert_active(&c, Kind::Plan, "basic");
     assert_eq!(c.config.apis.len(), 1);
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::INVALID_REFERENCE, "api mobile is Invalid");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::INVALID_REFERENCE,
+        "api mobile is Invalid",
+    );
 
     // Plans of another namespace do not count.
     let mut r = fixture();
@@ -515,23 +639,53 @@ fn scope_rules() {
         assert!(!is_valid_scope_token(bad), "{bad:?}");
     }
     let mut r = fixture();
-    api(&mut r, "mobile").spec.auth.scopes.push(Scope { name: "orders read".into(), description: String::new() });
-    assert_invalid(&compile(&r), Kind::Api, "mobile", reasons::INVALID_SCOPE, "scopes[2]");
+    api(&mut r, "mobile").spec.auth.scopes.push(Scope {
+        name: "orders read".into(),
+        description: String::new(),
+    });
+    assert_invalid(
+        &compile(&r),
+        Kind::Api,
+        "mobile",
+        reasons::INVALID_SCOPE,
+        "scopes[2]",
+    );
 
     let mut r = fixture();
-    api(&mut r, "mobile").spec.auth.scopes.push(Scope { name: "profile".into(), description: "again".into() });
-    assert_invalid(&compile(&r), Kind::Api, "mobile", reasons::INVALID_SCOPE, "more than once");
+    api(&mut r, "mobile").spec.auth.scopes.push(Scope {
+        name: "profile".into(),
+        description: "again".into(),
+    });
+    assert_invalid(
+        &compile(&r),
+        Kind::Api,
+        "mobile",
+        reasons::INVALID_SCOPE,
+        "more than once",
+    );
 }
 
 #[test]
 fn grant_rules() {
     let mut r = fixture();
     api(&mut r, "mobile").spec.auth.grants.clear();
-    assert_invalid(&compile(&r), Kind::Api, "mobile", reasons::INVALID_GRANTS, "empty");
+    assert_invalid(
+        &compile(&r),
+        Kind::Api,
+        "mobile",
+        reasons::INVALID_GRANTS,
+        "empty",
+    );
 
     let mut r = fixture();
     api(&mut r, "mobile").spec.auth.grants = vec![GrantType::RefreshToken];
-    assert_invalid(&compile(&r), Kind::Api, "mobile", reasons::INVALID_GRANTS, "without authorization_code");
+    assert_invalid(
+        &compile(&r),
+        Kind::Api,
+        "mobile",
+        reasons::INVALID_GRANTS,
+        "without authorization_code",
+    );
 
     let mut r = fixture();
     api(&mut r, "mobile").spec.auth.grants = vec![
@@ -541,19 +695,37 @@ fn grant_rules() {
     ];
     let c = compile(&r);
     assert_active(&c, Kind::Api, "mobile");
-    assert_eq!(c.config.apis[0].grants, [GrantType::AuthorizationCode, GrantType::ClientCredentials]);
+    assert_eq!(
+        c.config.apis[0].grants,
+        [GrantType::AuthorizationCode, GrantType::ClientCredentials]
+    );
 }
 
 #[test]
 fn host_rules() {
-    assert_eq!(normalize_host("API.Example.com:8443").unwrap(), "api.example.com");
+    assert_eq!(
+        normalize_host("API.Example.com:8443").unwrap(),
+        "api.example.com"
+    );
     assert_eq!(normalize_host("localhost").unwrap(), "localhost");
     assert_eq!(normalize_host("10.0.0.1:80").unwrap(), "10.0.0.1");
     assert_eq!(normalize_host("[::1]:8080").unwrap(), "[::1]");
     assert_eq!(normalize_host("[FE80::1]").unwrap(), "[fe80::1]");
     for bad in [
-        "", "bad host", "-a.com", "a-.com", "a..b", "host:abc", "host:", "host:123456", "a.com.",
-        "*.example.com", "ex_ample.com", "[::1", "[nope]", "[::1]x",
+        "",
+        "bad host",
+        "-a.com",
+        "a-.com",
+        "a..b",
+        "host:abc",
+        "host:",
+        "host:123456",
+        "a.com.",
+        "*.example.com",
+        "ex_ample.com",
+        "[::1",
+        "[nope]",
+        "[::1]x",
     ] {
         assert!(normalize_host(bad).is_err(), "{bad:?} accepted");
     }
@@ -563,17 +735,35 @@ fn host_rules() {
     assert_eq!(c.config.apis[0].hosts, ["api.example.com"]);
 
     api(&mut r, "mobile").spec.hosts.push("not a host".into());
-    assert_invalid(&compile(&r), Kind::Api, "mobile", reasons::INVALID_HOST, "not a host");
+    assert_invalid(
+        &compile(&r),
+        Kind::Api,
+        "mobile",
+        reasons::INVALID_HOST,
+        "not a host",
+    );
 }
 
 #[test]
 fn ttl_rules() {
     let mut r = fixture();
     api(&mut r, "mobile").spec.auth.access_token_ttl_seconds = 0;
-    assert_invalid(&compile(&r), Kind::Api, "mobile", reasons::INVALID_TTL, "accessTokenTtlSeconds");
+    assert_invalid(
+        &compile(&r),
+        Kind::Api,
+        "mobile",
+        reasons::INVALID_TTL,
+        "accessTokenTtlSeconds",
+    );
     let mut r = fixture();
     api(&mut r, "mobile").spec.auth.refresh_token_ttl_seconds = 0;
-    assert_invalid(&compile(&r), Kind::Api, "mobile", reasons::INVALID_TTL, "refreshTokenTtlSeconds");
+    assert_invalid(
+        &compile(&r),
+        Kind::Api,
+        "mobile",
+        reasons::INVALID_TTL,
+        "refreshTokenTtlSeconds",
+    );
 }
 
 #[test]
@@ -628,9 +818,18 @@ fn redirect_uri_rules() {
 #[test]
 fn invalid_redirect_uri_invalidates_the_application_and_its_subscriptions_only() {
     let mut r = fixture();
-    app(&mut r, "demo-app").spec.redirect_uris.push("javascript:alert(1)".into());
+    app(&mut r, "demo-app")
+        .spec
+        .redirect_uris
+        .push("javascript:alert(1)".into());
     let c = compile(&r);
-    assert_invalid(&c, Kind::Application, "demo-app", reasons::INVALID_REDIRECT_URI, "spec.redirectUris[4]");
+    assert_invalid(
+        &c,
+        Kind::Application,
+        "demo-app",
+        reasons::INVALID_REDIRECT_URI,
+        "spec.redirectUris[4]",
+    );
     assert_invalid(
         &c,
         Kind::Subscription,
@@ -654,8 +853,17 @@ fn missing_references_are_each_named() {
     let c = compile(&r);
     let v = get(&c, Kind::Subscription, "demo-app-mobile");
     assert_eq!(v.reason, reasons::DANGLING_REFERENCE);
-    assert!(v.message.contains("application ghost does not exist in namespace demo"), "{}", v.message);
-    assert!(v.message.contains("plan gold does not exist"), "{}", v.message);
+    assert!(
+        v.message
+            .contains("application ghost does not exist in namespace demo"),
+        "{}",
+        v.message
+    );
+    assert!(
+        v.message.contains("plan gold does not exist"),
+        "{}",
+        v.message
+    );
     assert!(!v.message.contains("api mobile"), "{}", v.message);
     assert_active(&c, Kind::Subscription, "demo-service-mobile");
 
@@ -666,7 +874,9 @@ fn missing_references_are_each_named() {
     s.spec.client_id = Some("other-client".into());
     r.subscriptions.push(s);
     let c = compile(&r);
-    let v = c.verdict(Kind::Subscription, "other", "demo-app-mobile").unwrap();
+    let v = c
+        .verdict(Kind::Subscription, "other", "demo-app-mobile")
+        .unwrap();
     assert_eq!(v.reason, reasons::DANGLING_REFERENCE);
     assert_eq!(c.config.clients.len(), 2);
 }
@@ -674,10 +884,19 @@ fn missing_references_are_each_named() {
 #[test]
 fn plan_must_be_offered_by_the_api() {
     let mut r = fixture();
-    add(&mut r, "apiVersion: gatehouse.dev/v1alpha1\nkind: Plan\nmetadata: {name: gold, namespace: demo}\nspec: {}\n");
+    add(
+        &mut r,
+        "apiVersion: gatehouse.dev/v1alpha1\nkind: Plan\nmetadata: {name: gold, namespace: demo}\nspec: {}\n",
+    );
     sub(&mut r, "demo-app-mobile").spec.plan = "gold".into();
     let c = compile(&r);
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::PLAN_NOT_OFFERED, "basic, premium");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::PLAN_NOT_OFFERED,
+        "basic, premium",
+    );
     assert_active(&c, Kind::Subscription, "demo-service-mobile");
 }
 
@@ -686,16 +905,28 @@ fn subscription_grants_must_be_enabled_on_the_api() {
     let mut r = fixture();
     api(&mut r, "mobile").spec.auth.grants = vec![GrantType::AuthorizationCode];
     let c = compile(&r);
-    assert_invalid(&c, Kind::Subscription, "demo-service-mobile", reasons::GRANT_NOT_ALLOWED, "client_credentials");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-service-mobile",
+        reasons::GRANT_NOT_ALLOWED,
+        "client_credentials",
+    );
     assert_active(&c, Kind::Subscription, "demo-app-mobile");
-    assert_eq!(client(&c, "demo-app-mobile").unwrap().grants, [GrantType::AuthorizationCode]);
+    assert_eq!(
+        client(&c, "demo-app-mobile").unwrap().grants,
+        [GrantType::AuthorizationCode]
+    );
 }
 
 #[test]
 fn explicit_grants_are_used_sorted_and_deduplicated() {
     let mut r = fixture();
-    sub(&mut r, "demo-app-mobile").spec.grants =
-        Some(vec![GrantType::RefreshToken, GrantType::AuthorizationCode, GrantType::RefreshToken]);
+    sub(&mut r, "demo-app-mobile").spec.grants = Some(vec![
+        GrantType::RefreshToken,
+        GrantType::AuthorizationCode,
+        GrantType::RefreshToken,
+    ]);
     let c = compile(&r);
     assert_eq!(
         client(&c, "demo-app-mobile").unwrap().grants,
@@ -703,18 +934,35 @@ fn explicit_grants_are_used_sorted_and_deduplicated() {
     );
     sub(&mut r, "demo-app-mobile").spec.grants = Some(vec![GrantType::AuthorizationCode]);
     let c = compile(&r);
-    assert_eq!(client(&c, "demo-app-mobile").unwrap().grants, [GrantType::AuthorizationCode]);
+    assert_eq!(
+        client(&c, "demo-app-mobile").unwrap().grants,
+        [GrantType::AuthorizationCode]
+    );
     sub(&mut r, "demo-app-mobile").spec.grants = Some(vec![GrantType::RefreshToken]);
-    assert_invalid(&compile(&r), Kind::Subscription, "demo-app-mobile", reasons::INVALID_GRANTS, "refresh_token");
+    assert_invalid(
+        &compile(&r),
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::INVALID_GRANTS,
+        "refresh_token",
+    );
 }
 
 #[test]
 fn public_client_cannot_ask_for_client_credentials() {
     let mut r = fixture();
-    sub(&mut r, "demo-app-mobile").spec.grants =
-        Some(vec![GrantType::AuthorizationCode, GrantType::ClientCredentials]);
+    sub(&mut r, "demo-app-mobile").spec.grants = Some(vec![
+        GrantType::AuthorizationCode,
+        GrantType::ClientCredentials,
+    ]);
     let c = compile(&r);
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::PUBLIC_CLIENT_CREDENTIALS, "public client");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::PUBLIC_CLIENT_CREDENTIALS,
+        "public client",
+    );
     assert_active(&c, Kind::Subscription, "demo-service-mobile");
 }
 
@@ -724,12 +972,24 @@ fn empty_grant_set_is_invalid() {
     let mut r = fixture();
     api(&mut r, "mobile").spec.auth.grants = vec![GrantType::ClientCredentials];
     let c = compile(&r);
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::NO_GRANTS, "no grants");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::NO_GRANTS,
+        "no grants",
+    );
     assert_active(&c, Kind::Subscription, "demo-service-mobile");
 
     let mut r = fixture();
     sub(&mut r, "demo-app-mobile").spec.grants = Some(vec![]);
-    assert_invalid(&compile(&r), Kind::Subscription, "demo-app-mobile", reasons::NO_GRANTS, "spec.grants");
+    assert_invalid(
+        &compile(&r),
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::NO_GRANTS,
+        "spec.grants",
+    );
 }
 
 #[test]
@@ -738,12 +998,24 @@ fn authorization_code_needs_redirect_uris() {
     app(&mut r, "demo-app").spec.redirect_uris.clear();
     let c = compile(&r);
     assert_active(&c, Kind::Application, "demo-app");
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::NO_REDIRECT_URIS, "redirectUris");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::NO_REDIRECT_URIS,
+        "redirectUris",
+    );
 
     // A confidential client with the Api's default grants gets authorization_code too.
     let mut r = fixture();
     sub(&mut r, "demo-service-mobile").spec.grants = None;
-    assert_invalid(&compile(&r), Kind::Subscription, "demo-service-mobile", reasons::NO_REDIRECT_URIS, "[client_credentials]");
+    assert_invalid(
+        &compile(&r),
+        Kind::Subscription,
+        "demo-service-mobile",
+        reasons::NO_REDIRECT_URIS,
+        "[client_credentials]",
+    );
 }
 
 #[test]
@@ -752,24 +1024,53 @@ fn confidential_client_needs_a_secret() {
     let mut r = fixture();
     sub(&mut r, "demo-service-mobile").spec.client_secret_ref = None;
     let c = compile(&r);
-    assert_invalid(&c, Kind::Subscription, "demo-service-mobile", reasons::MISSING_CLIENT_SECRET, "operator generate");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-service-mobile",
+        reasons::MISSING_CLIENT_SECRET,
+        "operator generate",
+    );
     assert_active(&c, Kind::Subscription, "demo-app-mobile");
 
     // The Secret does not exist.
     let mut r = fixture();
     r.secrets.clear();
     let c = compile(&r);
-    assert_invalid(&c, Kind::Subscription, "demo-service-mobile", reasons::MISSING_CLIENT_SECRET, "kubectl create secret generic demo-service-mobile-credentials");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-service-mobile",
+        reasons::MISSING_CLIENT_SECRET,
+        "kubectl create secret generic demo-service-mobile-credentials",
+    );
 
     // The Secret lives in another namespace.
     let mut r = fixture();
     r.secrets[0].metadata.namespace = Some("other".into());
-    assert_invalid(&compile(&r), Kind::Subscription, "demo-service-mobile", reasons::MISSING_CLIENT_SECRET, "does not exist in namespace demo");
+    assert_invalid(
+        &compile(&r),
+        Kind::Subscription,
+        "demo-service-mobile",
+        reasons::MISSING_CLIENT_SECRET,
+        "does not exist in namespace demo",
+    );
 
     // The key is missing.
     let mut r = fixture();
-    sub(&mut r, "demo-service-mobile").spec.client_secret_ref.as_mut().unwrap().key = "password".into();
-    assert_invalid(&compile(&r), Kind::Subscription, "demo-service-mobile", reasons::MISSING_CLIENT_SECRET, "no key password");
+    sub(&mut r, "demo-service-mobile")
+        .spec
+        .client_secret_ref
+        .as_mut()
+        .unwrap()
+        .key = "password".into();
+    assert_invalid(
+        &compile(&r),
+        Kind::Subscription,
+        "demo-service-mobile",
+        reasons::MISSING_CLIENT_SECRET,
+        "no key password",
+    );
 
     // Too short.
     let mut r = fixture();
@@ -778,7 +1079,13 @@ fn confidential_client_needs_a_secret() {
         .as_mut()
         .unwrap()
         .insert("clientSecret".into(), ByteString(b"short".to_vec()));
-    assert_invalid(&compile(&r), Kind::Subscription, "demo-service-mobile", reasons::WEAK_CLIENT_SECRET, "5 bytes");
+    assert_invalid(
+        &compile(&r),
+        Kind::Subscription,
+        "demo-service-mobile",
+        reasons::WEAK_CLIENT_SECRET,
+        "5 bytes",
+    );
 }
 
 #[test]
@@ -789,10 +1096,18 @@ fn secret_is_read_from_data_and_string_data() {
         &mut r,
         "apiVersion: v1\nkind: Secret\nmetadata: {name: b64, namespace: demo}\ndata: {clientSecret: MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=}\n",
     );
-    sub(&mut r, "demo-service-mobile").spec.client_secret_ref.as_mut().unwrap().name = "b64".into();
+    sub(&mut r, "demo-service-mobile")
+        .spec
+        .client_secret_ref
+        .as_mut()
+        .unwrap()
+        .name = "b64".into();
     let c = compile(&r);
     assert_eq!(
-        client(&c, "demo-service-mobile").unwrap().secret_sha256.as_deref(),
+        client(&c, "demo-service-mobile")
+            .unwrap()
+            .secret_sha256
+            .as_deref(),
         Some(hex::encode(Sha256::digest(b"0123456789abcdef0123456789abcdef")).as_str())
     );
 
@@ -819,7 +1134,12 @@ fn generated_credentials_secret_from_status_is_used() {
     });
     let c = compile(&r);
     assert_active(&c, Kind::Subscription, "demo-service-mobile");
-    assert!(client(&c, "demo-service-mobile").unwrap().secret_sha256.is_some());
+    assert!(
+        client(&c, "demo-service-mobile")
+            .unwrap()
+            .secret_sha256
+            .is_some()
+    );
 }
 
 #[test]
@@ -850,7 +1170,9 @@ fn client_id_comes_from_spec_then_status_then_name() {
     let c = compile(&r);
     assert!(client(&c, "generated-1234").is_some());
     assert_eq!(
-        get(&c, Kind::Subscription, "demo-app-mobile").client_id.as_deref(),
+        get(&c, Kind::Subscription, "demo-app-mobile")
+            .client_id
+            .as_deref(),
         Some("generated-1234")
     );
 
@@ -869,8 +1191,17 @@ fn client_id_format() {
     let mut r = fixture();
     sub(&mut r, "demo-app-mobile").spec.client_id = Some("has space".into());
     let c = compile(&r);
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::INVALID_CLIENT_ID, "spec.clientId");
-    assert_eq!(get(&c, Kind::Subscription, "demo-app-mobile").client_id, None);
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::INVALID_CLIENT_ID,
+        "spec.clientId",
+    );
+    assert_eq!(
+        get(&c, Kind::Subscription, "demo-app-mobile").client_id,
+        None
+    );
     assert_active(&c, Kind::Subscription, "demo-service-mobile");
 }
 
@@ -878,26 +1209,68 @@ fn client_id_format() {
 fn client_id_conflict_older_wins() {
     let mut r = fixture();
     sub(&mut r, "demo-service-mobile").spec.client_id = Some("demo-app-mobile".into());
-    created(&mut sub(&mut r, "demo-service-mobile").metadata, "2024-01-01T00:00:00Z");
-    created(&mut sub(&mut r, "demo-app-mobile").metadata, "2024-02-01T00:00:00Z");
+    created(
+        &mut sub(&mut r, "demo-service-mobile").metadata,
+        "2024-01-01T00:00:00Z",
+    );
+    created(
+        &mut sub(&mut r, "demo-app-mobile").metadata,
+        "2024-02-01T00:00:00Z",
+    );
     let c = compile(&r);
     assert_active(&c, Kind::Subscription, "demo-service-mobile");
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::CLIENT_ID_CONFLICT, "demo/demo-service-mobile");
-    assert_eq!(get(&c, Kind::Subscription, "demo-app-mobile").client_id, None);
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::CLIENT_ID_CONFLICT,
+        "demo/demo-service-mobile",
+    );
+    assert_eq!(
+        get(&c, Kind::Subscription, "demo-app-mobile").client_id,
+        None
+    );
     assert_eq!(c.config.clients.len(), 1);
-    assert_eq!(client(&c, "demo-app-mobile").unwrap().subscription, "demo/demo-service-mobile");
+    assert_eq!(
+        client(&c, "demo-app-mobile").unwrap().subscription,
+        "demo/demo-service-mobile"
+    );
 
     // Swap the ages: the other one wins now.
-    created(&mut sub(&mut r, "demo-service-mobile").metadata, "2024-03-01T00:00:00Z");
+    created(
+        &mut sub(&mut r, "demo-service-mobile").metadata,
+        "2024-03-01T00:00:00Z",
+    );
     let c = compile(&r);
     assert_active(&c, Kind::Subscription, "demo-app-mobile");
-    assert_invalid(&c, Kind::Subscription, "demo-service-mobile", reasons::CLIENT_ID_CONFLICT, "demo/demo-app-mobile");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-service-mobile",
+        reasons::CLIENT_ID_CONFLICT,
+        "demo/demo-app-mobile",
+    );
 
     // The older one keeps its client_id even while it is itself invalid.
-    app(&mut r, "demo-app").spec.redirect_uris.push("http://evil.example/cb".into());
+    app(&mut r, "demo-app")
+        .spec
+        .redirect_uris
+        .push("http://evil.example/cb".into());
     let c = compile(&r);
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::INVALID_REFERENCE, "demo-app is Invalid");
-    assert_invalid(&c, Kind::Subscription, "demo-service-mobile", reasons::CLIENT_ID_CONFLICT, "demo/demo-app-mobile");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::INVALID_REFERENCE,
+        "demo-app is Invalid",
+    );
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-service-mobile",
+        reasons::CLIENT_ID_CONFLICT,
+        "demo/demo-app-mobile",
+    );
 }
 
 const PREMIUM_SUB: &str = r#"
@@ -932,7 +1305,10 @@ fn approval_required_plans_stay_pending_until_annotated() {
             Some([(APPROVED_ANNOTATION.to_string(), value.to_string())].into());
     };
     annotate(&mut r, "false");
-    assert_eq!(get(&compile(&r), Kind::Subscription, "demo-app-mobile").phase, Phase::PendingApproval);
+    assert_eq!(
+        get(&compile(&r), Kind::Subscription, "demo-app-mobile").phase,
+        Phase::PendingApproval
+    );
     annotate(&mut r, "true");
     let c = compile(&r);
     assert_active(&c, Kind::Subscription, "demo-app-mobile");
@@ -945,7 +1321,13 @@ fn invalid_beats_pending() {
     let s = sub(&mut r, "demo-app-mobile");
     s.spec.plan = "premium".into();
     s.spec.client_id = Some("bad id".into());
-    assert_invalid(&compile(&r), Kind::Subscription, "demo-app-mobile", reasons::INVALID_CLIENT_ID, "bad id");
+    assert_invalid(
+        &compile(&r),
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::INVALID_CLIENT_ID,
+        "bad id",
+    );
 }
 
 #[test]
@@ -955,15 +1337,41 @@ fn second_subscription_of_an_application_to_an_api_is_a_duplicate() {
     let c = compile(&r);
     // No timestamps: name order, demo-app-mobile < demo-app-premium.
     assert_active(&c, Kind::Subscription, "demo-app-mobile");
-    assert_invalid(&c, Kind::Subscription, "demo-app-premium", reasons::DUPLICATE_SUBSCRIPTION, "demo/demo-app-mobile");
-    assert_eq!(get(&c, Kind::Subscription, "demo-app-premium").client_id.as_deref(), Some("demo-app-premium"));
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-premium",
+        reasons::DUPLICATE_SUBSCRIPTION,
+        "demo/demo-app-mobile",
+    );
+    assert_eq!(
+        get(&c, Kind::Subscription, "demo-app-premium")
+            .client_id
+            .as_deref(),
+        Some("demo-app-premium")
+    );
 
     // The older one wins, whatever the names.
-    created(&mut sub(&mut r, "demo-app-premium").metadata, "2024-01-01T00:00:00Z");
-    created(&mut sub(&mut r, "demo-app-mobile").metadata, "2024-01-02T00:00:00Z");
+    created(
+        &mut sub(&mut r, "demo-app-premium").metadata,
+        "2024-01-01T00:00:00Z",
+    );
+    created(
+        &mut sub(&mut r, "demo-app-mobile").metadata,
+        "2024-01-02T00:00:00Z",
+    );
     let c = compile(&r);
-    assert_eq!(get(&c, Kind::Subscription, "demo-app-premium").phase, Phase::PendingApproval);
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::DUPLICATE_SUBSCRIPTION, "demo/demo-app-premium");
+    assert_eq!(
+        get(&c, Kind::Subscription, "demo-app-premium").phase,
+        Phase::PendingApproval
+    );
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::DUPLICATE_SUBSCRIPTION,
+        "demo/demo-app-premium",
+    );
     assert_eq!(c.config.clients.len(), 1);
 }
 
@@ -971,17 +1379,38 @@ fn second_subscription_of_an_application_to_an_api_is_a_duplicate() {
 fn resources_with_a_timestamp_are_older_than_those_without() {
     let mut r = fixture();
     add(&mut r, PREMIUM_SUB);
-    created(&mut sub(&mut r, "demo-app-premium").metadata, "2024-01-01T00:00:00Z");
+    created(
+        &mut sub(&mut r, "demo-app-premium").metadata,
+        "2024-01-01T00:00:00Z",
+    );
     let c = compile(&r);
-    assert_invalid(&c, Kind::Subscription, "demo-app-mobile", reasons::DUPLICATE_SUBSCRIPTION, "demo-app-premium");
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-app-mobile",
+        reasons::DUPLICATE_SUBSCRIPTION,
+        "demo-app-premium",
+    );
 }
 
 #[test]
 fn rest_still_compiles_when_many_things_are_wrong() {
     let mut r = fixture();
-    add(&mut r, &SECOND_API.replace("NAME", "broken").replace("NS", "demo").replace("PREFIX", "nope"));
-    add(&mut r, "apiVersion: gatehouse.dev/v1alpha1\nkind: Plan\nmetadata: {name: bad, namespace: demo}\nspec: {rateLimits: [{requests: 0, per: minute}]}\n");
-    add(&mut r, "apiVersion: gatehouse.dev/v1alpha1\nkind: Subscription\nmetadata: {name: orphan, namespace: demo}\nspec: {application: nobody, api: broken, plan: bad}\n");
+    add(
+        &mut r,
+        &SECOND_API
+            .replace("NAME", "broken")
+            .replace("NS", "demo")
+            .replace("PREFIX", "nope"),
+    );
+    add(
+        &mut r,
+        "apiVersion: gatehouse.dev/v1alpha1\nkind: Plan\nmetadata: {name: bad, namespace: demo}\nspec: {rateLimits: [{requests: 0, per: minute}]}\n",
+    );
+    add(
+        &mut r,
+        "apiVersion: gatehouse.dev/v1alpha1\nkind: Subscription\nmetadata: {name: orphan, namespace: demo}\nspec: {application: nobody, api: broken, plan: bad}\n",
+    );
     let c = compile(&r);
     assert_eq!(c.verdicts.len(), 10);
     assert_eq!(c.problems().count(), 3);
@@ -997,10 +1426,18 @@ fn rest_still_compiles_when_many_things_are_wrong() {
 #[test]
 fn rate_limit_key_and_period_reach_the_config() {
     let mut r = fixture();
-    plan(&mut r, "premium").spec.rate_limits = vec![RateLimit { requests: 5, per: Period::Hour, key: LimitKey::User }];
+    plan(&mut r, "premium").spec.rate_limits = vec![RateLimit {
+        requests: 5,
+        per: Period::Hour,
+        key: LimitKey::User,
+    }];
     let c = compile(&r);
     assert_eq!(
         c.config.plans[1].rate_limits,
-        [RateLimitConfig { requests: 5, per_seconds: 3600, key: LimitKey::User }]
+        [RateLimitConfig {
+            requests: 5,
+            per_seconds: 3600,
+            key: LimitKey::User
+        }]
     );
 }
