@@ -10,8 +10,11 @@
 //! namespace/name, then input order), so when two resources claim the same thing (a pathPrefix, a
 //! client_id, an application x api pair, or the same namespace/name twice) the older one keeps it
 //! and the newer one is reported. Resources without a creationTimestamp (standalone YAML) count as
-//! newer than any resource that has one. Verdicts come out sorted by kind, namespace and name; the
-//! config is sorted as documented on [`GatewayConfig`] and carries a SHA-256 over its canonical JSON.
+//! newer than any resource that has one. A claim stays with the oldest claimant even while that
+//! claimant is Invalid for another reason, so fixing (or breaking) one resource never silently
+//! hands its pathPrefix or client_id to another. Verdicts come out sorted by kind, namespace and
+//! name; the config is sorted as documented on [`GatewayConfig`] and carries a SHA-256 over its
+//! canonical JSON.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -305,7 +308,7 @@ pub fn compile(res: &Resources) -> Compiled {
 
     let mut api_configs: Vec<ApiConfig> = apis
         .into_values()
-        .filter_map(|s| s.outcome.ok().map(|a| a.config))
+        .filter_map(|s| s.ok().map(|a| a.config))
         .collect();
     api_configs.sort_by(|a, b| {
         b.path_prefix
@@ -316,7 +319,7 @@ pub fn compile(res: &Resources) -> Compiled {
     });
     let mut plan_configs: Vec<PlanConfig> = plans
         .into_values()
-        .filter_map(|s| s.outcome.ok().map(|p| p.config))
+        .filter_map(|s| s.ok().map(|p| p.config))
         .collect();
     plan_configs.sort_by(|a, b| a.id.cmp(&b.id));
     let mut client_configs = clients;
@@ -493,10 +496,8 @@ struct PlanOk {
     requires_approval: bool,
 }
 
-struct State<T> {
-    /// Ok, or the Invalid verdict's message.
-    outcome: Result<T, String>,
-}
+/// What a resource compiled to: Ok, or the message of its Invalid verdict.
+type State<T> = Result<T, String>;
 
 fn compile_plans(plans: &[Plan], verdicts: &mut Vec<Verdict>) -> BTreeMap<Key, State<PlanOk>> {
     let mut out = BTreeMap::new();
@@ -531,26 +532,24 @@ fn compile_plans(plans: &[Plan], verdicts: &mut Vec<Verdict>) -> BTreeMap<Key, S
             };
             out.insert(
                 key(e.namespace, e.name),
-                State {
-                    outcome: Ok(PlanOk {
-                        config: PlanConfig {
-                            id,
-                            name: e.name.to_string(),
-                            display_name: display_or_name(&spec.display_name, e.name),
-                            rate_limits: spec
-                                .rate_limits
-                                .iter()
-                                .map(|l| RateLimitConfig {
-                                    requests: l.requests,
-                                    per_seconds: l.per.seconds(),
-                                    key: l.key,
-                                })
-                                .collect(),
-                            fail_open: spec.fail_open,
-                        },
-                        requires_approval: spec.requires_approval,
-                    }),
-                },
+                Ok(PlanOk {
+                    config: PlanConfig {
+                        id,
+                        name: e.name.to_string(),
+                        display_name: display_or_name(&spec.display_name, e.name),
+                        rate_limits: spec
+                            .rate_limits
+                            .iter()
+                            .map(|l| RateLimitConfig {
+                                requests: l.requests,
+                                per_seconds: l.per.seconds(),
+                                key: l.key,
+                            })
+                            .collect(),
+                        fail_open: spec.fail_open,
+                    },
+                    requires_approval: spec.requires_approval,
+                }),
             );
             verdict(
                 Kind::Plan,
@@ -561,12 +560,7 @@ fn compile_plans(plans: &[Plan], verdicts: &mut Vec<Verdict>) -> BTreeMap<Key, S
                 message,
             )
         } else {
-            out.insert(
-                key(e.namespace, e.name),
-                State {
-                    outcome: Err(issues.message()),
-                },
-            );
+            out.insert(key(e.namespace, e.name), Err(issues.message()));
             verdict(
                 Kind::Plan,
                 e.namespace,
@@ -631,8 +625,17 @@ pub fn check_path_prefix(prefix: &str) -> Result<(), String> {
             _ => {}
         }
     }
+    let first = prefix[1..].split('/').next().unwrap_or("");
+    if let Some(reserved) = RESERVED_PREFIXES.iter().find(|r| r[1..].eq_ignore_ascii_case(first)) {
+        return Err(format!(
+            "spec.pathPrefix {prefix:?} is under {reserved}, which the gateway itself serves (OAuth endpoints and login pages); choose another prefix"
+        ));
+    }
     Ok(())
 }
+
+/// Paths the gateway serves itself; an Api below them would never see a request.
+pub const RESERVED_PREFIXES: &[&str] = &["/oauth2", "/login", "/signup", "/consent", "/logout", "/.well-known"];
 
 /// Normalizes an upstream base URL (no trailing slash); `Err` is a sentence for a person.
 pub fn normalize_upstream_url(raw: &str) -> Result<String, String> {
@@ -864,33 +867,31 @@ fn compile_apis(
             let message = format!("serving {} from {upstream_url}", spec.path_prefix);
             out.insert(
                 key(e.namespace, e.name),
-                State {
-                    outcome: Ok(ApiOk {
-                        config: ApiConfig {
-                            id,
-                            display_name: display_or_name(&spec.display_name, e.name),
-                            path_prefix: spec.path_prefix.clone(),
-                            hosts,
-                            upstream: UpstreamConfig {
-                                url: upstream_url,
-                                strip_prefix: spec.upstream.strip_prefix,
-                                timeout_seconds: spec.upstream.timeout_seconds,
-                            },
-                            grants,
-                            scopes: auth
-                                .scopes
-                                .iter()
-                                .map(|s| ScopeConfig {
-                                    name: s.name.clone(),
-                                    description: s.description.clone(),
-                                })
-                                .collect(),
-                            access_token_ttl_seconds: auth.access_token_ttl_seconds,
-                            refresh_token_ttl_seconds: auth.refresh_token_ttl_seconds,
+                Ok(ApiOk {
+                    config: ApiConfig {
+                        id,
+                        display_name: display_or_name(&spec.display_name, e.name),
+                        path_prefix: spec.path_prefix.clone(),
+                        hosts,
+                        upstream: UpstreamConfig {
+                            url: upstream_url,
+                            strip_prefix: spec.upstream.strip_prefix,
+                            timeout_seconds: spec.upstream.timeout_seconds,
                         },
-                        plans: plan_names,
-                    }),
-                },
+                        grants,
+                        scopes: auth
+                            .scopes
+                            .iter()
+                            .map(|s| ScopeConfig {
+                                name: s.name.clone(),
+                                description: s.description.clone(),
+                            })
+                            .collect(),
+                        access_token_ttl_seconds: auth.access_token_ttl_seconds,
+                        refresh_token_ttl_seconds: auth.refresh_token_ttl_seconds,
+                    },
+                    plans: plan_names,
+                }),
             );
             verdict(
                 Kind::Api,
@@ -901,12 +902,7 @@ fn compile_apis(
                 message,
             )
         } else {
-            out.insert(
-                key(e.namespace, e.name),
-                State {
-                    outcome: Err(issues.message()),
-                },
-            );
+            out.insert(key(e.namespace, e.name), Err(issues.message()));
             verdict(
                 Kind::Api,
                 e.namespace,
@@ -965,13 +961,11 @@ fn compile_applications(
             );
             out.insert(
                 key(e.namespace, e.name),
-                State {
-                    outcome: Ok(AppOk {
-                        display_name: display_or_name(&spec.display_name, e.name),
-                        client_type: spec.client_type,
-                        redirect_uris,
-                    }),
-                },
+                Ok(AppOk {
+                    display_name: display_or_name(&spec.display_name, e.name),
+                    client_type: spec.client_type,
+                    redirect_uris,
+                }),
             );
             verdict(
                 Kind::Application,
@@ -982,12 +976,7 @@ fn compile_applications(
                 message,
             )
         } else {
-            out.insert(
-                key(e.namespace, e.name),
-                State {
-                    outcome: Err(issues.message()),
-                },
-            );
+            out.insert(key(e.namespace, e.name), Err(issues.message()));
             verdict(
                 Kind::Application,
                 e.namespace,
@@ -1180,7 +1169,7 @@ fn check_subscription(
         dangling: &mut Vec<String>,
         invalid: &mut Vec<String>,
     ) -> Option<&'a T> {
-        match map.get(&key(ns, target)).map(|s| &s.outcome) {
+        match map.get(&key(ns, target)) {
             None => {
                 dangling.push(format!(
                     "{what} {target} does not exist in namespace {ns} (spec.{what}); create it or fix the name"

@@ -6,6 +6,8 @@ pub mod cli;
 pub mod error;
 pub mod headers;
 pub mod oauth;
+pub mod pages;
+pub mod password;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routing;

@@ -13,12 +13,46 @@ use super::{Store, StoreError, StoreResult, TokenRecord, unix_now};
 use crate::tokens::TokenHash;
 
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
+/// key -> 8-byte big-endian expiry (unix seconds, 0 = never) followed by the value.
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+
+#[derive(Clone)]
+struct KvEntry {
+    value: Vec<u8>,
+    expires_at: u64,
+}
+
+impl KvEntry {
+    fn live(&self, now: u64) -> bool {
+        self.expires_at == 0 || self.expires_at > now
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.value.len());
+        out.extend_from_slice(&self.expires_at.to_be_bytes());
+        out.extend_from_slice(&self.value);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<KvEntry> {
+        let (exp, value) = bytes.split_at_checked(8)?;
+        Some(KvEntry {
+            expires_at: u64::from_be_bytes(exp.try_into().ok()?),
+            value: value.to_vec(),
+        })
+    }
+}
+
+fn expiry(ttl_secs: u64) -> u64 {
+    if ttl_secs == 0 { 0 } else { unix_now() + ttl_secs }
+}
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
     tokens: DashMap<TokenHash, TokenRecord>,
     /// grant_id -> token hashes, rebuilt from `tokens` on start.
     grants: DashMap<String, Vec<TokenHash>>,
+    kv: DashMap<String, KvEntry>,
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -41,6 +75,7 @@ impl EmbeddedStore {
             db: Arc::new(db),
             tokens: DashMap::new(),
             grants: DashMap::new(),
+            kv: DashMap::new(),
         };
         store.load()?;
         Ok(store)
@@ -68,6 +103,15 @@ impl EmbeddedStore {
                     .push(hash);
                 self.tokens.insert(hash, rec);
             }
+            let table = txn.open_table(KV).map_err(io)?;
+            for entry in table.iter().map_err(io)? {
+                let (k, v) = entry.map_err(io)?;
+                let e = KvEntry::decode(v.value())
+                    .ok_or_else(|| StoreError::Corrupt(format!("kv entry {}", k.value())))?;
+                if e.live(now) {
+                    self.kv.insert(k.value().to_string(), e);
+                }
+            }
         }
         txn.commit().map_err(io)?;
         Ok(())
@@ -86,6 +130,28 @@ impl EmbeddedStore {
             {
                 let mut table = txn.open_table(TOKENS).map_err(io)?;
                 f(&mut table).map_err(io)?;
+            }
+            txn.commit().map_err(io)
+        })
+        .await
+        .map_err(io)?
+    }
+
+    async fn kv_write(&self, key: &str, entry: Option<KvEntry>) -> StoreResult<()> {
+        let db = self.db.clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || -> StoreResult<()> {
+            let txn = db.begin_write().map_err(io)?;
+            {
+                let mut table = txn.open_table(KV).map_err(io)?;
+                match entry {
+                    Some(e) => {
+                        table.insert(key.as_str(), e.encode().as_slice()).map_err(io)?;
+                    }
+                    None => {
+                        table.remove(key.as_str()).map_err(io)?;
+                    }
+                }
             }
             txn.commit().map_err(io)
         })
@@ -175,12 +241,99 @@ impl Store for EmbeddedStore {
         let n = expired.len();
         self.delete_many(expired.into_iter().map(|(h, _)| h).collect())
             .await?;
-        Ok(n)
+        let dead: Vec<String> = self
+            .kv
+            .iter()
+            .filter(|e| !e.value().live(now))
+            .map(|e| e.key().clone())
+            .collect();
+        for k in &dead {
+            self.kv.remove_if(k, |_, e| !e.live(now));
+            self.kv_write(k, None).await?;
+        }
+        Ok(n + dead.len())
     }
 
     async fn ready(&self) -> StoreResult<()> {
         Ok(())
     }
+
+    async fn kv_put(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<()> {
+        let e = KvEntry { value: value.to_vec(), expires_at: expiry(ttl_secs) };
+        self.kv.insert(key.to_string(), e.clone());
+        self.kv_write(key, Some(e)).await
+    }
+
+    async fn kv_put_new(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<bool> {
+        let now = unix_now();
+        let e = KvEntry { value: value.to_vec(), expires_at: expiry(ttl_secs) };
+        // The entry lock makes check-and-insert atomic against concurrent writers.
+        let inserted = match self.kv.entry(key.to_string()) {
+            dashmap::Entry::Occupied(mut o) if !o.get().live(now) => {
+                o.insert(e.clone());
+                true
+            }
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(e.clone());
+                true
+            }
+        };
+        if inserted {
+            self.kv_write(key, Some(e)).await?;
+        }
+        Ok(inserted)
+    }
+
+    async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let now = unix_now();
+        Ok(self.kv.get(key).filter(|e| e.live(now)).map(|e| e.value.clone()))
+    }
+
+    async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let now = unix_now();
+        match self.kv.remove(key) {
+            Some((_, e)) => {
+                self.kv_write(key, None).await?;
+                Ok(e.live(now).then_some(e.value))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn kv_delete(&self, key: &str) -> StoreResult<()> {
+        if self.kv.remove(key).is_some() {
+            self.kv_write(key, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn counter_incr(&self, key: &str, window_secs: u64) -> StoreResult<u64> {
+        let now = unix_now();
+        let (count, entry) = {
+            let mut e = self.kv.entry(key.to_string()).or_insert_with(|| KvEntry {
+                value: 0u64.to_be_bytes().to_vec(),
+                expires_at: now + window_secs,
+            });
+            if !e.live(now) {
+                *e = KvEntry { value: 0u64.to_be_bytes().to_vec(), expires_at: now + window_secs };
+            }
+            let count = counter_value(&e.value) + 1;
+            e.value = count.to_be_bytes().to_vec();
+            (count, e.clone())
+        };
+        self.kv_write(key, Some(entry)).await?;
+        Ok(count)
+    }
+
+    async fn counter_get(&self, key: &str) -> StoreResult<u64> {
+        let now = unix_now();
+        Ok(self.kv.get(key).filter(|e| e.live(now)).map_or(0, |e| counter_value(&e.value)))
+    }
+}
+
+fn counter_value(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -263,6 +416,51 @@ mod tests {
         drop(s);
         let s = EmbeddedStore::open(dir.path()).unwrap();
         assert_eq!(s.tokens.len(), 50);
+    }
+
+    #[tokio::test]
+    async fn kv_entries_survive_restart_and_take_is_single_use() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            s.kv_put("user:1", b"alice", 0).await.unwrap();
+            s.kv_put("code:x", b"c", 60).await.unwrap();
+            assert!(s.kv_put_new("email:a", b"1", 0).await.unwrap());
+            assert!(!s.kv_put_new("email:a", b"2", 0).await.unwrap());
+            assert_eq!(s.counter_incr("tries", 60).await.unwrap(), 1);
+            assert_eq!(s.counter_incr("tries", 60).await.unwrap(), 2);
+        }
+        let s = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        assert_eq!(s.kv_get("user:1").await.unwrap().as_deref(), Some(&b"alice"[..]));
+        assert_eq!(s.kv_get("email:a").await.unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(s.counter_get("tries").await.unwrap(), 2);
+        // Of many concurrent takers exactly one gets the code.
+        let takers: Vec<_> = (0..20)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(async move { s.kv_take("code:x").await.unwrap() })
+            })
+            .collect();
+        let mut got = 0;
+        for t in takers {
+            got += t.await.unwrap().is_some() as usize;
+        }
+        assert_eq!(got, 1);
+        drop(s);
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.kv_get("code:x").await.unwrap(), None, "a taken code stays taken");
+    }
+
+    #[tokio::test]
+    async fn expired_kv_entries_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.kv.insert("old".into(), KvEntry { value: b"v".to_vec(), expires_at: unix_now() - 1 });
+        assert_eq!(s.kv_get("old").await.unwrap(), None);
+        assert!(s.kv_put_new("old", b"new", 10).await.unwrap(), "expired key counts as absent");
+        s.kv.insert("gone".into(), KvEntry { value: b"v".to_vec(), expires_at: unix_now() - 1 });
+        assert_eq!(s.purge_expired(unix_now()).await.unwrap(), 1);
+        assert!(s.kv.get("gone").is_none());
     }
 
     #[test]

@@ -74,4 +74,53 @@ pub trait Store: Send + Sync {
     async fn purge_expired(&self, now: u64) -> StoreResult<usize>;
     /// Can the store serve requests right now?
     async fn ready(&self) -> StoreResult<()>;
+
+    // Small records of the login flow (users, sessions, codes, consents, markers) as bytes under
+    // string keys. `ttl_secs` 0 means the entry never expires.
+
+    async fn kv_put(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<()>;
+    /// Writes only when the key is absent (or expired); false when it exists.
+    async fn kv_put_new(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<bool>;
+    async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Reads and deletes in one atomic step: of two concurrent takers only one gets the value.
+    async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    async fn kv_delete(&self, key: &str) -> StoreResult<()>;
+    /// Adds one to a counter that expires `window_secs` after its first increment; returns the
+    /// new count (fixed-window throttling).
+    async fn counter_incr(&self, key: &str, window_secs: u64) -> StoreResult<u64>;
+    /// The current count of such a counter (0 when absent or expired).
+    async fn counter_get(&self, key: &str) -> StoreResult<u64>;
+}
+
+/// Typed access to the key-value part of a store, as JSON.
+pub mod kv {
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    use super::{Store, StoreError, StoreResult};
+
+    fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
+        serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    fn decode<T: DeserializeOwned>(b: Option<Vec<u8>>) -> StoreResult<Option<T>> {
+        b.map(|b| serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    pub async fn put<T: Serialize>(s: &dyn Store, key: &str, v: &T, ttl: u64) -> StoreResult<()> {
+        s.kv_put(key, &encode(v)?, ttl).await
+    }
+
+    pub async fn put_new<T: Serialize>(s: &dyn Store, key: &str, v: &T, ttl: u64) -> StoreResult<bool> {
+        s.kv_put_new(key, &encode(v)?, ttl).await
+    }
+
+    pub async fn get<T: DeserializeOwned>(s: &dyn Store, key: &str) -> StoreResult<Option<T>> {
+        decode(s.kv_get(key).await?)
+    }
+
+    pub async fn take<T: DeserializeOwned>(s: &dyn Store, key: &str) -> StoreResult<Option<T>> {
+        decode(s.kv_take(key).await?)
+    }
 }
