@@ -626,7 +626,10 @@ pub fn check_path_prefix(prefix: &str) -> Result<(), String> {
         }
     }
     let first = prefix[1..].split('/').next().unwrap_or("");
-    if let Some(reserved) = RESERVED_PREFIXES.iter().find(|r| r[1..].eq_ignore_ascii_case(first)) {
+    if let Some(reserved) = RESERVED_PREFIXES
+        .iter()
+        .find(|r| r[1..].eq_ignore_ascii_case(first))
+    {
         return Err(format!(
             "spec.pathPrefix {prefix:?} is under {reserved}, which the gateway itself serves (OAuth endpoints and login pages); choose another prefix"
         ));
@@ -635,7 +638,14 @@ pub fn check_path_prefix(prefix: &str) -> Result<(), String> {
 }
 
 /// Paths the gateway serves itself; an Api below them would never see a request.
-pub const RESERVED_PREFIXES: &[&str] = &["/oauth2", "/login", "/signup", "/consent", "/logout", "/.well-known"];
+pub const RESERVED_PREFIXES: &[&str] = &[
+    "/oauth2",
+    "/login",
+    "/signup",
+    "/consent",
+    "/logout",
+    "/.well-known",
+];
 
 /// Normalizes an upstream base URL (no trailing slash); `Err` is a sentence for a person.
 pub fn normalize_upstream_url(raw: &str) -> Result<String, String> {

@@ -1,6 +1,7 @@
 //! gatehouse gateway: an OAuth 2.0 authorization server for native apps in front of APIs, with
 //! token checks, per-user rate limits and identity headers on every proxied request.
 
+pub mod accounts;
 pub mod admin;
 pub mod cli;
 pub mod error;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::post;
+use axum::routing::{get, post};
 
 use crate::state::AppState;
 use crate::store::unix_now;
@@ -14,7 +14,27 @@ use crate::{oauth, proxy};
 /// The public router: OAuth endpoints first, everything else is proxied by pathPrefix.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/oauth2/authorize", get(oauth::authorize::handle))
         .route("/oauth2/token", post(oauth::token::handle))
+        .route("/oauth2/revoke", post(oauth::revoke::handle))
+        .route("/oauth2/introspect", post(oauth::introspect::handle))
+        .route("/oauth2/userinfo", get(oauth::userinfo::handle))
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(oauth::metadata::handle),
+        )
+        .route(
+            "/login",
+            get(oauth::login::login_page).post(oauth::login::login_post),
+        )
+        .route(
+            "/signup",
+            get(oauth::login::signup_page).post(oauth::login::signup_post),
+        )
+        .route(
+            "/consent",
+            get(oauth::login::consent_page).post(oauth::login::consent_post),
+        )
         .fallback(proxy::handle)
         .with_state(state)
 }

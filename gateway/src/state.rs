@@ -22,6 +22,8 @@ pub struct AppState {
     pub http: HttpClient,
     /// Public base URL, no trailing slash (metadata, `iss`).
     pub issuer: String,
+    /// Minimum password length for signups.
+    pub password_min_len: usize,
 }
 
 impl AppState {
@@ -32,7 +34,13 @@ impl AppState {
             limiter,
             http: http_client(),
             issuer: issuer.trim_end_matches('/').to_string(),
+            password_min_len: crate::password::MIN_LENGTH,
         }
+    }
+
+    /// Session cookies get `Secure` when the public URL is https.
+    pub fn secure_cookies(&self) -> bool {
+        self.issuer.starts_with("https://")
     }
 
     /// Installs a new configuration; requests in flight keep the one they started with.

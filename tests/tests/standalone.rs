@@ -63,7 +63,11 @@ async fn setup(per_second: u32) -> Setup {
     let mdir = dir.path().join("manifests");
     std::fs::create_dir_all(&mdir).unwrap();
     let manifest = mdir.join("gatehouse.yaml");
-    std::fs::write(&manifest, manifests(&format!("http://{upstream}"), per_second)).unwrap();
+    std::fs::write(
+        &manifest,
+        manifests(&format!("http://{upstream}"), per_second),
+    )
+    .unwrap();
     let gw = tokio::task::block_in_place(|| Gateway::start(&mdir, &dir.path().join("data"), &[]));
     Setup {
         _dir: dir,
@@ -109,16 +113,33 @@ async fn client_credentials_token_reaches_the_upstream_with_identity_headers() {
     assert_eq!(echo["headers"]["x-application-id"][0], "e2e/svc");
     assert_eq!(echo["headers"]["x-api-plan"][0], "basic");
     assert_eq!(echo["headers"]["x-authenticated-scope"][0], "profile");
-    assert!(echo["headers"].get("x-authenticated-userid").is_none(), "spoofed header removed");
+    assert!(
+        echo["headers"].get("x-authenticated-userid").is_none(),
+        "spoofed header removed"
+    );
     assert!(echo["headers"].get("authorization").is_none());
     assert_eq!(echo["headers"]["x-forwarded-for"][0], "127.0.0.1");
 
     // admin endpoints
     let health = s.http.get(s.gw.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    let metrics = s.http.get(s.gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("gatehouse_proxy_responses_total"), "{metrics}");
-    assert!(metrics.contains("gatehouse_tokens_issued_total"), "{metrics}");
+    let metrics = s
+        .http
+        .get(s.gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("gatehouse_proxy_responses_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gatehouse_tokens_issued_total"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -156,7 +177,9 @@ async fn reloads_on_file_change_and_keeps_the_last_good_config_on_a_broken_edit(
     std::fs::write(&s.manifest, yaml.replace("requests: 2,", "requests: 1000,")).unwrap();
     eventually("reload with the new limit", async || {
         let r = call(&s, &t).await;
-        r.headers().get("ratelimit-limit").is_some_and(|v| v == "1000")
+        r.headers()
+            .get("ratelimit-limit")
+            .is_some_and(|v| v == "1000")
     })
     .await;
 
@@ -180,7 +203,9 @@ async fn large_bodies_stream_both_ways() {
     // Upload 100 MB generated on the fly; the echo upstream counts what arrives.
     let chunk = bytes::Bytes::from(vec![b'u'; 256 * 1024]);
     let chunks = (SIZE / chunk.len() as u64) as usize;
-    let stream = futures_util::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let stream = futures_util::stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
     let resp = s
         .http
         .post(s.gw.url("/mobile/upload"))
@@ -210,5 +235,8 @@ async fn large_bodies_stream_both_ways() {
 
     // Neither direction was held in memory: the gateway's peak RSS stays far below 100 MB.
     let hwm = s.gw.peak_rss_kib().expect("reading /proc/<pid>/status");
-    assert!(hwm < 60 * 1024, "gateway peak RSS {hwm} KiB: bodies were buffered");
+    assert!(
+        hwm < 60 * 1024,
+        "gateway peak RSS {hwm} KiB: bodies were buffered"
+    );
 }

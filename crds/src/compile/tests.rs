@@ -408,12 +408,35 @@ fn plan_without_rate_limits_is_valid() {
 
 #[test]
 fn path_prefix_rules() {
-    for ok in ["/", "/mobile", "/v1/mobile", "/a-b_c.d~e", "/oauth2x", "/v1/login"] {
+    for ok in [
+        "/",
+        "/mobile",
+        "/v1/mobile",
+        "/a-b_c.d~e",
+        "/oauth2x",
+        "/v1/login",
+    ] {
         assert_eq!(check_path_prefix(ok), Ok(()), "{ok}");
     }
     for bad in [
-        "", "mobile", "/mobile/", "//", "/mo?bile", "/a#b", "/a%20b", "/a b", "/a\tb", "/a/../b",
-        "/..", "/a/./b", "/a//b", "/oauth2", "/OAuth2/x", "/login", "/signup", "/consent",
+        "",
+        "mobile",
+        "/mobile/",
+        "//",
+        "/mo?bile",
+        "/a#b",
+        "/a%20b",
+        "/a b",
+        "/a\tb",
+        "/a/../b",
+        "/..",
+        "/a/./b",
+        "/a//b",
+        "/oauth2",
+        "/OAuth2/x",
+        "/login",
+        "/signup",
+        "/consent",
         "/.well-known/x",
     ] {
         assert!(check_path_prefix(bad).is_err(), "{bad:?} accepted");

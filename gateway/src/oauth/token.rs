@@ -10,13 +10,16 @@ use gatehouse_crds::{ClientType, GrantType};
 use http::HeaderMap;
 use serde::Serialize;
 
+use super::authorize::{CodeRecord, code_key, used_code_key};
 use super::client_auth;
 use super::form::Form;
 use super::no_store;
+use super::pkce;
+use crate::accounts;
 use crate::error::{GatewayError, OAuthErrorCode, oauth};
 use crate::snapshot::{ClientRuntime, Snapshot};
 use crate::state::AppState;
-use crate::store::{TokenKind, TokenRecord, unix_now};
+use crate::store::{TokenKind, TokenRecord, kv, unix_now};
 use crate::tokens;
 
 #[derive(Serialize, Debug)]
@@ -56,6 +59,8 @@ async fn token(
     let client = client_auth::authenticate(&snap, &presented)?;
     match grant_type {
         "client_credentials" => client_credentials(state, &snap, client, &form).await,
+        "authorization_code" => authorization_code(state, &snap, client, &form).await,
+        "refresh_token" => refresh_token(state, &snap, client, &form).await,
         other => Err(oauth(
             OAuthErrorCode::UnsupportedGrantType,
             format!("grant_type {other} is not supported"),
@@ -129,6 +134,219 @@ async fn client_credentials(
         refresh_token: None,
         scope,
     })
+}
+
+fn invalid_grant(desc: &str) -> GatewayError {
+    oauth(OAuthErrorCode::InvalidGrant, desc)
+}
+
+fn unavailable(e: crate::store::StoreError) -> GatewayError {
+    tracing::error!(error = %e, "store failure at the token endpoint");
+    oauth(
+        OAuthErrorCode::TemporarilyUnavailable,
+        "the token store is unavailable",
+    )
+}
+
+/// Where a rotated refresh token leaves its grant id, so reuse can revoke the family.
+pub fn rotated_key(hash: &tokens::TokenHash) -> String {
+    format!("rotated:{}", hex::encode(hash))
+}
+
+/// How long a spent code is remembered for replay detection.
+const USED_CODE_MEMORY: u64 = 24 * 3_600;
+
+async fn authorization_code(
+    state: &AppState,
+    snap: &Snapshot,
+    client: &ClientRuntime,
+    form: &Form,
+) -> Result<TokenResponse, GatewayError> {
+    require_grant(client, GrantType::AuthorizationCode)?;
+    let code = form.require("code")?;
+    let redirect_uri = form.require("redirect_uri")?;
+    let store: &dyn crate::store::Store = &*state.store;
+    // Single use: the first redemption takes the code; any later one finds only the marker.
+    let Some(record) = kv::take::<CodeRecord>(store, &code_key(code))
+        .await
+        .map_err(unavailable)?
+    else {
+        if let Some(grant_id) = kv::get::<String>(store, &used_code_key(code))
+            .await
+            .map_err(unavailable)?
+        {
+            let n = state
+                .store
+                .revoke_grant(&grant_id)
+                .await
+                .map_err(unavailable)?;
+            tracing::warn!(client_id = %client.cfg.client_id, revoked = n, "authorization code replayed; its tokens are revoked");
+            metrics::counter!("gatehouse_code_replays_total").increment(1);
+        }
+        return Err(invalid_grant(
+            "the authorization code is invalid, expired or already used",
+        ));
+    };
+    kv::put(
+        store,
+        &used_code_key(code),
+        &record.grant_id,
+        USED_CODE_MEMORY,
+    )
+    .await
+    .map_err(unavailable)?;
+    if record.expires_at <= unix_now() {
+        return Err(invalid_grant("the authorization code has expired"));
+    }
+    if !tokens::constant_time_eq(record.client_id.as_bytes(), client.cfg.client_id.as_bytes()) {
+        return Err(invalid_grant(
+            "the authorization code was issued to another client",
+        ));
+    }
+    if record.redirect_uri != redirect_uri {
+        return Err(invalid_grant(
+            "redirect_uri differs from the one in the authorization request",
+        ));
+    }
+    // Every code carries an S256 challenge, so a verifier is always required and checked.
+    let Some(verifier) = form.get("code_verifier") else {
+        return Err(invalid_grant("code_verifier is required (PKCE)"));
+    };
+    if !pkce::valid_verifier(verifier) {
+        return Err(oauth(
+            OAuthErrorCode::InvalidRequest,
+            "code_verifier must be 43-128 characters of A-Z a-z 0-9 - . _ ~",
+        ));
+    }
+    if !pkce::verify_s256(verifier, &record.code_challenge) {
+        return Err(invalid_grant(
+            "code_verifier does not match the code_challenge",
+        ));
+    }
+    if accounts::get(store, &record.user_id)
+        .await
+        .map_err(unavailable)?
+        .is_none()
+    {
+        return Err(invalid_grant("the user no longer exists"));
+    }
+    token_pair(
+        state,
+        snap,
+        client,
+        &record.user_id,
+        &record.scope,
+        &record.grant_id,
+    )
+    .await
+}
+
+/// Access token plus (when the client may refresh) a refresh token, in one grant family.
+async fn token_pair(
+    state: &AppState,
+    snap: &Snapshot,
+    client: &ClientRuntime,
+    user_id: &str,
+    scope: &str,
+    grant_id: &str,
+) -> Result<TokenResponse, GatewayError> {
+    let api = &snap.apis[client.api].cfg;
+    let access_token = issue(
+        state,
+        client,
+        TokenKind::Access,
+        Some(user_id),
+        scope,
+        grant_id,
+        api.access_token_ttl_seconds,
+    )
+    .await?;
+    let refresh_token = if client.cfg.grants.contains(&GrantType::RefreshToken) {
+        Some(
+            issue(
+                state,
+                client,
+                TokenKind::Refresh,
+                Some(user_id),
+                scope,
+                grant_id,
+                api.refresh_token_ttl_seconds,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    Ok(TokenResponse {
+        access_token,
+        token_type: "Bearer",
+        expires_in: api.access_token_ttl_seconds,
+        refresh_token,
+        scope: scope.to_string(),
+    })
+}
+
+async fn refresh_token(
+    state: &AppState,
+    snap: &Snapshot,
+    client: &ClientRuntime,
+    form: &Form,
+) -> Result<TokenResponse, GatewayError> {
+    require_grant(client, GrantType::RefreshToken)?;
+    let presented = form.require("refresh_token")?;
+    let hash = tokens::hash(presented);
+    let store: &dyn crate::store::Store = &*state.store;
+    let live = state.store.get_token(&hash).await.map_err(unavailable)?;
+    let record = match live {
+        Some(r) if r.kind == TokenKind::Refresh => r,
+        _ => {
+            // A rotated token coming back means two parties hold the family: revoke all of it.
+            if let Some(grant_id) = kv::get::<String>(store, &rotated_key(&hash))
+                .await
+                .map_err(unavailable)?
+            {
+                let n = state
+                    .store
+                    .revoke_grant(&grant_id)
+                    .await
+                    .map_err(unavailable)?;
+                tracing::warn!(client_id = %client.cfg.client_id, revoked = n, "rotated refresh token reused; family revoked");
+                metrics::counter!("gatehouse_refresh_reuse_total").increment(1);
+            }
+            return Err(invalid_grant(
+                "the refresh token is invalid, expired, revoked or already used",
+            ));
+        }
+    };
+    if record.client_id != client.cfg.client_id {
+        return Err(invalid_grant(
+            "the refresh token was issued to another client",
+        ));
+    }
+    // Rotation: of concurrent refreshes with one token only the one that removes it proceeds.
+    let Some(record) = state.store.revoke_token(&hash).await.map_err(unavailable)? else {
+        return Err(invalid_grant("the refresh token was already used"));
+    };
+    let remember = record.expires_at.saturating_sub(unix_now()).max(1);
+    kv::put(store, &rotated_key(&hash), &record.grant_id, remember)
+        .await
+        .map_err(unavailable)?;
+    // A narrower scope may be asked for (RFC 6749 6); never a wider one.
+    let scope = match form.get("scope") {
+        None => record.scope.clone(),
+        Some(req) => {
+            let have: Vec<&str> = record.scope.split(' ').collect();
+            if let Some(extra) = req.split(' ').find(|s| !s.is_empty() && !have.contains(s)) {
+                return Err(oauth(
+                    OAuthErrorCode::InvalidScope,
+                    format!("scope {extra} was not granted to this refresh token"),
+                ));
+            }
+            check_scopes(snap, client, Some(req))?
+        }
+    };
+    let user_id = record.user_id.clone().unwrap_or_default();
+    token_pair(state, snap, client, &user_id, &scope, &record.grant_id).await
 }
 
 /// Creates and stores one token; returns the token itself (the store keeps only its hash).

@@ -44,7 +44,11 @@ impl KvEntry {
 }
 
 fn expiry(ttl_secs: u64) -> u64 {
-    if ttl_secs == 0 { 0 } else { unix_now() + ttl_secs }
+    if ttl_secs == 0 {
+        0
+    } else {
+        unix_now() + ttl_secs
+    }
 }
 
 pub struct EmbeddedStore {
@@ -146,7 +150,9 @@ impl EmbeddedStore {
                 let mut table = txn.open_table(KV).map_err(io)?;
                 match entry {
                     Some(e) => {
-                        table.insert(key.as_str(), e.encode().as_slice()).map_err(io)?;
+                        table
+                            .insert(key.as_str(), e.encode().as_slice())
+                            .map_err(io)?;
                     }
                     None => {
                         table.remove(key.as_str()).map_err(io)?;
@@ -259,14 +265,20 @@ impl Store for EmbeddedStore {
     }
 
     async fn kv_put(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<()> {
-        let e = KvEntry { value: value.to_vec(), expires_at: expiry(ttl_secs) };
+        let e = KvEntry {
+            value: value.to_vec(),
+            expires_at: expiry(ttl_secs),
+        };
         self.kv.insert(key.to_string(), e.clone());
         self.kv_write(key, Some(e)).await
     }
 
     async fn kv_put_new(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<bool> {
         let now = unix_now();
-        let e = KvEntry { value: value.to_vec(), expires_at: expiry(ttl_secs) };
+        let e = KvEntry {
+            value: value.to_vec(),
+            expires_at: expiry(ttl_secs),
+        };
         // The entry lock makes check-and-insert atomic against concurrent writers.
         let inserted = match self.kv.entry(key.to_string()) {
             dashmap::Entry::Occupied(mut o) if !o.get().live(now) => {
@@ -287,7 +299,11 @@ impl Store for EmbeddedStore {
 
     async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let now = unix_now();
-        Ok(self.kv.get(key).filter(|e| e.live(now)).map(|e| e.value.clone()))
+        Ok(self
+            .kv
+            .get(key)
+            .filter(|e| e.live(now))
+            .map(|e| e.value.clone()))
     }
 
     async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
@@ -316,7 +332,10 @@ impl Store for EmbeddedStore {
                 expires_at: now + window_secs,
             });
             if !e.live(now) {
-                *e = KvEntry { value: 0u64.to_be_bytes().to_vec(), expires_at: now + window_secs };
+                *e = KvEntry {
+                    value: 0u64.to_be_bytes().to_vec(),
+                    expires_at: now + window_secs,
+                };
             }
             let count = counter_value(&e.value) + 1;
             e.value = count.to_be_bytes().to_vec();
@@ -328,7 +347,11 @@ impl Store for EmbeddedStore {
 
     async fn counter_get(&self, key: &str) -> StoreResult<u64> {
         let now = unix_now();
-        Ok(self.kv.get(key).filter(|e| e.live(now)).map_or(0, |e| counter_value(&e.value)))
+        Ok(self
+            .kv
+            .get(key)
+            .filter(|e| e.live(now))
+            .map_or(0, |e| counter_value(&e.value)))
     }
 }
 
@@ -431,8 +454,14 @@ mod tests {
             assert_eq!(s.counter_incr("tries", 60).await.unwrap(), 2);
         }
         let s = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-        assert_eq!(s.kv_get("user:1").await.unwrap().as_deref(), Some(&b"alice"[..]));
-        assert_eq!(s.kv_get("email:a").await.unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(
+            s.kv_get("user:1").await.unwrap().as_deref(),
+            Some(&b"alice"[..])
+        );
+        assert_eq!(
+            s.kv_get("email:a").await.unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
         assert_eq!(s.counter_get("tries").await.unwrap(), 2);
         // Of many concurrent takers exactly one gets the code.
         let takers: Vec<_> = (0..20)
@@ -448,17 +477,36 @@ mod tests {
         assert_eq!(got, 1);
         drop(s);
         let s = EmbeddedStore::open(dir.path()).unwrap();
-        assert_eq!(s.kv_get("code:x").await.unwrap(), None, "a taken code stays taken");
+        assert_eq!(
+            s.kv_get("code:x").await.unwrap(),
+            None,
+            "a taken code stays taken"
+        );
     }
 
     #[tokio::test]
     async fn expired_kv_entries_are_gone() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(dir.path()).unwrap();
-        s.kv.insert("old".into(), KvEntry { value: b"v".to_vec(), expires_at: unix_now() - 1 });
+        s.kv.insert(
+            "old".into(),
+            KvEntry {
+                value: b"v".to_vec(),
+                expires_at: unix_now() - 1,
+            },
+        );
         assert_eq!(s.kv_get("old").await.unwrap(), None);
-        assert!(s.kv_put_new("old", b"new", 10).await.unwrap(), "expired key counts as absent");
-        s.kv.insert("gone".into(), KvEntry { value: b"v".to_vec(), expires_at: unix_now() - 1 });
+        assert!(
+            s.kv_put_new("old", b"new", 10).await.unwrap(),
+            "expired key counts as absent"
+        );
+        s.kv.insert(
+            "gone".into(),
+            KvEntry {
+                value: b"v".to_vec(),
+                expires_at: unix_now() - 1,
+            },
+        );
         assert_eq!(s.purge_expired(unix_now()).await.unwrap(), 1);
         assert!(s.kv.get("gone").is_none());
     }

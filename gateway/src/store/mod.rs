@@ -112,7 +112,12 @@ pub mod kv {
         s.kv_put(key, &encode(v)?, ttl).await
     }
 
-    pub async fn put_new<T: Serialize>(s: &dyn Store, key: &str, v: &T, ttl: u64) -> StoreResult<bool> {
+    pub async fn put_new<T: Serialize>(
+        s: &dyn Store,
+        key: &str,
+        v: &T,
+        ttl: u64,
+    ) -> StoreResult<bool> {
         s.kv_put_new(key, &encode(v)?, ttl).await
     }
 

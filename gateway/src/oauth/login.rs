@@ -1,0 +1,484 @@
+//! The built-in identity provider's pages: sign in, sign up, consent. Every POST answers 303
+//! (errors travel as a one-time flash message in the session); every form carries the
+//! session's CSRF token and the pending authorization id.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::response::Response;
+use http::{HeaderMap, StatusCode, header};
+
+use super::PeerIp;
+use super::authorize::{self, Next, consent_key, error_page, see_other, store_error_page};
+use super::session::{self, Session};
+use crate::accounts;
+use crate::pages;
+use crate::password;
+use crate::state::AppState;
+use crate::store::kv;
+
+/// Failed sign-ins allowed per account and per client IP in one window.
+pub const MAX_FAILURES_PER_ACCOUNT: u64 = 5;
+pub const MAX_FAILURES_PER_IP: u64 = 20;
+pub const MAX_SIGNUPS_PER_IP: u64 = 10;
+pub const THROTTLE_WINDOW_SECS: u64 = 15 * 60;
+
+const BAD_CREDENTIALS: &str = "The email or password is not correct.";
+const THROTTLED: &str = "Too many failed attempts. Please wait 15 minutes and try again.";
+
+fn acct_key(email: &str) -> String {
+    format!("throttle:login:acct:{email}")
+}
+fn ip_key(ip: &str) -> String {
+    format!("throttle:login:ip:{ip}")
+}
+
+fn form_fields(body: &[u8]) -> HashMap<String, String> {
+    url::form_urlencoded::parse(body).into_owned().collect()
+}
+
+fn session_expired() -> Response {
+    error_page(
+        StatusCode::FORBIDDEN,
+        "Session expired",
+        "Your sign-in session expired or cookies are blocked. Please go back to the app and start again.",
+    )
+}
+
+fn forbidden_form() -> Response {
+    error_page(
+        StatusCode::FORBIDDEN,
+        "Form expired",
+        "This form is no longer valid. Please go back to the app and start again.",
+    )
+}
+
+fn with_cookie(mut resp: Response, sid: &str, state: &AppState) -> Response {
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        session::set_cookie(sid, state.secure_cookies()),
+    );
+    resp
+}
+
+/// Session and CSRF check shared by the POST handlers.
+async fn posted_session(
+    state: &AppState,
+    headers: &HeaderMap,
+    fields: &HashMap<String, String>,
+) -> Result<(String, Session), Response> {
+    let (sid, sess) = session::load(&*state.store, headers)
+        .await
+        .map_err(store_error_page)?
+        .ok_or_else(session_expired)?;
+    if !session::csrf_ok(&sess, fields.get("csrf").map(String::as_str)) {
+        return Err(forbidden_form());
+    }
+    Ok((sid, sess))
+}
+
+fn app_name(state: &AppState, client_id: &str) -> String {
+    state
+        .config
+        .load()
+        .client(client_id)
+        .map(|c| c.cfg.application_name.clone())
+        .unwrap_or_else(|| "the app".to_string())
+}
+
+#[derive(serde::Deserialize)]
+pub struct ReqParam {
+    #[serde(default)]
+    req: String,
+}
+
+/// GET /login and GET /signup: render the form for a pending request of this session.
+async fn show(state: &AppState, headers: &HeaderMap, req: &str, signup: bool) -> Response {
+    let (sid, mut sess) = match session::load(&*state.store, headers).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return session_expired(),
+        Err(e) => return store_error_page(e),
+    };
+    let pending = match session::get_pending(&*state.store, req, &sid).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return authorize::expired_request_page(),
+        Err(e) => return store_error_page(e),
+    };
+    let flash = sess.flash.take();
+    let email = sess.flash_email.take().unwrap_or_default();
+    if flash.is_some() {
+        let _ = session::save(&*state.store, &sid, &sess).await;
+    }
+    let form = pages::Form {
+        csrf: &sess.csrf,
+        request_id: req,
+    };
+    let app = app_name(state, &pending.client_id);
+    let html = if signup {
+        pages::signup(
+            &form,
+            &app,
+            &email,
+            flash.as_deref(),
+            state.password_min_len,
+            &format!("/login?req={req}"),
+        )
+    } else {
+        pages::login(
+            &form,
+            &app,
+            &email,
+            flash.as_deref(),
+            &format!("/signup?req={req}"),
+        )
+    };
+    pages::respond(StatusCode::OK, html)
+}
+
+pub async fn login_page(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ReqParam>,
+    headers: HeaderMap,
+) -> Response {
+    show(&state, &headers, &q.req, false).await
+}
+
+pub async fn signup_page(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ReqParam>,
+    headers: HeaderMap,
+) -> Response {
+    show(&state, &headers, &q.req, true).await
+}
+
+/// Signs the user in: a new session id (no fixation), the pending request moved to it, then on
+/// to consent or the code.
+async fn signed_in(state: &AppState, old_sid: &str, req: &str, user_id: &str) -> Response {
+    let store = &*state.store;
+    let (sid, _) = match session::create(store, Some(user_id.to_string())).await {
+        Ok(s) => s,
+        Err(e) => return store_error_page(e),
+    };
+    if let Ok(Some(mut p)) = session::get_pending(store, req, old_sid).await {
+        p.session = session::session_binding(&sid);
+        if let Err(e) = session::update_pending(store, req, &p).await {
+            return store_error_page(e);
+        }
+    }
+    let _ = session::destroy(store, old_sid).await;
+    let next = if req.is_empty() {
+        see_other("/consent")
+    } else {
+        see_other(&format!("/consent?req={req}"))
+    };
+    with_cookie(next, &sid, state)
+}
+
+async fn throttled(state: &AppState, email: &str, ip: &str) -> bool {
+    let acct = state
+        .store
+        .counter_get(&acct_key(email))
+        .await
+        .unwrap_or(u64::MAX);
+    let by_ip = state
+        .store
+        .counter_get(&ip_key(ip))
+        .await
+        .unwrap_or(u64::MAX);
+    acct >= MAX_FAILURES_PER_ACCOUNT || by_ip >= MAX_FAILURES_PER_IP
+}
+
+async fn count_failure(state: &AppState, email: &str, ip: &str) {
+    metrics::counter!("gatehouse_login_failures_total").increment(1);
+    let _ = state
+        .store
+        .counter_incr(&acct_key(email), THROTTLE_WINDOW_SECS)
+        .await;
+    let _ = state
+        .store
+        .counter_incr(&ip_key(ip), THROTTLE_WINDOW_SECS)
+        .await;
+}
+
+/// Verifies a password on the blocking pool; against a dummy hash when there is no user, so
+/// both answers take the same time.
+async fn verify(password: String, hash: Option<String>) -> bool {
+    tokio::task::spawn_blocking(move || {
+        let known = hash.is_some();
+        let phc = hash.unwrap_or_else(|| password::dummy_hash().to_string());
+        password::verify(&password, &phc) && known
+    })
+    .await
+    .unwrap_or(false)
+}
+
+pub async fn login_post(
+    State(state): State<Arc<AppState>>,
+    PeerIp(ip): PeerIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fields = form_fields(&body);
+    let (sid, mut sess) = match posted_session(&state, &headers, &fields).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let req = fields.get("req").cloned().unwrap_or_default();
+    let back = format!("/login?req={req}");
+    let raw_email = fields.get("email").map(String::as_str).unwrap_or("");
+    let pw = fields.get("password").cloned().unwrap_or_default();
+    let Some(email) = accounts::normalize_email(raw_email) else {
+        authorize::flash(
+            &state,
+            &sid,
+            &mut sess,
+            "Enter your email address.",
+            Some(raw_email),
+        )
+        .await;
+        return see_other(&back);
+    };
+    if throttled(&state, &email, &ip).await {
+        authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
+        return see_other(&back);
+    }
+    let user = match accounts::find_by_email(&*state.store, &email).await {
+        Ok(u) => u,
+        Err(e) => return store_error_page(e),
+    };
+    if !verify(pw, user.as_ref().map(|u| u.password_hash.clone())).await {
+        count_failure(&state, &email, &ip).await;
+        authorize::flash(&state, &sid, &mut sess, BAD_CREDENTIALS, Some(&email)).await;
+        return see_other(&back);
+    }
+    let user = user.expect("verified implies a user");
+    metrics::counter!("gatehouse_logins_total").increment(1);
+    signed_in(&state, &sid, &req, &user.id).await
+}
+
+pub async fn signup_post(
+    State(state): State<Arc<AppState>>,
+    PeerIp(ip): PeerIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fields = form_fields(&body);
+    let (sid, mut sess) = match posted_session(&state, &headers, &fields).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let req = fields.get("req").cloned().unwrap_or_default();
+    let back = format!("/signup?req={req}");
+    let raw_email = fields.get("email").map(String::as_str).unwrap_or("");
+    let pw = fields.get("password").cloned().unwrap_or_default();
+    let Some(email) = accounts::normalize_email(raw_email) else {
+        authorize::flash(
+            &state,
+            &sid,
+            &mut sess,
+            "Enter a valid email address.",
+            Some(raw_email),
+        )
+        .await;
+        return see_other(&back);
+    };
+    let signups = state
+        .store
+        .counter_incr(
+            &format!("throttle:signup:ip:{ip}"),
+            THROTTLE_WINDOW_SECS * 4,
+        )
+        .await
+        .unwrap_or(u64::MAX);
+    if signups > MAX_SIGNUPS_PER_IP || throttled(&state, &email, &ip).await {
+        authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
+        return see_other(&back);
+    }
+    // Strength check and hashing are CPU work: off the async runtime.
+    let (pw2, email2, min) = (pw.clone(), email.clone(), state.password_min_len);
+    let checked = tokio::task::spawn_blocking(move || {
+        password::check(&pw2, &email2, min).map(|()| password::hash(&pw2))
+    })
+    .await;
+    let hash = match checked {
+        Ok(Ok(h)) => h,
+        Ok(Err(problem)) => {
+            authorize::flash(&state, &sid, &mut sess, &problem.to_string(), Some(&email)).await;
+            return see_other(&back);
+        }
+        Err(_) => {
+            return store_error_page(crate::store::StoreError::Unavailable(
+                "hashing failed".into(),
+            ));
+        }
+    };
+    match accounts::create(&*state.store, &email, hash).await {
+        Ok(Some(user)) => {
+            metrics::counter!("gatehouse_signups_total").increment(1);
+            signed_in(&state, &sid, &req, &user.id).await
+        }
+        Ok(None) => {
+            // The email is taken. If the password is the account's, this is a sign-in; otherwise
+            // the answer is the sign-in failure, counted against the same throttles, so signup
+            // is no faster password oracle than login.
+            let existing = accounts::find_by_email(&*state.store, &email)
+                .await
+                .ok()
+                .flatten();
+            if verify(pw, existing.as_ref().map(|u| u.password_hash.clone())).await
+                && let Some(user) = existing
+            {
+                return signed_in(&state, &sid, &req, &user.id).await;
+            }
+            count_failure(&state, &email, &ip).await;
+            authorize::flash(
+                &state,
+                &sid,
+                &mut sess,
+                "We could not create an account with these details. If you already have an account, sign in instead.",
+                Some(&email),
+            )
+            .await;
+            see_other(&back)
+        }
+        Err(e) => store_error_page(e),
+    }
+}
+
+/// The signed-in user of this session, or the page to show instead.
+async fn signed_in_user(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(String, Session, accounts::User), Response> {
+    let (sid, sess) = session::load(&*state.store, headers)
+        .await
+        .map_err(store_error_page)?
+        .ok_or_else(session_expired)?;
+    let user_id = sess.user_id.clone().ok_or_else(session_expired)?;
+    let user = accounts::get(&*state.store, &user_id)
+        .await
+        .map_err(store_error_page)?
+        .ok_or_else(session_expired)?;
+    Ok((sid, sess, user))
+}
+
+pub async fn consent_page(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ReqParam>,
+    headers: HeaderMap,
+) -> Response {
+    let (sid, sess, user) = match signed_in_user(&state, &headers).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if q.req.is_empty() {
+        return error_page(
+            StatusCode::OK,
+            "Signed in",
+            &format!(
+                "You are signed in as {}. You can return to the app.",
+                user.email
+            ),
+        );
+    }
+    let snap = state.config.load_full();
+    match authorize::proceed(&state, &snap, &q.req, &sid, &user.id).await {
+        Err(r) => r,
+        Ok(Next::Redirect(r)) => r,
+        Ok(Next::Consent(scopes)) => {
+            let pending = match session::get_pending(&*state.store, &q.req, &sid).await {
+                Ok(Some(p)) => p,
+                _ => return authorize::expired_request_page(),
+            };
+            let Some(client) = snap.client(&pending.client_id) else {
+                return authorize::expired_request_page();
+            };
+            let api = &snap.apis[client.api].cfg;
+            let views: Vec<pages::ScopeView> = scopes
+                .iter()
+                .map(|s| pages::ScopeView {
+                    name: s,
+                    description: api
+                        .scopes
+                        .iter()
+                        .find(|x| &x.name == s)
+                        .map_or("", |x| x.description.as_str()),
+                })
+                .collect();
+            let api_name = if api.display_name.is_empty() {
+                api.id.as_str()
+            } else {
+                api.display_name.as_str()
+            };
+            let form = pages::Form {
+                csrf: &sess.csrf,
+                request_id: &q.req,
+            };
+            pages::respond(
+                StatusCode::OK,
+                pages::consent(
+                    &form,
+                    &client.cfg.application_name,
+                    api_name,
+                    &user.email,
+                    &views,
+                ),
+            )
+        }
+    }
+}
+
+pub async fn consent_post(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fields = form_fields(&body);
+    let (sid, sess, user) = match signed_in_user(&state, &headers).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if !session::csrf_ok(&sess, fields.get("csrf").map(String::as_str)) {
+        return forbidden_form();
+    }
+    let req = fields.get("req").cloned().unwrap_or_default();
+    match fields.get("decision").map(String::as_str) {
+        Some("allow") => {
+            let snap = state.config.load_full();
+            let pending = match session::get_pending(&*state.store, &req, &sid).await {
+                Ok(Some(p)) => p,
+                Ok(None) => return authorize::expired_request_page(),
+                Err(e) => return store_error_page(e),
+            };
+            let Some(client) = snap.client(&pending.client_id) else {
+                return authorize::expired_request_page();
+            };
+            // Remember the grant: later requests ask only for scopes not yet granted.
+            let key = consent_key(&user.id, client);
+            let mut granted: Vec<String> = kv::get(&*state.store, &key)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            for s in pending.scope.split(' ').filter(|s| !s.is_empty()) {
+                if !granted.iter().any(|g| g == s) {
+                    granted.push(s.to_string());
+                }
+            }
+            if let Err(e) = kv::put(&*state.store, &key, &granted, 0).await {
+                return store_error_page(e);
+            }
+            match authorize::issue_code(&state, &req, &sid, &user.id).await {
+                Ok(r) | Err(r) => r,
+            }
+        }
+        Some("deny") => authorize::deny(&state, &req, &sid).await,
+        _ => error_page(
+            StatusCode::BAD_REQUEST,
+            "Invalid answer",
+            "Choose Allow or Deny.",
+        ),
+    }
+}

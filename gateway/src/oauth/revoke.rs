@@ -1,0 +1,68 @@
+//! `POST /oauth2/revoke` (RFC 7009). Revoking a refresh token revokes its whole grant (the
+//! access tokens issued with it too); unknown tokens and other clients' tokens answer 200.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, StatusCode};
+
+use super::client_auth;
+use super::form::Form;
+use super::no_store;
+use crate::error::{GatewayError, OAuthErrorCode, oauth};
+use crate::state::AppState;
+use crate::store::TokenKind;
+use crate::tokens;
+
+pub async fn handle(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match revoke(&state, &headers, &body).await {
+        Ok(()) => {
+            let mut r = StatusCode::OK.into_response();
+            no_store(r.headers_mut());
+            r
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn revoke(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(), GatewayError> {
+    let form = Form::parse(headers, body)?;
+    let snap = state.config.load_full();
+    let client = client_auth::authenticate(&snap, &client_auth::presented(headers, &form)?)?;
+    let token = form.require("token")?;
+    let hash = tokens::hash(token);
+    let unavailable = |e: crate::store::StoreError| {
+        tracing::error!(error = %e, "store failure at revocation");
+        oauth(
+            OAuthErrorCode::TemporarilyUnavailable,
+            "the token store is unavailable",
+        )
+    };
+    let Some(record) = state.store.get_token(&hash).await.map_err(unavailable)? else {
+        return Ok(());
+    };
+    if record.client_id != client.cfg.client_id {
+        // Not this client's token: nothing happens, and nothing is revealed.
+        return Ok(());
+    }
+    match record.kind {
+        TokenKind::Refresh => {
+            state
+                .store
+                .revoke_grant(&record.grant_id)
+                .await
+                .map_err(unavailable)?;
+        }
+        TokenKind::Access => {
+            state.store.revoke_token(&hash).await.map_err(unavailable)?;
+        }
+    }
+    metrics::counter!("gatehouse_tokens_revoked_total").increment(1);
+    Ok(())
+}

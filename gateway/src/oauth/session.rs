@@ -1,0 +1,191 @@
+//! Browser state of the login flow: a session cookie (HttpOnly, SameSite=Lax, Secure on https
+//! issuers) naming a server-side session with its CSRF token, and pending authorization
+//! requests bound to that session.
+
+use http::{HeaderMap, HeaderValue, header};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreResult, kv, unix_now};
+use crate::tokens;
+
+pub const COOKIE: &str = "gatehouse_session";
+/// A browser session lasts 8 hours; a pending authorization 10 minutes.
+pub const SESSION_TTL: u64 = 8 * 3_600;
+pub const PENDING_TTL: u64 = 600;
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct Session {
+    pub user_id: Option<String>,
+    pub csrf: String,
+    /// A one-time message for the next page (after a 303).
+    #[serde(default)]
+    pub flash: Option<String>,
+    #[serde(default)]
+    pub flash_email: Option<String>,
+}
+
+/// An authorization request that passed validation and waits for login/consent.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Pending {
+    /// SHA-256 (hex) of the session id it belongs to.
+    pub session: String,
+    pub client_id: String,
+    pub redirect_uri: String,
+    pub state: Option<String>,
+    /// Requested scopes, space-separated, validated.
+    pub scope: String,
+    pub code_challenge: String,
+    pub created_at: u64,
+}
+
+fn session_key(sid: &str) -> String {
+    format!("session:{}", hex::encode(tokens::hash(sid)))
+}
+
+pub fn session_binding(sid: &str) -> String {
+    hex::encode(tokens::hash(sid))
+}
+
+fn pending_key(id: &str) -> String {
+    format!("authreq:{id}")
+}
+
+/// The session id from the Cookie header(s).
+pub fn cookie_sid(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, v)| *k == COOKIE && tokens::looks_like_token(v))
+        .map(|(_, v)| v.to_string())
+}
+
+pub async fn load(
+    store: &dyn Store,
+    headers: &HeaderMap,
+) -> StoreResult<Option<(String, Session)>> {
+    let Some(sid) = cookie_sid(headers) else {
+        return Ok(None);
+    };
+    Ok(kv::get::<Session>(store, &session_key(&sid))
+        .await?
+        .map(|s| (sid, s)))
+}
+
+/// A new session with a fresh id and CSRF token, already saved.
+pub async fn create(store: &dyn Store, user_id: Option<String>) -> StoreResult<(String, Session)> {
+    let sid = tokens::generate();
+    let session = Session {
+        user_id,
+        csrf: tokens::generate(),
+        flash: None,
+        flash_email: None,
+    };
+    save(store, &sid, &session).await?;
+    Ok((sid, session))
+}
+
+pub async fn save(store: &dyn Store, sid: &str, session: &Session) -> StoreResult<()> {
+    kv::put(store, &session_key(sid), session, SESSION_TTL).await
+}
+
+pub async fn destroy(store: &dyn Store, sid: &str) -> StoreResult<()> {
+    store.kv_delete(&session_key(sid)).await
+}
+
+/// The existing session, or a new one (then `true`: the caller must set the cookie).
+pub async fn load_or_create(
+    store: &dyn Store,
+    headers: &HeaderMap,
+) -> StoreResult<(String, Session, bool)> {
+    match load(store, headers).await? {
+        Some((sid, s)) => Ok((sid, s, false)),
+        None => {
+            let (sid, s) = create(store, None).await?;
+            Ok((sid, s, true))
+        }
+    }
+}
+
+pub fn set_cookie(sid: &str, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Lax; Max-Age={SESSION_TTL}{secure}"
+    ))
+    .expect("token is header-safe")
+}
+
+pub fn csrf_ok(session: &Session, presented: Option<&str>) -> bool {
+    presented.is_some_and(|p| tokens::constant_time_eq(p.as_bytes(), session.csrf.as_bytes()))
+}
+
+pub async fn put_pending(store: &dyn Store, p: &Pending) -> StoreResult<String> {
+    let id = tokens::generate();
+    kv::put(store, &pending_key(&id), p, PENDING_TTL).await?;
+    Ok(id)
+}
+
+pub async fn update_pending(store: &dyn Store, id: &str, p: &Pending) -> StoreResult<()> {
+    let left = (p.created_at + PENDING_TTL)
+        .saturating_sub(unix_now())
+        .max(1);
+    kv::put(store, &pending_key(id), p, left).await
+}
+
+/// The pending request if it exists and belongs to this session.
+pub async fn get_pending(store: &dyn Store, id: &str, sid: &str) -> StoreResult<Option<Pending>> {
+    if !tokens::looks_like_token(id) {
+        return Ok(None);
+    }
+    let p: Option<Pending> = kv::get(store, &pending_key(id)).await?;
+    Ok(p.filter(|p| {
+        tokens::constant_time_eq(p.session.as_bytes(), session_binding(sid).as_bytes())
+    }))
+}
+
+/// Consumes the pending request (one code per authorization request).
+pub async fn take_pending(store: &dyn Store, id: &str, sid: &str) -> StoreResult<Option<Pending>> {
+    if get_pending(store, id, sid).await?.is_none() {
+        return Ok(None);
+    }
+    kv::take(store, &pending_key(id)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_parsing() {
+        let sid = tokens::generate();
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            format!("a=b; {COOKIE}={sid}; c=d").parse().unwrap(),
+        );
+        assert_eq!(cookie_sid(&h), Some(sid));
+        h.insert(header::COOKIE, format!("{COOKIE}=short").parse().unwrap());
+        assert_eq!(cookie_sid(&h), None);
+    }
+
+    #[test]
+    fn cookie_attributes() {
+        let c = set_cookie("x", true);
+        let c = c.to_str().unwrap();
+        assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.contains("Secure"));
+        assert!(!set_cookie("x", false).to_str().unwrap().contains("Secure"));
+    }
+
+    #[test]
+    fn csrf_compare() {
+        let s = Session {
+            csrf: "abc".into(),
+            ..Default::default()
+        };
+        assert!(csrf_ok(&s, Some("abc")));
+        assert!(!csrf_ok(&s, Some("abd")));
+        assert!(!csrf_ok(&s, None));
+    }
+}
