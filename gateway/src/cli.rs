@@ -21,7 +21,12 @@ pub struct Args {
     )]
     pub manifests: Vec<PathBuf>,
 
-    /// Embedded persistent store directory.
+    /// Shared state in Redis (redis:// or rediss://, user:password@ in the URL); required for
+    /// more than one replica. Without it the embedded store under --data-dir is used.
+    #[arg(long, env = "GATEHOUSE_REDIS")]
+    pub redis: Option<String>,
+
+    /// Embedded persistent store directory (without --redis).
     #[arg(long, env = "GATEHOUSE_DATA_DIR", default_value = "./gatehouse-data")]
     pub data_dir: PathBuf,
 

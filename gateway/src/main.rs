@@ -4,9 +4,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use gatehouse_gateway::cli::{Args, LogFormat};
+use gatehouse_gateway::ratelimit::Limiter;
 use gatehouse_gateway::ratelimit::local::{LocalLimiter, now_us};
+use gatehouse_gateway::ratelimit::redis::RedisLimiter;
 use gatehouse_gateway::state::AppState;
+use gatehouse_gateway::store::Store;
 use gatehouse_gateway::store::embedded::EmbeddedStore;
+use gatehouse_gateway::store::redis::{RedisOptions, RedisStore};
 use gatehouse_gateway::{admin, server, source};
 use tracing_subscriber::EnvFilter;
 
@@ -26,13 +30,26 @@ async fn main() -> anyhow::Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
 
-    let store = EmbeddedStore::open(&args.data_dir).context("opening the embedded store")?;
-    let limiter = Arc::new(LocalLimiter::default());
-    let state = Arc::new(AppState::new(
-        Arc::new(store),
-        limiter.clone(),
-        &args.issuer(),
-    ));
+    // One TLS implementation for every client (upstreams, rediss://).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let local_limiter = Arc::new(LocalLimiter::default());
+    let (store, limiter): (Arc<dyn Store>, Arc<dyn Limiter>) = match &args.redis {
+        Some(url) => {
+            let store = RedisStore::connect(&RedisOptions::new(url)).context("--redis")?;
+            spawn_redis_watch(store.clone(), redacted(url));
+            let limiter = Arc::new(RedisLimiter::new(store.connection()));
+            (store, limiter)
+        }
+        None => {
+            let store =
+                EmbeddedStore::open(&args.data_dir).context("opening the embedded store")?;
+            (Arc::new(store), local_limiter.clone())
+        }
+    };
+    let mut state = AppState::new(store, limiter, &args.issuer());
+    state.password_min_len = args.password_min_length as usize;
+    let state = Arc::new(state);
 
     // The first load must succeed: starting without any configuration is a mistake to report.
     source::reload(&state, &args.manifests).context("loading --manifests")?;
@@ -43,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tick.tick().await;
-            limiter.purge_idle(now_us());
+            local_limiter.purge_idle(now_us());
         }
     });
 
@@ -63,4 +80,45 @@ async fn main() -> anyhow::Result<()> {
     });
     server::serve(listener, server::router(state)).await?;
     Ok(())
+}
+
+/// The URL without its password, for logs.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<invalid url>".to_string(),
+    }
+}
+
+/// Logs whether Redis answers, retrying with backoff; /readyz reports the same.
+fn spawn_redis_watch(store: Arc<RedisStore>, url: String) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(250);
+        let mut was_up = None;
+        loop {
+            let up = store.ready().await;
+            match (&up, was_up) {
+                (Ok(()), Some(true)) => {}
+                (Ok(()), _) => tracing::info!(redis = %url, "connected to Redis"),
+                (Err(e), Some(false)) => {
+                    tracing::debug!(redis = %url, error = %e, "Redis still unreachable")
+                }
+                (Err(e), _) => {
+                    tracing::error!(redis = %url, error = %e, "cannot reach Redis; not ready, retrying with backoff")
+                }
+            }
+            let ok = up.is_ok();
+            was_up = Some(ok);
+            delay = if ok {
+                Duration::from_secs(2)
+            } else {
+                (delay * 2).min(Duration::from_secs(5))
+            };
+            tokio::time::sleep(delay).await;
+        }
+    });
 }

@@ -3,6 +3,7 @@
 
 pub mod gcra;
 pub mod local;
+pub mod redis;
 
 use async_trait::async_trait;
 use gatehouse_crds::{LimitKey, PlanConfig};

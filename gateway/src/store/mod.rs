@@ -2,6 +2,7 @@
 //! implemented by the embedded store here and by Redis for several replicas.
 
 pub mod embedded;
+pub mod redis;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,0 +1,337 @@
+//! Redis store: everything shared by several gateway replicas. Tokens are cached in-process
+//! for at most `TOKEN_CACHE_TTL`; revocations are published on a channel every replica listens
+//! to, so a revoked token stops working everywhere at once (the cache is bypassed whenever that
+//! subscription is down).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{Store, StoreError, StoreResult, TokenRecord, unix_now};
+use crate::tokens::TokenHash;
+
+const PREFIX: &str = "gatehouse:";
+const REVOKED_CHANNEL: &str = "gatehouse:revoked";
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Deletes every token of a grant and the grant set atomically; returns the token hashes.
+const REVOKE_GRANT: &str = r"
+local members = redis.call('SMEMBERS', KEYS[1])
+for _, h in ipairs(members) do redis.call('DEL', ARGV[1] .. h) end
+redis.call('DEL', KEYS[1])
+return members
+";
+
+/// Options for reaching Redis.
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    pub url: String,
+    /// Bound on every command: past it the request gets a 503 instead of waiting.
+    pub response_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl RedisOptions {
+    pub fn new(url: &str) -> RedisOptions {
+        RedisOptions {
+            url: url.to_string(),
+            response_timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    cache: DashMap<TokenHash, (TokenRecord, Instant)>,
+    /// True while this replica receives revocation messages; the cache is used only then.
+    listening: Arc<AtomicBool>,
+    /// Bumped on every invalidation, so a lookup that raced one does not refill the cache.
+    epoch: Arc<AtomicU64>,
+    revoke_grant: redis::Script,
+}
+
+fn err(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+fn tok_key(hash: &TokenHash) -> String {
+    format!("{PREFIX}tok:{}", hex::encode(hash))
+}
+
+fn grant_key(grant: &str) -> String {
+    format!("{PREFIX}grant:{grant}")
+}
+
+fn kv_key(key: &str) -> String {
+    format!("{PREFIX}kv:{key}")
+}
+
+impl RedisStore {
+    /// Connects lazily: the gateway starts (not ready) even when Redis is down, and the
+    /// connection manager reconnects with backoff by itself.
+    pub fn connect(opts: &RedisOptions) -> StoreResult<Arc<RedisStore>> {
+        let client = redis::Client::open(opts.url.as_str())
+            .map_err(|e| StoreError::Unavailable(format!("invalid --redis URL: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(opts.connect_timeout))
+            .set_response_timeout(Some(opts.response_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(err)?;
+        let store = Arc::new(RedisStore {
+            conn,
+            cache: DashMap::new(),
+            listening: Arc::new(AtomicBool::new(false)),
+            epoch: Arc::new(AtomicU64::new(0)),
+            revoke_grant: redis::Script::new(REVOKE_GRANT),
+        });
+        store.clone().spawn_listener(client);
+        Ok(store)
+    }
+
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Keeps a subscription to the revocation channel, reconnecting with backoff.
+    fn spawn_listener(self: Arc<Self>, client: redis::Client) {
+        let weak = Arc::downgrade(&self);
+        drop(self);
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                let Some(store) = weak.upgrade() else { return };
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => match pubsub.subscribe(REVOKED_CHANNEL).await {
+                        Ok(()) => {
+                            // Anything revoked while we were not listening may be cached: start clean.
+                            store.cache.clear();
+                            store.epoch.fetch_add(1, Ordering::SeqCst);
+                            store.listening.store(true, Ordering::SeqCst);
+                            delay = Duration::from_millis(100);
+                            tracing::info!("listening for token revocations");
+                            let mut messages = pubsub.on_message();
+                            while let Some(msg) = messages.next().await {
+                                let payload: String = msg.get_payload().unwrap_or_default();
+                                store.invalidate(&payload);
+                            }
+                            store.listening.store(false, Ordering::SeqCst);
+                            store.cache.clear();
+                            tracing::warn!(
+                                "revocation channel lost; token cache bypassed until it is back"
+                            );
+                        }
+                        Err(e) => tracing::debug!(error = %e, "subscribe failed"),
+                    },
+                    Err(e) => tracing::debug!(error = %e, "pubsub connect failed"),
+                }
+                drop(store);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    fn invalidate(&self, hex_hashes: &str) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        for h in hex_hashes.split(',') {
+            if let Ok(bytes) = hex::decode(h)
+                && let Ok(hash) = TokenHash::try_from(bytes.as_slice())
+            {
+                self.cache.remove(&hash);
+            }
+        }
+    }
+
+    async fn publish_revoked(&self, hex_hashes: &[String]) -> StoreResult<()> {
+        if hex_hashes.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        // Batches keep messages small for large grants.
+        for chunk in hex_hashes.chunks(256) {
+            let _: i64 = c
+                .publish(REVOKED_CHANNEL, chunk.join(","))
+                .await
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn put_token(&self, hash: TokenHash, record: TokenRecord) -> StoreResult<()> {
+        let json =
+            serde_json::to_string(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let ttl = record.expires_at.saturating_sub(unix_now()).max(1);
+        let gk = grant_key(&record.grant_id);
+        let mut c = self.conn.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .set_ex(tok_key(&hash), json, ttl)
+            .ignore()
+            .sadd(&gk, hex::encode(hash))
+            .ignore()
+            // The grant set lives as long as its longest-lived token.
+            .cmd("EXPIRE")
+            .arg(&gk)
+            .arg(ttl)
+            .arg("GT")
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&gk)
+            .arg(ttl)
+            .arg("NX")
+            .ignore()
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn get_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
+        let now = unix_now();
+        let listening = self.listening.load(Ordering::SeqCst);
+        if listening
+            && let Some(e) = self.cache.get(hash)
+            && e.1.elapsed() < TOKEN_CACHE_TTL
+        {
+            return Ok((!e.0.is_expired(now)).then(|| e.0.clone()));
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let mut c = self.conn.clone();
+        let raw: Option<String> = c.get(tok_key(hash)).await.map_err(err)?;
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        let rec: TokenRecord =
+            serde_json::from_str(&raw).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if rec.is_expired(now) {
+            return Ok(None);
+        }
+        if listening && self.epoch.load(Ordering::SeqCst) == epoch {
+            self.cache.insert(*hash, (rec.clone(), Instant::now()));
+        }
+        Ok(Some(rec))
+    }
+
+    async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
+        let mut c = self.conn.clone();
+        let raw: Option<String> = redis::cmd("GETDEL")
+            .arg(tok_key(hash))
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        self.cache.remove(hash);
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        let rec: TokenRecord =
+            serde_json::from_str(&raw).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let _: i64 = c
+            .srem(grant_key(&rec.grant_id), hex::encode(hash))
+            .await
+            .map_err(err)?;
+        self.publish_revoked(&[hex::encode(hash)]).await?;
+        Ok(Some(rec))
+    }
+
+    async fn revoke_grant(&self, grant_id: &str) -> StoreResult<usize> {
+        let mut c = self.conn.clone();
+        let members: Vec<String> = self
+            .revoke_grant
+            .key(grant_key(grant_id))
+            .arg(format!("{PREFIX}tok:"))
+            .invoke_async(&mut c)
+            .await
+            .map_err(err)?;
+        self.invalidate(&members.join(","));
+        self.publish_revoked(&members).await?;
+        Ok(members.len())
+    }
+
+    async fn purge_expired(&self, _now: u64) -> StoreResult<usize> {
+        // Redis expires keys itself; only the local cache needs sweeping.
+        self.cache
+            .retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
+        Ok(0)
+    }
+
+    async fn ready(&self) -> StoreResult<()> {
+        let mut c = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn kv_put(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<()> {
+        let mut c = self.conn.clone();
+        if ttl_secs == 0 {
+            let _: () = c.set(kv_key(key), value).await.map_err(err)?;
+        } else {
+            let _: () = c.set_ex(kv_key(key), value, ttl_secs).await.map_err(err)?;
+        }
+        Ok(())
+    }
+
+    async fn kv_put_new(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<bool> {
+        let mut c = self.conn.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(kv_key(key)).arg(value).arg("NX");
+        if ttl_secs > 0 {
+            cmd.arg("EX").arg(ttl_secs);
+        }
+        let set: Option<String> = cmd.query_async(&mut c).await.map_err(err)?;
+        Ok(set.is_some())
+    }
+
+    async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let mut c = self.conn.clone();
+        c.get(kv_key(key)).await.map_err(err)
+    }
+
+    async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let mut c = self.conn.clone();
+        redis::cmd("GETDEL")
+            .arg(kv_key(key))
+            .query_async(&mut c)
+            .await
+            .map_err(err)
+    }
+
+    async fn kv_delete(&self, key: &str) -> StoreResult<()> {
+        let mut c = self.conn.clone();
+        let _: i64 = c.del(kv_key(key)).await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn counter_incr(&self, key: &str, window_secs: u64) -> StoreResult<u64> {
+        let k = kv_key(key);
+        let mut c = self.conn.clone();
+        let (count,): (u64,) = redis::pipe()
+            .atomic()
+            .incr(&k, 1u64)
+            .cmd("EXPIRE")
+            .arg(&k)
+            .arg(window_secs)
+            .arg("NX")
+            .ignore()
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(count)
+    }
+
+    async fn counter_get(&self, key: &str) -> StoreResult<u64> {
+        let mut c = self.conn.clone();
+        let v: Option<u64> = c.get(kv_key(key)).await.map_err(err)?;
+        Ok(v.unwrap_or(0))
+    }
+}

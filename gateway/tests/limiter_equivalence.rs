@@ -1,0 +1,95 @@
+//! The in-process limiter and the Redis script must answer the same request sequence the same
+//! way: same allow/refuse, same limit, remaining, reset and retry-after.
+
+use gatehouse_gateway::ratelimit::local::LocalLimiter;
+use gatehouse_gateway::ratelimit::redis::RedisLimiter;
+use gatehouse_gateway::ratelimit::{LimitCheck, Rate};
+use gatehouse_gateway::store::redis::{RedisOptions, RedisStore};
+use gatehouse_tests::redis::RedisServer;
+
+fn lc(key: &str, n: u64, per: u64) -> LimitCheck {
+    LimitCheck {
+        key: key.into(),
+        rate: Rate::new(n, per),
+    }
+}
+
+async fn redis_limiter() -> (RedisLimiter, RedisServer) {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let store = RedisStore::connect(&RedisOptions::new(&server.url())).unwrap();
+    (RedisLimiter::new(store.connection()), server)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn same_sequence_same_answers() {
+    let (redis, _server) = redis_limiter().await;
+    let local = LocalLimiter::default();
+    // Three callers; a plan with a per-user 5/s and a per-application 20/min limit.
+    let plans: Vec<Vec<LimitCheck>> = (0..3)
+        .map(|u| {
+            vec![
+                lc(&format!("rl:{{s}}:p:0:u{u}"), 5, 1),
+                lc("rl:{s}:p:1:-", 20, 60),
+            ]
+        })
+        .collect();
+    let mut now: u64 = 1_700_000_000_000_000;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut allowed = 0;
+    for i in 0..600 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        now += seed % 400_000; // 0-400 ms apart
+        let checks = &plans[(seed % 3) as usize];
+        let a = local.check_at(checks, now);
+        let b = redis.check_at(checks, Some(now)).await.unwrap();
+        assert_eq!(a, b, "request {i} at t={now}: local {a:?} vs redis {b:?}");
+        allowed += a.allowed as usize;
+    }
+    assert!(
+        allowed > 50 && allowed < 600,
+        "the sequence exercised both answers ({allowed} allowed)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_consumes_none_of_the_other_limits_in_redis() {
+    let (redis, _server) = redis_limiter().await;
+    let now = 1_700_000_000_000_000u64;
+    let wide = lc("rl:{s}:wide", 100, 1);
+    let narrow = lc("rl:{s}:narrow", 2, 1);
+    for _ in 0..2 {
+        assert!(
+            redis
+                .check_at(&[wide.clone(), narrow.clone()], Some(now))
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    for _ in 0..10 {
+        assert!(
+            !redis
+                .check_at(&[wide.clone(), narrow.clone()], Some(now))
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    let d = redis.check_at(&[wide], Some(now)).await.unwrap();
+    assert_eq!(d.remaining, 97);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_clock_mode_limits_a_burst() {
+    let (redis, _server) = redis_limiter().await;
+    let checks = [lc("rl:{s}:clock", 5, 1)];
+    let mut passed = 0;
+    for _ in 0..8 {
+        passed += redis.check_at(&checks, None).await.unwrap().allowed as usize;
+    }
+    assert_eq!(passed, 5);
+}
