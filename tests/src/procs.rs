@@ -54,6 +54,13 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway with `--manifests` and fresh ports; `extra` are more flags.
     pub fn start(manifests: &Path, data_dir: &Path, extra: &[&str]) -> Gateway {
+        let mut gw = Gateway::launch(manifests, data_dir, extra);
+        gw.wait_ready(Duration::from_secs(30));
+        gw
+    }
+
+    /// Starts the process without waiting for readiness (for tests of the not-ready state).
+    pub fn launch(manifests: &Path, data_dir: &Path, extra: &[&str]) -> Gateway {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut args = vec![
@@ -91,7 +98,6 @@ impl Gateway {
             .spawn()
             .expect("starting gatehouse-gateway");
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(30));
     }
 
     /// Blocks until /readyz answers 200, or panics with the gateway's log.
@@ -145,6 +151,14 @@ impl Gateway {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+        self.wait_ready(Duration::from_secs(30));
+    }
+
+    /// Is the process still running?
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 }
 

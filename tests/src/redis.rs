@@ -23,9 +23,14 @@ impl RedisServer {
     /// With `appendonly`, AOF persistence (everysec) in the server's directory, so a restart
     /// keeps the data as the chart's default does.
     pub fn start_with(appendonly: bool) -> RedisServer {
+        RedisServer::start_on(free_port(), appendonly)
+    }
+
+    /// On a given port (e.g. one a gateway already tries to reach).
+    pub fn start_on(port: u16, appendonly: bool) -> RedisServer {
         let mut s = RedisServer {
             child: None,
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().expect("temp dir"),
             appendonly,
         };
@@ -36,7 +41,14 @@ impl RedisServer {
     fn spawn(&mut self) {
         let bin = which_redis();
         let child = Command::new(&bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(["--appendonly", if self.appendonly { "yes" } else { "no" }])
             .args(["--appendfsync", "everysec"])
             .arg("--dir")
@@ -53,7 +65,10 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not answer PING within 10 s", self.port);
+        panic!(
+            "redis-server on port {} did not answer PING within 10 s",
+            self.port
+        );
     }
 
     pub fn url(&self) -> String {
@@ -97,7 +112,11 @@ impl Drop for RedisServer {
 /// The redis-server binary, or a panic that says how to get it.
 fn which_redis() -> PathBuf {
     let candidates = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("redis-server")).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("redis-server"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     candidates
         .into_iter()
