@@ -4,6 +4,7 @@ pub mod compile;
 pub mod config;
 pub mod crdgen;
 pub mod manifests;
+pub mod publish;
 pub mod resources;
 
 pub use compile::{Compiled, Kind, Phase, Resources, Verdict, compile};

@@ -1,0 +1,5 @@
+//! gatehouse operator: watches Api, Plan, Application and Subscription resources, writes their
+//! status, creates client credentials, and publishes the compiled GatewayConfig to a ConfigMap
+//! the gateway pods watch.
+
+pub mod reconcile;

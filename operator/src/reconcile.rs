@@ -1,0 +1,257 @@
+//! Pure reconcile logic: from everything the operator sees to what it must write (generated
+//! client ids, credential Secrets, statuses, the compiled configuration). No Kubernetes I/O.
+
+use gatehouse_crds::{
+    ClientType, Compiled, Condition, Kind, Phase, ResourceStatus, Resources, Subscription, Verdict,
+    compile,
+};
+use k8s_openapi::api::core::v1::Secret;
+use kube_client::ResourceExt;
+
+/// Key of the generated client secret (and of the client id) in a credentials Secret.
+pub const SECRET_KEY: &str = gatehouse_crds::compile::GENERATED_SECRET_KEY;
+pub const CLIENT_ID_KEY: &str = "clientId";
+/// Label on Secrets the operator created.
+pub const MANAGED_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_VALUE: &str = "gatehouse-operator";
+
+/// A credentials Secret to create, owned by its Subscription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewSecret {
+    pub namespace: String,
+    pub name: String,
+    pub subscription: String,
+    pub subscription_uid: String,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+/// A status to write because it differs from what the resource has.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusUpdate {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    pub status: ResourceStatus,
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub compiled: Compiled,
+    pub new_secrets: Vec<NewSecret>,
+    pub statuses: Vec<StatusUpdate>,
+}
+
+/// Random values the operator generates (injected so tests are deterministic).
+pub trait Generator {
+    /// A short random suffix for client ids.
+    fn suffix(&mut self) -> String;
+    /// A client secret with 256 bits of entropy.
+    fn secret(&mut self) -> String;
+}
+
+pub fn credentials_secret_name(subscription: &str) -> String {
+    format!("{subscription}-credentials")
+}
+
+fn ns(obj: &impl ResourceExt) -> String {
+    obj.namespace()
+        .unwrap_or_else(|| gatehouse_crds::compile::DEFAULT_NAMESPACE.to_string())
+}
+
+fn is_confidential(res: &Resources, sub: &Subscription) -> bool {
+    res.applications.iter().any(|a| {
+        ns(a) == ns(sub)
+            && a.name_any() == sub.spec.application
+            && a.spec.client_type == ClientType::Confidential
+    })
+}
+
+/// Decides everything for one pass. `now` is an RFC 3339 timestamp for new transitions.
+pub fn plan(mut res: Resources, generator: &mut dyn Generator, now: &str) -> Plan {
+    let original = res.clone();
+    let mut tentative: Vec<NewSecret> = Vec::new();
+    let secrets_snapshot = res.secrets.clone();
+    let applications = res.clone();
+    for sub in &mut res.subscriptions {
+        let namespace = ns(sub);
+        let name = sub.name_any();
+        let status = sub.status.get_or_insert_with(ResourceStatus::default);
+        // A client id is generated once and then lives in status.
+        if sub.spec.client_id.is_none() && status.client_id.is_none() {
+            status.client_id = Some(format!("{name}-{}", generator.suffix()));
+        }
+        let client_id = sub
+            .spec
+            .client_id
+            .clone()
+            .or_else(|| status.client_id.clone())
+            .unwrap_or_default();
+        if sub.spec.client_secret_ref.is_some() || !is_confidential(&applications, sub) {
+            continue;
+        }
+        let secret_name = credentials_secret_name(&name);
+        let exists = secrets_snapshot
+            .iter()
+            .any(|s| ns(s) == namespace && s.name_any() == secret_name);
+        if !exists {
+            tentative.push(NewSecret {
+                namespace: namespace.clone(),
+                name: secret_name.clone(),
+                subscription: name.clone(),
+                subscription_uid: sub.metadata.uid.clone().unwrap_or_default(),
+                client_id,
+                client_secret: generator.secret(),
+            });
+        }
+        let status = sub.status.get_or_insert_with(ResourceStatus::default);
+        status.credentials_secret = Some(secret_name);
+    }
+    for s in &tentative {
+        res.secrets.push(secret_object(s));
+    }
+    let compiled = compile(&res);
+    // Only subscriptions that came out Active (valid and approved) get a Secret created.
+    let new_secrets: Vec<NewSecret> = tentative
+        .into_iter()
+        .filter(|s| {
+            compiled
+                .verdict(Kind::Subscription, &s.namespace, &s.subscription)
+                .is_some_and(|v| v.phase == Phase::Active)
+        })
+        .collect();
+    let statuses = status_updates(&original, &res, &compiled, &new_secrets, now);
+    Plan {
+        compiled,
+        new_secrets,
+        statuses,
+    }
+}
+
+/// The Secret object for a generated credential (owner reference added by the caller's I/O).
+pub fn secret_object(s: &NewSecret) -> Secret {
+    let mut secret = Secret::default();
+    secret.metadata.name = Some(s.name.clone());
+    secret.metadata.namespace = Some(s.namespace.clone());
+    secret.metadata.labels = Some([(MANAGED_LABEL.to_string(), MANAGED_VALUE.to_string())].into());
+    secret.type_ = Some("Opaque".to_string());
+    secret.string_data = Some(
+        [
+            (CLIENT_ID_KEY.to_string(), s.client_id.clone()),
+            (SECRET_KEY.to_string(), s.client_secret.clone()),
+        ]
+        .into(),
+    );
+    secret
+}
+
+fn current_status(
+    res: &Resources,
+    kind: Kind,
+    namespace: &str,
+    name: &str,
+) -> (Option<ResourceStatus>, Option<i64>) {
+    fn find<K: ResourceExt>(
+        items: &[K],
+        namespace: &str,
+        name: &str,
+    ) -> Option<(Option<i64>, usize)> {
+        items
+            .iter()
+            .position(|o| ns(o) == namespace && o.name_any() == name)
+            .map(|i| (items[i].meta().generation, i))
+    }
+    match kind {
+        Kind::Api => find(&res.apis, namespace, name)
+            .map_or((None, None), |(g, i)| (res.apis[i].status.clone(), g)),
+        Kind::Plan => find(&res.plans, namespace, name)
+            .map_or((None, None), |(g, i)| (res.plans[i].status.clone(), g)),
+        Kind::Application => find(&res.applications, namespace, name)
+            .map_or((None, None), |(g, i)| {
+                (res.applications[i].status.clone(), g)
+            }),
+        Kind::Subscription => find(&res.subscriptions, namespace, name)
+            .map_or((None, None), |(g, i)| {
+                (res.subscriptions[i].status.clone(), g)
+            }),
+    }
+}
+
+fn status_updates(
+    original: &Resources,
+    prepared: &Resources,
+    compiled: &Compiled,
+    new_secrets: &[NewSecret],
+    now: &str,
+) -> Vec<StatusUpdate> {
+    compiled
+        .verdicts
+        .iter()
+        .filter_map(|v| {
+            let (old, generation) = current_status(original, v.kind, &v.namespace, &v.name);
+            let (prepared_status, _) = current_status(prepared, v.kind, &v.namespace, &v.name);
+            let desired = desired_status(
+                v,
+                old.as_ref(),
+                prepared_status.as_ref(),
+                generation,
+                new_secrets,
+                original,
+                now,
+            );
+            (old.as_ref() != Some(&desired)).then(|| StatusUpdate {
+                kind: v.kind,
+                namespace: v.namespace.clone(),
+                name: v.name.clone(),
+                status: desired,
+            })
+        })
+        .collect()
+}
+
+fn desired_status(
+    v: &Verdict,
+    old: Option<&ResourceStatus>,
+    prepared: Option<&ResourceStatus>,
+    generation: Option<i64>,
+    new_secrets: &[NewSecret],
+    existing: &Resources,
+    now: &str,
+) -> ResourceStatus {
+    let mut cond: Condition = v.ready_condition(generation);
+    // Keep the transition time while the condition's status stays the same.
+    let previous = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    cond.last_transition_time = match previous {
+        Some(p) if p.status == cond.status => p.last_transition_time.clone(),
+        _ => Some(now.to_string()),
+    };
+    let mut status = ResourceStatus {
+        phase: Some(v.phase.as_str().to_string()),
+        observed_generation: generation,
+        client_id: None,
+        credentials_secret: None,
+        conditions: vec![cond],
+    };
+    if v.kind == Kind::Subscription {
+        status.client_id = prepared
+            .and_then(|p| p.client_id.clone())
+            .or_else(|| v.client_id.clone());
+        // Name the Secret only when it exists or is being created now.
+        status.credentials_secret =
+            prepared
+                .and_then(|p| p.credentials_secret.clone())
+                .filter(|name| {
+                    new_secrets
+                        .iter()
+                        .any(|s| &s.name == name && s.namespace == v.namespace)
+                        || existing
+                            .secrets
+                            .iter()
+                            .any(|s| &s.name_any() == name && ns(s) == v.namespace)
+                });
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,236 @@
+use super::*;
+use gatehouse_crds::manifests::parse_documents;
+
+struct Seq(u32);
+
+impl Generator for Seq {
+    fn suffix(&mut self) -> String {
+        self.0 += 1;
+        format!("g{}", self.0)
+    }
+    fn secret(&mut self) -> String {
+        self.0 += 1;
+        format!("secret-{:032}", self.0)
+    }
+}
+
+const YAML: &str = r#"
+apiVersion: gatehouse.dev/v1alpha1
+kind: Plan
+metadata: {name: basic, namespace: demo, generation: 1}
+spec: {rateLimits: [{requests: 10, per: second}]}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Plan
+metadata: {name: gold, namespace: demo, generation: 1}
+spec: {requiresApproval: true}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Api
+metadata: {name: mobile, namespace: demo, generation: 2}
+spec:
+  pathPrefix: /mobile
+  upstream: {url: "http://backend:8080"}
+  plans: [basic, gold]
+  auth: {grants: [authorization_code, refresh_token, client_credentials]}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {name: app, namespace: demo, generation: 1}
+spec: {clientType: public, redirectUris: ["myapp://cb"]}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {name: svc, namespace: demo, generation: 1}
+spec: {clientType: confidential}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: app-mobile, namespace: demo, uid: u-1, generation: 1}
+spec: {application: app, api: mobile, plan: basic}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: svc-mobile, namespace: demo, uid: u-2, generation: 1}
+spec: {application: svc, api: mobile, plan: basic, grants: [client_credentials]}
+"#;
+
+fn resources(extra: &str) -> Resources {
+    let mut r = Resources::default();
+    let errors = parse_documents(&format!("{YAML}---\n{extra}"), "test", &mut r);
+    assert!(errors.is_empty(), "{errors:?}");
+    r
+}
+
+/// Applies a plan's writes to the resources, as the API server would.
+fn apply(mut r: Resources, p: &Plan) -> Resources {
+    for s in &p.new_secrets {
+        let mut secret = secret_object(s);
+        let data = secret.string_data.take().unwrap();
+        secret.data = Some(
+            data.into_iter()
+                .map(|(k, v)| (k, k8s_openapi::ByteString(v.into_bytes())))
+                .collect(),
+        );
+        r.secrets.push(secret);
+    }
+    for u in &p.statuses {
+        let set = |st: &mut Option<ResourceStatus>| *st = Some(u.status.clone());
+        match u.kind {
+            Kind::Api => r
+                .apis
+                .iter_mut()
+                .filter(|o| o.name_any() == u.name)
+                .for_each(|o| set(&mut o.status)),
+            Kind::Plan => r
+                .plans
+                .iter_mut()
+                .filter(|o| o.name_any() == u.name)
+                .for_each(|o| set(&mut o.status)),
+            Kind::Application => r
+                .applications
+                .iter_mut()
+                .filter(|o| o.name_any() == u.name)
+                .for_each(|o| set(&mut o.status)),
+            Kind::Subscription => r
+                .subscriptions
+                .iter_mut()
+                .filter(|o| o.name_any() == u.name)
+                .for_each(|o| set(&mut o.status)),
+        }
+    }
+    r
+}
+
+fn status_of<'a>(p: &'a Plan, name: &str) -> &'a ResourceStatus {
+    &p.statuses
+        .iter()
+        .find(|u| u.name == name)
+        .expect("status update")
+        .status
+}
+
+#[test]
+fn first_pass_generates_ids_and_secrets_and_second_pass_writes_nothing() {
+    let mut g = Seq(0);
+    let r = resources("");
+    let p1 = plan(r.clone(), &mut g, "2026-01-01T00:00:00Z");
+    // every resource gets a status
+    assert_eq!(p1.statuses.len(), 7);
+    let app = status_of(&p1, "app-mobile");
+    assert_eq!(app.phase.as_deref(), Some("Active"));
+    assert_eq!(app.client_id.as_deref(), Some("app-mobile-g1"));
+    assert_eq!(app.credentials_secret, None, "public clients get no secret");
+    assert_eq!(app.observed_generation, Some(1));
+    assert_eq!(app.conditions[0].type_, "Ready");
+    assert_eq!(app.conditions[0].status, "True");
+    // the confidential subscription gets a Secret with a generated secret
+    assert_eq!(p1.new_secrets.len(), 1);
+    let s = &p1.new_secrets[0];
+    assert_eq!(
+        (s.name.as_str(), s.subscription_uid.as_str()),
+        ("svc-mobile-credentials", "u-2")
+    );
+    assert_eq!(
+        status_of(&p1, "svc-mobile").credentials_secret.as_deref(),
+        Some("svc-mobile-credentials")
+    );
+    assert_eq!(p1.compiled.config.clients.len(), 2);
+    let svc = p1
+        .compiled
+        .config
+        .clients
+        .iter()
+        .find(|c| c.subscription == "demo/svc-mobile")
+        .unwrap();
+    assert!(svc.secret_sha256.is_some());
+
+    // Second pass over the written state: no writes, same config.
+    let r2 = apply(r, &p1);
+    let p2 = plan(r2, &mut g, "2026-01-01T00:01:00Z");
+    assert!(p2.new_secrets.is_empty(), "{:?}", p2.new_secrets);
+    assert!(p2.statuses.is_empty(), "{:?}", p2.statuses);
+    assert_eq!(p2.compiled.config.hash, p1.compiled.config.hash);
+}
+
+#[test]
+fn pending_approval_gets_no_secret_until_approved() {
+    let extra = r#"apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: svc-gold, namespace: demo, uid: u-3}
+spec: {application: svc, api: mobile, plan: gold, clientId: svc-gold, grants: [client_credentials]}
+"#;
+    let mut g = Seq(0);
+    let p = plan(resources(extra), &mut g, "t");
+    let st = status_of(&p, "svc-gold");
+    assert_eq!(st.phase.as_deref(), Some("PendingApproval"));
+    assert_eq!(st.credentials_secret, None);
+    assert!(p.new_secrets.iter().all(|s| s.subscription != "svc-gold"));
+    assert!(
+        p.compiled
+            .config
+            .clients
+            .iter()
+            .all(|c| c.client_id != "svc-gold")
+    );
+
+    let approved = extra.replace(
+        "uid: u-3}",
+        "uid: u-3, annotations: {gatehouse.dev/approved: \"true\"}}",
+    );
+    let p = plan(resources(&approved), &mut g, "t");
+    assert_eq!(status_of(&p, "svc-gold").phase.as_deref(), Some("Active"));
+    assert!(p.new_secrets.iter().any(|s| s.subscription == "svc-gold"));
+    assert!(
+        p.compiled
+            .config
+            .clients
+            .iter()
+            .any(|c| c.client_id == "svc-gold")
+    );
+}
+
+#[test]
+fn an_invalid_resource_does_not_block_the_others() {
+    let extra = r#"apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: broken, namespace: demo}
+spec: {application: nope, api: mobile, plan: basic}
+"#;
+    let mut g = Seq(0);
+    let p = plan(resources(extra), &mut g, "t");
+    let st = status_of(&p, "broken");
+    assert_eq!(st.phase.as_deref(), Some("Invalid"));
+    assert_eq!(st.conditions[0].status, "False");
+    assert!(
+        st.conditions[0].message.contains("nope"),
+        "{}",
+        st.conditions[0].message
+    );
+    assert_eq!(p.compiled.config.clients.len(), 2);
+}
+
+#[test]
+fn transition_time_changes_only_when_readiness_changes() {
+    let mut g = Seq(0);
+    let r = resources("");
+    let p1 = plan(r.clone(), &mut g, "t1");
+    let mut r2 = apply(r, &p1);
+    // the plan disappears: the subscriptions become Invalid, with a new transition time
+    r2.plans.retain(|p| p.name_any() != "basic");
+    let p2 = plan(r2.clone(), &mut g, "t2");
+    let st = status_of(&p2, "app-mobile");
+    assert_eq!(st.phase.as_deref(), Some("Invalid"));
+    assert_eq!(st.conditions[0].last_transition_time.as_deref(), Some("t2"));
+    assert_eq!(
+        st.client_id.as_deref(),
+        Some("app-mobile-g1"),
+        "the client id is kept"
+    );
+    // The applications stay Ready: nothing is rewritten for them.
+    assert!(
+        p2.statuses.iter().all(|u| u.kind != Kind::Application),
+        "{:?}",
+        p2.statuses
+    );
+}
