@@ -2,4 +2,8 @@
 //! status, creates client credentials, and publishes the compiled GatewayConfig to a ConfigMap
 //! the gateway pods watch.
 
+pub mod admin;
+pub mod controller;
+pub mod leader;
 pub mod reconcile;
+pub mod validate;

@@ -1,0 +1,310 @@
+//! The operator's Kubernetes I/O: reflectors over the four kinds and Secrets, one debounced
+//! reconcile of everything after any change (the configuration is compiled as a whole: prefix
+//! and client-id conflicts span resources), status patches, Secret creation, publishing.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use gatehouse_crds::publish::{self, CONFIG_KEY, HASH_ANNOTATION};
+use gatehouse_crds::{Api as GhApi, Application, Kind, Plan as GhPlan, Resources, Subscription};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube_client::api::{Api, Patch, PatchParams, PostParams};
+use kube_client::runtime::reflector::{self, Store};
+use kube_client::runtime::watcher;
+use kube_client::{Client, Resource, ResourceExt};
+use rand::RngCore;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::reconcile::{self, Generator, NewSecret, StatusUpdate};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Namespaces to watch; empty = all.
+    pub namespaces: Vec<String>,
+    /// Where to publish: namespace and ConfigMap name.
+    pub config_map_namespace: String,
+    pub config_map_name: String,
+}
+
+pub const FIELD_MANAGER: &str = "gatehouse-operator";
+
+/// Watches of one kind across the configured namespaces.
+struct Watched<K: Resource + Clone + 'static>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    stores: Vec<Store<K>>,
+}
+
+impl<K> Watched<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Default,
+{
+    fn start(client: &Client, namespaces: &[String], trigger: Arc<Notify>) -> Watched<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        let apis: Vec<Api<K>> = if namespaces.is_empty() {
+            vec![Api::all(client.clone())]
+        } else {
+            namespaces
+                .iter()
+                .map(|ns| Api::namespaced(client.clone(), ns))
+                .collect()
+        };
+        let mut stores = Vec::new();
+        for api in apis {
+            let (reader, writer) = reflector::store::<K>();
+            let trigger = trigger.clone();
+            let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()));
+            tokio::spawn(async move {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(_) => trigger.notify_one(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, kind = %K::kind(&Default::default()), "watch error (retrying)");
+                            metrics::counter!("gatehouse_operator_watch_errors_total").increment(1);
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            });
+            stores.push(reader);
+        }
+        Watched { stores }
+    }
+
+    async fn ready(&self) {
+        for s in &self.stores {
+            let _ = s.wait_until_ready().await;
+        }
+    }
+
+    fn items(&self) -> Vec<K> {
+        self.stores
+            .iter()
+            .flat_map(|s| s.state())
+            .map(|o| (*o).clone())
+            .collect()
+    }
+}
+
+struct OsRandom;
+
+impl Generator for OsRandom {
+    fn suffix(&mut self) -> String {
+        let mut b = [0u8; 4];
+        rand::rng().fill_bytes(&mut b);
+        hex::encode(b)
+    }
+    fn secret(&mut self) -> String {
+        let mut b = [0u8; 32];
+        rand::rng().fill_bytes(&mut b);
+        hex::encode(b)
+    }
+}
+
+pub struct Controller {
+    client: Client,
+    opts: Options,
+    apis: Watched<GhApi>,
+    plans: Watched<GhPlan>,
+    applications: Watched<Application>,
+    subscriptions: Watched<Subscription>,
+    secrets: Watched<Secret>,
+    trigger: Arc<Notify>,
+    pub synced: Arc<AtomicBool>,
+}
+
+impl Controller {
+    pub fn new(client: Client, opts: Options) -> Controller {
+        let trigger = Arc::new(Notify::new());
+        let ns = opts.namespaces.clone();
+        Controller {
+            apis: Watched::start(&client, &ns, trigger.clone()),
+            plans: Watched::start(&client, &ns, trigger.clone()),
+            applications: Watched::start(&client, &ns, trigger.clone()),
+            subscriptions: Watched::start(&client, &ns, trigger.clone()),
+            secrets: Watched::start(&client, &ns, trigger.clone()),
+            client,
+            opts,
+            trigger,
+            synced: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Reconciles after every change (debounced) and at least every five minutes, forever.
+    pub async fn run(&self, is_leader: Arc<AtomicBool>) {
+        self.apis.ready().await;
+        self.plans.ready().await;
+        self.applications.ready().await;
+        self.subscriptions.ready().await;
+        self.secrets.ready().await;
+        tracing::info!("caches synced");
+        loop {
+            if is_leader.load(Ordering::SeqCst) {
+                match self.reconcile_once().await {
+                    Ok(()) => self.synced.store(true, Ordering::SeqCst),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reconcile failed; retrying");
+                        metrics::counter!("gatehouse_operator_reconcile_errors_total").increment(1);
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        continue;
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(300), self.trigger.notified()).await;
+            // Let a burst of events (kubectl apply -f dir/) settle into one pass.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Asks for a reconcile now (e.g. after winning the lease).
+    pub fn kick(&self) {
+        self.trigger.notify_one();
+    }
+
+    fn snapshot(&self) -> Resources {
+        Resources {
+            apis: self.apis.items(),
+            plans: self.plans.items(),
+            applications: self.applications.items(),
+            subscriptions: self.subscriptions.items(),
+            secrets: self.secrets.items(),
+        }
+    }
+
+    async fn reconcile_once(&self) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let res = self.snapshot();
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let plan = reconcile::plan(res.clone(), &mut OsRandom, &now);
+        for s in &plan.new_secrets {
+            self.create_secret(s).await?;
+        }
+        for u in &plan.statuses {
+            if let Err(e) = self.patch_status(u).await {
+                // One resource failing to update never blocks the others.
+                tracing::warn!(kind = %u.kind, resource = %format!("{}/{}", u.namespace, u.name), error = %e, "status update failed");
+                metrics::counter!("gatehouse_operator_errors_total", "kind" => u.kind.as_str())
+                    .increment(1);
+            } else {
+                metrics::counter!("gatehouse_operator_status_updates_total", "kind" => u.kind.as_str()).increment(1);
+            }
+        }
+        for v in plan.compiled.problems() {
+            tracing::debug!(kind = %v.kind, resource = %format!("{}/{}", v.namespace, v.name), reason = %v.reason, "{}", v.message);
+        }
+        for kind in [Kind::Api, Kind::Plan, Kind::Application, Kind::Subscription] {
+            metrics::counter!("gatehouse_operator_reconciles_total", "kind" => kind.as_str())
+                .increment(1);
+        }
+        self.publish(&plan.compiled.config).await?;
+        metrics::histogram!("gatehouse_operator_reconcile_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn create_secret(&self, s: &NewSecret) -> anyhow::Result<()> {
+        let mut secret = reconcile::secret_object(s);
+        secret.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: Subscription::api_version(&()).to_string(),
+            kind: Subscription::kind(&()).to_string(),
+            name: s.subscription.clone(),
+            uid: s.subscription_uid.clone(),
+            controller: Some(true),
+            block_owner_deletion: Some(false),
+        }]);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &s.namespace);
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => {
+                // Never log the secret itself.
+                tracing::info!(secret = %format!("{}/{}", s.namespace, s.name), "created client credentials");
+                Ok(())
+            }
+            Err(kube_client::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn patch_status(&self, u: &StatusUpdate) -> Result<(), kube_client::Error> {
+        let patch = Patch::Merge(json!({ "status": u.status }));
+        let pp = PatchParams::default();
+        let c = self.client.clone();
+        match u.kind {
+            Kind::Api => Api::<GhApi>::namespaced(c, &u.namespace)
+                .patch_status(&u.name, &pp, &patch)
+                .await
+                .map(|_| ()),
+            Kind::Plan => Api::<GhPlan>::namespaced(c, &u.namespace)
+                .patch_status(&u.name, &pp, &patch)
+                .await
+                .map(|_| ()),
+            Kind::Application => Api::<Application>::namespaced(c, &u.namespace)
+                .patch_status(&u.name, &pp, &patch)
+                .await
+                .map(|_| ()),
+            Kind::Subscription => Api::<Subscription>::namespaced(c, &u.namespace)
+                .patch_status(&u.name, &pp, &patch)
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// Writes the ConfigMap only when the configuration's hash changed.
+    async fn publish(&self, config: &gatehouse_crds::GatewayConfig) -> anyhow::Result<()> {
+        let api: Api<ConfigMap> =
+            Api::namespaced(self.client.clone(), &self.opts.config_map_namespace);
+        let current = api.get_opt(&self.opts.config_map_name).await?;
+        let published_hash = current
+            .as_ref()
+            .and_then(|cm| cm.annotations().get(HASH_ANNOTATION).cloned());
+        if published_hash.as_deref() == Some(config.hash.as_str()) {
+            return Ok(());
+        }
+        let bytes = publish::encode(config)?;
+        metrics::gauge!("gatehouse_operator_config_bytes").set(bytes.len() as f64);
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some(self.opts.config_map_name.clone());
+        cm.metadata.annotations = Some(BTreeMap::from([(
+            HASH_ANNOTATION.to_string(),
+            config.hash.clone(),
+        )]));
+        cm.metadata.labels = Some(BTreeMap::from([(
+            reconcile::MANAGED_LABEL.to_string(),
+            reconcile::MANAGED_VALUE.to_string(),
+        )]));
+        cm.binary_data = Some(BTreeMap::from([(
+            CONFIG_KEY.to_string(),
+            ByteString(bytes),
+        )]));
+        let mut value = serde_json::to_value(&cm)?;
+        value["apiVersion"] = json!("v1");
+        value["kind"] = json!("ConfigMap");
+        api.patch(
+            &self.opts.config_map_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(value),
+        )
+        .await?;
+        metrics::counter!("gatehouse_operator_publishes_total").increment(1);
+        tracing::info!(
+            hash = %&config.hash[..12],
+            apis = config.apis.len(),
+            clients = config.clients.len(),
+            configmap = %format!("{}/{}", self.opts.config_map_namespace, self.opts.config_map_name),
+            "published gateway configuration"
+        );
+        Ok(())
+    }
+}
