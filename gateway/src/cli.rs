@@ -17,9 +17,22 @@ pub struct Args {
         long = "manifests",
         env = "GATEHOUSE_MANIFESTS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "kube"
     )]
     pub manifests: Vec<PathBuf>,
+
+    /// In a cluster: run from the GatewayConfig the operator publishes (see --config-map).
+    #[arg(
+        long,
+        env = "GATEHOUSE_KUBE",
+        conflicts_with = "manifests",
+        requires = "config_map"
+    )]
+    pub kube: bool,
+
+    /// NAMESPACE/NAME of the ConfigMap the operator publishes (with --kube).
+    #[arg(long, env = "GATEHOUSE_CONFIG_MAP")]
+    pub config_map: Option<String>,
 
     /// Shared state in Redis (redis:// or rediss://, user:password@ in the URL); required for
     /// more than one replica. Without it the embedded store under --data-dir is used.

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod cli;
 pub mod error;
 pub mod headers;
+pub mod kube_source;
 pub mod oauth;
 pub mod pages;
 pub mod password;

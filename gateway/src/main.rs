@@ -11,7 +11,7 @@ use gatehouse_gateway::state::AppState;
 use gatehouse_gateway::store::Store;
 use gatehouse_gateway::store::embedded::EmbeddedStore;
 use gatehouse_gateway::store::redis::{RedisOptions, RedisStore};
-use gatehouse_gateway::{admin, server, source};
+use gatehouse_gateway::{admin, kube_source, server, source};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -51,10 +51,20 @@ async fn main() -> anyhow::Result<()> {
     state.password_min_len = args.password_min_length as usize;
     let state = Arc::new(state);
 
-    // The first load must succeed: starting without any configuration is a mistake to report.
-    source::reload(&state, &args.manifests).context("loading --manifests")?;
-    let _watch =
-        source::watch(state.clone(), args.manifests.clone()).context("watching --manifests")?;
+    let _watch = if args.kube {
+        let cm = args.config_map.as_deref().unwrap_or_default();
+        let (ns, name) =
+            kube_source::parse_ref(cm).context("--config-map must be NAMESPACE/NAME")?;
+        let client = kube_client::Client::try_default()
+            .await
+            .context("connecting to Kubernetes")?;
+        // Not ready until the first configuration arrives.
+        tokio::spawn(kube_source::watch(state.clone(), client, ns, name))
+    } else {
+        // The first load must succeed: starting without any configuration is a mistake to report.
+        source::reload(&state, &args.manifests).context("loading --manifests")?;
+        source::watch(state.clone(), args.manifests.clone()).context("watching --manifests")?
+    };
     server::spawn_janitor(state.clone(), Duration::from_secs(60));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
