@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # Debian package:command pairs. chromium and chromium-driver (chromedriver) are for the headless
 # browser test (tests/tests/browser.rs); no tool downloads a browser of its own.
 missing=()
-for pkg_bin in "redis-server:redis-server" "chromium:chromium" "chromium-driver:chromedriver"; do
+for pkg_bin in "redis-server:redis-server" "chromium:chromium" "chromium-driver:chromedriver" "openssl:openssl"; do
   pkg=${pkg_bin%%:*}; bin=${pkg_bin##*:}
   command -v "$bin" >/dev/null 2>&1 || missing+=("$pkg")
 done
@@ -16,6 +16,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+# A real kube-apiserver, etcd, kube-controller-manager, kubectl and helm for the operator and
+# chart tests, built from their Go modules once per machine (cached outside the repo; the first
+# build takes 10-20 minutes on 2 cores). Without Go: `cargo test --workspace -- --skip kube_`.
+if command -v go >/dev/null 2>&1; then
+  bash scripts/kube-tools.sh
+else
+  echo "go is not installed: the kube_* tests will fail; install Go >= 1.24 or skip them with -- --skip kube_" >&2
 fi
 
 cargo test --workspace --locked "$@"
