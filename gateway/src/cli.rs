@@ -60,6 +60,10 @@ pub struct Args {
     #[arg(long, env = "GATEHOUSE_PASSWORD_MIN_LENGTH", default_value_t = gatehouse_gateway_min_len(), value_parser = clap::value_parser!(u16).range(8..=64))]
     pub password_min_length: u16,
 
+    /// Signups allowed per client IP per hour (throttles scripted account creation).
+    #[arg(long, env = "GATEHOUSE_MAX_SIGNUPS_PER_IP", default_value_t = crate::oauth::login::MAX_SIGNUPS_PER_IP)]
+    pub max_signups_per_ip: u64,
+
     /// Log format.
     #[arg(long, env = "GATEHOUSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -24,6 +24,8 @@ pub struct AppState {
     pub issuer: String,
     /// Minimum password length for signups.
     pub password_min_len: usize,
+    /// Signups allowed per client IP per hour.
+    pub max_signups_per_ip: u64,
 }
 
 impl AppState {
@@ -35,6 +37,7 @@ impl AppState {
             http: http_client(),
             issuer: issuer.trim_end_matches('/').to_string(),
             password_min_len: crate::password::MIN_LENGTH,
+            max_signups_per_ip: crate::oauth::login::MAX_SIGNUPS_PER_IP,
         }
     }
 

@@ -1,0 +1,746 @@
+//! The benchmark driver behind `bench/run.sh`: starts a tiny upstream, nginx (plain reverse
+//! proxy, no checks), gatehouse embedded and gatehouse with Redis; gets real tokens through the
+//! real endpoints; drives each target with wrk in alternating rounds; prints a table and writes
+//! bench/results.json.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use clap::Parser;
+use gatehouse_tests::procs::free_port;
+use serde_json::{Value, json};
+use sha2::Digest;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Distinct users for the round-robin scenario (each signs up through the real endpoint).
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// wrk connections.
+    #[arg(long, default_value_t = 32)]
+    connections: u32,
+    /// Alternating rounds over the targets.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Live tokens for the memory scenario (Redis mode).
+    #[arg(long, default_value_t = 100_000)]
+    memory_tokens: usize,
+    #[arg(long, default_value = "bench/results.json")]
+    out: PathBuf,
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join(name)
+}
+
+fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on port {port}")
+}
+
+fn manifests(upstream: u16) -> String {
+    format!(
+        r#"apiVersion: gatehouse.dev/v1alpha1
+kind: Plan
+metadata: {{name: bench, namespace: bench}}
+spec:
+  rateLimits: [{{requests: 100000000, per: second}}, {{requests: 1000000000000, per: day, key: application}}]
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Plan
+metadata: {{name: tiny, namespace: bench}}
+spec:
+  rateLimits: [{{requests: 1, per: hour}}]
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Api
+metadata: {{name: api, namespace: bench}}
+spec:
+  pathPrefix: /api
+  upstream: {{url: "http://127.0.0.1:{upstream}"}}
+  plans: [bench]
+  auth: {{grants: [authorization_code, refresh_token, client_credentials], scopes: [{{name: profile}}]}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Api
+metadata: {{name: limited, namespace: bench}}
+spec:
+  pathPrefix: /limited
+  upstream: {{url: "http://127.0.0.1:{upstream}"}}
+  plans: [tiny]
+  auth: {{grants: [client_credentials]}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {{name: app, namespace: bench}}
+spec: {{clientType: public, redirectUris: ["myapp://cb"]}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {{name: svc, namespace: bench}}
+spec: {{clientType: confidential}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: svc, namespace: bench}}
+stringData: {{clientSecret: "bench-secret-0123456789abcdef0123"}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {{name: app-api, namespace: bench}}
+spec: {{application: app, api: api, plan: bench, trusted: true, clientId: app-api}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {{name: svc-api, namespace: bench}}
+spec: {{application: svc, api: api, plan: bench, clientId: svc-api, grants: [client_credentials], clientSecretRef: {{name: svc}}}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {{name: svc-limited, namespace: bench}}
+spec: {{application: svc, api: limited, plan: tiny, clientId: svc-limited, grants: [client_credentials], clientSecretRef: {{name: svc}}}}
+"#
+    )
+}
+const SECRET: &str = "bench-secret-0123456789abcdef0123";
+const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+
+fn challenge() -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(VERIFIER.as_bytes()))
+}
+
+fn hidden(html: &str, name: &str) -> Option<String> {
+    let i = html.find(&format!("name=\"{name}\" value=\""))?;
+    let rest = &html[i + name.len() + 15..];
+    Some(rest[..rest.find('"')?].to_string())
+}
+
+fn cookie(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("gatehouse_session="))
+        .map(|v| v.split(';').next().unwrap_or("").to_string())
+}
+
+fn location(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+struct Gw {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Gw {
+    fn authorize_url(&self) -> String {
+        format!(
+            "{}/oauth2/authorize?response_type=code&client_id=app-api&redirect_uri=myapp%3A%2F%2Fcb&scope=profile&state=s&code_challenge={}&code_challenge_method=S256",
+            self.base,
+            challenge()
+        )
+    }
+
+    /// authorize page -> (session cookie, csrf, req)
+    async fn start(
+        &self,
+        session: Option<&str>,
+    ) -> anyhow::Result<(String, String, String, Option<reqwest::Response>)> {
+        let mut r = self.http.get(self.authorize_url());
+        if let Some(c) = session {
+            r = r.header("cookie", c);
+        }
+        let resp = r.send().await?;
+        let c = cookie(&resp)
+            .or(session.map(str::to_string))
+            .unwrap_or_default();
+        if resp.status() == 303 {
+            return Ok((c, String::new(), String::new(), Some(resp)));
+        }
+        let html = resp.text().await?;
+        let csrf = hidden(&html, "csrf").context("csrf")?;
+        let req = hidden(&html, "req").context("req")?;
+        Ok((c, csrf, req, None))
+    }
+
+    /// Sign up (or in) one user; returns the signed-in session cookie.
+    async fn sign(&self, path: &str, email: &str) -> anyhow::Result<String> {
+        let (c, csrf, req, _) = self.start(None).await?;
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("cookie", &c)
+            .form(&[
+                ("email", email),
+                ("password", "purple monkey dishwasher sunrise"),
+                ("csrf", &csrf),
+                ("req", &req),
+            ])
+            .send()
+            .await?;
+        if !location(&resp).starts_with("/consent") {
+            let page = self
+                .http
+                .get(format!("{}{}", self.base, location(&resp)))
+                .header("cookie", &c)
+                .send()
+                .await?
+                .text()
+                .await?;
+            let alert = page
+                .split("role=\"alert\">")
+                .nth(1)
+                .and_then(|a| a.split('<').next())
+                .unwrap_or("");
+            bail!("{path} failed for {email}: {alert}");
+        }
+        cookie(&resp).context("no session after sign-in")
+    }
+
+    /// A fresh code for a signed-in session (trusted client: no consent page).
+    async fn code(&self, session: &str) -> anyhow::Result<String> {
+        let (_, _, _, resp) = self.start(Some(session)).await?;
+        let consent = location(&resp.context("the session is not signed in")?);
+        let resp = self
+            .http
+            .get(format!("{}{consent}", self.base))
+            .header("cookie", session)
+            .send()
+            .await?;
+        let loc = location(&resp);
+        let url = url::Url::parse(&loc).context("code redirect")?;
+        url.query_pairs()
+            .find(|(k, _)| k == "code")
+            .map(|(_, v)| v.into_owned())
+            .context("no code")
+    }
+
+    async fn exchange(&self, code: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .post(format!("{}/oauth2/token", self.base))
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("client_id", "app-api"),
+                ("code", code),
+                ("redirect_uri", "myapp://cb"),
+                ("code_verifier", VERIFIER),
+            ])
+            .send()
+            .await?;
+        if resp.status() != 200 {
+            bail!("exchange: {}", resp.text().await?);
+        }
+        Ok(resp.json().await?)
+    }
+
+    async fn cc_token(&self, client: &str) -> anyhow::Result<String> {
+        let resp = self
+            .http
+            .post(format!("{}/oauth2/token", self.base))
+            .basic_auth(client, Some(SECRET))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await?;
+        let v: Value = resp.json().await?;
+        Ok(v["access_token"].as_str().context("cc token")?.to_string())
+    }
+}
+
+/// Runs `f` over 0..n with `par` concurrent tasks.
+async fn parallel<T, F, Fut>(n: usize, par: usize, f: F) -> anyhow::Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send,
+{
+    let f = std::sync::Arc::new(f);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = vec![];
+    for _ in 0..par {
+        let (f, next) = (f.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = vec![];
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= n {
+                    return Ok::<_, anyhow::Error>(out);
+                }
+                out.push((i, f(i).await?));
+            }
+        }));
+    }
+    let mut all = vec![];
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, v)| v).collect())
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+struct WrkRun {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    errors: u64,
+    non2xx: u64,
+    cpu_pct: Option<f64>,
+}
+
+fn wrk(
+    url: &str,
+    tokens: Option<&Path>,
+    seconds: u64,
+    conns: u32,
+    env: &[(&str, &str)],
+    pid: Option<u32>,
+) -> anyhow::Result<WrkRun> {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t",
+        "2",
+        "-c",
+        &conns.to_string(),
+        "-d",
+        &format!("{seconds}s"),
+        "--latency",
+        "-s",
+        "bench/wrk.lua",
+        url,
+    ]);
+    if let Some(t) = tokens {
+        cmd.env("TOKENS", t);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let before = pid.map(cpu_ticks);
+    let started = Instant::now();
+    let out = cmd.output().context("running wrk")?;
+    let wall = started.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("JSON "))
+        .with_context(|| format!("wrk output: {text}"))?;
+    let v: Value = serde_json::from_str(line)?;
+    let num = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    Ok(WrkRun {
+        rps: num("requests") / (num("duration_us") / 1e6),
+        p50_ms: num("p50_us") / 1000.0,
+        p99_ms: num("p99_us") / 1000.0,
+        p999_ms: num("p999_us") / 1000.0,
+        errors: num("errors") as u64,
+        non2xx: num("non2xx") as u64,
+        cpu_pct: pid
+            .zip(before)
+            .map(|(p, b)| (cpu_ticks(p) - b) as f64 / 100.0 / wall * 100.0),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let write_tokens = |name: &str, tokens: &[String]| -> anyhow::Result<PathBuf> {
+        let p = dir.path().join(name);
+        std::fs::write(&p, tokens.join("\n") + "\n")?;
+        Ok(p)
+    };
+
+    // Upstream, nginx, redis, two gateways.
+    let up_port = free_port();
+    let _up = Proc(
+        Command::new(bin("gatehouse-upstream"))
+            .arg(format!("127.0.0.1:{up_port}"))
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_port(up_port)?;
+    let ng_port = free_port();
+    let ngdir = dir.path().join("nginx");
+    std::fs::create_dir_all(ngdir.join("tmp"))?;
+    std::fs::write(
+        ngdir.join("nginx.conf"),
+        format!(
+            "worker_processes auto; pid {d}/nginx.pid; error_log {d}/error.log; events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
+             upstream up {{ server 127.0.0.1:{up_port}; keepalive 128; }}\n\
+             server {{ listen 127.0.0.1:{ng_port}; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",
+            d = ngdir.display()
+        ),
+    )?;
+    let nginx = if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    };
+    let _ng = Proc(
+        Command::new(nginx)
+            .args(["-p"])
+            .arg(&ngdir)
+            .arg("-c")
+            .arg(ngdir.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .spawn()?,
+    );
+    wait_port(ng_port)?;
+    let mdir = dir.path().join("manifests");
+    std::fs::create_dir_all(&mdir)?;
+    std::fs::write(mdir.join("bench.yaml"), manifests(up_port))?;
+    let redis = gatehouse_tests::redis::RedisServer::start();
+    let mut gws = vec![];
+    for (name, extra) in [
+        (
+            "embedded",
+            vec![
+                "--data-dir".to_string(),
+                dir.path().join("data").display().to_string(),
+            ],
+        ),
+        ("redis", vec!["--redis".to_string(), redis.url()]),
+    ] {
+        let port = free_port();
+        let admin = free_port();
+        let child = Command::new(bin("gatehouse-gateway"))
+            .args([
+                "--manifests",
+                &mdir.display().to_string(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .args(&extra)
+            // The benchmark signs up every user from one address.
+            .env("GATEHOUSE_MAX_SIGNUPS_PER_IP", "100000000")
+            .env("GATEHOUSE_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()?;
+        wait_port(port)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while gatehouse_tests::procs::http_status(format!("127.0.0.1:{admin}").parse()?, "/readyz")
+            != Some(200)
+        {
+            if Instant::now() > deadline {
+                bail!("{name} gateway not ready");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let pid = child.id();
+        gws.push((name, port, pid, Proc(child)));
+    }
+
+    let machine = json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("").trim(),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    });
+    let mut results = json!({ "machine": machine, "args": format!("{args:?}"), "throughput": {}, "endpoints": {}, "memory": {} });
+
+    // Tokens through the real endpoints, per gateway.
+    let mut tok: BTreeMap<&str, (PathBuf, PathBuf, PathBuf)> = BTreeMap::new();
+    for (name, port, _, _) in &gws {
+        let gw = std::sync::Arc::new(Gw {
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
+        });
+        let started = Instant::now();
+        let g = gw.clone();
+        let users = args.users;
+        let tokens: Vec<String> = parallel(users, 4, move |i| {
+            let g = g.clone();
+            async move {
+                let session = g.sign("/signup", &format!("user{i}@bench.example")).await?;
+                let code = g.code(&session).await?;
+                Ok(g.exchange(&code).await?["access_token"]
+                    .as_str()
+                    .context("token")?
+                    .to_string())
+            }
+        })
+        .await?;
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!("{name}: {users} users signed up and got tokens in {secs:.1} s");
+        results["endpoints"][*name]["signup_flows_per_s"] = json!(users as f64 / secs);
+        let one = write_tokens(&format!("{name}-one"), &tokens[..1])?;
+        let many = write_tokens(&format!("{name}-many"), &tokens)?;
+        let limited = write_tokens(
+            &format!("{name}-limited"),
+            &[gw.cc_token("svc-limited").await?],
+        )?;
+        tok.insert(name, (one, many, limited));
+
+        // Token endpoint: code exchange, refresh, client_credentials; login.
+        let session = gw.sign("/login", "user0@bench.example").await?;
+        let g = gw.clone();
+        let s2 = session.clone();
+        let codes: Vec<String> = parallel(2000, 8, move |_| {
+            let (g, s) = (g.clone(), s2.clone());
+            async move { g.code(&s).await }
+        })
+        .await?;
+        let started = Instant::now();
+        let g = gw.clone();
+        let codes = std::sync::Arc::new(codes);
+        let c2 = codes.clone();
+        let pairs: Vec<Value> = parallel(codes.len(), 16, move |i| {
+            let (g, c) = (g.clone(), c2.clone());
+            async move { g.exchange(&c[i]).await }
+        })
+        .await?;
+        results["endpoints"][*name]["code_exchange_per_s"] =
+            json!(codes.len() as f64 / started.elapsed().as_secs_f64());
+        let refresh: std::sync::Arc<Vec<String>> = std::sync::Arc::new(
+            pairs
+                .iter()
+                .map(|v| v["refresh_token"].as_str().unwrap_or("").to_string())
+                .collect(),
+        );
+        let started = Instant::now();
+        let g = gw.clone();
+        let r2 = refresh.clone();
+        parallel(refresh.len(), 16, move |i| {
+            let (g, r) = (g.clone(), r2.clone());
+            async move {
+                let resp = g
+                    .http
+                    .post(format!("{}/oauth2/token", g.base))
+                    .form(&[
+                        ("grant_type", "refresh_token"),
+                        ("client_id", "app-api"),
+                        ("refresh_token", r[i].as_str()),
+                    ])
+                    .send()
+                    .await?;
+                if resp.status() != 200 {
+                    bail!("refresh: {}", resp.status());
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        results["endpoints"][*name]["refresh_per_s"] =
+            json!(refresh.len() as f64 / started.elapsed().as_secs_f64());
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("svc-api:{SECRET}"));
+        let cc = wrk(
+            &format!("{}/oauth2/token", gw.base),
+            None,
+            args.seconds.min(5),
+            16,
+            &[
+                ("METHOD", "POST"),
+                ("BODY", "grant_type=client_credentials"),
+                ("CONTENT_TYPE", "application/x-www-form-urlencoded"),
+                ("BASIC", &basic),
+            ],
+            None,
+        )?;
+        results["endpoints"][*name]["client_credentials_per_s"] = json!(cc.rps);
+        let started = Instant::now();
+        let g = gw.clone();
+        let logins = parallel(200, 4, move |_| {
+            let g = g.clone();
+            async move { g.sign("/login", "user1@bench.example").await.map(|_| ()) }
+        });
+        logins.await?;
+        results["endpoints"][*name]["login_per_s"] = json!(200.0 / started.elapsed().as_secs_f64());
+        eprintln!("{name}: endpoints {}", results["endpoints"][*name]);
+    }
+
+    // Throughput: alternating rounds over the targets.
+    let mut runs: BTreeMap<String, Vec<WrkRun>> = BTreeMap::new();
+    for round in 0..args.rounds {
+        let mut targets: Vec<(String, String, Option<PathBuf>, Option<u32>)> = vec![
+            (
+                "direct".into(),
+                format!("http://127.0.0.1:{up_port}/api/x"),
+                None,
+                None,
+            ),
+            (
+                "nginx".into(),
+                format!("http://127.0.0.1:{ng_port}/api/x"),
+                None,
+                None,
+            ),
+        ];
+        for (name, port, pid, _) in &gws {
+            let (one, many, limited) = &tok[name];
+            targets.push((
+                format!("{name} 1 user"),
+                format!("http://127.0.0.1:{port}/api/x"),
+                Some(one.clone()),
+                Some(*pid),
+            ));
+            targets.push((
+                format!("{name} {} users", args.users),
+                format!("http://127.0.0.1:{port}/api/x"),
+                Some(many.clone()),
+                Some(*pid),
+            ));
+            targets.push((
+                format!("{name} over limit (429)"),
+                format!("http://127.0.0.1:{port}/limited/x"),
+                Some(limited.clone()),
+                Some(*pid),
+            ));
+        }
+        for (label, url, tokens, pid) in targets {
+            let r = wrk(
+                &url,
+                tokens.as_deref(),
+                args.seconds,
+                args.connections,
+                &[],
+                pid,
+            )?;
+            eprintln!(
+                "round {round} {label:<32} {:>9.0} req/s p99 {:.2} ms",
+                r.rps, r.p99_ms
+            );
+            runs.entry(label).or_default().push(r);
+        }
+    }
+    // Moderate load for latency: 4 connections.
+    for (label, url, tokens) in [
+        ("direct", format!("http://127.0.0.1:{up_port}/api/x"), None),
+        (
+            "embedded",
+            format!("http://127.0.0.1:{}/api/x", gws[0].1),
+            Some(tok["embedded"].0.clone()),
+        ),
+        (
+            "redis",
+            format!("http://127.0.0.1:{}/api/x", gws[1].1),
+            Some(tok["redis"].0.clone()),
+        ),
+    ] {
+        let r = wrk(&url, tokens.as_deref(), args.seconds, 4, &[], None)?;
+        results["moderate_load_4_connections"][label] =
+            json!({"rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "p999_ms": r.p999_ms});
+    }
+
+    // Memory: live tokens in Redis mode, each used once so the replica's cache holds them.
+    let redis_gw = Gw {
+        base: format!("http://127.0.0.1:{}", gws[1].1),
+        http: reqwest::Client::new(),
+    };
+    let redis_gw = std::sync::Arc::new(redis_gw);
+    let g = redis_gw.clone();
+    let mem_tokens: Vec<String> = parallel(args.memory_tokens, 16, move |_| {
+        let g = g.clone();
+        async move { g.cc_token("svc-api").await }
+    })
+    .await?;
+    let mem_file = write_tokens("memory", &mem_tokens)?;
+    let _ = wrk(
+        &format!("{}/api/x", redis_gw.base),
+        Some(&mem_file),
+        args.seconds,
+        args.connections,
+        &[],
+        None,
+    )?;
+    let pid = gws[1].2;
+    results["memory"] = json!({"live_tokens": args.memory_tokens, "redis_gateway_rss_kib": status_kib(pid, "VmRSS:"), "redis_gateway_peak_rss_kib": status_kib(pid, "VmHWM:"), "embedded_gateway_peak_rss_kib": status_kib(gws[0].2, "VmHWM:")});
+
+    // Table.
+    let nginx_rps = median(runs["nginx"].iter().map(|r| r.rps).collect());
+    let direct_rps = median(runs["direct"].iter().map(|r| r.rps).collect());
+    println!(
+        "\n{:<34} {:>10} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8}",
+        "target", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "errors", "cpu %", "/nginx", "/direct"
+    );
+    for (label, rs) in &runs {
+        let rps = median(rs.iter().map(|r| r.rps).collect());
+        let p50 = median(rs.iter().map(|r| r.p50_ms).collect());
+        let p99 = median(rs.iter().map(|r| r.p99_ms).collect());
+        let p999 = median(rs.iter().map(|r| r.p999_ms).collect());
+        let errors: u64 = rs
+            .iter()
+            .map(|r| r.errors + if label.contains("429") { 0 } else { r.non2xx })
+            .sum();
+        let cpu = rs
+            .iter()
+            .filter_map(|r| r.cpu_pct)
+            .map(|c| format!("{c:.0}"))
+            .next_back()
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{label:<34} {rps:>10.0} {p50:>8.2} {p99:>8.2} {p999:>9.2} {errors:>7} {cpu:>7} {:>8.2} {:>8.2}",
+            rps / nginx_rps,
+            rps / direct_rps
+        );
+        results["throughput"][label] = json!({"rps": rps, "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "errors": errors, "cpu_pct": cpu, "ratio_nginx": rps / nginx_rps, "ratio_direct": rps / direct_rps, "rounds": rs.len()});
+    }
+    println!(
+        "\nmoderate load (4 connections): {}",
+        results["moderate_load_4_connections"]
+    );
+    println!("endpoints: {}", results["endpoints"]);
+    println!("memory: {}", results["memory"]);
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
+    println!("wrote {}", args.out.display());
+    drop(redis);
+    Ok(())
+}
