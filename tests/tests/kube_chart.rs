@@ -1,0 +1,544 @@
+//! The Helm chart (charts/gatehouse): its CRDs are the generated ones, `helm lint` and
+//! `helm template` pass with the default values and with external Redis + ServiceMonitor +
+//! NetworkPolicy, and `helm install` / `helm upgrade` work against a real kube-apiserver
+//! (built by `scripts/kube-tools.sh`; there is no kubelet, so pods never start and the install
+//! does not wait for them). The approval guard (a ValidatingAdmissionPolicy) is checked for real:
+//! a user outside the admin groups cannot set or change `gatehouse.dev/approved`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use gatehouse_tests::kube::{self, KubeApiServer, KubeOptions};
+use serde_json::Value;
+
+const RELEASE: &str = "gh";
+const NAMESPACE: &str = "gatehouse-system";
+const GUARD_MESSAGE: &str = "may set or change the gatehouse.dev/approved annotation";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn chart() -> String {
+    repo().join("charts/gatehouse").display().to_string()
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// helm without an API server (lint, template), with its state in a temp dir.
+fn helm_offline(args: &[&str]) -> Output {
+    let home = tempfile::tempdir().expect("temp dir");
+    Command::new(kube::tool("helm"))
+        .args(args)
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .env("KUBECONFIG", home.path().join("no-kubeconfig"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("running helm")
+}
+
+fn helm_offline_ok(args: &[&str]) -> String {
+    let out = helm_offline(args);
+    assert!(
+        out.status.success(),
+        "helm {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kind: X` lines at the top level of a multi-document manifest.
+fn kinds(manifest: &str) -> Vec<String> {
+    manifest
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .map(|k| k.trim().to_string())
+        .collect()
+}
+
+fn count(manifest: &str, kind: &str) -> usize {
+    kinds(manifest).iter().filter(|k| *k == kind).count()
+}
+
+const EXTERNAL_VALUES: &[&str] = &[
+    "--set",
+    "redis.enabled=false",
+    "--set",
+    "externalRedis.url=rediss://redis.example.com:6380/0",
+    "--set",
+    "externalRedis.password=s3cret-password",
+    "--set",
+    "metrics.serviceMonitor.enabled=true",
+    "--set",
+    "networkPolicy.enabled=true",
+    "--set",
+    "operator.watchNamespaces={demo,shop}",
+    "--set",
+    "gateway.service.type=NodePort",
+    "--set",
+    "gateway.service.nodePort=30080",
+];
+
+#[test]
+fn kube_chart_crds_are_identical_to_the_generated_ones() {
+    let generated = yaml_files(&repo().join("crds"));
+    let copies = yaml_files(&repo().join("charts/gatehouse/crds"));
+    assert_eq!(
+        generated.len(),
+        4,
+        "expected four CRDs in crds/: {generated:?}"
+    );
+    let names = |files: &[PathBuf]| -> Vec<String> {
+        files
+            .iter()
+            .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(&generated),
+        names(&copies),
+        "charts/gatehouse/crds/ must hold exactly the files of crds/ \
+         (fix: cp crds/*.yaml charts/gatehouse/crds/)"
+    );
+    for (g, c) in generated.iter().zip(&copies) {
+        let a = std::fs::read(g).expect("read");
+        let b = std::fs::read(c).expect("read");
+        assert!(
+            a == b,
+            "{} differs from {} (fix: cp crds/*.yaml charts/gatehouse/crds/)",
+            c.display(),
+            g.display()
+        );
+    }
+}
+
+#[test]
+fn kube_chart_lints_and_renders_with_default_and_external_values() {
+    let chart = chart();
+    let lint = helm_offline_ok(&["lint", "--strict", &chart]);
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    let mut ext_lint = vec!["lint", "--strict", &chart];
+    ext_lint.extend_from_slice(EXTERNAL_VALUES);
+    helm_offline_ok(&ext_lint);
+
+    // --- defaults: in-cluster Redis with AOF and a PVC ---------------------------------------
+    let default = helm_offline_ok(&["template", RELEASE, &chart, "--namespace", NAMESPACE]);
+    for (kind, n) in [
+        ("Deployment", 2),
+        ("StatefulSet", 1),
+        ("HorizontalPodAutoscaler", 1),
+        ("PodDisruptionBudget", 1),
+        ("ClusterRole", 1),
+        ("ValidatingAdmissionPolicy", 1),
+        ("ValidatingAdmissionPolicyBinding", 1),
+        ("ServiceMonitor", 0),
+        ("NetworkPolicy", 0),
+    ] {
+        assert_eq!(count(&default, kind), n, "{kind} in {:?}", kinds(&default));
+    }
+    for needle in [
+        "- --appendonly\n            - \"yes\"",
+        "- --appendfsync\n            - \"everysec\"",
+        "volumeClaimTemplates:",
+        "readOnlyRootFilesystem: true",
+        "runAsNonRoot: true",
+        "type: RuntimeDefault",
+        "drop:\n              - ALL",
+        "topologySpreadConstraints:",
+        "preStop:\n              sleep:",
+        "terminationGracePeriodSeconds: 40",
+        "path: /healthz",
+        "path: /readyz",
+        "--lease-name=gatehouse-operator",
+        "--config-map=gatehouse-system/gh-gatehouse-gateway-config",
+        "redis://:$(REDIS_PASSWORD)@gh-gatehouse-redis.gatehouse-system.svc:6379",
+        "resourceNames: [gh-gatehouse-gateway-config]",
+    ] {
+        assert!(default.contains(needle), "default render lacks {needle:?}");
+    }
+    // No wildcard permissions anywhere.
+    assert!(!default.contains("\"*\"]\n    verbs") && !default.contains("verbs: [\"*\"]"));
+
+    // --- external Redis, ServiceMonitor, NetworkPolicy, namespaced RBAC ----------------------
+    let mut args = vec!["template", RELEASE, &chart, "--namespace", NAMESPACE];
+    args.extend_from_slice(EXTERNAL_VALUES);
+    let ext = helm_offline_ok(&args);
+    for (kind, n) in [
+        ("StatefulSet", 0),
+        ("ServiceMonitor", 2),
+        ("NetworkPolicy", 2),
+        ("ClusterRole", 0),
+        // one per watched namespace + the operator's and the gateway's own
+        ("Role", 4),
+    ] {
+        assert_eq!(count(&ext, kind), n, "{kind} in {:?}", kinds(&ext));
+    }
+    assert!(
+        ext.contains("rediss://:$(REDIS_PASSWORD)@redis.example.com:6380/0"),
+        "external Redis URL not rendered"
+    );
+    assert!(ext.contains("nodePort: 30080"));
+    assert!(ext.contains("--namespace=demo") && ext.contains("--namespace=shop"));
+
+    // --- values are checked -------------------------------------------------------------------
+    let out = helm_offline(&["template", RELEASE, &chart, "--set", "redis.enabled=false"]);
+    assert!(
+        !out.status.success(),
+        "external Redis without a URL rendered"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("externalRedis.url is required"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = helm_offline(&[
+        "template",
+        RELEASE,
+        &chart,
+        "--set",
+        "gateway.service.type=Ingress",
+    ]);
+    assert!(
+        !out.status.success(),
+        "the schema accepted a bad service type"
+    );
+}
+
+/// `kubectl --as=USER --as-group=GROUP annotate ...` (impersonation by the admin).
+fn annotate_as(kube: &KubeApiServer, user: &str, group: &str, extra: &[&str]) -> Output {
+    let as_user = format!("--as={user}");
+    let as_group = format!("--as-group={group}");
+    let mut args = vec![
+        as_user.as_str(),
+        as_group.as_str(),
+        "annotate",
+        "subscriptions.gatehouse.dev",
+        "demo-app-mobile",
+        "-n",
+        "demo",
+    ];
+    args.extend_from_slice(extra);
+    kube.kubectl(&args)
+}
+
+fn refused_by_guard(out: &Output) -> bool {
+    !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(GUARD_MESSAGE)
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "{}: {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn kube_chart_installs_on_the_api_server_guards_approval_and_upgrades() {
+    let kube = KubeApiServer::start_with(KubeOptions {
+        controller_manager: false,
+    });
+    let chart = chart();
+
+    // --- install (no --wait: pods never run here) -------------------------------------------
+    kube.helm_ok(&[
+        "install",
+        RELEASE,
+        &chart,
+        "--namespace",
+        NAMESPACE,
+        "--create-namespace",
+        "--set",
+        "gateway.issuer=http://localhost:8080",
+    ]);
+    let manifest = kube.helm_ok(&["get", "manifest", RELEASE, "--namespace", NAMESPACE]);
+    let expected = kinds(&manifest);
+    assert!(expected.len() >= 20, "rendered: {expected:?}");
+    // Every rendered object exists on the server.
+    let out = kube.kubectl_stdin(&["get", "-f", "-", "-o", "json"], &manifest);
+    assert!(out.status.success(), "kubectl get -f: {}", describe(&out));
+    let got: Value = serde_json::from_slice(&out.stdout).expect("kubectl JSON");
+    let items = got["items"].as_array().expect("items");
+    let mut got_kinds: Vec<String> = items
+        .iter()
+        .map(|i| i["kind"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let mut want = expected.clone();
+    got_kinds.sort();
+    want.sort();
+    assert_eq!(got_kinds, want, "objects on the server vs rendered");
+    for kind in [
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+        "StatefulSet",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+    ] {
+        assert!(want.iter().any(|k| k == kind), "{kind} not rendered");
+    }
+    for crd in [
+        "apis.gatehouse.dev",
+        "plans.gatehouse.dev",
+        "applications.gatehouse.dev",
+        "subscriptions.gatehouse.dev",
+    ] {
+        kube.kubectl_ok(&["get", "crd", crd]);
+    }
+    let secret = kube.get_json(&["secret", "gh-gatehouse-redis", "-n", NAMESPACE]);
+    let password = secret["data"]["redis-password"]
+        .as_str()
+        .expect("redis password")
+        .to_string();
+    assert!(!password.is_empty());
+
+    // The operator's service account can do what it needs and no more.
+    let sa = format!("--as=system:serviceaccount:{NAMESPACE}:gh-gatehouse-operator");
+    let can = |args: &[&str]| -> bool {
+        let mut all = vec![sa.as_str(), "auth", "can-i"];
+        all.extend_from_slice(args);
+        kube.kubectl(&all).status.success()
+    };
+    assert!(can(&["watch", "subscriptions.gatehouse.dev", "-A"]));
+    assert!(can(&[
+        "patch",
+        "subscriptions.gatehouse.dev",
+        "--subresource=status",
+        "-n",
+        "demo"
+    ]));
+    assert!(can(&["create", "secrets", "-n", "demo"]));
+    assert!(can(&[
+        "patch",
+        "configmap/gh-gatehouse-gateway-config",
+        "-n",
+        NAMESPACE
+    ]));
+    assert!(can(&[
+        "update",
+        "lease/gatehouse-operator",
+        "-n",
+        NAMESPACE
+    ]));
+    assert!(!can(&["delete", "secrets", "-n", "demo"]));
+    assert!(!can(&[
+        "patch",
+        "subscriptions.gatehouse.dev",
+        "-n",
+        "demo"
+    ]));
+    assert!(!can(&["patch", "configmap/other", "-n", NAMESPACE]));
+    let gw = format!("--as=system:serviceaccount:{NAMESPACE}:gh-gatehouse-gateway");
+    let gw_can = |args: &[&str]| -> bool {
+        let mut all = vec![gw.as_str(), "auth", "can-i"];
+        all.extend_from_slice(args);
+        kube.kubectl(&all).status.success()
+    };
+    assert!(gw_can(&[
+        "watch",
+        "configmap/gh-gatehouse-gateway-config",
+        "-n",
+        NAMESPACE
+    ]));
+    assert!(!gw_can(&["get", "configmap/other", "-n", NAMESPACE]));
+    assert!(!gw_can(&["get", "secrets", "-n", NAMESPACE]));
+
+    // --- the approval guard ------------------------------------------------------------------
+    kube.kubectl_ok(&[
+        "apply",
+        "-f",
+        &repo().join("examples/mobile").display().to_string(),
+    ]);
+    // alice (group devs) and bob (group gatehouse:admins) may edit subscriptions in demo.
+    kube.apply(
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: subscription-editor, namespace: demo}
+rules:
+- apiGroups: [gatehouse.dev]
+  resources: [subscriptions]
+  verbs: [get, list, create, update, patch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: subscription-editors, namespace: demo}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: subscription-editor}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: alice}
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: bob}
+",
+    );
+    // The policy takes effect once the API server has compiled it: wait with server dry-runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = annotate_as(
+            &kube,
+            "alice",
+            "devs",
+            &["gatehouse.dev/approved=true", "--dry-run=server"],
+        );
+        if refused_by_guard(&out) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the approval guard never refused alice: {}",
+            describe(&out)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A non-admin: setting the annotation is refused, with the policy's message ...
+    let out = annotate_as(&kube, "alice", "devs", &["gatehouse.dev/approved=true"]);
+    assert!(refused_by_guard(&out), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("gh-gatehouse-approval-guard"),
+        "{}",
+        describe(&out)
+    );
+    // ... other annotations are fine (so the refusal is the policy, not RBAC).
+    let out = annotate_as(&kube, "alice", "devs", &["example.com/note=hello"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // Creating a Subscription that is already approved is refused too.
+    let created = kube.kubectl_stdin(
+        &["--as=alice", "--as-group=devs", "apply", "-f", "-"],
+        "apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata:
+  name: sneaky
+  namespace: demo
+  annotations: {gatehouse.dev/approved: \"true\"}
+spec: {application: demo-app, api: mobile, plan: premium}
+",
+    );
+    assert!(refused_by_guard(&created), "{}", describe(&created));
+
+    // The cluster admin (system:masters) approves.
+    kube.kubectl_ok(&[
+        "annotate",
+        "subscriptions.gatehouse.dev",
+        "demo-app-mobile",
+        "-n",
+        "demo",
+        "gatehouse.dev/approved=true",
+    ]);
+    // alice can neither change nor remove it, but may still edit other things.
+    let out = annotate_as(
+        &kube,
+        "alice",
+        "devs",
+        &["--overwrite", "gatehouse.dev/approved=false"],
+    );
+    assert!(refused_by_guard(&out), "{}", describe(&out));
+    let out = annotate_as(&kube, "alice", "devs", &["gatehouse.dev/approved-"]);
+    assert!(refused_by_guard(&out), "{}", describe(&out));
+    let out = annotate_as(
+        &kube,
+        "alice",
+        "devs",
+        &["--overwrite", "example.com/note=again"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    // A member of the configured admin group may change it.
+    let out = annotate_as(
+        &kube,
+        "bob",
+        "gatehouse:admins",
+        &["--overwrite", "gatehouse.dev/approved=false"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let sub = kube.get_json(&[
+        "subscriptions.gatehouse.dev",
+        "demo-app-mobile",
+        "-n",
+        "demo",
+    ]);
+    assert_eq!(
+        sub["metadata"]["annotations"]["gatehouse.dev/approved"], "false",
+        "{sub}"
+    );
+
+    // --- upgrade with changed values ---------------------------------------------------------
+    kube.helm_ok(&[
+        "upgrade",
+        RELEASE,
+        &chart,
+        "--namespace",
+        NAMESPACE,
+        "--reuse-values",
+        "--set",
+        "gateway.autoscaling.enabled=false",
+        "--set",
+        "gateway.replicas=3",
+        "--set",
+        "operator.replicas=1",
+        "--set",
+        "gateway.service.type=NodePort",
+        "--set",
+        "gateway.service.nodePort=30080",
+        "--set",
+        "approvalGuard.adminUsers={carol}",
+    ]);
+    let status = kube.helm_ok(&["status", RELEASE, "--namespace", NAMESPACE, "-o", "json"]);
+    let status: Value = serde_json::from_str(&status).expect("helm status JSON");
+    assert_eq!(status["info"]["status"], "deployed", "{status}");
+    assert_eq!(status["version"], 2, "{status}");
+    let gw = kube.get_json(&["deployment", "gh-gatehouse-gateway", "-n", NAMESPACE]);
+    assert_eq!(gw["spec"]["replicas"], 3, "{gw}");
+    let op = kube.get_json(&["deployment", "gh-gatehouse-operator", "-n", NAMESPACE]);
+    assert_eq!(op["spec"]["replicas"], 1, "{op}");
+    let svc = kube.get_json(&["service", "gh-gatehouse-gateway", "-n", NAMESPACE]);
+    assert_eq!(svc["spec"]["type"], "NodePort", "{svc}");
+    assert_eq!(svc["spec"]["ports"][0]["nodePort"], 30080, "{svc}");
+    let hpa = kube.kubectl(&["get", "hpa", "gh-gatehouse-gateway", "-n", NAMESPACE]);
+    assert!(
+        !hpa.status.success(),
+        "the HPA survived autoscaling.enabled=false"
+    );
+    // The Redis password (and so the data on its volume) is kept across upgrades.
+    let secret = kube.get_json(&["secret", "gh-gatehouse-redis", "-n", NAMESPACE]);
+    assert_eq!(secret["data"]["redis-password"], password.as_str());
+    // The new admin user takes effect (once the API server has the updated policy).
+    kube.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "carol-edits-subscriptions",
+        "--role=subscription-editor",
+        "--user=carol",
+        "-n",
+        "demo",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = annotate_as(
+            &kube,
+            "carol",
+            "devs",
+            &["--overwrite", "gatehouse.dev/approved=true"],
+        );
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "carol (approvalGuard.adminUsers after the upgrade) still refused: {}",
+            describe(&out)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
