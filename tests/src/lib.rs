@@ -2,4 +2,7 @@
 //! the real gateway binary on free ports.
 
 pub mod echo;
+pub mod flow;
+pub mod kube;
 pub mod procs;
+pub mod redis;

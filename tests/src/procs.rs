@@ -49,6 +49,7 @@ pub struct Gateway {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -82,6 +83,44 @@ impl Gateway {
             data_dir: data_dir.to_path_buf(),
             log,
             args,
+            env: Vec::new(),
+        };
+        gw.spawn();
+        gw
+    }
+
+    /// Starts a gateway with exactly `args` (plus `--listen`/`--admin-listen` on fresh ports) and
+    /// the extra environment `env`, e.g. `--kube --config-map NS/NAME` with `KUBECONFIG`; waits
+    /// until it is ready. Its log goes into `dir`.
+    pub fn start_args(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let mut gw = Gateway::launch_args(dir, args, env);
+        gw.wait_ready(Duration::from_secs(60));
+        gw
+    }
+
+    /// [`Gateway::start_args`] without waiting for readiness.
+    pub fn launch_args(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut all = vec![
+            "--listen".to_string(),
+            addr.to_string(),
+            "--admin-listen".to_string(),
+            admin.to_string(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let log = dir.join(format!("gateway-{}.log", addr.port()));
+        let mut gw = Gateway {
+            child: None,
+            addr,
+            admin,
+            data_dir: dir.to_path_buf(),
+            log,
+            args: all,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         gw.spawn();
         gw
@@ -93,6 +132,7 @@ impl Gateway {
         let child = Command::new(bin)
             .args(&self.args)
             .env("GATEHOUSE_LOG", "info,gatehouse_gateway=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(log.try_clone().expect("dup log")))
             .stderr(Stdio::from(log))
             .spawn()

@@ -22,7 +22,8 @@ use crate::store::kv;
 /// Failed sign-ins allowed per account and per client IP in one window.
 pub const MAX_FAILURES_PER_ACCOUNT: u64 = 5;
 pub const MAX_FAILURES_PER_IP: u64 = 20;
-pub const MAX_SIGNUPS_PER_IP: u64 = 10;
+/// Default signups per client IP per hour; mobile carriers put many users behind one address.
+pub const MAX_SIGNUPS_PER_IP: u64 = 100;
 pub const THROTTLE_WINDOW_SECS: u64 = 15 * 60;
 
 const BAD_CREDENTIALS: &str = "The email or password is not correct.";
@@ -205,7 +206,7 @@ async fn count_failure(state: &AppState, email: &str, ip: &str) {
 /// Verifies a password on the blocking pool; against a dummy hash when there is no user, so
 /// both answers take the same time.
 async fn verify(password: String, hash: Option<String>) -> bool {
-    tokio::task::spawn_blocking(move || {
+    password::run_blocking(move || {
         let known = hash.is_some();
         let phc = hash.unwrap_or_else(|| password::dummy_hash().to_string());
         password::verify(&password, &phc) && known
@@ -292,23 +293,23 @@ pub async fn signup_post(
         )
         .await
         .unwrap_or(u64::MAX);
-    if signups > MAX_SIGNUPS_PER_IP || throttled(&state, &email, &ip).await {
+    if signups > state.max_signups_per_ip || throttled(&state, &email, &ip).await {
         authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
         return see_other(&back);
     }
     // Strength check and hashing are CPU work: off the async runtime.
     let (pw2, email2, min) = (pw.clone(), email.clone(), state.password_min_len);
-    let checked = tokio::task::spawn_blocking(move || {
+    let checked = password::run_blocking(move || {
         password::check(&pw2, &email2, min).map(|()| password::hash(&pw2))
     })
     .await;
     let hash = match checked {
-        Ok(Ok(h)) => h,
-        Ok(Err(problem)) => {
+        Some(Ok(h)) => h,
+        Some(Err(problem)) => {
             authorize::flash(&state, &sid, &mut sess, &problem.to_string(), Some(&email)).await;
             return see_other(&back);
         }
-        Err(_) => {
+        None => {
             return store_error_page(crate::store::StoreError::Unavailable(
                 "hashing failed".into(),
             ));

@@ -69,12 +69,17 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| io(format!("cannot create data dir {}: {e}", dir.display())))?;
         let path = dir.join("gatehouse.redb");
-        let db = Database::create(&path).map_err(|e| {
-            io(format!(
-                "cannot open {} (is another gateway using this --data-dir?): {e}",
-                path.display()
-            ))
-        })?;
+        // Reads are served from memory; redb's page cache only speeds up writes and the start-up
+        // load, so it is kept small (its default is 1 GiB).
+        let db = redb::Builder::new()
+            .set_cache_size(32 * 1024 * 1024)
+            .create(&path)
+            .map_err(|e| {
+                io(format!(
+                    "cannot open {} (is another gateway using this --data-dir?): {e}",
+                    path.display()
+                ))
+            })?;
         let store = EmbeddedStore {
             db: Arc::new(db),
             tokens: DashMap::new(),
