@@ -76,15 +76,16 @@ mod tests {
     use k8s_openapi::ByteString;
 
     fn cm(config: &GatewayConfig) -> ConfigMap {
-        let mut cm = ConfigMap::default();
-        cm.binary_data = Some(
-            [(
-                CONFIG_KEY.to_string(),
-                ByteString(publish::encode(config).unwrap()),
-            )]
-            .into(),
-        );
-        cm
+        ConfigMap {
+            binary_data: Some(
+                [(
+                    CONFIG_KEY.to_string(),
+                    ByteString(publish::encode(config).unwrap()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -102,9 +103,10 @@ mod tests {
         assert!(state.config.load().loaded);
         assert_eq!(apply(&state, &cm(&config)), Ok(false), "same hash: no swap");
         // broken content: refused, previous configuration kept
-        let mut broken = ConfigMap::default();
-        broken.binary_data =
-            Some([(CONFIG_KEY.to_string(), ByteString(b"garbage".to_vec()))].into());
+        let broken = ConfigMap {
+            binary_data: Some([(CONFIG_KEY.to_string(), ByteString(b"garbage".to_vec()))].into()),
+            ..Default::default()
+        };
         assert!(apply(&state, &broken).is_err());
         assert!(apply(&state, &ConfigMap::default()).is_err());
         assert_eq!(state.config.load().hash(), config.hash);

@@ -218,6 +218,22 @@ pub fn dummy_hash() -> &'static str {
     })
 }
 
+/// Runs Argon2 work on the blocking pool, at most one job per CPU at a time: each job holds
+/// 19 MiB, so unbounded concurrency under a signup or login burst would grow memory without
+/// making anything faster. `None` if the job panicked.
+pub async fn run_blocking<T, F>(job: F) -> Option<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let slots = SLOTS.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    });
+    let _permit = slots.acquire().await.ok()?;
+    tokio::task::spawn_blocking(job).await.ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,20 +421,4 @@ mod tests {
             assert!(!verify("password", bad), "{bad:?}");
         }
     }
-}
-
-/// Runs Argon2 work on the blocking pool, at most one job per CPU at a time: each job holds
-/// 19 MiB, so unbounded concurrency under a signup or login burst would grow memory without
-/// making anything faster. `None` if the job panicked.
-pub async fn run_blocking<T, F>(job: F) -> Option<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
-{
-    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    let slots = SLOTS.get_or_init(|| {
-        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
-    });
-    let _permit = slots.acquire().await.ok()?;
-    tokio::task::spawn_blocking(job).await.ok()
 }

@@ -49,7 +49,7 @@ mod tests {
         let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/mobile");
         let mut out = Vec::new();
         assert!(
-            run(&[examples.clone()], &mut out).unwrap(),
+            run(std::slice::from_ref(&examples), &mut out).unwrap(),
             "{}",
             String::from_utf8_lossy(&out)
         );

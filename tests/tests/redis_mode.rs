@@ -267,3 +267,190 @@ async fn redis_dying_under_load_gives_bounded_503s_and_recovers() {
         count(503)
     );
 }
+
+/// The PKCE flow with every step on a different replica than the one before: the browser
+/// session, pending request, code, tokens and their revocation live in the shared Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn pkce_flow_across_two_gateways_sharing_redis() {
+    use base64::Engine;
+    use gatehouse_tests::flow::{self, PASSWORD, PHONE_APP, PROFILE, input_value};
+    use sha2::Digest;
+
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let upstream = gatehouse_tests::echo::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mdir = dir.path().join("m");
+    std::fs::create_dir_all(&mdir).unwrap();
+    std::fs::write(
+        mdir.join("all.yaml"),
+        flow::manifests(&format!("http://{upstream}"), 3600),
+    )
+    .unwrap();
+    let url = redis.url();
+    let (a, b) = tokio::task::block_in_place(|| {
+        (
+            Gateway::start(&mdir, &dir.path().join("a"), &["--redis", &url]),
+            Gateway::start(&mdir, &dir.path().join("b"), &["--redis", &url]),
+        )
+    });
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let verifier = "b".repeat(20) + "-verifier-for-two-gateways-0123456789";
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()));
+    let redirect = "myapp://callback";
+
+    // A: authorize -> login page with the session cookie
+    let resp = http
+        .get(a.url("/oauth2/authorize"))
+        .query(&[
+            ("response_type", "code"),
+            ("client_id", PHONE_APP),
+            ("redirect_uri", redirect),
+            ("scope", PROFILE),
+            ("state", "st-1"),
+            ("code_challenge", &challenge),
+            ("code_challenge_method", "S256"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cookie = resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let html = resp.text().await.unwrap();
+    let req = input_value(&html, "req").unwrap();
+    // B: the signup page for that pending request (same session, other replica)
+    let page = http
+        .get(b.url(&format!("/signup?req={req}")))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200, "{}", b.logs());
+    let csrf = input_value(&page.text().await.unwrap(), "csrf").unwrap();
+    // A: sign up
+    let resp = http
+        .post(a.url("/signup"))
+        .header("cookie", &cookie)
+        .form(&[
+            ("email", "two@example.com"),
+            ("password", PASSWORD),
+            ("csrf", &csrf),
+            ("req", &req),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let cookie = resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let consent_path = resp.headers()["location"].to_str().unwrap().to_string();
+    // B: consent page; A: allow
+    let html = http
+        .get(b.url(&consent_path))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = input_value(&html, "csrf").expect("consent form");
+    let resp = http
+        .post(a.url("/consent"))
+        .header("cookie", &cookie)
+        .form(&[("decision", "allow"), ("csrf", &csrf), ("req", &req)])
+        .send()
+        .await
+        .unwrap();
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    let cb = url::Url::parse(&location).unwrap();
+    let q: std::collections::HashMap<_, _> = cb.query_pairs().into_owned().collect();
+    assert_eq!(q["state"], "st-1");
+    let code = q["code"].clone();
+
+    // B: exchange; A: call the API as the user
+    let exchange = |gw: &Gateway| {
+        http.post(gw.url("/oauth2/token")).form(&[
+            ("grant_type", "authorization_code"),
+            ("client_id", PHONE_APP),
+            ("code", code.as_str()),
+            ("redirect_uri", redirect),
+            ("code_verifier", verifier.as_str()),
+        ])
+    };
+    let tokens: Value = exchange(&b).send().await.unwrap().json().await.unwrap();
+    let access = tokens["access_token"]
+        .as_str()
+        .expect("access token")
+        .to_string();
+    let echo: Value = http
+        .get(a.url("/mobile/me"))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let user = echo["headers"]["x-authenticated-userid"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(user.len(), 36);
+
+    // A: refresh; B: the rotated token again -> refused and the family revoked everywhere
+    let refresh = tokens["refresh_token"].as_str().unwrap().to_string();
+    let rotate = |gw: &Gateway, t: &str| {
+        http.post(gw.url("/oauth2/token")).form(&[
+            ("grant_type", "refresh_token"),
+            ("client_id", PHONE_APP),
+            ("refresh_token", t),
+        ])
+    };
+    let new: Value = rotate(&a, &refresh)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new_access = new["access_token"].as_str().unwrap().to_string();
+    assert_eq!(
+        http.get(b.url("/mobile/me"))
+            .bearer_auth(&new_access)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let reuse = rotate(&b, &refresh).send().await.unwrap();
+    assert_eq!(reuse.status(), 400);
+    for gw in [&a, &b] {
+        let s = http
+            .get(gw.url("/mobile/me"))
+            .bearer_auth(&new_access)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(s, 401, "family revoked on every replica");
+    }
+    // A replayed code (on the other replica) is refused too.
+    let replay = exchange(&a).send().await.unwrap();
+    assert_eq!(replay.status(), 400);
+}

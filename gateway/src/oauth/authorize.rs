@@ -25,11 +25,20 @@ pub const CODE_TTL: u64 = 60;
 pub struct CodeRecord {
     pub client_id: String,
     pub redirect_uri: String,
+    /// Whether the authorization request carried redirect_uri (RFC 6749 4.1.3: the token
+    /// request must then carry the same value; otherwise it may leave it out).
+    #[serde(default = "yes")]
+    pub redirect_uri_sent: bool,
     pub code_challenge: String,
     pub user_id: String,
     pub scope: String,
     pub grant_id: String,
     pub expires_at: u64,
+}
+
+/// Serde default for records written before `redirect_uri_sent` existed: they always had one.
+pub fn yes() -> bool {
+    true
 }
 
 pub fn code_key(code: &str) -> String {
@@ -212,6 +221,7 @@ pub async fn handle(
         session: session::session_binding(&sid),
         client_id: client.cfg.client_id.clone(),
         redirect_uri: redirect_uri.clone(),
+        redirect_uri_sent: get("redirect_uri").is_some(),
         state: app_state.clone(),
         scope,
         code_challenge: challenge.to_string(),
@@ -325,6 +335,7 @@ pub async fn issue_code(
     let record = CodeRecord {
         client_id: pending.client_id.clone(),
         redirect_uri: pending.redirect_uri.clone(),
+        redirect_uri_sent: pending.redirect_uri_sent,
         code_challenge: pending.code_challenge.clone(),
         user_id: user_id.to_string(),
         scope: pending.scope.clone(),

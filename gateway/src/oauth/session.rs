@@ -31,6 +31,10 @@ pub struct Pending {
     pub session: String,
     pub client_id: String,
     pub redirect_uri: String,
+    /// Whether the request named redirect_uri (then the token request must repeat it) or left
+    /// it to the single registered one.
+    #[serde(default = "super::authorize::yes")]
+    pub redirect_uri_sent: bool,
     pub state: Option<String>,
     /// Requested scopes, space-separated, validated.
     pub scope: String,

@@ -164,7 +164,6 @@ async fn authorization_code(
 ) -> Result<TokenResponse, GatewayError> {
     require_grant(client, GrantType::AuthorizationCode)?;
     let code = form.require("code")?;
-    let redirect_uri = form.require("redirect_uri")?;
     let store: &dyn crate::store::Store = &*state.store;
     // Single use: the first redemption takes the code; any later one finds only the marker.
     let Some(record) = kv::take::<CodeRecord>(store, &code_key(code))
@@ -203,10 +202,21 @@ async fn authorization_code(
             "the authorization code was issued to another client",
         ));
     }
-    if record.redirect_uri != redirect_uri {
-        return Err(invalid_grant(
-            "redirect_uri differs from the one in the authorization request",
-        ));
+    // redirect_uri is required when the authorization request had it (RFC 6749 4.1.3); when
+    // present it must be the URI the code was sent to.
+    match form.get("redirect_uri") {
+        None if record.redirect_uri_sent => {
+            return Err(oauth(
+                OAuthErrorCode::InvalidRequest,
+                "redirect_uri is required: the authorization request had one",
+            ));
+        }
+        Some(r) if r != record.redirect_uri => {
+            return Err(invalid_grant(
+                "redirect_uri differs from the one in the authorization request",
+            ));
+        }
+        _ => {}
     }
     // Every code carries an S256 challenge, so a verifier is always required and checked.
     let Some(verifier) = form.get("code_verifier") else {
@@ -236,18 +246,22 @@ async fn authorization_code(
         client,
         &record.user_id,
         &record.scope,
+        &record.scope,
         &record.grant_id,
     )
     .await
 }
 
-/// Access token plus (when the client may refresh) a refresh token, in one grant family.
+/// Access token plus (when the client may refresh) a refresh token, in one grant family. The
+/// access token gets `scope`; the refresh token `refresh_scope`, which stays the grant's scope
+/// when a refresh narrows the access token (RFC 6749 section 6).
 async fn token_pair(
     state: &AppState,
     snap: &Snapshot,
     client: &ClientRuntime,
     user_id: &str,
     scope: &str,
+    refresh_scope: &str,
     grant_id: &str,
 ) -> Result<TokenResponse, GatewayError> {
     let api = &snap.apis[client.api].cfg;
@@ -268,7 +282,7 @@ async fn token_pair(
                 client,
                 TokenKind::Refresh,
                 Some(user_id),
-                scope,
+                refresh_scope,
                 grant_id,
                 api.refresh_token_ttl_seconds,
             )
@@ -323,15 +337,9 @@ async fn refresh_token(
             "the refresh token was issued to another client",
         ));
     }
-    // Rotation: of concurrent refreshes with one token only the one that removes it proceeds.
-    let Some(record) = state.store.revoke_token(&hash).await.map_err(unavailable)? else {
-        return Err(invalid_grant("the refresh token was already used"));
-    };
-    let remember = record.expires_at.saturating_sub(unix_now()).max(1);
-    kv::put(store, &rotated_key(&hash), &record.grant_id, remember)
-        .await
-        .map_err(unavailable)?;
-    // A narrower scope may be asked for (RFC 6749 6); never a wider one.
+    // A narrower scope may be asked for (RFC 6749 6); never a wider one. Checked before the
+    // rotation: a refused request must leave the refresh token usable (spending it here would
+    // make the client's next, correct refresh look like reuse and revoke the whole family).
     let scope = match form.get("scope") {
         None => record.scope.clone(),
         Some(req) => {
@@ -345,8 +353,25 @@ async fn refresh_token(
             check_scopes(snap, client, Some(req))?
         }
     };
+    // Rotation: of concurrent refreshes with one token only the one that removes it proceeds.
+    let Some(record) = state.store.revoke_token(&hash).await.map_err(unavailable)? else {
+        return Err(invalid_grant("the refresh token was already used"));
+    };
+    let remember = record.expires_at.saturating_sub(unix_now()).max(1);
+    kv::put(store, &rotated_key(&hash), &record.grant_id, remember)
+        .await
+        .map_err(unavailable)?;
     let user_id = record.user_id.clone().unwrap_or_default();
-    token_pair(state, snap, client, &user_id, &scope, &record.grant_id).await
+    token_pair(
+        state,
+        snap,
+        client,
+        &user_id,
+        &scope,
+        &record.scope,
+        &record.grant_id,
+    )
+    .await
 }
 
 /// Creates and stores one token; returns the token itself (the store keeps only its hash).
