@@ -1,0 +1,1390 @@
+//! The authorization code flow with PKCE against the real `gatehouse-gateway` binary: a mobile
+//! app (the `oauth2` crate as its OAuth client) sends its user through the gateway's login,
+//! signup and consent pages (driven with reqwest, cookies by hand, no redirects followed), gets
+//! a code on its redirect URI, exchanges it and calls the API as that user. Every refusal of
+//! DESIGN.md 4.1 and 5 is checked with its exact status and error code.
+//!
+//! Each test starts its own gateway (own data dir, own throttling counters) and echo upstream.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use gatehouse_tests::flow::{
+    self, BACKEND_APP, BACKEND_SECRET, FIRST_PARTY_APP, LIMITED_APP, ORDERS, ORDERS_TEXT,
+    OTHER_PASSWORD, PASSWORD, PHONE_APP, PROFILE, PROFILE_TEXT, TIGHT_REQUESTS,
+};
+use gatehouse_tests::procs::Gateway;
+use oauth2::basic::{BasicClient, BasicErrorResponse, BasicErrorResponseType, BasicTokenResponse};
+use oauth2::{
+    AuthUrl, AuthorizationCode, ClientId, CsrfToken, EndpointNotSet, EndpointSet, HttpClientError,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope,
+    TokenResponse, TokenUrl,
+};
+use reqwest::StatusCode;
+use reqwest::header::{self, HeaderMap};
+use serde_json::{Value, json};
+
+const SESSION_COOKIE: &str = "gatehouse_session";
+const BAD_CREDENTIALS: &str = "The email or password is not correct.";
+const THROTTLED: &str = "Too many failed attempts";
+const ACCESS_TTL: u64 = 300;
+
+// ------------------------------------------------------------------------------ environment
+
+/// One gateway with the manifests of [`flow::manifests`] and its echo upstream.
+struct Env {
+    _dir: tempfile::TempDir,
+    gw: Gateway,
+    /// The `iss` the gateway must put in every authorization response.
+    issuer: String,
+    /// Follows no redirects (the `oauth2` crate requires that of its HTTP client).
+    http: reqwest::Client,
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("reqwest client")
+}
+
+async fn env() -> Env {
+    env_with(&[]).await
+}
+
+async fn env_with(flags: &[&str]) -> Env {
+    let upstream = gatehouse_tests::echo::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mdir = dir.path().join("manifests");
+    std::fs::create_dir_all(&mdir).unwrap();
+    std::fs::write(
+        mdir.join("pkce.yaml"),
+        flow::manifests(&format!("http://{upstream}"), ACCESS_TTL),
+    )
+    .unwrap();
+    let gw = tokio::task::block_in_place(|| Gateway::start(&mdir, &dir.path().join("data"), flags));
+    let issuer = match flags.iter().position(|f| *f == "--issuer") {
+        Some(i) => flags[i + 1].trim_end_matches('/').to_string(),
+        None => format!("http://localhost:{}", gw.addr.port()),
+    };
+    Env {
+        _dir: dir,
+        gw,
+        issuer,
+        http: no_redirects(),
+    }
+}
+
+// ---------------------------------------------------------------------------------- browser
+
+/// What the browser got back: status, headers and the body as text.
+struct Page {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Page {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("no {name} header ({}):\n{}", self.status, self.body))
+    }
+
+    fn location(&self) -> &str {
+        assert_eq!(self.status, StatusCode::SEE_OTHER, "{}", self.body);
+        self.header("location")
+    }
+
+    fn hidden(&self, name: &str) -> String {
+        flow::input_value(&self.body, name)
+            .unwrap_or_else(|| panic!("no input {name} ({}):\n{}", self.status, self.body))
+    }
+
+    fn alert(&self) -> Option<String> {
+        flow::alert(&self.body)
+    }
+
+    fn session_cookie(&self) -> Option<&str> {
+        self.headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|c| flow::set_cookie_value(c, SESSION_COOKIE).is_some())
+    }
+}
+
+/// A browser tab: one cookie jar (the session cookie), redirects not followed.
+struct Browser<'e> {
+    env: &'e Env,
+    http: reqwest::Client,
+    session: Option<String>,
+}
+
+impl<'e> Browser<'e> {
+    fn new(env: &'e Env) -> Self {
+        Browser {
+            env,
+            http: no_redirects(),
+            session: None,
+        }
+    }
+
+    fn url(&self, path_or_url: &str) -> String {
+        if path_or_url.starts_with('/') {
+            self.env.gw.url(path_or_url)
+        } else {
+            path_or_url.to_string()
+        }
+    }
+
+    async fn send(&mut self, mut req: reqwest::RequestBuilder) -> Page {
+        if let Some(sid) = &self.session {
+            req = req.header(header::COOKIE, format!("{SESSION_COOKIE}={sid}"));
+        }
+        let resp = req.send().await.expect("request to the gateway");
+        let page = Page {
+            status: resp.status(),
+            headers: resp.headers().clone(),
+            body: resp.text().await.expect("body"),
+        };
+        if let Some(c) = page.session_cookie() {
+            self.session = flow::set_cookie_value(c, SESSION_COOKIE).map(str::to_string);
+        }
+        page
+    }
+
+    async fn get(&mut self, path_or_url: &str) -> Page {
+        let req = self.http.get(self.url(path_or_url));
+        self.send(req).await
+    }
+
+    async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Page {
+        let req = self.http.post(self.url(path)).form(fields);
+        self.send(req).await
+    }
+
+    /// Posts the form of `page` to `action`: its hidden `csrf` and `req` plus `fields`.
+    async fn submit(&mut self, page: &Page, action: &str, fields: &[(&str, &str)]) -> Page {
+        let (csrf, req) = (page.hidden("csrf"), page.hidden("req"));
+        let mut all = vec![("csrf", csrf.as_str()), ("req", req.as_str())];
+        all.extend_from_slice(fields);
+        self.post(action, &all).await
+    }
+
+    /// Follows a 303 to a page of the gateway.
+    async fn follow(&mut self, page: &Page) -> Page {
+        let to = page.location().to_string();
+        assert!(to.starts_with('/'), "redirect leaves the gateway: {to}");
+        self.get(&to).await
+    }
+}
+
+// ------------------------------------------------------------------------------ the mobile app
+
+type TokenResult = Result<
+    BasicTokenResponse,
+    RequestTokenError<HttpClientError<reqwest::Error>, BasicErrorResponse>,
+>;
+
+/// The app's OAuth client: a public client with one redirect URI.
+struct App {
+    redirect: String,
+    oauth: BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>,
+}
+
+/// One authorization request as the app made it.
+struct Authz {
+    url: String,
+    state: String,
+    verifier: String,
+}
+
+fn app(env: &Env, client_id: &'static str, redirect: &str) -> App {
+    let mut app = app_without_redirect_uri(env, client_id, redirect);
+    app.oauth = app
+        .oauth
+        .set_redirect_uri(RedirectUrl::new(redirect.to_string()).unwrap());
+    app
+}
+
+/// An app that sends no redirect_uri (allowed when exactly one is registered); the gateway
+/// redirects to `registered`.
+fn app_without_redirect_uri(env: &Env, client_id: &'static str, registered: &str) -> App {
+    let oauth = BasicClient::new(ClientId::new(client_id.to_string()))
+        .set_auth_uri(AuthUrl::new(env.gw.url("/oauth2/authorize")).unwrap())
+        .set_token_uri(TokenUrl::new(env.gw.url("/oauth2/token")).unwrap());
+    App {
+        redirect: registered.to_string(),
+        oauth,
+    }
+}
+
+impl App {
+    fn authorize(&self, scopes: &[&str]) -> Authz {
+        self.authorize_with(scopes, CsrfToken::new_random)
+    }
+
+    fn authorize_with(&self, scopes: &[&str], state: impl FnOnce() -> CsrfToken) -> Authz {
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut req = self
+            .oauth
+            .authorize_url(state)
+            .set_pkce_challenge(challenge);
+        for s in scopes {
+            req = req.add_scope(Scope::new(s.to_string()));
+        }
+        let (url, state) = req.url();
+        Authz {
+            url: url.to_string(),
+            state: state.secret().clone(),
+            verifier: verifier.secret().clone(),
+        }
+    }
+
+    async fn exchange(&self, env: &Env, code: &str, verifier: Option<&str>) -> TokenResult {
+        let mut req = self
+            .oauth
+            .exchange_code(AuthorizationCode::new(code.to_string()));
+        if let Some(v) = verifier {
+            req = req.set_pkce_verifier(PkceCodeVerifier::new(v.to_string()));
+        }
+        req.request_async(&env.http).await
+    }
+
+    async fn refresh(&self, env: &Env, refresh_token: &str) -> TokenResult {
+        let rt = RefreshToken::new(refresh_token.to_string());
+        self.oauth
+            .exchange_refresh_token(&rt)
+            .request_async(&env.http)
+            .await
+    }
+
+    /// Exchanges a code that must work, returning (access token, refresh token).
+    async fn tokens(&self, env: &Env, code: &str, verifier: &str) -> (String, String) {
+        let t = self
+            .exchange(env, code, Some(verifier))
+            .await
+            .unwrap_or_else(|e| panic!("code exchange failed: {e:?}\n{}", env.gw.logs()));
+        let refresh = t.refresh_token().expect("a refresh token").secret().clone();
+        (t.access_token().secret().clone(), refresh)
+    }
+}
+
+/// The OAuth error code of a refused token request.
+fn token_error(r: TokenResult) -> BasicErrorResponseType {
+    match r {
+        Err(RequestTokenError::ServerResponse(e)) => e.error().clone(),
+        Err(other) => panic!("expected an OAuth error response, got {other:?}"),
+        Ok(t) => panic!(
+            "expected an OAuth error, got tokens with scope {:?}",
+            t.scopes()
+        ),
+    }
+}
+
+fn scopes_of(t: &BasicTokenResponse) -> Vec<String> {
+    t.scopes()
+        .map(|v| v.iter().map(|s| s.to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The parameters of the gateway's redirect back to the app.
+struct Callback(HashMap<String, String>);
+
+/// Reads the 303 to `redirect` (exactly that URI, then the query).
+fn callback(page: &Page, redirect: &str) -> Callback {
+    let location = page.location();
+    let (base, query) = location
+        .split_once('?')
+        .unwrap_or_else(|| panic!("no query in {location}"));
+    assert_eq!(base, redirect, "redirected to {location}");
+    let mut params = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        assert!(
+            params.insert(k.to_string(), v.to_string()).is_none(),
+            "{k} repeated in {location}"
+        );
+    }
+    Callback(params)
+}
+
+impl Callback {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+
+    /// A success response: exactly code, state and iss.
+    fn code(&self, env: &Env, state: &str) -> String {
+        let mut keys: Vec<&str> = self.0.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["code", "iss", "state"], "{:?}", self.0);
+        assert_eq!(self.get("state"), Some(state));
+        assert_eq!(self.get("iss"), Some(env.issuer.as_str()));
+        self.get("code").unwrap().to_string()
+    }
+
+    /// An error response: `error`, a description, the exact state and iss, no code.
+    fn error(&self, env: &Env, state: &str, error: &str) {
+        assert_eq!(self.get("error"), Some(error), "{:?}", self.0);
+        assert!(self.get("error_description").is_some_and(|d| !d.is_empty()));
+        assert_eq!(self.get("state"), Some(state), "{:?}", self.0);
+        assert_eq!(self.get("iss"), Some(env.issuer.as_str()), "{:?}", self.0);
+        assert_eq!(self.get("code"), None);
+    }
+}
+
+// ------------------------------------------------------------------------------- the user
+
+/// Opens the app's authorization URL in the browser: the sign-in page.
+async fn open_login(b: &mut Browser<'_>, authz: &Authz) -> Page {
+    let page = b.get(&authz.url).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", b.env.gw.logs());
+    assert!(page.body.contains("action=\"/login\""), "{}", page.body);
+    assert!(
+        b.session.is_some(),
+        "the sign-in page sets the session cookie"
+    );
+    page
+}
+
+/// From the sign-in page: "Create an account", submit it, follow to /consent. Returns what
+/// /consent answers (the consent page, or the redirect to the app).
+async fn sign_up(b: &mut Browser<'_>, login: &Page, email: &str, password: &str) -> Page {
+    let signup = b.get(&format!("/signup?req={}", login.hidden("req"))).await;
+    assert_eq!(signup.status, StatusCode::OK, "{}", signup.body);
+    assert!(signup.body.contains("action=\"/signup\""));
+    let done = b
+        .submit(
+            &signup,
+            "/signup",
+            &[("email", email), ("password", password)],
+        )
+        .await;
+    assert!(
+        done.location().starts_with("/consent?req="),
+        "signup failed: {:?}",
+        b.follow(&done).await.alert()
+    );
+    b.follow(&done).await
+}
+
+/// Submits the sign-in form; returns the 303 (not followed).
+async fn log_in(b: &mut Browser<'_>, login: &Page, email: &str, password: &str) -> Page {
+    let r = b
+        .submit(login, "/login", &[("email", email), ("password", password)])
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    r
+}
+
+/// Answers the consent page; returns the 303 to the app.
+async fn decide(b: &mut Browser<'_>, consent: &Page, decision: &str) -> Page {
+    assert_eq!(consent.status, StatusCode::OK, "not a consent page");
+    assert!(
+        consent.body.contains("action=\"/consent\""),
+        "{}",
+        consent.body
+    );
+    let r = b
+        .submit(consent, "/consent", &[("decision", decision)])
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    r
+}
+
+/// A new user in a new browser: signup and (when asked) consent to `scopes`. Returns the
+/// signed-in browser, the code and the verifier.
+async fn new_user<'e>(
+    env: &'e Env,
+    app: &App,
+    email: &str,
+    scopes: &[&str],
+) -> (Browser<'e>, String, String) {
+    let mut b = Browser::new(env);
+    let authz = app.authorize(scopes);
+    let login = open_login(&mut b, &authz).await;
+    let mut page = sign_up(&mut b, &login, email, PASSWORD).await;
+    if page.status == StatusCode::OK {
+        page = decide(&mut b, &page, "allow").await;
+    }
+    let code = callback(&page, &app.redirect).code(env, &authz.state);
+    (b, code, authz.verifier)
+}
+
+/// A signed-in browser whose user already granted `scopes`: authorize goes straight through
+/// /consent to the app. Returns the code and the verifier.
+async fn code_again(b: &mut Browser<'_>, app: &App, scopes: &[&str]) -> (String, String) {
+    let authz = app.authorize(scopes);
+    let first = b.get(&authz.url).await;
+    assert!(first.location().starts_with("/consent?req="));
+    let done = b.follow(&first).await;
+    let code = callback(&done, &app.redirect).code(b.env, &authz.state);
+    (code, authz.verifier)
+}
+
+/// A signed-up user's tokens for `app`: (access, refresh).
+async fn user_tokens(env: &Env, app: &App, email: &str, scopes: &[&str]) -> (String, String) {
+    let (_, code, verifier) = new_user(env, app, email, scopes).await;
+    app.tokens(env, &code, &verifier).await
+}
+
+// ------------------------------------------------------------------------------- the API
+
+/// GET /mobile/orders/42 with the token, and spoofed identity headers the gateway must replace.
+async fn call_api(env: &Env, token: &str) -> reqwest::Response {
+    env.http
+        .get(env.gw.url("/mobile/orders/42"))
+        .bearer_auth(token)
+        .header("X-Authenticated-UserId", "spoofed-user")
+        .header("x-authenticated-scope", "admin")
+        .header("X-Client-Id", "spoofed-client")
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The single value of a header as the echo upstream received it.
+fn echoed<'a>(echo: &'a Value, name: &str) -> &'a str {
+    let values = echo["headers"][name]
+        .as_array()
+        .unwrap_or_else(|| panic!("upstream got no {name}: {echo}"));
+    assert_eq!(values.len(), 1, "{name}: {values:?}");
+    values[0].as_str().unwrap()
+}
+
+async fn assert_token_refused_by_api(env: &Env, token: &str) {
+    let r = call_api(env, token).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let www = r.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+    assert!(www.contains("error=\"invalid_token\""), "{www}");
+}
+
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+async fn post_form(
+    env: &Env,
+    path: &str,
+    basic: Option<(&str, &str)>,
+    form: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, Value) {
+    let mut req = env.http.post(env.gw.url(path)).form(form);
+    if let Some((id, secret)) = basic {
+        req = req.basic_auth(id, Some(secret));
+    }
+    let r = req.send().await.unwrap();
+    let (status, headers) = (r.status(), r.headers().clone());
+    let text = r.text().await.unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+    };
+    (status, headers, body)
+}
+
+async fn introspect(env: &Env, token: &str) -> Value {
+    let (status, headers, body) = post_form(
+        env,
+        "/oauth2/introspect",
+        Some((BACKEND_APP, BACKEND_SECRET)),
+        &[("token", token)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    body
+}
+
+async fn revoke(env: &Env, client_id: &str, token: &str) -> StatusCode {
+    let (status, _, body) = post_form(
+        env,
+        "/oauth2/revoke",
+        None,
+        &[("client_id", client_id), ("token", token)],
+    )
+    .await;
+    assert_eq!(body, Value::Null, "revocation answers with an empty body");
+    status
+}
+
+async fn userinfo(env: &Env, token: Option<&str>) -> (StatusCode, Value) {
+    let mut req = env.http.get(env.gw.url("/oauth2/userinfo"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    (r.status(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// The security headers every page of the login flow carries.
+fn assert_page_headers(page: &Page) {
+    assert_eq!(page.header("x-frame-options"), "DENY");
+    let csp = page.header("content-security-policy");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(page.header("referrer-policy"), "no-referrer");
+    assert_eq!(page.header("content-type"), "text/html; charset=utf-8");
+}
+
+// ================================================================================== tests
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signup_consent_code_exchange_and_identity_headers_at_the_upstream() {
+    let env = env().await;
+    let app = app(&env, PHONE_APP, "myapp://callback");
+    // A state with characters that need encoding must come back exactly.
+    let state = "s t/a+t=e&x=\u{e9}%41";
+    let authz = app.authorize_with(&[PROFILE, ORDERS], || CsrfToken::new(state.to_string()));
+    let mut b = Browser::new(&env);
+    let login = open_login(&mut b, &authz).await;
+    assert!(
+        login.body.contains("Sign in to Phone App"),
+        "{}",
+        login.body
+    );
+    let before = b.session.clone();
+
+    let consent = sign_up(&mut b, &login, "Alice.PKCE@Example.com", PASSWORD).await;
+    assert_ne!(b.session, before, "signing in issues a new session id");
+    assert_eq!(consent.status, StatusCode::OK, "{}", consent.body);
+    assert!(consent.body.contains(PROFILE_TEXT) && consent.body.contains(ORDERS_TEXT));
+    assert!(consent.body.contains("Signed in as alice.pkce@example.com"));
+    let done = decide(&mut b, &consent, "allow").await;
+    let code = callback(&done, "myapp://callback").code(&env, state);
+
+    let t = app
+        .exchange(&env, &code, Some(&authz.verifier))
+        .await
+        .expect("code exchange");
+    assert_eq!(t.token_type(), &oauth2::basic::BasicTokenType::Bearer);
+    assert_eq!(t.expires_in(), Some(Duration::from_secs(ACCESS_TTL)));
+    assert_eq!(scopes_of(&t), [PROFILE, ORDERS]);
+    assert!(t.refresh_token().is_some());
+    let access = t.access_token().secret();
+    assert_eq!(access.len(), 43, "256-bit base64url token");
+
+    let r = call_api(&env, access).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["path"], "/orders/42");
+    let user_id = echoed(&echo, "x-authenticated-userid");
+    assert!(is_uuid(user_id), "{user_id}");
+    assert_eq!(echoed(&echo, "x-authenticated-scope"), "profile orders");
+    assert_eq!(echoed(&echo, "x-client-id"), PHONE_APP);
+    assert_eq!(echoed(&echo, "x-application-id"), "pkce/phone-app");
+    assert_eq!(echoed(&echo, "x-api-plan"), "generous");
+    assert!(echo["headers"].get("authorization").is_none());
+
+    let (status, info) = userinfo(&env, Some(access)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        info,
+        json!({"sub": user_id, "email": "alice.pkce@example.com"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn returning_user_logs_in_and_is_asked_only_for_new_scopes_and_can_deny() {
+    let env = env().await;
+    let app = app(&env, PHONE_APP, "myapp://callback");
+    new_user(&env, &app, "bob@example.com", &[PROFILE]).await;
+
+    // Another browser: the sign-in form (email in another case), no consent for `profile`.
+    let mut b = Browser::new(&env);
+    let authz = app.authorize(&[PROFILE]);
+    let login = open_login(&mut b, &authz).await;
+    let r = log_in(&mut b, &login, "BOB@Example.COM", PASSWORD).await;
+    assert!(
+        r.location().starts_with("/consent?req="),
+        "{}",
+        r.location()
+    );
+    let done = b.follow(&r).await;
+    let code = callback(&done, "myapp://callback").code(&env, &authz.state);
+    let t = app
+        .exchange(&env, &code, Some(&authz.verifier))
+        .await
+        .unwrap();
+    assert_eq!(scopes_of(&t), [PROFILE]);
+
+    // A new scope: consent again, listing only the new one. Deny.
+    let authz = app.authorize(&[PROFILE, ORDERS]);
+    let first = b.get(&authz.url).await;
+    assert!(
+        first.location().starts_with("/consent?req="),
+        "signed in: no login page"
+    );
+    let consent = b.follow(&first).await;
+    assert_eq!(consent.status, StatusCode::OK);
+    assert!(consent.body.contains(ORDERS_TEXT), "{}", consent.body);
+    assert!(!consent.body.contains(PROFILE_TEXT), "{}", consent.body);
+    let denied = decide(&mut b, &consent, "deny").await;
+    callback(&denied, "myapp://callback").error(&env, &authz.state, "access_denied");
+
+    // Denying remembered nothing: asked again; allowing grants both.
+    let authz = app.authorize(&[PROFILE, ORDERS]);
+    let first = b.get(&authz.url).await;
+    let consent = b.follow(&first).await;
+    assert!(consent.body.contains(ORDERS_TEXT) && !consent.body.contains(PROFILE_TEXT));
+    let done = decide(&mut b, &consent, "allow").await;
+    let code = callback(&done, "myapp://callback").code(&env, &authz.state);
+    let t = app
+        .exchange(&env, &code, Some(&authz.verifier))
+        .await
+        .unwrap();
+    assert_eq!(scopes_of(&t), [PROFILE, ORDERS]);
+
+    // Now both are granted: straight to the app.
+    let (code, verifier) = code_again(&mut b, &app, &[ORDERS]).await;
+    let t = app.exchange(&env, &code, Some(&verifier)).await.unwrap();
+    assert_eq!(scopes_of(&t), [ORDERS]);
+
+    // The consent is per user: a new user of the same app is asked.
+    let mut other = Browser::new(&env);
+    let login = open_login(&mut other, &app.authorize(&[PROFILE])).await;
+    let page = sign_up(&mut other, &login, "carol@example.com", PASSWORD).await;
+    assert_eq!(page.status, StatusCode::OK, "consent page for a new user");
+    assert!(page.body.contains(PROFILE_TEXT));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trusted_subscription_never_shows_a_consent_page() {
+    let env = env().await;
+    let trusted = app(&env, FIRST_PARTY_APP, "myapp://callback");
+    let mut b = Browser::new(&env);
+    let authz = trusted.authorize(&[PROFILE, ORDERS]);
+    let login = open_login(&mut b, &authz).await;
+    assert!(login.body.contains("Sign in to First Party"));
+    let after_signup = sign_up(&mut b, &login, "dave@example.com", PASSWORD).await;
+    // /consent answers with the redirect to the app right away.
+    let code = callback(&after_signup, "myapp://callback").code(&env, &authz.state);
+    let t = trusted
+        .exchange(&env, &code, Some(&authz.verifier))
+        .await
+        .unwrap();
+    assert_eq!(scopes_of(&t), [PROFILE, ORDERS]);
+    let echo: Value = call_api(&env, t.access_token().secret())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echoed(&echo, "x-client-id"), FIRST_PARTY_APP);
+    assert_eq!(echoed(&echo, "x-authenticated-scope"), "profile orders");
+
+    // One registered redirect URI: the app may leave redirect_uri out of the authorization
+    // request, and then out of the token request too (RFC 6749 4.1.3).
+    let implicit_redirect = app_without_redirect_uri(&env, FIRST_PARTY_APP, "myapp://callback");
+    let (code, verifier) = code_again(&mut b, &implicit_redirect, &[PROFILE]).await;
+    implicit_redirect.tokens(&env, &code, &verifier).await;
+    // Sending it anyway (the registered one) is fine too; another one is not.
+    let (code, verifier) = code_again(&mut b, &implicit_redirect, &[PROFILE]).await;
+    trusted.tokens(&env, &code, &verifier).await;
+    let (code, verifier) = code_again(&mut b, &trusted, &[PROFILE]).await;
+    let r = implicit_redirect
+        .exchange(&env, &code, Some(&verifier))
+        .await;
+    assert_eq!(
+        token_error(r),
+        BasicErrorResponseType::InvalidRequest,
+        "redirect_uri was in the authorization request: required"
+    );
+
+    // Trust belongs to the subscription: the same user on the non-trusted app is asked.
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let first = b.get(&phone.authorize(&[PROFILE]).url).await;
+    let consent = b.follow(&first).await;
+    assert_eq!(consent.status, StatusCode::OK);
+    assert!(consent.body.contains(PROFILE_TEXT));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn codes_are_single_use_and_bound_to_verifier_client_and_redirect() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (mut b, code, verifier) = new_user(&env, &phone, "erin@example.com", &[PROFILE]).await;
+
+    // Replay: refused, and the tokens issued from that code stop working.
+    let (access, refresh) = phone.tokens(&env, &code, &verifier).await;
+    assert_eq!(call_api(&env, &access).await.status(), StatusCode::OK);
+    let replay = phone.exchange(&env, &code, Some(&verifier)).await;
+    assert_eq!(token_error(replay), BasicErrorResponseType::InvalidGrant);
+    assert_token_refused_by_api(&env, &access).await;
+    assert_eq!(
+        token_error(phone.refresh(&env, &refresh).await),
+        BasicErrorResponseType::InvalidGrant
+    );
+
+    // Wrong verifier (well-formed, another pair's).
+    let (code, _) = code_again(&mut b, &phone, &[PROFILE]).await;
+    let (_, other) = PkceCodeChallenge::new_random_sha256();
+    let r = phone.exchange(&env, &code, Some(other.secret())).await;
+    assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+
+    // The challenge itself as the verifier (a `plain` downgrade).
+    let authz = phone.authorize(&[PROFILE]);
+    let challenge = url::Url::parse(&authz.url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code_challenge")
+        .unwrap()
+        .1
+        .to_string();
+    let first = b.get(&authz.url).await;
+    let done = b.follow(&first).await;
+    let code = callback(&done, "myapp://callback").code(&env, &authz.state);
+    let r = phone.exchange(&env, &code, Some(&challenge)).await;
+    assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+
+    // No verifier at all.
+    let (code, _) = code_again(&mut b, &phone, &[PROFILE]).await;
+    let r = phone.exchange(&env, &code, None).await;
+    assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+
+    // Another client (same redirect URI registered, right verifier).
+    let (code, verifier) = code_again(&mut b, &phone, &[PROFILE]).await;
+    let thief = app(&env, FIRST_PARTY_APP, "myapp://callback");
+    let r = thief.exchange(&env, &code, Some(&verifier)).await;
+    assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+
+    // Another (registered) redirect_uri than the authorization request's.
+    let (code, verifier) = code_again(&mut b, &phone, &[PROFILE]).await;
+    let elsewhere = app(&env, PHONE_APP, "com.example.app:/cb");
+    let r = elsewhere.exchange(&env, &code, Some(&verifier)).await;
+    assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+
+    // The raw answer: 400, JSON error, no-store.
+    let (code, verifier) = code_again(&mut b, &phone, &[PROFILE]).await;
+    let form = [
+        ("grant_type", "authorization_code"),
+        ("client_id", PHONE_APP),
+        ("code", code.as_str()),
+        ("redirect_uri", "myapp://callback"),
+        ("code_verifier", &verifier[..42]),
+    ];
+    let (status, headers, body) = post_form(&env, "/oauth2/token", None, &form).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(body["error"], "invalid_request", "42 characters: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_code_is_refused() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (_, code, verifier) = new_user(&env, &phone, "frank@example.com", &[PROFILE]).await;
+    // Codes live at most 60 s.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let r = phone.exchange(&env, &code, Some(&verifier)).await;
+    assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authorization_requests_are_validated() {
+    let env = env().await;
+    let challenge = PkceCodeChallenge::new_random_sha256().0;
+    let good: Vec<(&str, &str)> = vec![
+        ("response_type", "code"),
+        ("client_id", PHONE_APP),
+        ("redirect_uri", "myapp://callback"),
+        ("scope", PROFILE),
+        ("state", "st-1 &x"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ];
+    let with = |changes: &[(&'static str, Option<&'static str>)]| -> String {
+        let mut params: Vec<(&str, &str)> = good.clone();
+        for (k, v) in changes {
+            params.retain(|(name, _)| name != k);
+            if let Some(v) = v {
+                params.push((k, v));
+            }
+        }
+        url::Url::parse_with_params(&env.gw.url("/oauth2/authorize"), &params)
+            .unwrap()
+            .to_string()
+    };
+    let mut b = Browser::new(&env);
+
+    // Sanity: the unchanged request shows the sign-in page.
+    assert_eq!(b.get(&with(&[])).await.status, StatusCode::OK);
+
+    // Refusals that go back to the app: error, description, exact state, iss.
+    let bad_challenge = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw+cM";
+    for (changes, error) in [
+        (
+            vec![("code_challenge_method", Some("plain"))],
+            "invalid_request",
+        ),
+        (vec![("code_challenge_method", None)], "invalid_request"),
+        (vec![("code_challenge", None)], "invalid_request"),
+        (
+            vec![("code_challenge", Some("too-short"))],
+            "invalid_request",
+        ),
+        (
+            vec![("code_challenge", Some(bad_challenge))],
+            "invalid_request",
+        ),
+        (
+            vec![("response_type", Some("token"))],
+            "unsupported_response_type",
+        ),
+        (vec![("response_type", None)], "invalid_request"),
+        (vec![("scope", Some("profile admin"))], "invalid_scope"),
+    ] {
+        let page = b.get(&with(&changes)).await;
+        assert_eq!(
+            page.status,
+            StatusCode::SEE_OTHER,
+            "{changes:?}: {}",
+            page.body
+        );
+        callback(&page, "myapp://callback").error(&env, "st-1 &x", error);
+    }
+
+    // Never redirected: unknown or missing client, unregistered redirect URI.
+    for changes in [
+        vec![("client_id", Some("no-such-app"))],
+        vec![("client_id", None)],
+        vec![("redirect_uri", Some("myapp://evil"))],
+        vec![("redirect_uri", Some("myapp://callback/"))],
+        vec![("redirect_uri", Some("http://127.0.0.1:5555/other"))],
+        vec![("redirect_uri", Some("http://localhost:5555/callback"))],
+        // even with other errors that would otherwise be redirected
+        vec![
+            ("redirect_uri", Some("https://attacker.example/cb")),
+            ("response_type", Some("token")),
+        ],
+        // several URIs registered: redirect_uri is required
+        vec![("redirect_uri", None)],
+    ] {
+        let page = b.get(&with(&changes)).await;
+        assert_eq!(
+            page.status,
+            StatusCode::BAD_REQUEST,
+            "{changes:?}: {}",
+            page.body
+        );
+        assert!(page.headers.get(header::LOCATION).is_none(), "{changes:?}");
+        assert!(page.body.starts_with("<!DOCTYPE html>"));
+        assert_page_headers(&page);
+    }
+
+    // Loopback: any port; the code comes back to exactly that URI and can be exchanged.
+    let loopback = "http://127.0.0.1:54321/callback";
+    let looper = app(&env, PHONE_APP, loopback);
+    let (mut b, code, verifier) = new_user(&env, &looper, "gina@example.com", &[PROFILE]).await;
+    looper.tokens(&env, &code, &verifier).await;
+    let bare = app(&env, PHONE_APP, "http://127.0.0.1/callback");
+    let (code, verifier) = code_again(&mut b, &bare, &[PROFILE]).await;
+    bare.tokens(&env, &code, &verifier).await;
+
+    // Private-use scheme.
+    let private = app(&env, PHONE_APP, "com.example.app:/cb");
+    let (code, verifier) = code_again(&mut b, &private, &[PROFILE]).await;
+    private.tokens(&env, &code, &verifier).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refresh_tokens_rotate_and_reuse_revokes_the_family() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (a1, r1) = user_tokens(&env, &phone, "hank@example.com", &[PROFILE, ORDERS]).await;
+
+    let t2 = phone.refresh(&env, &r1).await.expect("refresh");
+    let a2 = t2.access_token().secret().clone();
+    let r2 = t2.refresh_token().expect("rotated").secret().clone();
+    assert_ne!(a2, a1);
+    assert_ne!(r2, r1);
+    assert_eq!(scopes_of(&t2), [PROFILE, ORDERS]);
+    assert_eq!(call_api(&env, &a2).await.status(), StatusCode::OK);
+
+    // A wider scope is refused, and the refusal does not spend the refresh token.
+    let r = phone
+        .oauth
+        .exchange_refresh_token(&RefreshToken::new(r2.clone()))
+        .add_scope(Scope::new("admin".into()))
+        .request_async(&env.http)
+        .await;
+    assert_eq!(token_error(r), BasicErrorResponseType::InvalidScope);
+    // A narrower one is fine.
+    let t3 = phone
+        .oauth
+        .exchange_refresh_token(&RefreshToken::new(r2.clone()))
+        .add_scope(Scope::new(PROFILE.into()))
+        .request_async(&env.http)
+        .await
+        .expect("narrower refresh");
+    assert_eq!(scopes_of(&t3), [PROFILE]);
+    let a3 = t3.access_token().secret().clone();
+    let r3 = t3.refresh_token().unwrap().secret().clone();
+    let echo: Value = call_api(&env, &a3).await.json().await.unwrap();
+    assert_eq!(echoed(&echo, "x-authenticated-scope"), PROFILE);
+    // Only the access token was narrowed: the new refresh token keeps the grant's scope
+    // (RFC 6749 section 6).
+    let t4 = phone
+        .refresh(&env, &r3)
+        .await
+        .expect("refresh after narrowing");
+    assert_eq!(scopes_of(&t4), [PROFILE, ORDERS]);
+    let a4 = t4.access_token().secret().clone();
+    let r4 = t4.refresh_token().unwrap().secret().clone();
+
+    // The rotated token comes back: refused, and the whole family is revoked.
+    assert_eq!(
+        token_error(phone.refresh(&env, &r1).await),
+        BasicErrorResponseType::InvalidGrant
+    );
+    for access in [&a1, &a2, &a3, &a4] {
+        assert_token_refused_by_api(&env, access).await;
+    }
+    assert_eq!(
+        token_error(phone.refresh(&env, &r4).await),
+        BasicErrorResponseType::InvalidGrant
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_a_refresh_token_revokes_its_access_tokens() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (mut b, code, verifier) = new_user(&env, &phone, "ivan@example.com", &[PROFILE]).await;
+    let (access, refresh) = phone.tokens(&env, &code, &verifier).await;
+    assert_eq!(call_api(&env, &access).await.status(), StatusCode::OK);
+
+    // Another client cannot revoke it (200, nothing happens).
+    assert_eq!(
+        revoke(&env, FIRST_PARTY_APP, &refresh).await,
+        StatusCode::OK
+    );
+    assert_eq!(call_api(&env, &access).await.status(), StatusCode::OK);
+
+    assert_eq!(revoke(&env, PHONE_APP, &refresh).await, StatusCode::OK);
+    assert_token_refused_by_api(&env, &access).await;
+    assert_eq!(
+        token_error(phone.refresh(&env, &refresh).await),
+        BasicErrorResponseType::InvalidGrant
+    );
+
+    // Revoking an access token.
+    let (code, verifier) = code_again(&mut b, &phone, &[PROFILE]).await;
+    let (access, _) = phone.tokens(&env, &code, &verifier).await;
+    assert_eq!(revoke(&env, PHONE_APP, &access).await, StatusCode::OK);
+    assert_token_refused_by_api(&env, &access).await;
+
+    // Unknown tokens: 200.
+    assert_eq!(
+        revoke(&env, PHONE_APP, "no-such-token").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        revoke(
+            &env,
+            PHONE_APP,
+            PkceCodeChallenge::new_random_sha256().1.secret()
+        )
+        .await,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn introspection_is_for_confidential_clients_of_the_api() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (access, refresh) = user_tokens(&env, &phone, "judy@example.com", &[PROFILE]).await;
+    let (_, info) = userinfo(&env, Some(&access)).await;
+
+    let v = introspect(&env, &access).await;
+    assert_eq!(v["active"], true, "{v}");
+    assert_eq!(v["sub"], info["sub"]);
+    assert_eq!(v["scope"], PROFILE);
+    assert_eq!(v["client_id"], PHONE_APP);
+    assert_eq!(v["token_type"], "Bearer");
+    assert_eq!(v["iss"], env.issuer.as_str());
+    let (iat, exp) = (v["iat"].as_u64().unwrap(), v["exp"].as_u64().unwrap());
+    assert_eq!(exp - iat, ACCESS_TTL);
+
+    // A public client may not introspect (not even its own token); nor a wrong secret.
+    let (status, _, body) = post_form(
+        &env,
+        "/oauth2/introspect",
+        None,
+        &[("client_id", PHONE_APP), ("token", access.as_str())],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"], "invalid_client");
+    let (status, _, body) = post_form(
+        &env,
+        "/oauth2/introspect",
+        Some((BACKEND_APP, "not-the-secret-0123456789")),
+        &[("token", access.as_str())],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"], "invalid_client");
+
+    // After revocation, and for unknown tokens: exactly {"active":false}.
+    assert_eq!(revoke(&env, PHONE_APP, &refresh).await, StatusCode::OK);
+    assert_eq!(introspect(&env, &access).await, json!({"active": false}));
+    assert_eq!(introspect(&env, &refresh).await, json!({"active": false}));
+    assert_eq!(introspect(&env, "unknown").await, json!({"active": false}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn userinfo_and_metadata() {
+    let env = env().await;
+
+    let r = env
+        .http
+        .get(env.gw.url("/.well-known/oauth-authorization-server"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let m: Value = r.json().await.unwrap();
+    let iss = env.issuer.as_str();
+    assert_eq!(m["issuer"], iss);
+    for (key, path) in [
+        ("authorization_endpoint", "/oauth2/authorize"),
+        ("token_endpoint", "/oauth2/token"),
+        ("revocation_endpoint", "/oauth2/revoke"),
+        ("introspection_endpoint", "/oauth2/introspect"),
+        ("userinfo_endpoint", "/oauth2/userinfo"),
+    ] {
+        assert_eq!(m[key], format!("{iss}{path}"), "{key}");
+    }
+    assert_eq!(m["code_challenge_methods_supported"], json!(["S256"]));
+    assert_eq!(m["response_types_supported"], json!(["code"]));
+    let grants: Vec<&str> = m["grant_types_supported"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_str().unwrap())
+        .collect();
+    assert!(grants.contains(&"authorization_code") && grants.contains(&"refresh_token"));
+    assert!(!grants.contains(&"implicit") && !grants.contains(&"password"));
+    assert_eq!(m["authorization_response_iss_parameter_supported"], true);
+    let scopes = m["scopes_supported"].as_array().unwrap();
+    assert!(scopes.contains(&json!(PROFILE)) && scopes.contains(&json!(ORDERS)));
+
+    // userinfo: a user's token answers; no token, a service token or garbage do not.
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (access, _) = user_tokens(&env, &phone, "Kate@Example.com", &[PROFILE]).await;
+    let (status, info) = userinfo(&env, Some(&access)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(is_uuid(info["sub"].as_str().unwrap()), "{info}");
+    assert_eq!(info["email"], "kate@example.com");
+    assert_eq!(info.as_object().unwrap().len(), 2, "{info}");
+
+    assert_eq!(userinfo(&env, None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        userinfo(&env, Some("garbage")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, _, svc) = post_form(
+        &env,
+        "/oauth2/token",
+        Some((BACKEND_APP, BACKEND_SECRET)),
+        &[("grant_type", "client_credentials"), ("scope", PROFILE)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{svc}");
+    let (status, body) = userinfo(&env, svc["access_token"].as_str()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_issuer_flag_sets_iss_metadata_and_secure_cookies() {
+    let env = env_with(&["--issuer", "https://login.example.test/"]).await;
+    assert_eq!(env.issuer, "https://login.example.test");
+    let m: Value = env
+        .http
+        .get(env.gw.url("/.well-known/oauth-authorization-server"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["issuer"], "https://login.example.test");
+    assert_eq!(
+        m["token_endpoint"],
+        "https://login.example.test/oauth2/token"
+    );
+
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let mut b = Browser::new(&env);
+    let authz = phone.authorize(&[PROFILE]);
+    let login = open_login(&mut b, &authz).await;
+    let cookie = login.session_cookie().unwrap();
+    assert!(
+        flow::set_cookie_attributes(cookie).contains(&"Secure"),
+        "{cookie}"
+    );
+    // An error response carries this iss too.
+    let page = b.get(&authz.url.replace("S256", "plain")).await;
+    callback(&page, "myapp://callback").error(&env, &authz.state, "invalid_request");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forms_need_the_csrf_token_and_pages_carry_security_headers() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (mut other, _, _) = new_user(&env, &phone, "leo@example.com", &[PROFILE]).await;
+
+    let mut b = Browser::new(&env);
+    let authz = phone.authorize(&[PROFILE, ORDERS]);
+    let login = open_login(&mut b, &authz).await;
+    assert_page_headers(&login);
+    let cookie = login.session_cookie().unwrap().to_string();
+    let attrs = flow::set_cookie_attributes(&cookie);
+    for a in ["HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(attrs.contains(&a), "{cookie}");
+    }
+    assert!(!attrs.contains(&"Secure"), "http issuer: {cookie}");
+    let sid = b.session.clone();
+    let req = login.hidden("req");
+
+    // Right credentials, missing or foreign CSRF token: 403, no new session, no flash.
+    let foreign = other.get(&phone.authorize(&[ORDERS]).url).await;
+    let foreign = other.follow(&foreign).await; // a consent page of another session
+    for csrf in [None, Some(foreign.hidden("csrf")), Some("x".repeat(43))] {
+        let mut fields = vec![
+            ("req", req.as_str()),
+            ("email", "leo@example.com"),
+            ("password", PASSWORD),
+        ];
+        if let Some(c) = &csrf {
+            fields.push(("csrf", c.as_str()));
+        }
+        let r = b.post("/login", &fields).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "csrf {csrf:?}");
+        assert!(r.session_cookie().is_none());
+        assert!(r.headers.get(header::LOCATION).is_none());
+        assert_page_headers(&r);
+    }
+    assert_eq!(b.session, sid);
+    let consent = b.get(&format!("/consent?req={req}")).await;
+    assert_eq!(consent.status, StatusCode::FORBIDDEN, "still not signed in");
+    let again = b.get(&format!("/login?req={req}")).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.alert(), None);
+
+    // Signup without the token either.
+    let r = b
+        .post(
+            "/signup",
+            &[
+                ("req", req.as_str()),
+                ("email", "mallory@example.com"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    // With it: signed in under a new session id; the consent page has the headers too.
+    let r = log_in(&mut b, &again, "leo@example.com", PASSWORD).await;
+    assert!(r.location().starts_with("/consent?req="));
+    assert_ne!(b.session, sid);
+    let consent = b.follow(&r).await;
+    assert_eq!(consent.status, StatusCode::OK);
+    assert_page_headers(&consent);
+
+    // The consent form needs it as well: no redirect to the app without it.
+    let r = b
+        .post("/consent", &[("req", req.as_str()), ("decision", "allow")])
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(r.headers.get(header::LOCATION).is_none());
+    let foreign_csrf = foreign.hidden("csrf");
+    let r = b
+        .post(
+            "/consent",
+            &[
+                ("req", req.as_str()),
+                ("decision", "allow"),
+                ("csrf", foreign_csrf.as_str()),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let done = decide(&mut b, &consent, "allow").await;
+    let code = callback(&done, "myapp://callback").code(&env, &authz.state);
+
+    // Token responses, success and error: no-store.
+    let form = [
+        ("grant_type", "authorization_code"),
+        ("client_id", PHONE_APP),
+        ("code", code.as_str()),
+        ("redirect_uri", "myapp://callback"),
+        ("code_verifier", authz.verifier.as_str()),
+    ];
+    for expected in [StatusCode::OK, StatusCode::BAD_REQUEST] {
+        let (status, headers, body) = post_form(&env, "/oauth2/token", None, &form).await;
+        assert_eq!(status, expected, "{body}");
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        if status == StatusCode::OK {
+            assert_eq!(body["token_type"], "Bearer");
+            assert_eq!(body["expires_in"], ACCESS_TTL);
+            assert_eq!(body["scope"], "profile orders");
+            assert!(body["refresh_token"].is_string());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_email_and_wrong_password_look_the_same() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let email = "mia@example.com";
+
+    // Signing in before the account exists...
+    let mut b1 = Browser::new(&env);
+    let login = open_login(&mut b1, &phone.authorize(&[PROFILE])).await;
+    let unknown = log_in(&mut b1, &login, email, OTHER_PASSWORD).await;
+    let unknown_page = b1.follow(&unknown).await;
+
+    // ... and with a wrong password once it does.
+    new_user(&env, &phone, email, &[PROFILE]).await;
+    let mut b2 = Browser::new(&env);
+    let login = open_login(&mut b2, &phone.authorize(&[PROFILE])).await;
+    let wrong = log_in(&mut b2, &login, email, OTHER_PASSWORD).await;
+    let wrong_page = b2.follow(&wrong).await;
+
+    let strip_req = |l: &str| l.split_once("?req=").unwrap().0.to_string();
+    assert_eq!(strip_req(unknown.location()), "/login");
+    assert_eq!(strip_req(wrong.location()), "/login");
+    assert_eq!(unknown.body, wrong.body);
+    assert!(unknown.session_cookie().is_none() && wrong.session_cookie().is_none());
+    assert_eq!(unknown_page.status, StatusCode::OK);
+    assert_eq!(wrong_page.status, StatusCode::OK);
+    assert_eq!(unknown_page.alert().as_deref(), Some(BAD_CREDENTIALS));
+    assert_eq!(
+        flow::without_form_tokens(&unknown_page.body),
+        flow::without_form_tokens(&wrong_page.body)
+    );
+    let mut h1 = unknown_page.headers.clone();
+    let mut h2 = wrong_page.headers.clone();
+    for h in [&mut h1, &mut h2] {
+        h.remove(header::DATE);
+    }
+    assert_eq!(h1, h2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_logins_are_throttled_per_account() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    new_user(&env, &phone, "nina@example.com", &[PROFILE]).await;
+    new_user(&env, &phone, "oscar@example.com", &[PROFILE]).await;
+
+    let mut b = Browser::new(&env);
+    let mut page = open_login(&mut b, &phone.authorize(&[PROFILE])).await;
+    for attempt in 1..=5 {
+        let r = log_in(&mut b, &page, "nina@example.com", OTHER_PASSWORD).await;
+        assert!(r.location().starts_with("/login?req="));
+        page = b.follow(&r).await;
+        assert_eq!(page.alert().as_deref(), Some(BAD_CREDENTIALS), "{attempt}");
+    }
+    // Sixth wrong attempt, then even the right password: throttled, not signed in.
+    for password in [OTHER_PASSWORD, PASSWORD] {
+        let r = log_in(&mut b, &page, "nina@example.com", password).await;
+        assert!(r.location().starts_with("/login?req="), "{password}");
+        assert!(r.session_cookie().is_none());
+        page = b.follow(&r).await;
+        let alert = page.alert().unwrap_or_default();
+        assert!(alert.starts_with(THROTTLED), "{alert}");
+    }
+    // Per account: another account signs in from the same address.
+    let r = log_in(&mut b, &page, "oscar@example.com", PASSWORD).await;
+    assert!(
+        r.location().starts_with("/consent?req="),
+        "{}",
+        r.location()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signup_refuses_weak_passwords_and_taken_emails() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let mut b = Browser::new(&env);
+    let login = open_login(&mut b, &phone.authorize(&[PROFILE])).await;
+    let mut page = b.get(&format!("/signup?req={}", login.hidden("req"))).await;
+    for weak in ["short pass", "password1234", "qwertyuiopasdf"] {
+        let r = b
+            .submit(
+                &page,
+                "/signup",
+                &[("email", "pat@example.com"), ("password", weak)],
+            )
+            .await;
+        assert!(r.location().starts_with("/signup?req="), "{weak}");
+        page = b.follow(&r).await;
+        assert!(page.alert().is_some(), "{weak}: {}", page.body);
+    }
+    // 64 characters and more are allowed.
+    let long = "correct horse battery staple ".repeat(3);
+    assert!(long.len() > 64);
+    let r = b
+        .submit(
+            &page,
+            "/signup",
+            &[("email", "pat@example.com"), ("password", long.as_str())],
+        )
+        .await;
+    assert!(r.location().starts_with("/consent?req="));
+
+    // The email is taken (in any case): no second account with another password.
+    let mut b2 = Browser::new(&env);
+    let login = open_login(&mut b2, &phone.authorize(&[PROFILE])).await;
+    let signup = b2
+        .get(&format!("/signup?req={}", login.hidden("req")))
+        .await;
+    let r = b2
+        .submit(
+            &signup,
+            "/signup",
+            &[("email", "PAT@example.com"), ("password", PASSWORD)],
+        )
+        .await;
+    assert!(r.location().starts_with("/signup?req="));
+    assert!(b2.follow(&r).await.alert().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_plan_rate_limit_applies_to_user_tokens() {
+    let env = env().await;
+    let limited = app(&env, LIMITED_APP, "myapp://callback");
+    let (access, _) = user_tokens(&env, &limited, "quinn@example.com", &[PROFILE]).await;
+    for i in 0..TIGHT_REQUESTS {
+        let r = call_api(&env, &access).await;
+        assert_eq!(r.status(), StatusCode::OK, "call {i}");
+        assert_eq!(r.headers()["ratelimit-limit"], TIGHT_REQUESTS.to_string());
+        assert_eq!(
+            r.headers()["ratelimit-remaining"],
+            (TIGHT_REQUESTS - 1 - i).to_string()
+        );
+    }
+    let r = call_api(&env, &access).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 3 per minute: the next request is allowed within 20 s.
+    assert!((1..=20).contains(&retry), "Retry-After {retry}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+}
