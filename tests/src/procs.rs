@@ -194,6 +194,23 @@ impl Gateway {
         self.wait_ready(Duration::from_secs(30));
     }
 
+    /// Sends SIGTERM (what Kubernetes does on rollout) and waits up to `within` for the exit.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Is the process still running?
     pub fn alive(&mut self) -> bool {
         self.child

@@ -240,3 +240,36 @@ async fn large_bodies_stream_both_ways() {
         "gateway peak RSS {hwm} KiB: bodies were buffered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let mut s = setup(1000).await;
+    let t = token(&s).await;
+    // A request the upstream answers after 1.5 s is in flight when SIGTERM arrives.
+    let http = s.http.clone();
+    let url = s.gw.url("/mobile/slow/1500");
+    let t2 = t.clone();
+    let in_flight = tokio::spawn(async move {
+        http.get(url)
+            .bearer_auth(t2)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let status = tokio::task::block_in_place(|| s.gw.terminate(Duration::from_secs(10)));
+    assert_eq!(
+        in_flight.await.unwrap().ok(),
+        Some(200),
+        "the in-flight request completed"
+    );
+    let status = status.expect("the gateway exited after draining");
+    assert!(status.success(), "clean exit, got {status}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_000),
+        "it waited for the request"
+    );
+    // and it no longer accepts connections
+    assert!(reqwest::get(s.gw.url("/mobile/hello")).await.is_err());
+}
