@@ -153,6 +153,26 @@ pub fn rotated_key(hash: &tokens::TokenHash) -> String {
     format!("rotated:{}", hex::encode(hash))
 }
 
+/// A spent code or rotated refresh token left a marker naming its grant: revoke that grant.
+/// Returns how many tokens went, or None when there is no marker.
+async fn revoke_marked_grant(
+    state: &AppState,
+    marker: &str,
+) -> Result<Option<usize>, GatewayError> {
+    let Some(grant_id) = kv::get::<String>(&*state.store, marker)
+        .await
+        .map_err(unavailable)?
+    else {
+        return Ok(None);
+    };
+    let n = state
+        .store
+        .revoke_grant(&grant_id)
+        .await
+        .map_err(unavailable)?;
+    Ok(Some(n))
+}
+
 /// How long a spent code is remembered for replay detection.
 const USED_CODE_MEMORY: u64 = 24 * 3_600;
 
@@ -170,15 +190,7 @@ async fn authorization_code(
         .await
         .map_err(unavailable)?
     else {
-        if let Some(grant_id) = kv::get::<String>(store, &used_code_key(code))
-            .await
-            .map_err(unavailable)?
-        {
-            let n = state
-                .store
-                .revoke_grant(&grant_id)
-                .await
-                .map_err(unavailable)?;
+        if let Some(n) = revoke_marked_grant(state, &used_code_key(code)).await? {
             tracing::warn!(client_id = %client.cfg.client_id, revoked = n, "authorization code replayed; its tokens are revoked");
             metrics::counter!("gatehouse_code_replays_total").increment(1);
         }
@@ -315,15 +327,7 @@ async fn refresh_token(
         Some(r) if r.kind == TokenKind::Refresh => r,
         _ => {
             // A rotated token coming back means two parties hold the family: revoke all of it.
-            if let Some(grant_id) = kv::get::<String>(store, &rotated_key(&hash))
-                .await
-                .map_err(unavailable)?
-            {
-                let n = state
-                    .store
-                    .revoke_grant(&grant_id)
-                    .await
-                    .map_err(unavailable)?;
+            if let Some(n) = revoke_marked_grant(state, &rotated_key(&hash)).await? {
                 tracing::warn!(client_id = %client.cfg.client_id, revoked = n, "rotated refresh token reused; family revoked");
                 metrics::counter!("gatehouse_refresh_reuse_total").increment(1);
             }
