@@ -215,31 +215,71 @@ async fn verify(password: String, hash: Option<String>) -> bool {
     .unwrap_or(false)
 }
 
+/// What the login and signup forms post, after the session and CSRF check.
+struct Posted {
+    sid: String,
+    sess: Session,
+    req: String,
+    /// Where an error sends the browser back to (the same form, same pending request).
+    back: String,
+    /// Normalized.
+    email: String,
+    pw: String,
+}
+
+/// The part the login and signup POSTs share: session + CSRF, the fields, and a usable email
+/// (a missing or invalid one is flashed and answered with a 303 back to `page`).
+async fn read_post(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+    page: &str,
+    bad_email: &str,
+) -> Result<Posted, Response> {
+    let fields = form_fields(body);
+    let (sid, mut sess) = posted_session(state, headers, &fields).await?;
+    let req = fields.get("req").cloned().unwrap_or_default();
+    let back = format!("{page}?req={req}");
+    let raw_email = fields.get("email").map(String::as_str).unwrap_or("");
+    let Some(email) = accounts::normalize_email(raw_email) else {
+        authorize::flash(state, &sid, &mut sess, bad_email, Some(raw_email)).await;
+        return Err(see_other(&back));
+    };
+    let pw = fields.get("password").cloned().unwrap_or_default();
+    Ok(Posted {
+        sid,
+        sess,
+        req,
+        back,
+        email,
+        pw,
+    })
+}
+
 pub async fn login_post(
     State(state): State<Arc<AppState>>,
     PeerIp(ip): PeerIp,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fields = form_fields(&body);
-    let (sid, mut sess) = match posted_session(&state, &headers, &fields).await {
-        Ok(s) => s,
+    let Posted {
+        sid,
+        mut sess,
+        req,
+        back,
+        email,
+        pw,
+    } = match read_post(
+        &state,
+        &headers,
+        &body,
+        "/login",
+        "Enter your email address.",
+    )
+    .await
+    {
+        Ok(p) => p,
         Err(r) => return r,
-    };
-    let req = fields.get("req").cloned().unwrap_or_default();
-    let back = format!("/login?req={req}");
-    let raw_email = fields.get("email").map(String::as_str).unwrap_or("");
-    let pw = fields.get("password").cloned().unwrap_or_default();
-    let Some(email) = accounts::normalize_email(raw_email) else {
-        authorize::flash(
-            &state,
-            &sid,
-            &mut sess,
-            "Enter your email address.",
-            Some(raw_email),
-        )
-        .await;
-        return see_other(&back);
     };
     if throttled(&state, &email, &ip).await {
         authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
@@ -265,25 +305,24 @@ pub async fn signup_post(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fields = form_fields(&body);
-    let (sid, mut sess) = match posted_session(&state, &headers, &fields).await {
-        Ok(s) => s,
+    let Posted {
+        sid,
+        mut sess,
+        req,
+        back,
+        email,
+        pw,
+    } = match read_post(
+        &state,
+        &headers,
+        &body,
+        "/signup",
+        "Enter a valid email address.",
+    )
+    .await
+    {
+        Ok(p) => p,
         Err(r) => return r,
-    };
-    let req = fields.get("req").cloned().unwrap_or_default();
-    let back = format!("/signup?req={req}");
-    let raw_email = fields.get("email").map(String::as_str).unwrap_or("");
-    let pw = fields.get("password").cloned().unwrap_or_default();
-    let Some(email) = accounts::normalize_email(raw_email) else {
-        authorize::flash(
-            &state,
-            &sid,
-            &mut sess,
-            "Enter a valid email address.",
-            Some(raw_email),
-        )
-        .await;
-        return see_other(&back);
     };
     let signups = state
         .store
