@@ -64,6 +64,11 @@ pub struct Args {
     #[arg(long, env = "GATEHOUSE_MAX_SIGNUPS_PER_IP", default_value_t = crate::oauth::login::MAX_SIGNUPS_PER_IP)]
     pub max_signups_per_ip: u64,
 
+    /// Threads serving the public listener, each with its own runtime and SO_REUSEPORT socket
+    /// (default: one per CPU).
+    #[arg(long, env = "GATEHOUSE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+
     /// Log format.
     #[arg(long, env = "GATEHOUSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -73,6 +78,15 @@ pub struct Args {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+impl Args {
+    pub fn workers(&self) -> usize {
+        match self.workers {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
 }
 
 const fn gatehouse_gateway_min_len() -> u16 {

@@ -14,7 +14,13 @@ use gatehouse_gateway::store::redis::{RedisOptions, RedisStore};
 use gatehouse_gateway::{admin, kube_source, server, source};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
+// Per-thread caches keep the proxy's short-lived allocations off a shared heap lock.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+// The public listener runs on its own per-core threads (server::serve_workers); this runtime
+// only drives the admin listener, configuration watchers, Redis and housekeeping.
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter =
@@ -75,13 +81,13 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let workers = args.workers();
+    let listeners = server::bind_workers(args.listen, workers)
         .with_context(|| format!("binding --listen {}", args.listen))?;
     let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("binding --admin-listen {}", args.admin_listen))?;
-    tracing::info!(listen = %listener.local_addr()?, admin = %admin_listener.local_addr()?, issuer = %state.issuer, "gatehouse gateway serving");
+    tracing::info!(listen = %listeners[0].local_addr()?, workers, admin = %admin_listener.local_addr()?, issuer = %state.issuer, "gatehouse gateway serving");
 
     let admin_app = admin::router(state.clone(), Some(metrics));
     tokio::spawn(async move {
@@ -89,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!("admin listener failed: {e}");
         }
     });
-    server::serve(listener, server::router(state)).await?;
+    server::serve_workers(listeners, server::router(state), server::shutdown_signal()).await?;
     Ok(())
 }
 

@@ -19,7 +19,6 @@ pub struct AppState {
     pub config: ArcSwap<Snapshot>,
     pub store: Arc<dyn Store>,
     pub limiter: Arc<dyn Limiter>,
-    pub http: HttpClient,
     /// Public base URL, no trailing slash (metadata, `iss`).
     pub issuer: String,
     /// Minimum password length for signups.
@@ -34,7 +33,6 @@ impl AppState {
             config: ArcSwap::from_pointee(Snapshot::default()),
             store,
             limiter,
-            http: http_client(),
             issuer: issuer.trim_end_matches('/').to_string(),
             password_min_len: crate::password::MIN_LENGTH,
             max_signups_per_ip: crate::oauth::login::MAX_SIGNUPS_PER_IP,
@@ -50,6 +48,17 @@ impl AppState {
     pub fn swap_config(&self, snapshot: Snapshot) {
         self.config.store(Arc::new(snapshot));
     }
+}
+
+thread_local! {
+    // One upstream pool per thread: a worker's upstream connections are driven by that worker's
+    // runtime, so forwarding a request never wakes another thread.
+    static UPSTREAM: HttpClient = http_client();
+}
+
+/// Sends a request upstream through this thread's pool.
+pub fn send_upstream(req: http::Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+    UPSTREAM.with(|c| c.request(req))
 }
 
 /// Pooled keep-alive client for upstreams, http and https (webpki roots).
