@@ -6,12 +6,14 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Uri, Version, header};
 
 use crate::error::{GatewayError, set_rate_limit_headers};
 use crate::headers::{self, Bearer, Forwarded, Identity};
 use crate::ratelimit::{Decision, limit_checks};
 use crate::routing;
+use crate::snapshot::ApiRuntime;
 use crate::state::AppState;
 use crate::store::TokenKind;
 use crate::tokens;
@@ -24,18 +26,34 @@ pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Respons
         Ok(resp) => resp,
         Err(e) => e.to_response(Some(&request_id)),
     };
-    metrics::counter!("gatehouse_proxy_responses_total", "class" => status_class(resp.status()))
-        .increment(1);
-    metrics::histogram!("gatehouse_proxy_duration_seconds").record(started.elapsed().as_secs_f64());
+    let m = proxy_metrics();
+    m.responses[status_class(resp.status())].increment(1);
+    m.duration.record(started.elapsed().as_secs_f64());
     resp
 }
 
-fn status_class(s: http::StatusCode) -> &'static str {
+/// Metric handles registered once: the macros hash their name and labels on every call.
+struct ProxyMetrics {
+    responses: [metrics::Counter; 4],
+    duration: metrics::Histogram,
+}
+
+fn proxy_metrics() -> &'static ProxyMetrics {
+    // First use happens on the first request, after main installed the recorder.
+    static METRICS: std::sync::OnceLock<ProxyMetrics> = std::sync::OnceLock::new();
+    METRICS.get_or_init(|| ProxyMetrics {
+        responses: ["2xx", "3xx", "4xx", "5xx"]
+            .map(|class| metrics::counter!("gatehouse_proxy_responses_total", "class" => class)),
+        duration: metrics::histogram!("gatehouse_proxy_duration_seconds"),
+    })
+}
+
+fn status_class(s: http::StatusCode) -> usize {
     match s.as_u16() {
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        200..=299 => 0,
+        300..=399 => 1,
+        400..=499 => 2,
+        _ => 3,
     }
 }
 
@@ -115,13 +133,9 @@ async fn forward(
         parts.uri.path(),
         api.cfg.upstream.strip_prefix,
     );
-    let uri = match parts.uri.query() {
-        Some(q) => format!("{}{path}?{q}", api.origin),
-        None => format!("{}{path}", api.origin),
-    };
-    parts.uri = uri
-        .parse::<Uri>()
-        .map_err(|_| GatewayError::InvalidRequest("the request path cannot be forwarded"))?;
+    parts.uri = upstream_uri(api, path, parts.uri.query()).ok_or(GatewayError::InvalidRequest(
+        "the request path cannot be forwarded",
+    ))?;
     parts.version = Version::HTTP_11;
 
     let peer = parts
@@ -148,14 +162,15 @@ async fn forward(
     headers::rewrite_request(&mut parts.headers, &identity, &fwd);
 
     let upstream_req = http::Request::from_parts(parts, body);
-    let resp = match tokio::time::timeout(api.timeout, state.http.request(upstream_req)).await {
-        Err(_) => return Err(GatewayError::UpstreamTimeout),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, api = %api.cfg.id, "upstream request failed");
-            return Err(GatewayError::UpstreamUnreachable);
-        }
-        Ok(Ok(resp)) => resp,
-    };
+    let resp =
+        match tokio::time::timeout(api.timeout, crate::state::send_upstream(upstream_req)).await {
+            Err(_) => return Err(GatewayError::UpstreamTimeout),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, api = %api.cfg.id, "upstream request failed");
+                return Err(GatewayError::UpstreamUnreachable);
+            }
+            Ok(Ok(resp)) => resp,
+        };
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     set_rate_limit_headers(&mut parts.headers, &decision);
@@ -163,4 +178,18 @@ async fn forward(
         .headers
         .insert(headers::REQUEST_ID, request_id.clone());
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// The upstream URI from the pre-parsed scheme and authority: only the path is parsed per request.
+fn upstream_uri(api: &ApiRuntime, mut path: String, query: Option<&str>) -> Option<Uri> {
+    if let Some(q) = query {
+        path.reserve(q.len() + 1);
+        path.push('?');
+        path.push_str(q);
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(api.scheme.clone());
+    parts.authority = Some(api.authority.clone());
+    parts.path_and_query = Some(PathAndQuery::from_maybe_shared(bytes::Bytes::from(path)).ok()?);
+    Uri::from_parts(parts).ok()
 }

@@ -10,8 +10,9 @@ use http::uri::{Authority, Scheme, Uri};
 
 pub struct ApiRuntime {
     pub cfg: ApiConfig,
-    /// `scheme://authority` of the upstream.
-    pub origin: String,
+    /// Scheme and authority of the upstream, parsed once.
+    pub scheme: Scheme,
+    pub authority: Authority,
     /// The upstream URL's path (may be empty).
     pub base_path: String,
     pub timeout: Duration,
@@ -67,9 +68,9 @@ impl Snapshot {
                     api.id
                 )));
             }
-            let authority: &Authority = authority;
             apis.push(ApiRuntime {
-                origin: format!("{scheme}://{authority}"),
+                scheme: scheme.clone(),
+                authority: authority.clone(),
                 base_path: uri.path().trim_end_matches('/').to_string(),
                 timeout: Duration::from_secs(api.upstream.timeout_seconds.max(1)),
                 cfg: api.clone(),
