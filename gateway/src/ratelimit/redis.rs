@@ -3,10 +3,10 @@
 //! replicas. All keys of one request share the subscription hash tag (one Cluster slot).
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 
 use super::gcra::Decision;
 use super::{LimitCheck, Limiter, LimiterUnavailable};
+use crate::store::redis_conn::Connections;
 
 /// KEYS: one per limit. ARGV[1]: now in µs, or "" for the server clock; then per limit its
 /// emission interval (µs) and its limit. Returns {allowed, limit, remaining, reset_us, retry_us}.
@@ -55,15 +55,15 @@ return best
 ";
 
 pub struct RedisLimiter {
-    conn: ConnectionManager,
+    conns: Connections,
     script: redis::Script,
     prefix: &'static str,
 }
 
 impl RedisLimiter {
-    pub fn new(conn: ConnectionManager) -> RedisLimiter {
+    pub fn new(conns: Connections) -> RedisLimiter {
         RedisLimiter {
-            conn,
+            conns,
             script: redis::Script::new(GCRA_SCRIPT),
             prefix: "gatehouse:",
         }
@@ -86,7 +86,7 @@ impl RedisLimiter {
         for c in checks {
             inv.arg(c.rate.interval_us).arg(c.rate.limit);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conns.get();
         // invoke_async sends EVALSHA and falls back to loading the script on NOSCRIPT.
         let (allowed, limit, remaining, reset_us, retry_after_us): (u8, u64, u64, u64, u64) = inv
             .invoke_async(&mut conn)

@@ -51,8 +51,104 @@ fn expiry(ttl_secs: u64) -> u64 {
     }
 }
 
+/// A change to apply inside the batch's transaction; errors are reported as text.
+type Change = Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), String> + Send>;
+type Waiter = tokio::sync::oneshot::Sender<StoreResult<()>>;
+
+/// Group commit: one thread owns redb writes and commits every change that queued up while the
+/// previous commit was syncing in one transaction. Each caller is still answered only after
+/// its change is durable, but concurrent token responses share one fsync instead of paying
+/// one each (measured: 637 code exchanges/s with a transaction per change).
+struct GroupCommit {
+    queue: Option<std::sync::mpsc::Sender<(Change, Waiter)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for GroupCommit {
+    /// Waits for queued changes to commit and for the writer to close the database, so the
+    /// same directory can be opened again right away (redb holds a file lock).
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Changes per transaction at most, so one commit stays short.
+const MAX_BATCH: usize = 512;
+
+impl GroupCommit {
+    fn start(db: Arc<Database>) -> std::io::Result<GroupCommit> {
+        let (tx, rx) = std::sync::mpsc::channel::<(Change, Waiter)>();
+        let thread = std::thread::Builder::new()
+            .name("gatehouse-store-writer".into())
+            .spawn(move || {
+                // Ends when the store (the only sender) is dropped.
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(next) => batch.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    commit(&db, batch);
+                }
+            })?;
+        Ok(GroupCommit {
+            queue: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    async fn submit(&self, change: Change) -> StoreResult<()> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.queue
+            .as_ref()
+            .ok_or_else(|| io("the store is closing"))?
+            .send((change, done))
+            .map_err(|_| io("the store writer has stopped"))?;
+        wait.await.map_err(|_| io("the store writer has stopped"))?
+    }
+}
+
+/// Applies a batch in one transaction. Changes are plain inserts and removes, so one failing
+/// means storage trouble: the whole batch is aborted and every caller gets the error.
+fn commit(db: &Database, batch: Vec<(Change, Waiter)>) {
+    let txn = match db.begin_write() {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = e.to_string();
+            for (_, w) in batch {
+                let _ = w.send(Err(io(&msg)));
+            }
+            return;
+        }
+    };
+    let mut applied = Vec::with_capacity(batch.len());
+    for (change, waiter) in batch {
+        match change(&txn) {
+            Ok(()) => applied.push(waiter),
+            Err(msg) => {
+                let _ = waiter.send(Err(io(&msg)));
+                for w in applied {
+                    let _ = w.send(Err(io(format!("aborted with a failed write: {msg}"))));
+                }
+                let _ = txn.abort();
+                return;
+            }
+        }
+    }
+    let result = txn.commit().map_err(|e| e.to_string());
+    for w in applied {
+        let _ = w.send(result.clone().map_err(io));
+    }
+}
+
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    writer: GroupCommit,
     tokens: DashMap<TokenHash, TokenRecord>,
     /// grant_id -> token hashes, rebuilt from `tokens` on start.
     grants: DashMap<String, Vec<TokenHash>>,
@@ -80,8 +176,10 @@ impl EmbeddedStore {
                     path.display()
                 ))
             })?;
+        let db = Arc::new(db);
         let store = EmbeddedStore {
-            db: Arc::new(db),
+            writer: GroupCommit::start(db.clone()).map_err(io)?,
+            db,
             tokens: DashMap::new(),
             grants: DashMap::new(),
             kv: DashMap::new(),
@@ -126,48 +224,33 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    /// Runs a write transaction off the async runtime (redb fsyncs on commit).
+    /// Runs a change to the tokens table; returns once it is on disk.
     async fn write<F>(&self, f: F) -> StoreResult<()>
     where
         F: FnOnce(&mut redb::Table<&[u8], &[u8]>) -> Result<(), redb::StorageError>
             + Send
             + 'static,
     {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> StoreResult<()> {
-            let txn = db.begin_write().map_err(io)?;
-            {
-                let mut table = txn.open_table(TOKENS).map_err(io)?;
-                f(&mut table).map_err(io)?;
-            }
-            txn.commit().map_err(io)
-        })
-        .await
-        .map_err(io)?
+        self.writer
+            .submit(Box::new(move |txn| {
+                let mut table = txn.open_table(TOKENS).map_err(|e| e.to_string())?;
+                f(&mut table).map_err(|e| e.to_string())
+            }))
+            .await
     }
 
     async fn kv_write(&self, key: &str, entry: Option<KvEntry>) -> StoreResult<()> {
-        let db = self.db.clone();
         let key = key.to_string();
-        tokio::task::spawn_blocking(move || -> StoreResult<()> {
-            let txn = db.begin_write().map_err(io)?;
-            {
-                let mut table = txn.open_table(KV).map_err(io)?;
+        self.writer
+            .submit(Box::new(move |txn| {
+                let mut table = txn.open_table(KV).map_err(|e| e.to_string())?;
                 match entry {
-                    Some(e) => {
-                        table
-                            .insert(key.as_str(), e.encode().as_slice())
-                            .map_err(io)?;
-                    }
-                    None => {
-                        table.remove(key.as_str()).map_err(io)?;
-                    }
+                    Some(e) => table.insert(key.as_str(), e.encode().as_slice()).map(drop),
+                    None => table.remove(key.as_str()).map(drop),
                 }
-            }
-            txn.commit().map_err(io)
-        })
-        .await
-        .map_err(io)?
+                .map_err(|e| e.to_string())
+            }))
+            .await
     }
 
     fn forget(&self, hash: &TokenHash, rec: &TokenRecord) {

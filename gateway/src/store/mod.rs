@@ -3,6 +3,7 @@
 
 pub mod embedded;
 pub mod redis;
+pub mod redis_conn;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
+
+use super::redis_conn::Connections;
 
 use super::{Store, StoreError, StoreResult, TokenRecord, unix_now};
 use crate::tokens::TokenHash;
@@ -48,7 +50,7 @@ impl RedisOptions {
 }
 
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conns: Connections,
     cache: DashMap<TokenHash, (TokenRecord, Instant)>,
     /// True while this replica receives revocation messages; the cache is used only then.
     listening: Arc<AtomicBool>,
@@ -84,9 +86,9 @@ impl RedisStore {
             .set_response_timeout(Some(opts.response_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(err)?;
+        let conns = Connections::new(client.clone(), config).map_err(err)?;
         let store = Arc::new(RedisStore {
-            conn,
+            conns,
             cache: DashMap::new(),
             listening: Arc::new(AtomicBool::new(false)),
             epoch: Arc::new(AtomicU64::new(0)),
@@ -96,8 +98,8 @@ impl RedisStore {
         Ok(store)
     }
 
-    pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
+    pub fn connection(&self) -> Connections {
+        self.conns.clone()
     }
 
     /// Keeps a subscription to the revocation channel, reconnecting with backoff.
@@ -154,7 +156,7 @@ impl RedisStore {
         if hex_hashes.is_empty() {
             return Ok(());
         }
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         // Batches keep messages small for large grants.
         for chunk in hex_hashes.chunks(256) {
             let _: i64 = c
@@ -173,7 +175,7 @@ impl Store for RedisStore {
             serde_json::to_string(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let ttl = record.expires_at.saturating_sub(unix_now()).max(1);
         let gk = grant_key(&record.grant_id);
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         let _: () = redis::pipe()
             .atomic()
             .set_ex(tok_key(&hash), json, ttl)
@@ -207,7 +209,7 @@ impl Store for RedisStore {
             return Ok((!e.0.is_expired(now)).then(|| e.0.clone()));
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         let raw: Option<String> = c.get(tok_key(hash)).await.map_err(err)?;
         let Some(raw) = raw else {
             return Ok(None);
@@ -224,7 +226,7 @@ impl Store for RedisStore {
     }
 
     async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         let raw: Option<String> = redis::cmd("GETDEL")
             .arg(tok_key(hash))
             .query_async(&mut c)
@@ -245,7 +247,7 @@ impl Store for RedisStore {
     }
 
     async fn revoke_grant(&self, grant_id: &str) -> StoreResult<usize> {
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         let members: Vec<String> = self
             .revoke_grant
             .key(grant_key(grant_id))
@@ -266,13 +268,13 @@ impl Store for RedisStore {
     }
 
     async fn ready(&self) -> StoreResult<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(err)?;
         Ok(())
     }
 
     async fn kv_put(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         if ttl_secs == 0 {
             let _: () = c.set(kv_key(key), value).await.map_err(err)?;
         } else {
@@ -282,7 +284,7 @@ impl Store for RedisStore {
     }
 
     async fn kv_put_new(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         let mut cmd = redis::cmd("SET");
         cmd.arg(kv_key(key)).arg(value).arg("NX");
         if ttl_secs > 0 {
@@ -293,12 +295,12 @@ impl Store for RedisStore {
     }
 
     async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         c.get(kv_key(key)).await.map_err(err)
     }
 
     async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         redis::cmd("GETDEL")
             .arg(kv_key(key))
             .query_async(&mut c)
@@ -307,14 +309,14 @@ impl Store for RedisStore {
     }
 
     async fn kv_delete(&self, key: &str) -> StoreResult<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         let _: i64 = c.del(kv_key(key)).await.map_err(err)?;
         Ok(())
     }
 
     async fn counter_incr(&self, key: &str, window_secs: u64) -> StoreResult<u64> {
         let k = kv_key(key);
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         let (count,): (u64,) = redis::pipe()
             .atomic()
             .incr(&k, 1u64)
@@ -330,7 +332,7 @@ impl Store for RedisStore {
     }
 
     async fn counter_get(&self, key: &str) -> StoreResult<u64> {
-        let mut c = self.conn.clone();
+        let mut c = self.conns.get();
         let v: Option<u64> = c.get(kv_key(key)).await.map_err(err)?;
         Ok(v.unwrap_or(0))
     }
