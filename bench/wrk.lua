@@ -9,6 +9,11 @@ local method = os.getenv("METHOD") or "GET"
 local body = os.getenv("BODY")
 local ctype = os.getenv("CONTENT_TYPE")
 local basic = os.getenv("BASIC")
+-- DELAY_MS: pause between a connection's requests (moderate, fixed-ish load instead of flat out).
+local delay_ms = tonumber(os.getenv("DELAY_MS") or "")
+if delay_ms then
+  function delay() return delay_ms end
+end
 
 function setup(thread)
   counter = counter + 1
