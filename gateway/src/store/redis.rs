@@ -5,15 +5,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use dashmap::DashMap;
 use futures_util::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManagerConfig;
 
 use super::redis_conn::Connections;
+use super::token_cache::TokenCache;
 
 use super::{Store, StoreError, StoreResult, TokenRecord, unix_now};
 use crate::tokens::TokenHash;
@@ -51,7 +51,7 @@ impl RedisOptions {
 
 pub struct RedisStore {
     conns: Connections,
-    cache: DashMap<TokenHash, (TokenRecord, Instant)>,
+    cache: TokenCache,
     /// True while this replica receives revocation messages; the cache is used only then.
     listening: Arc<AtomicBool>,
     /// Bumped on every invalidation, so a lookup that raced one does not refill the cache.
@@ -89,7 +89,7 @@ impl RedisStore {
         let conns = Connections::new(client.clone(), config).map_err(err)?;
         let store = Arc::new(RedisStore {
             conns,
-            cache: DashMap::new(),
+            cache: TokenCache::new(TOKEN_CACHE_TTL),
             listening: Arc::new(AtomicBool::new(false)),
             epoch: Arc::new(AtomicU64::new(0)),
             revoke_grant: redis::Script::new(REVOKE_GRANT),
@@ -202,11 +202,8 @@ impl Store for RedisStore {
     async fn get_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
         let now = unix_now();
         let listening = self.listening.load(Ordering::SeqCst);
-        if listening
-            && let Some(e) = self.cache.get(hash)
-            && e.1.elapsed() < TOKEN_CACHE_TTL
-        {
-            return Ok((!e.0.is_expired(now)).then(|| e.0.clone()));
+        if listening && let Some(rec) = self.cache.get(hash) {
+            return Ok((!rec.is_expired(now)).then_some(rec));
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
         let mut c = self.conns.get();
@@ -220,7 +217,7 @@ impl Store for RedisStore {
             return Ok(None);
         }
         if listening && self.epoch.load(Ordering::SeqCst) == epoch {
-            self.cache.insert(*hash, (rec.clone(), Instant::now()));
+            self.cache.insert(*hash, &rec);
         }
         Ok(Some(rec))
     }
@@ -262,8 +259,7 @@ impl Store for RedisStore {
 
     async fn purge_expired(&self, _now: u64) -> StoreResult<usize> {
         // Redis expires keys itself; only the local cache needs sweeping.
-        self.cache
-            .retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
+        self.cache.purge();
         Ok(0)
     }
 
