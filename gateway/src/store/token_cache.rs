@@ -39,7 +39,7 @@ impl Id {
         }
     }
 
-    fn to_string(&self) -> String {
+    fn render(&self) -> String {
         match self {
             Id::Uuid(b) => uuid::Uuid::from_bytes(*b).hyphenated().to_string(),
             Id::Other(s) => s.to_string(),
@@ -94,9 +94,9 @@ impl TokenCache {
             client_id: c.client_id.to_string(),
             subscription: c.subscription.to_string(),
             api: c.api.to_string(),
-            user_id: e.user_id.as_ref().map(Id::to_string),
+            user_id: e.user_id.as_ref().map(Id::render),
             scope: c.scope.to_string(),
-            grant_id: e.grant_id.to_string(),
+            grant_id: e.grant_id.render(),
             issued_at: e.issued_at,
             expires_at: e.expires_at,
         })
