@@ -170,3 +170,44 @@ pub async fn serve_workers(
     .await
     .map_err(std::io::Error::other)?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_share_one_port_even_when_asked_for_port_zero() {
+        let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        assert_eq!(listeners.len(), 3);
+        let port = listeners[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        for l in &listeners {
+            assert_eq!(l.local_addr().unwrap().port(), port);
+        }
+    }
+
+    #[tokio::test]
+    async fn every_worker_answers_and_all_stop_together() {
+        let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let app = Router::new().route("/", get(|| async { "ok" }));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serve_workers(listeners, app, async move {
+            let _ = stop_rx.await;
+        }));
+        // Many fresh connections: the kernel spreads them over both sockets.
+        for _ in 0..20 {
+            let status =
+                tokio::task::spawn_blocking(move || gatehouse_tests::procs::http_status(addr, "/"))
+                    .await
+                    .unwrap();
+            assert_eq!(status, Some(200));
+        }
+        stop_tx.send(()).unwrap();
+        served.await.unwrap().unwrap();
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "nothing listens after stop"
+        );
+    }
+}
