@@ -1,8 +1,8 @@
 //! The Redis replica's in-process token cache, kept small: a replica holds every token used in
 //! the last `TOKEN_CACHE_TTL`, so 100,000 active users means 100,000 entries. The strings most
 //! tokens share (client, subscription, api, scope) are stored once, UUID ids as 16 bytes, and
-//! the age as whole seconds: about 110 bytes per token instead of about 400 for a cloned
-//! `TokenRecord` (measured: 100k cached tokens took the gateway from 24 to 66 MiB before).
+//! the age as whole seconds. Measured with 100,000 cached tokens: 48 MiB RSS (24 MiB idle),
+//! against 66 MiB when the cache held cloned `TokenRecord`s.
 
 use std::collections::HashSet;
 use std::sync::Arc;
