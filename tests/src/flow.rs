@@ -208,6 +208,16 @@ pub fn set_cookie_value<'a>(set_cookie: &'a str, name: &str) -> Option<&'a str> 
     (k == name).then_some(v)
 }
 
+/// `gatehouse_session=<id>` from a response's `Set-Cookie` headers, ready for a `Cookie` header.
+pub fn session_cookie(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| set_cookie_value(v, "gatehouse_session"))
+        .map(|id| format!("gatehouse_session={id}"))
+}
+
 /// The attributes of a `Set-Cookie` header value (`HttpOnly`, `SameSite=Lax`, ...), trimmed.
 pub fn set_cookie_attributes(set_cookie: &str) -> Vec<&str> {
     set_cookie.split(';').skip(1).map(str::trim).collect()

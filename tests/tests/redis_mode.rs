@@ -318,13 +318,7 @@ async fn pkce_flow_across_two_gateways_sharing_redis() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let cookie = resp.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let cookie = flow::session_cookie(&resp).expect("session cookie");
     let html = resp.text().await.unwrap();
     let req = input_value(&html, "req").unwrap();
     // B: the signup page for that pending request (same session, other replica)
@@ -350,13 +344,7 @@ async fn pkce_flow_across_two_gateways_sharing_redis() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 303);
-    let cookie = resp.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let cookie = flow::session_cookie(&resp).expect("session cookie");
     let consent_path = resp.headers()["location"].to_str().unwrap().to_string();
     // B: consent page; A: allow
     let html = http

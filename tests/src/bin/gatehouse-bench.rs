@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use base64::Engine;
 use clap::Parser;
+use gatehouse_tests::flow::{PASSWORD, alert, input_value, session_cookie};
 use gatehouse_tests::procs::free_port;
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -135,21 +136,6 @@ fn challenge() -> String {
         .encode(sha2::Sha256::digest(VERIFIER.as_bytes()))
 }
 
-fn hidden(html: &str, name: &str) -> Option<String> {
-    let i = html.find(&format!("name=\"{name}\" value=\""))?;
-    let rest = &html[i + name.len() + 15..];
-    Some(rest[..rest.find('"')?].to_string())
-}
-
-fn cookie(resp: &reqwest::Response) -> Option<String> {
-    resp.headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|v| v.starts_with("gatehouse_session="))
-        .map(|v| v.split(';').next().unwrap_or("").to_string())
-}
-
 fn location(resp: &reqwest::Response) -> String {
     resp.headers()
         .get("location")
@@ -182,15 +168,15 @@ impl Gw {
             r = r.header("cookie", c);
         }
         let resp = r.send().await?;
-        let c = cookie(&resp)
+        let c = session_cookie(&resp)
             .or(session.map(str::to_string))
             .unwrap_or_default();
         if resp.status() == 303 {
             return Ok((c, String::new(), String::new(), Some(resp)));
         }
         let html = resp.text().await?;
-        let csrf = hidden(&html, "csrf").context("csrf")?;
-        let req = hidden(&html, "req").context("req")?;
+        let csrf = input_value(&html, "csrf").context("csrf")?;
+        let req = input_value(&html, "req").context("req")?;
         Ok((c, csrf, req, None))
     }
 
@@ -203,7 +189,7 @@ impl Gw {
             .header("cookie", &c)
             .form(&[
                 ("email", email),
-                ("password", "purple monkey dishwasher sunrise"),
+                ("password", PASSWORD),
                 ("csrf", &csrf),
                 ("req", &req),
             ])
@@ -218,14 +204,10 @@ impl Gw {
                 .await?
                 .text()
                 .await?;
-            let alert = page
-                .split("role=\"alert\">")
-                .nth(1)
-                .and_then(|a| a.split('<').next())
-                .unwrap_or("");
-            bail!("{path} failed for {email}: {alert}");
+            let why = alert(&page).unwrap_or_default();
+            bail!("{path} failed for {email}: {why}");
         }
-        cookie(&resp).context("no session after sign-in")
+        session_cookie(&resp).context("no session after sign-in")
     }
 
     /// A fresh code for a signed-in session (trusted client: no consent page).
