@@ -116,7 +116,7 @@ fn bench(c: &mut Criterion) {
                 plan: &plan,
             };
             let fwd = Forwarded {
-                peer_ip: "10.1.2.3",
+                peer_ip: &HeaderValue::from_static("10.1.2.3"),
                 proto: "http",
                 request_id: &rid,
             };

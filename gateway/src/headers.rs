@@ -52,7 +52,8 @@ pub struct Identity<'a> {
 
 /// How the request reached us.
 pub struct Forwarded<'a> {
-    pub peer_ip: &'a str,
+    /// The client's address, rendered once per connection.
+    pub peer_ip: &'a HeaderValue,
     pub proto: &'static str,
     pub request_id: &'a HeaderValue,
 }
@@ -88,11 +89,17 @@ pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forward
     if let Some(host) = headers.remove(header::HOST) {
         headers.insert(FORWARDED_HOST, host);
     }
-    let xff = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {}", fwd.peer_ip),
-        _ => fwd.peer_ip.to_string(),
+    let xff = match headers.get(&FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prev) if !prev.is_empty() => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + fwd.peer_ip.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(fwd.peer_ip.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        _ => Some(fwd.peer_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(FORWARDED_FOR, v);
     }
     headers.insert(FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
@@ -190,7 +197,7 @@ mod tests {
             plan: &p,
         };
         let fwd = Forwarded {
-            peer_ip: "127.0.0.1",
+            peer_ip: &hv("127.0.0.1"),
             proto: "http",
             request_id: &rid,
         };
@@ -228,7 +235,7 @@ mod tests {
             plan: &p,
         };
         let fwd = Forwarded {
-            peer_ip: "::1",
+            peer_ip: &hv("::1"),
             proto: "http",
             request_id: &rid,
         };

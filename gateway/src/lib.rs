@@ -19,3 +19,4 @@ pub mod source;
 pub mod state;
 pub mod store;
 pub mod tokens;
+pub mod upstream;

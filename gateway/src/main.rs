@@ -95,7 +95,12 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!("admin listener failed: {e}");
         }
     });
-    server::serve_workers(listeners, server::router(state), server::shutdown_signal()).await?;
+    server::serve_workers(
+        listeners,
+        server::Public::new(state),
+        server::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 

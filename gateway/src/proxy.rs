@@ -1,30 +1,48 @@
 //! The proxy: token check, rate limits, header rewriting, streaming forward (design 4.2).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::response::Response;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Uri, Version, header};
+use http::{HeaderValue, Response, Uri, Version, header};
+use http_body_util::Either;
 
 use crate::error::{GatewayError, set_rate_limit_headers};
 use crate::headers::{self, Bearer, Forwarded, Identity};
 use crate::ratelimit::{Decision, limit_checks};
 use crate::routing;
-use crate::snapshot::ApiRuntime;
 use crate::state::AppState;
 use crate::store::TokenKind;
 use crate::tokens;
+use crate::upstream::{self, UpstreamBody};
 
-pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
+/// A proxied response: the upstream's body streamed through, or the gateway's own error.
+pub type ProxyBody = Either<UpstreamBody, Body>;
+
+/// The router's fallback (in-process use and tests); the listeners call `serve` directly.
+pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> axum::response::Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    serve(&state, req, &peer_header(peer)).await.map(Body::new)
+}
+
+/// The client address as forwarded in X-Forwarded-For; computed once per connection.
+pub fn peer_header(peer: Option<IpAddr>) -> HeaderValue {
+    peer.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("unknown"))
+}
+
+/// Checks and forwards one request from the client at `peer`.
+pub async fn serve(state: &AppState, req: Request, peer: &HeaderValue) -> Response<ProxyBody> {
     let request_id = headers::request_id(req.headers());
     let started = std::time::Instant::now();
-    let result = forward(&state, req, &request_id).await;
-    let resp = match result {
-        Ok(resp) => resp,
-        Err(e) => e.to_response(Some(&request_id)),
+    let resp = match forward(state, req, &request_id, peer).await {
+        Ok(resp) => resp.map(Either::Left),
+        Err(e) => e.to_response(Some(&request_id)).map(Either::Right),
     };
     let m = proxy_metrics();
     m.responses[status_class(resp.status())].increment(1);
@@ -61,7 +79,8 @@ async fn forward(
     state: &AppState,
     req: Request,
     request_id: &HeaderValue,
-) -> Result<Response, GatewayError> {
+    peer: &HeaderValue,
+) -> Result<Response<UpstreamBody>, GatewayError> {
     let snap = state.config.load_full();
     let host = req
         .headers()
@@ -133,16 +152,11 @@ async fn forward(
         parts.uri.path(),
         api.cfg.upstream.strip_prefix,
     );
-    parts.uri = upstream_uri(api, path, parts.uri.query()).ok_or(GatewayError::InvalidRequest(
+    parts.uri = upstream_uri(path, parts.uri.query()).ok_or(GatewayError::InvalidRequest(
         "the request path cannot be forwarded",
     ))?;
     parts.version = Version::HTTP_11;
 
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_else(|| "unknown".to_string());
     let user_header = match &record.user_id {
         Some(u) => Some(HeaderValue::from_str(u).map_err(|_| GatewayError::InvalidToken)?),
         None => None,
@@ -155,7 +169,7 @@ async fn forward(
         plan: &client.plan_header,
     };
     let fwd = Forwarded {
-        peer_ip: &peer,
+        peer_ip: peer,
         proto: "http",
         request_id,
     };
@@ -163,7 +177,7 @@ async fn forward(
 
     let upstream_req = http::Request::from_parts(parts, body);
     let resp =
-        match tokio::time::timeout(api.timeout, crate::state::send_upstream(upstream_req)).await {
+        match tokio::time::timeout(api.timeout, upstream::send(&api.target, upstream_req)).await {
             Err(_) => return Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, api = %api.cfg.id, "upstream request failed");
@@ -177,19 +191,17 @@ async fn forward(
     parts
         .headers
         .insert(headers::REQUEST_ID, request_id.clone());
-    Ok(Response::from_parts(parts, Body::new(body)))
+    Ok(Response::from_parts(parts, body))
 }
 
-/// The upstream URI from the pre-parsed scheme and authority: only the path is parsed per request.
-fn upstream_uri(api: &ApiRuntime, mut path: String, query: Option<&str>) -> Option<Uri> {
+/// The origin-form URI sent upstream (the connection already names scheme and authority).
+fn upstream_uri(mut path: String, query: Option<&str>) -> Option<Uri> {
     if let Some(q) = query {
         path.reserve(q.len() + 1);
         path.push('?');
         path.push_str(q);
     }
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(api.scheme.clone());
-    parts.authority = Some(api.authority.clone());
-    parts.path_and_query = Some(PathAndQuery::from_maybe_shared(bytes::Bytes::from(path)).ok()?);
-    Uri::from_parts(parts).ok()
+    PathAndQuery::from_maybe_shared(bytes::Bytes::from(path))
+        .ok()
+        .map(Uri::from)
 }

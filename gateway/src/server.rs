@@ -1,16 +1,28 @@
 //! Wires the routers and runs the listeners until SIGTERM/SIGINT, then drains in-flight requests.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
+use http::{HeaderValue, Request, Response};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 
+use crate::oauth;
+use crate::proxy::{self, ProxyBody};
 use crate::state::AppState;
 use crate::store::unix_now;
-use crate::{oauth, proxy};
+
+/// Slow clients get this long to send a request's headers (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The public router: OAuth endpoints first, everything else is proxied by pathPrefix.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -97,6 +109,71 @@ async fn serve_until(
     .await
 }
 
+/// What the public listener serves: the gateway's own pages and endpoints through the axum
+/// router, every other path straight to the proxy (no routing table, no boxed response body).
+#[derive(Clone)]
+pub struct Public {
+    router: Router,
+    proxy: Option<Arc<AppState>>,
+    header_read_timeout: Duration,
+}
+
+impl Public {
+    pub fn new(state: Arc<AppState>) -> Public {
+        Public {
+            router: router(state.clone()),
+            proxy: Some(state),
+            header_read_timeout: HEADER_READ_TIMEOUT,
+        }
+    }
+
+    /// Every request through `router`.
+    pub fn router_only(router: Router) -> Public {
+        Public {
+            router,
+            proxy: None,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+        }
+    }
+
+    /// How long a client may take to send a request's headers before the connection is closed.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Public {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    async fn call(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        peer_ip: &HeaderValue,
+    ) -> Response<ProxyBody> {
+        let mut req = req.map(Body::new);
+        if let Some(state) = &self.proxy
+            && !served_by_gateway(req.uri().path())
+        {
+            return proxy::serve(state, req, peer_ip).await;
+        }
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let mut router = self.router.clone();
+        match tower::Service::call(&mut router, req).await {
+            Ok(resp) => resp.map(Either::Right),
+            Err(never) => match never {},
+        }
+    }
+}
+
+/// True for paths under the prefixes no Api may use (the router's routes live there).
+fn served_by_gateway(path: &str) -> bool {
+    let first = path
+        .strip_prefix('/')
+        .and_then(|p| p.split('/').next())
+        .unwrap_or("");
+    gatehouse_crds::compile::RESERVED_PREFIXES
+        .iter()
+        .any(|r| r[1..] == *first)
+}
+
 /// Binds `addr` once per worker with SO_REUSEPORT (Linux spreads new connections across the
 /// sockets). With port 0 every socket takes the port the first one got.
 pub fn bind_workers(
@@ -130,7 +207,7 @@ pub fn bind_workers(
 /// Returns when `stop` fires and every worker has drained its in-flight requests.
 pub async fn serve_workers(
     listeners: Vec<std::net::TcpListener>,
-    app: Router,
+    app: Public,
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -148,7 +225,8 @@ pub async fn serve_workers(
                     let stop = async move {
                         let _ = rx.wait_for(|stop| *stop).await;
                     };
-                    serve_until(listener, app, stop).await
+                    serve_public(listener, app, stop).await;
+                    Ok(())
                 })
             })?;
         threads.push(thread);
@@ -171,9 +249,116 @@ pub async fn serve_workers(
     .map_err(std::io::Error::other)?
 }
 
+/// One worker's accept loop: HTTP/1.1 (and h2c) with a header-read deadline; on `stop` it
+/// stops accepting and waits for in-flight requests (idle keep-alive connections are closed).
+async fn serve_public(
+    listener: tokio::net::TcpListener,
+    app: Public,
+    stop: impl Future<Output = ()>,
+) {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    let app = Arc::new(app);
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        // Responses are written whole; Nagle would only delay the last segment.
+        let _ = tcp.set_nodelay(true);
+        let conn_ctx = Arc::new((app.clone(), peer, proxy::peer_header(Some(peer.ip()))));
+        let svc = hyper::service::service_fn(move |req| {
+            let ctx = conn_ctx.clone();
+            async move {
+                let (app, peer, peer_ip) = &*ctx;
+                Ok::<_, Infallible>(app.call(req, *peer, peer_ip).await)
+            }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(tcp), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gateway_paths_go_to_the_router_everything_else_to_the_proxy() {
+        for p in [
+            "/oauth2/authorize",
+            "/oauth2/token",
+            "/oauth2/revoke",
+            "/oauth2/introspect",
+            "/oauth2/userinfo",
+            "/.well-known/oauth-authorization-server",
+            "/login",
+            "/signup",
+            "/consent",
+            "/oauth2",
+        ] {
+            assert!(served_by_gateway(p), "{p}");
+        }
+        for p in [
+            "/",
+            "",
+            "/api/x",
+            "/oauth2x/token",
+            "/logins",
+            "/api/oauth2/token",
+        ] {
+            assert!(!served_by_gateway(p), "{p}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let app = Public::router_only(Router::new().route("/", get(|| async { "ok" })))
+            .header_read_timeout(Duration::from_millis(300));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serve_workers(listeners, app, async move {
+            let _ = stop_rx.await;
+        }));
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = Vec::new();
+        // The server answers 408 or just closes; either way the read ends well before 10 s.
+        let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "connection still open after 10 s");
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        let text = String::from_utf8_lossy(&buf);
+        assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+        stop_tx.send(()).unwrap();
+        served.await.unwrap().unwrap();
+    }
 
     #[test]
     fn workers_share_one_port_even_when_asked_for_port_zero() {
@@ -190,7 +375,7 @@ mod tests {
     async fn every_worker_answers_and_all_stop_together() {
         let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 2).unwrap();
         let addr = listeners[0].local_addr().unwrap();
-        let app = Router::new().route("/", get(|| async { "ok" }));
+        let app = Public::router_only(Router::new().route("/", get(|| async { "ok" })));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(serve_workers(listeners, app, async move {
             let _ = stop_rx.await;

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use gatehouse_crds::{ApiConfig, ClientConfig, GatewayConfig, PlanConfig};
 use http::HeaderValue;
-use http::uri::{Authority, Scheme, Uri};
+use http::uri::{Scheme, Uri};
+
+use crate::upstream::Target;
 
 pub struct ApiRuntime {
     pub cfg: ApiConfig,
-    /// Scheme and authority of the upstream, parsed once.
-    pub scheme: Scheme,
-    pub authority: Authority,
+    /// Where requests go (scheme, authority, Host), parsed once.
+    pub target: Target,
     /// The upstream URL's path (may be empty).
     pub base_path: String,
     pub timeout: Duration,
@@ -56,7 +57,7 @@ impl Snapshot {
                 .url
                 .parse()
                 .map_err(|e| SnapshotError(format!("api {} upstream url: {e}", api.id)))?;
-            let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            let (Some(scheme), Some(_)) = (uri.scheme(), uri.authority()) else {
                 return Err(SnapshotError(format!(
                     "api {} upstream url {} is not absolute",
                     api.id, api.upstream.url
@@ -69,8 +70,8 @@ impl Snapshot {
                 )));
             }
             apis.push(ApiRuntime {
-                scheme: scheme.clone(),
-                authority: authority.clone(),
+                target: Target::new(&uri)
+                    .map_err(|e| SnapshotError(format!("api {}: {e}", api.id)))?,
                 base_path: uri.path().trim_end_matches('/').to_string(),
                 timeout: Duration::from_secs(api.upstream.timeout_seconds.max(1)),
                 cfg: api.clone(),

@@ -3,17 +3,10 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use axum::body::Body;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::ratelimit::Limiter;
 use crate::snapshot::Snapshot;
 use crate::store::Store;
-
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
 pub struct AppState {
     pub config: ArcSwap<Snapshot>,
@@ -48,31 +41,4 @@ impl AppState {
     pub fn swap_config(&self, snapshot: Snapshot) {
         self.config.store(Arc::new(snapshot));
     }
-}
-
-thread_local! {
-    // One upstream pool per thread: a worker's upstream connections are driven by that worker's
-    // runtime, so forwarding a request never wakes another thread.
-    static UPSTREAM: HttpClient = http_client();
-}
-
-/// Sends a request upstream through this thread's pool.
-pub fn send_upstream(req: http::Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
-    UPSTREAM.with(|c| c.request(req))
-}
-
-/// Pooled keep-alive client for upstreams, http and https (webpki roots).
-pub fn http_client() -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .pool_max_idle_per_host(512)
-        .build(https)
 }

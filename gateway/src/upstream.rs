@@ -1,0 +1,382 @@
+//! Upstream HTTP/1.1 connections, pooled per worker thread.
+//!
+//! hyper-util's pooled client spawns an extra task per request to hand the connection back and
+//! locks a pool shared by every thread. Here a worker's upstream connections live in that
+//! worker's pool, and a connection goes back the moment the response body has been read to the
+//! end (`UpstreamBody`), so the next request on the same thread reuses it without a task switch.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower::ServiceExt;
+
+/// Idle connections older than this are closed instead of reused (upstreams commonly close
+/// idle keep-alive connections after 60 s or more; reusing one they are closing fails the request).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
+/// At most this many idle connections per upstream per worker.
+const MAX_IDLE_PER_UPSTREAM: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to the upstream: {0}")]
+    Connect(Box<dyn std::error::Error + Send + Sync>),
+    #[error("upstream HTTP/1.1: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the upstream URL has no scheme or host")]
+    NoAuthority,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    https: bool,
+    authority: Authority,
+}
+
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Pool {
+    // Only this worker's thread touches the lock, except for a body finishing elsewhere.
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+}
+
+impl Pool {
+    /// The most recently used open connection to `key`; stale and closed ones are dropped.
+    fn checkout(&self, key: &Key, now: Instant) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some(entry) = list.pop() {
+            if !entry.sender.is_closed() && now.duration_since(entry.since) < IDLE_TIMEOUT {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, key: Key, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(key).or_default();
+        // The oldest entries sit at the bottom of the stack: close them once they are stale.
+        while list
+            .first()
+            .is_some_and(|e| e.sender.is_closed() || now.duration_since(e.since) >= IDLE_TIMEOUT)
+        {
+            list.remove(0);
+        }
+        if list.len() < MAX_IDLE_PER_UPSTREAM {
+            list.push(Idle { sender, since: now });
+        }
+    }
+}
+
+thread_local! {
+    static POOL: Arc<Pool> = Arc::new(Pool::default());
+    static CONNECTOR: HttpsConnector<HttpConnector> = connector();
+}
+
+/// TCP (no Nagle) or TLS with the webpki roots; HTTP/1.1 only.
+fn connector() -> HttpsConnector<HttpConnector> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
+/// Where an Api's requests go: parsed once per configuration, not per request.
+#[derive(Clone)]
+pub struct Target {
+    key: Key,
+    /// `scheme://authority/`, what the connector dials.
+    dial: Uri,
+    /// The upstream's own Host header.
+    host: HeaderValue,
+}
+
+impl Target {
+    /// From an absolute http(s) URL; its path is ignored here (see `ApiRuntime::base_path`).
+    pub fn new(url: &Uri) -> Result<Target, UpstreamError> {
+        let (Some(scheme), Some(authority)) = (url.scheme(), url.authority()) else {
+            return Err(UpstreamError::NoAuthority);
+        };
+        let dial = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|_| UpstreamError::NoAuthority)?;
+        Ok(Target {
+            key: Key {
+                https: *scheme == Scheme::HTTPS,
+                authority: authority.clone(),
+            },
+            dial,
+            host: HeaderValue::from_str(authority.as_str())
+                .map_err(|_| UpstreamError::NoAuthority)?,
+        })
+    }
+}
+
+async fn connect(target: &Target) -> Result<SendRequest<Body>, UpstreamError> {
+    let connector = CONNECTOR.with(Clone::clone);
+    let io = connector
+        .oneshot(target.dial.clone())
+        .await
+        .map_err(UpstreamError::Connect)?;
+    let (sender, conn) = http1::handshake(io).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `req` (origin-form URI: path and query) to `target` on a pooled connection of this
+/// thread, or a new one, with the upstream's Host unless the request has one. A request a pooled
+/// connection could not take (closed under us) is retried once on a new connection; nothing of
+/// it was sent.
+pub async fn send(
+    target: &Target,
+    mut req: Request<Body>,
+) -> Result<Response<UpstreamBody>, UpstreamError> {
+    if !req.headers().contains_key(http::header::HOST) {
+        req.headers_mut()
+            .insert(http::header::HOST, target.host.clone());
+    }
+    let pool = POOL.with(Arc::clone);
+    let pooled = pool.checkout(&target.key, Instant::now());
+    let reused = pooled.is_some();
+    let mut sender = match pooled {
+        Some(s) => s,
+        None => connect(target).await?,
+    };
+    let resp = match ready_and_send(&mut sender, req).await {
+        Ok(resp) => resp,
+        Err(mut e) if reused => match e.take_message() {
+            Some(req) => {
+                sender = connect(target).await?;
+                ready_and_send(&mut sender, req)
+                    .await
+                    .map_err(|e| UpstreamError::Http(e.into_error()))?
+            }
+            None => return Err(UpstreamError::Http(e.into_error())),
+        },
+        Err(e) => return Err(UpstreamError::Http(e.into_error())),
+    };
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(
+        parts,
+        UpstreamBody::new(body, pool, target.key.clone(), sender),
+    ))
+}
+
+async fn ready_and_send(
+    sender: &mut SendRequest<Body>,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
+    // A pooled connection becomes ready once its dispatcher has seen the previous body end.
+    if sender.ready().await.is_err() {
+        // Closed: hand the untouched request back for a retry.
+        return sender.try_send_request(req).await;
+    }
+    sender.try_send_request(req).await
+}
+
+/// The upstream's response body; returns its connection to the pool when read to the end.
+/// Dropped early (client went away), the connection is closed with it.
+pub struct UpstreamBody {
+    inner: Incoming,
+    back: Option<(Arc<Pool>, Key, SendRequest<Body>)>,
+}
+
+impl UpstreamBody {
+    fn new(inner: Incoming, pool: Arc<Pool>, key: Key, sender: SendRequest<Body>) -> UpstreamBody {
+        let mut body = UpstreamBody {
+            inner,
+            back: Some((pool, key, sender)),
+        };
+        // An empty body (204, Content-Length: 0) is never polled: release now.
+        if hyper::body::Body::is_end_stream(&body.inner) {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some((pool, key, sender)) = self.back.take() {
+            pool.put(key, sender);
+        }
+    }
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            // hyper stops polling a body that reports its end, so release on the last frame.
+            Some(Ok(_)) if this.inner.is_end_stream() => this.release(),
+            None => this.release(),
+            // An error leaves the connection in an unknown state: never reuse it.
+            Some(Err(_)) => this.back = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A keep-alive HTTP/1.1 upstream counting the connections it accepted.
+    async fn upstream() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let body = match req.uri().path() {
+                        "/empty" => String::new(),
+                        "/host" => format!("host={:?}", req.headers().get(http::header::HOST)),
+                        p => format!("path={p}"),
+                    };
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(body),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn target(addr: std::net::SocketAddr) -> Target {
+        Target::new(&format!("http://{addr}/ignored").parse().unwrap()).unwrap()
+    }
+
+    fn get(path: &str) -> Request<Body> {
+        Request::get(path).body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_reuse_one_connection() {
+        let (addr, accepted) = upstream().await;
+        for i in 0..5 {
+            let resp = send(&target(addr), get(&format!("/r{i}?q=1")))
+                .await
+                .unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, format!("path=/r{i}"));
+        }
+        let resp = send(&target(addr), get("/host")).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, format!("host=Some(\"{addr}\")"));
+        // Empty bodies are never polled by a server: the connection must come back anyway.
+        for _ in 0..3 {
+            let resp = send(&target(addr), get("/empty")).await.unwrap();
+            assert!(hyper::body::Body::is_end_stream(resp.body()));
+            drop(resp);
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_still_being_read_is_not_shared_and_a_dropped_one_is_not_reused() {
+        let (addr, accepted) = upstream().await;
+        let first = send(&target(addr), get("/a")).await.unwrap();
+        // `first`'s body is unread: the second request needs its own connection.
+        let second = send(&target(addr), get("/b")).await.unwrap();
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let body = second.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "path=/b");
+        drop(first);
+        // The connection of the finished body is reused; the dropped one is gone.
+        let third = send(&target(addr), get("/c")).await.unwrap();
+        let body = third.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "path=/c");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_replaced() {
+        // An upstream that answers one request per connection, then closes it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async move {
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"once"),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        for _ in 0..4 {
+            let resp = send(&target(addr), get("/")).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "once");
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_upstream_is_an_error_not_a_hang() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        assert!(matches!(
+            send(&target(addr), get("/")).await,
+            Err(UpstreamError::Connect(_))
+        ));
+    }
+}
