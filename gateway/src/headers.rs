@@ -16,29 +16,51 @@ pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-r
 pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 /// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+pub fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Names a client may not set: the gateway's identity headers (any `X-Authenticated-*`).
+fn is_identity(name: &str) -> bool {
+    name.starts_with("x-authenticated-")
+        || matches!(name, "x-client-id" | "x-application-id" | "x-api-plan")
+}
+
+/// Removes every header whose name `drop` selects, plus any the Connection header names.
+/// One pass over the (few) names present instead of a hash lookup per name that might be.
+fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&str) -> bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if drop(name.as_str()) {
+            doomed.push(name.clone());
+        }
+    }
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',') {
+            if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                doomed.push(name);
+            }
+        }
+    }
+    for name in doomed {
+        headers.remove(name);
+    }
+}
 
 /// Removes hop-by-hop headers, including any the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
+    remove_where(headers, is_hop_by_hop);
 }
 
 /// Who the caller is, as the upstream will be told. Values are prevalidated header values.
@@ -62,20 +84,10 @@ pub struct Forwarded<'a> {
 /// and every client-supplied identity header (any case, any `X-Authenticated-*`) removed, then
 /// the gateway's identity and forwarding headers set.
 pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forwarded<'_>) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::AUTHORIZATION);
     // HeaderMap names are lowercase already, so this catches every spelling a client used.
-    let spoofed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-authenticated-"))
-        .cloned()
-        .collect();
-    for name in spoofed {
-        headers.remove(name);
-    }
-    for name in [CLIENT_ID, APPLICATION_ID, API_PLAN] {
-        headers.remove(name);
-    }
+    remove_where(headers, |name| {
+        is_hop_by_hop(name) || is_identity(name) || name == "authorization"
+    });
 
     if let Some(user) = &id.user_id {
         headers.insert(USER_ID, user.clone());
@@ -220,6 +232,50 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-request-id"], "req-1");
         assert_eq!(h["accept"], "application/json");
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_is_dropped_both_ways() {
+        let names = [
+            "connection",
+            "keep-alive",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ];
+        let mut h = HeaderMap::new();
+        for n in names {
+            h.insert(HeaderName::from_static(n), hv("x"));
+        }
+        h.append(header::CONNECTION, hv("X-Other , close"));
+        h.insert("x-other", hv("1"));
+        h.insert("content-type", hv("text/plain"));
+        let mut req = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["content-type"], "text/plain");
+
+        let (c, a, p, rid) = (hv("cid"), hv("app"), hv("plan"), hv("r"));
+        let id = Identity {
+            user_id: None,
+            scope: hv(""),
+            client_id: &c,
+            application_id: &a,
+            plan: &p,
+        };
+        let fwd = Forwarded {
+            peer_ip: &hv("10.0.0.2"),
+            proto: "http",
+            request_id: &rid,
+        };
+        rewrite_request(&mut req, &id, &fwd);
+        for n in names.iter().chain(&["x-other"]) {
+            assert!(!req.contains_key(*n), "{n} forwarded");
+        }
+        assert_eq!(req["content-type"], "text/plain");
     }
 
     #[test]

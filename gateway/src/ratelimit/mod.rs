@@ -39,12 +39,30 @@ pub fn limit_checks(plan: &PlanConfig, subscription: &str, user: Option<&str>) -
                 (LimitKey::User, Some(u)) => u,
                 _ => "-",
             };
+            // Per request: plain pushes instead of the formatting machinery.
+            let mut key =
+                String::with_capacity(subscription.len() + plan.id.len() + who.len() + 12);
+            key.push_str("rl:{");
+            key.push_str(subscription);
+            key.push_str("}:");
+            key.push_str(&plan.id);
+            key.push(':');
+            push_index(&mut key, i);
+            key.push(':');
+            key.push_str(who);
             LimitCheck {
-                key: format!("rl:{{{subscription}}}:{}:{i}:{who}", plan.id),
+                key,
                 rate: Rate::new(l.requests, l.per_seconds),
             }
         })
         .collect()
+}
+
+fn push_index(key: &mut String, i: usize) {
+    match u8::try_from(i) {
+        Ok(d @ 0..=9) => key.push(char::from(b'0' + d)),
+        _ => key.push_str(&i.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -76,6 +94,13 @@ mod tests {
         assert_eq!(checks[0].key, "rl:{demo/app-sub}:demo/basic:0:u-1");
         assert_eq!(checks[1].key, "rl:{demo/app-sub}:demo/basic:1:-");
         assert_eq!(checks[0].rate, Rate::new(10, 1));
+        let many = PlanConfig {
+            rate_limits: vec![plan.rate_limits[0].clone(); 12],
+            ..plan.clone()
+        };
+        let keys = limit_checks(&many, "s", Some("u"));
+        assert_eq!(keys[9].key, "rl:{s}:demo/basic:9:u");
+        assert_eq!(keys[11].key, "rl:{s}:demo/basic:11:u");
         let anon = limit_checks(&plan, "demo/app-sub", None);
         assert_eq!(anon[0].key, "rl:{demo/app-sub}:demo/basic:0:-");
     }

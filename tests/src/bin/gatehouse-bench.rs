@@ -474,6 +474,10 @@ async fn main() -> anyhow::Result<()> {
     });
     let mut results = json!({ "machine": machine, "args": format!("{args:?}"), "throughput": {}, "endpoints": {}, "memory": {} });
 
+    // Redis gateway RSS after each phase: where memory goes, and whether it comes back.
+    let redis_pid = gws[1].2;
+    let mut rss_phases: Vec<(&str, u64)> = vec![("start", status_kib(redis_pid, "VmRSS:"))];
+
     // Tokens through the real endpoints, per gateway.
     let mut tok: BTreeMap<&str, (PathBuf, PathBuf, PathBuf)> = BTreeMap::new();
     for (name, port, _, _) in &gws {
@@ -585,6 +589,10 @@ async fn main() -> anyhow::Result<()> {
         results["endpoints"][*name]["login_per_s"] = json!(200.0 / started.elapsed().as_secs_f64());
         eprintln!("{name}: endpoints {}", results["endpoints"][*name]);
     }
+    rss_phases.push((
+        "after signups and endpoints",
+        status_kib(redis_pid, "VmRSS:"),
+    ));
 
     // Throughput: alternating rounds over the targets.
     let mut runs: BTreeMap<String, Vec<WrkRun>> = BTreeMap::new();
@@ -640,6 +648,7 @@ async fn main() -> anyhow::Result<()> {
             runs.entry(label).or_default().push(r);
         }
     }
+    rss_phases.push(("after throughput", status_kib(redis_pid, "VmRSS:")));
     // Moderate load for latency: 8 connections, each pausing 4 ms between requests (about
     // 2,000 req/s, a tenth of what the proxies sustain here), many users. Added latency is
     // measured against calling the upstream directly at the same load.
@@ -702,7 +711,13 @@ async fn main() -> anyhow::Result<()> {
         None,
     )?;
     let pid = gws[1].2;
-    results["memory"] = json!({"live_tokens": args.memory_tokens, "requests_over_them": (used.rps * mem_secs as f64).round(), "redis_gateway_rss_kib": status_kib(pid, "VmRSS:"), "redis_gateway_peak_rss_kib": status_kib(pid, "VmHWM:"), "embedded_gateway_peak_rss_kib": status_kib(gws[0].2, "VmHWM:")});
+    let under_load = status_kib(pid, "VmRSS:");
+    rss_phases.push(("100k tokens, end of load", under_load));
+    // What stays resident once the allocator has had its purge delay (1 s) to return memory.
+    std::thread::sleep(Duration::from_secs(3));
+    let settled = status_kib(pid, "VmRSS:");
+    rss_phases.push(("100k tokens, 3 s later", settled));
+    results["memory"] = json!({"live_tokens": args.memory_tokens, "requests_over_them": (used.rps * mem_secs as f64).round(), "redis_gateway_rss_kib": settled, "redis_gateway_rss_under_load_kib": under_load, "redis_gateway_peak_rss_kib": status_kib(pid, "VmHWM:"), "embedded_gateway_peak_rss_kib": status_kib(gws[0].2, "VmHWM:"), "redis_gateway_rss_by_phase_kib": rss_phases.iter().map(|(k, v)| json!({"phase": k, "rss_kib": v})).collect::<Vec<_>>()});
 
     // Table.
     let nginx_rps = median(runs["nginx"].iter().map(|r| r.rps).collect());
