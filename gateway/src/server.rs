@@ -249,14 +249,19 @@ pub async fn serve_workers(
     .map_err(std::io::Error::other)?
 }
 
-/// One worker's accept loop: HTTP/1.1 (and h2c) with a header-read deadline; on `stop` it
-/// stops accepting and waits for in-flight requests (idle keep-alive connections are closed).
+/// One worker's accept loop: HTTP/1.1 with a header-read deadline that also covers a connection
+/// that never sends anything and idle keep-alive connections; on `stop` it stops accepting and
+/// waits for in-flight requests (idle keep-alive connections are closed). HTTP/1.1 only: h2c
+/// would need its own idle deadline, and ingresses and mobile clients reach us over HTTP/1.1
+/// (TLS, and with it HTTP/2, ends at the ingress).
 async fn serve_public(
     listener: tokio::net::TcpListener,
     app: Public,
     stop: impl Future<Output = ()>,
 ) {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let _sweeper = crate::upstream::spawn_idle_sweeper();
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -344,6 +349,12 @@ mod tests {
         let served = tokio::spawn(serve_workers(listeners, app, async move {
             let _ = stop_rx.await;
         }));
+        // Connected, never a byte: closed too.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "silent connection still open after 10 s");
         let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
         slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
             .await

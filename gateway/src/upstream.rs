@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ struct Key {
 }
 
 struct Idle {
-    sender: SendRequest<Body>,
+    sender: SendRequest<RequestBody>,
     since: Instant,
 }
 
@@ -55,7 +56,7 @@ struct Pool {
 
 impl Pool {
     /// The most recently used open connection to `key`; stale and closed ones are dropped.
-    fn checkout(&self, key: &Key, now: Instant) -> Option<SendRequest<Body>> {
+    fn checkout(&self, key: &Key, now: Instant) -> Option<SendRequest<RequestBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
         while let Some(entry) = list.pop() {
@@ -66,7 +67,16 @@ impl Pool {
         None
     }
 
-    fn put(&self, key: Key, sender: SendRequest<Body>) {
+    /// Closes every connection that is closed or idle too long; drops empty upstreams.
+    fn sweep(&self, now: Instant) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|_, list| {
+            list.retain(|e| !e.sender.is_closed() && now.duration_since(e.since) < IDLE_TIMEOUT);
+            !list.is_empty()
+        });
+    }
+
+    fn put(&self, key: Key, sender: SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }
@@ -89,6 +99,18 @@ impl Pool {
 thread_local! {
     static POOL: Arc<Pool> = Arc::new(Pool::default());
     static CONNECTOR: HttpsConnector<HttpConnector> = connector();
+}
+
+/// Closes this thread's idle connections once they outlive the idle timeout, also when no
+/// request comes to reuse or replace them (an Api removed, traffic stopped). One per worker.
+pub fn spawn_idle_sweeper() -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(IDLE_TIMEOUT / 4);
+        loop {
+            tick.tick().await;
+            POOL.with(|p| p.sweep(Instant::now()));
+        }
+    })
 }
 
 /// TCP (no Nagle) or TLS with the webpki roots; HTTP/1.1 only.
@@ -137,7 +159,7 @@ impl Target {
     }
 }
 
-async fn connect(target: &Target) -> Result<SendRequest<Body>, UpstreamError> {
+async fn connect(target: &Target) -> Result<SendRequest<RequestBody>, UpstreamError> {
     let connector = CONNECTOR.with(Clone::clone);
     let io = connector
         .oneshot(target.dial.clone())
@@ -158,12 +180,22 @@ async fn connect(target: &Target) -> Result<SendRequest<Body>, UpstreamError> {
 /// it was sent.
 pub async fn send(
     target: &Target,
-    mut req: Request<Body>,
+    req: Request<Body>,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
-    if !req.headers().contains_key(http::header::HOST) {
-        req.headers_mut()
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(http::header::HOST) {
+        parts
+            .headers
             .insert(http::header::HOST, target.host.clone());
     }
+    let sent = (!hyper::body::Body::is_end_stream(&body)).then(|| Arc::new(AtomicBool::new(false)));
+    let req = Request::from_parts(
+        parts,
+        RequestBody {
+            inner: body,
+            sent: sent.clone(),
+        },
+    );
     let pool = POOL.with(Arc::clone);
     let pooled = pool.checkout(&target.key, Instant::now());
     let reused = pooled.is_some();
@@ -187,14 +219,14 @@ pub async fn send(
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(
         parts,
-        UpstreamBody::new(body, pool, target.key.clone(), sender),
+        UpstreamBody::new(body, sent, pool, target.key.clone(), sender),
     ))
 }
 
 async fn ready_and_send(
-    sender: &mut SendRequest<Body>,
-    req: Request<Body>,
-) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
+    sender: &mut SendRequest<RequestBody>,
+    req: Request<RequestBody>,
+) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>> {
     // A pooled connection becomes ready once its dispatcher has seen the previous body end.
     if sender.ready().await.is_err() {
         // Closed: hand the untouched request back for a retry.
@@ -203,17 +235,64 @@ async fn ready_and_send(
     sender.try_send_request(req).await
 }
 
-/// The upstream's response body; returns its connection to the pool when read to the end.
-/// Dropped early (client went away), the connection is closed with it.
+/// The request body as sent upstream. With a body it records when hyper took its last frame:
+/// an upstream may answer before reading the whole request, and until hyper has sent the rest
+/// the connection cannot take another request.
+pub struct RequestBody {
+    inner: Body,
+    sent: Option<Arc<AtomicBool>>,
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let ended = match &frame {
+            None => true,
+            Some(Ok(_)) => this.inner.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if ended && let Some(sent) = &this.sent {
+            sent.store(true, Ordering::Release);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The upstream's response body; returns its connection to the pool when read to the end and
+/// the request body was all sent. Dropped early (client went away), or with the request body
+/// still being sent, the connection is closed instead (after hyper finishes what it is sending).
 pub struct UpstreamBody {
     inner: Incoming,
-    back: Option<(Arc<Pool>, Key, SendRequest<Body>)>,
+    request_sent: Option<Arc<AtomicBool>>,
+    back: Option<(Arc<Pool>, Key, SendRequest<RequestBody>)>,
 }
 
 impl UpstreamBody {
-    fn new(inner: Incoming, pool: Arc<Pool>, key: Key, sender: SendRequest<Body>) -> UpstreamBody {
+    fn new(
+        inner: Incoming,
+        request_sent: Option<Arc<AtomicBool>>,
+        pool: Arc<Pool>,
+        key: Key,
+        sender: SendRequest<RequestBody>,
+    ) -> UpstreamBody {
         let mut body = UpstreamBody {
             inner,
+            request_sent,
             back: Some((pool, key, sender)),
         };
         // An empty body (204, Content-Length: 0) is never polled: release now.
@@ -224,7 +303,13 @@ impl UpstreamBody {
     }
 
     fn release(&mut self) {
-        if let Some((pool, key, sender)) = self.back.take() {
+        let request_done = self
+            .request_sent
+            .as_ref()
+            .is_none_or(|s| s.load(Ordering::Acquire));
+        if let Some((pool, key, sender)) = self.back.take()
+            && request_done
+        {
             pool.put(key, sender);
         }
     }
@@ -366,6 +451,71 @@ mod tests {
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, "once");
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_the_request_body_is_not_reused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Answers as soon as it has the headers, then reads (and ignores) whatever follows.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = tcp.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                    }
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                });
+            }
+        });
+        // A request body that sends one chunk, then waits for us.
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        tx.send(bytes::Bytes::from_static(b"first")).await.unwrap();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+        });
+        let upload = Request::post("/upload")
+            .header(http::header::CONTENT_LENGTH, "10")
+            .body(Body::from_stream(stream))
+            .unwrap();
+        let resp = send(&target(addr), upload).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+        // The first connection is still owed 5 bytes: the next request must not wait for it.
+        let next = tokio::time::timeout(Duration::from_secs(5), send(&target(addr), get("/")))
+            .await
+            .expect("a request waited behind an unfinished upload");
+        assert_eq!(next.unwrap().status(), 200);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_swept() {
+        let (addr, _) = upstream().await;
+        let resp = send(&target(addr), get("/x")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        let pool = POOL.with(Arc::clone);
+        let key = target(addr).key;
+        assert_eq!(pool.idle.lock().unwrap()[&key].len(), 1);
+        pool.sweep(Instant::now());
+        assert_eq!(pool.idle.lock().unwrap()[&key].len(), 1, "fresh ones stay");
+        pool.sweep(Instant::now() + IDLE_TIMEOUT);
+        assert!(!pool.idle.lock().unwrap().contains_key(&key));
     }
 
     #[tokio::test]
