@@ -35,6 +35,16 @@ async fn main() -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
+    // Histogram samples pile up in the recorder until upkeep folds them into the summaries;
+    // without it memory grows with every request between scrapes (or forever, if nobody scrapes).
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
 
     // One TLS implementation for every client (upstreams, rediss://).
     let _ = rustls::crypto::ring::default_provider().install_default();
