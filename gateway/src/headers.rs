@@ -234,6 +234,24 @@ mod tests {
         assert_eq!(h["accept"], "application/json");
     }
 
+    /// `rewrite_request` for a client_credentials token (no user) from `peer`.
+    fn rewrite_without_user(h: &mut HeaderMap, peer: &str) {
+        let (c, a, p, rid) = (hv("cid"), hv("demo/app"), hv("basic"), hv("r"));
+        let id = Identity {
+            user_id: None,
+            scope: hv(""),
+            client_id: &c,
+            application_id: &a,
+            plan: &p,
+        };
+        let fwd = Forwarded {
+            peer_ip: &hv(peer),
+            proto: "http",
+            request_id: &rid,
+        };
+        rewrite_request(h, &id, &fwd);
+    }
+
     #[test]
     fn every_hop_by_hop_header_is_dropped_both_ways() {
         let names = [
@@ -258,20 +276,7 @@ mod tests {
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["content-type"], "text/plain");
 
-        let (c, a, p, rid) = (hv("cid"), hv("app"), hv("plan"), hv("r"));
-        let id = Identity {
-            user_id: None,
-            scope: hv(""),
-            client_id: &c,
-            application_id: &a,
-            plan: &p,
-        };
-        let fwd = Forwarded {
-            peer_ip: &hv("10.0.0.2"),
-            proto: "http",
-            request_id: &rid,
-        };
-        rewrite_request(&mut req, &id, &fwd);
+        rewrite_without_user(&mut req, "10.0.0.2");
         for n in names.iter().chain(&["x-other"]) {
             assert!(!req.contains_key(*n), "{n} forwarded");
         }
@@ -282,20 +287,7 @@ mod tests {
     fn client_credentials_tokens_carry_no_user() {
         let mut h = HeaderMap::new();
         h.insert("x-authenticated-userid", hv("spoof"));
-        let (c, a, p, rid) = (hv("cid"), hv("demo/app"), hv("basic"), hv("r"));
-        let id = Identity {
-            user_id: None,
-            scope: hv(""),
-            client_id: &c,
-            application_id: &a,
-            plan: &p,
-        };
-        let fwd = Forwarded {
-            peer_ip: &hv("::1"),
-            proto: "http",
-            request_id: &rid,
-        };
-        rewrite_request(&mut h, &id, &fwd);
+        rewrite_without_user(&mut h, "::1");
         assert!(!h.contains_key("x-authenticated-userid"));
         assert_eq!(h["x-forwarded-for"], "::1");
     }
