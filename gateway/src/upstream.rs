@@ -191,9 +191,9 @@ pub async fn send(
     let sent = (!hyper::body::Body::is_end_stream(&body)).then(|| Arc::new(AtomicBool::new(false)));
     let req = Request::from_parts(
         parts,
-        RequestBody {
+        Watched {
             inner: body,
-            sent: sent.clone(),
+            at_end: MarkSent(sent.clone()),
         },
     );
     let pool = POOL.with(Arc::clone);
@@ -219,7 +219,7 @@ pub async fn send(
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(
         parts,
-        UpstreamBody::new(body, sent, pool, target.key.clone(), sender),
+        upstream_body(body, sent, pool, target.key.clone(), sender),
     ))
 }
 
@@ -235,17 +235,27 @@ async fn ready_and_send(
     sender.try_send_request(req).await
 }
 
-/// The request body as sent upstream. With a body it records when hyper took its last frame:
-/// an upstream may answer before reading the whole request, and until hyper has sent the rest
-/// the connection cannot take another request.
-pub struct RequestBody {
-    inner: Body,
-    sent: Option<Arc<AtomicBool>>,
+/// A body passed through unchanged that tells its `AtEnd` when the last frame has been taken
+/// (hyper stops polling a body that reports its end, so the last data frame counts, not only
+/// the final `None`) or when the body failed.
+pub struct Watched<B, E> {
+    inner: B,
+    at_end: E,
 }
 
-impl hyper::body::Body for RequestBody {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
+/// What a `Watched` body does at its end.
+pub trait AtEnd: Unpin {
+    fn ended(&mut self);
+    fn failed(&mut self);
+}
+
+impl<B, E> hyper::body::Body for Watched<B, E>
+where
+    B: hyper::body::Body + Unpin,
+    E: AtEnd,
+{
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -253,13 +263,11 @@ impl hyper::body::Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        let ended = match &frame {
-            None => true,
-            Some(Ok(_)) => this.inner.is_end_stream(),
-            Some(Err(_)) => false,
-        };
-        if ended && let Some(sent) = &this.sent {
-            sent.store(true, Ordering::Release);
+        match &frame {
+            None => this.at_end.ended(),
+            Some(Ok(_)) if this.inner.is_end_stream() => this.at_end.ended(),
+            Some(Ok(_)) => {}
+            Some(Err(_)) => this.at_end.failed(),
         }
         Poll::Ready(frame)
     }
@@ -273,36 +281,35 @@ impl hyper::body::Body for RequestBody {
     }
 }
 
+/// The request body as sent upstream. With a body it records when hyper took its last frame:
+/// an upstream may answer before reading the whole request, and until hyper has sent the rest
+/// the connection cannot take another request.
+pub type RequestBody = Watched<Body, MarkSent>;
+
+pub struct MarkSent(Option<Arc<AtomicBool>>);
+
+impl AtEnd for MarkSent {
+    fn ended(&mut self) {
+        if let Some(sent) = &self.0 {
+            sent.store(true, Ordering::Release);
+        }
+    }
+
+    fn failed(&mut self) {}
+}
+
 /// The upstream's response body; returns its connection to the pool when read to the end and
 /// the request body was all sent. Dropped early (client went away), or with the request body
 /// still being sent, the connection is closed instead (after hyper finishes what it is sending).
-pub struct UpstreamBody {
-    inner: Incoming,
+pub type UpstreamBody = Watched<Incoming, ReturnToPool>;
+
+pub struct ReturnToPool {
     request_sent: Option<Arc<AtomicBool>>,
     back: Option<(Arc<Pool>, Key, SendRequest<RequestBody>)>,
 }
 
-impl UpstreamBody {
-    fn new(
-        inner: Incoming,
-        request_sent: Option<Arc<AtomicBool>>,
-        pool: Arc<Pool>,
-        key: Key,
-        sender: SendRequest<RequestBody>,
-    ) -> UpstreamBody {
-        let mut body = UpstreamBody {
-            inner,
-            request_sent,
-            back: Some((pool, key, sender)),
-        };
-        // An empty body (204, Content-Length: 0) is never polled: release now.
-        if hyper::body::Body::is_end_stream(&body.inner) {
-            body.release();
-        }
-        body
-    }
-
-    fn release(&mut self) {
+impl AtEnd for ReturnToPool {
+    fn ended(&mut self) {
         let request_done = self
             .request_sent
             .as_ref()
@@ -313,36 +320,29 @@ impl UpstreamBody {
             pool.put(key, sender);
         }
     }
+
+    /// The connection is in an unknown state: never reuse it.
+    fn failed(&mut self) {
+        self.back = None;
+    }
 }
 
-impl hyper::body::Body for UpstreamBody {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            // hyper stops polling a body that reports its end, so release on the last frame.
-            Some(Ok(_)) if this.inner.is_end_stream() => this.release(),
-            None => this.release(),
-            // An error leaves the connection in an unknown state: never reuse it.
-            Some(Err(_)) => this.back = None,
-            Some(Ok(_)) => {}
-        }
-        Poll::Ready(frame)
+fn upstream_body(
+    inner: Incoming,
+    request_sent: Option<Arc<AtomicBool>>,
+    pool: Arc<Pool>,
+    key: Key,
+    sender: SendRequest<RequestBody>,
+) -> UpstreamBody {
+    let mut at_end = ReturnToPool {
+        request_sent,
+        back: Some((pool, key, sender)),
+    };
+    // An empty body (204, Content-Length: 0) is never polled: release now.
+    if hyper::body::Body::is_end_stream(&inner) {
+        at_end.ended();
     }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    Watched { inner, at_end }
 }
 
 #[cfg(test)]
