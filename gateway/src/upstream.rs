@@ -2,8 +2,9 @@
 //!
 //! hyper-util's pooled client spawns an extra task per request to hand the connection back and
 //! locks a pool shared by every thread. Here a worker's upstream connections live in that
-//! worker's pool, and a connection goes back the moment the response body has been read to the
-//! end (`UpstreamBody`), so the next request on the same thread reuses it without a task switch.
+//! worker's pool, and a connection goes back the moment the exchange is complete (response body
+//! read to the end, request body sent: `UpstreamBody`), so the next request on the same thread
+//! reuses it without a task switch.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -48,6 +49,12 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    fn usable(&self, now: Instant) -> bool {
+        !self.sender.is_closed() && now.duration_since(self.since) < IDLE_TIMEOUT
+    }
+}
+
 #[derive(Default)]
 struct Pool {
     // Only this worker's thread touches the lock, except for a body finishing elsewhere.
@@ -60,7 +67,7 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
         while let Some(entry) = list.pop() {
-            if !entry.sender.is_closed() && now.duration_since(entry.since) < IDLE_TIMEOUT {
+            if entry.usable(now) {
                 return Some(entry.sender);
             }
         }
@@ -71,27 +78,23 @@ impl Pool {
     fn sweep(&self, now: Instant) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.retain(|_, list| {
-            list.retain(|e| !e.sender.is_closed() && now.duration_since(e.since) < IDLE_TIMEOUT);
+            list.retain(|e| e.usable(now));
             !list.is_empty()
         });
     }
 
+    /// Stale entries are left to `checkout` and the sweeper.
     fn put(&self, key: Key, sender: SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }
-        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
-        // The oldest entries sit at the bottom of the stack: close them once they are stale.
-        while list
-            .first()
-            .is_some_and(|e| e.sender.is_closed() || now.duration_since(e.since) >= IDLE_TIMEOUT)
-        {
-            list.remove(0);
-        }
         if list.len() < MAX_IDLE_PER_UPSTREAM {
-            list.push(Idle { sender, since: now });
+            list.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
         }
     }
 }
@@ -227,11 +230,9 @@ async fn ready_and_send(
     sender: &mut SendRequest<RequestBody>,
     req: Request<RequestBody>,
 ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>> {
-    // A pooled connection becomes ready once its dispatcher has seen the previous body end.
-    if sender.ready().await.is_err() {
-        // Closed: hand the untouched request back for a retry.
-        return sender.try_send_request(req).await;
-    }
+    // A pooled connection becomes ready once its dispatcher has seen the previous exchange end.
+    // If it closed instead, `try_send_request` hands the untouched request back for a retry.
+    let _ = sender.ready().await;
     sender.try_send_request(req).await
 }
 
@@ -349,34 +350,51 @@ fn upstream_body(
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicUsize;
 
-    /// A keep-alive HTTP/1.1 upstream counting the connections it accepted.
-    async fn upstream() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    /// A test upstream: `handle` runs for every accepted connection; the counter says how many.
+    async fn serve_each<F, Fut>(handle: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let body = match req.uri().path() {
-                        "/empty" => String::new(),
-                        "/host" => format!("host={:?}", req.headers().get(http::header::HOST)),
-                        p => format!("path={p}"),
-                    };
-                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from(body),
-                    )))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
-                );
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(handle(tcp));
             }
         });
         (addr, accepted)
+    }
+
+    /// A hyper HTTP/1.1 upstream (keep-alive unless `keep_alive` is false).
+    async fn hyper_upstream(keep_alive: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        serve_each(move |tcp| async move {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let body = match req.uri().path() {
+                    "/empty" => String::new(),
+                    "/host" => format!("host={:?}", req.headers().get(http::header::HOST)),
+                    p => format!("path={p}"),
+                };
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from(body),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(keep_alive)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+        })
+        .await
+    }
+
+    async fn upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        hyper_upstream(true).await
     }
 
     fn target(addr: std::net::SocketAddr) -> Target {
@@ -406,7 +424,7 @@ mod tests {
             assert!(hyper::body::Body::is_end_stream(resp.body()));
             drop(resp);
         }
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
@@ -415,7 +433,7 @@ mod tests {
         let first = send(&target(addr), get("/a")).await.unwrap();
         // `first`'s body is unread: the second request needs its own connection.
         let second = send(&target(addr), get("/b")).await.unwrap();
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
         let body = second.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "path=/b");
         drop(first);
@@ -423,65 +441,41 @@ mod tests {
         let third = send(&target(addr), get("/c")).await.unwrap();
         let body = third.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "path=/c");
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn a_connection_the_upstream_closed_is_replaced() {
         // An upstream that answers one request per connection, then closes it.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async move {
-                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from_static(b"once"),
-                    )))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .keep_alive(false)
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
-                );
-            }
-        });
+        let (addr, accepted) = hyper_upstream(false).await;
         for _ in 0..4 {
             let resp = send(&target(addr), get("/")).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(body, "once");
+            assert_eq!(body, "path=/");
         }
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]
     async fn a_connection_still_sending_the_request_body_is_not_reused() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         // Answers as soon as it has the headers, then reads (and ignores) whatever follows.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut tcp, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut seen = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let n = tcp.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        seen.extend_from_slice(&buf[..n]);
-                    }
-                    let _ = tcp
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                        .await;
-                    while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
-                });
+        let (addr, accepted) = serve_each(|mut tcp| async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tcp.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&buf[..n]);
             }
-        });
+            let _ = tcp
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
         // A request body that sends one chunk, then waits for us.
         let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
         tx.send(bytes::Bytes::from_static(b"first")).await.unwrap();
@@ -500,7 +494,7 @@ mod tests {
             .await
             .expect("a request waited behind an unfinished upload");
         assert_eq!(next.unwrap().status(), 200);
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
         drop(tx);
     }
 
