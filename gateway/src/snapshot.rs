@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use gatehouse_crds::{ApiConfig, ClientConfig, GatewayConfig, PlanConfig};
 use http::HeaderValue;
-use http::uri::{Scheme, Uri};
+use http::uri::Uri;
 
 use crate::upstream::Target;
 
@@ -57,21 +57,13 @@ impl Snapshot {
                 .url
                 .parse()
                 .map_err(|e| SnapshotError(format!("api {} upstream url: {e}", api.id)))?;
-            let (Some(scheme), Some(_)) = (uri.scheme(), uri.authority()) else {
-                return Err(SnapshotError(format!(
-                    "api {} upstream url {} is not absolute",
-                    api.id, api.upstream.url
-                )));
-            };
-            if *scheme != Scheme::HTTP && *scheme != Scheme::HTTPS {
-                return Err(SnapshotError(format!(
-                    "api {} upstream must be http(s)",
-                    api.id
-                )));
-            }
             apis.push(ApiRuntime {
-                target: Target::new(&uri)
-                    .map_err(|e| SnapshotError(format!("api {}: {e}", api.id)))?,
+                target: Target::new(&uri).map_err(|e| {
+                    SnapshotError(format!(
+                        "api {} upstream url {}: {e}",
+                        api.id, api.upstream.url
+                    ))
+                })?,
                 base_path: uri.path().trim_end_matches('/').to_string(),
                 timeout: Duration::from_secs(api.upstream.timeout_seconds.max(1)),
                 cfg: api.clone(),

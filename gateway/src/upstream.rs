@@ -34,8 +34,10 @@ pub enum UpstreamError {
     Connect(Box<dyn std::error::Error + Send + Sync>),
     #[error("upstream HTTP/1.1: {0}")]
     Http(#[from] hyper::Error),
-    #[error("the upstream URL has no scheme or host")]
+    #[error("is not an absolute URL with a host")]
     NoAuthority,
+    #[error("must be http or https")]
+    Scheme,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -144,6 +146,9 @@ impl Target {
         let (Some(scheme), Some(authority)) = (url.scheme(), url.authority()) else {
             return Err(UpstreamError::NoAuthority);
         };
+        if *scheme != Scheme::HTTP && *scheme != Scheme::HTTPS {
+            return Err(UpstreamError::Scheme);
+        }
         let dial = Uri::builder()
             .scheme(scheme.clone())
             .authority(authority.clone())
@@ -510,6 +515,20 @@ mod tests {
         assert_eq!(pool.idle.lock().unwrap()[&key].len(), 1, "fresh ones stay");
         pool.sweep(Instant::now() + IDLE_TIMEOUT);
         assert!(!pool.idle.lock().unwrap().contains_key(&key));
+    }
+
+    #[test]
+    fn targets_need_an_absolute_http_url() {
+        let t = |u: &str| Target::new(&u.parse().unwrap());
+        assert!(matches!(t("/relative"), Err(UpstreamError::NoAuthority)));
+        assert!(matches!(
+            t("ftp://files.example"),
+            Err(UpstreamError::Scheme)
+        ));
+        let ok = t("https://api.example:8443/base").unwrap();
+        assert!(ok.key.https);
+        assert_eq!(ok.host, "api.example:8443");
+        assert_eq!(ok.dial, "https://api.example:8443/");
     }
 
     #[tokio::test]
