@@ -29,6 +29,24 @@ pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     if !built.iter().any(|b| b == bin) {
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
+        // Cargo sets these for the test process. Build scripts that watch them (ring watches
+        // CARGO_MANIFEST_DIR and CARGO_PKG_*) would otherwise rerun, and everything above them
+        // would rebuild, on every test binary's first gateway start.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || name.starts_with("CARGO_BIN_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .contains(&name.as_ref())
+            {
+                cmd.env_remove(name.as_ref());
+            }
+        }
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -169,9 +187,18 @@ impl Gateway {
 
     /// Peak resident memory of the running gateway (VmHWM), in KiB. Linux only.
     pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Resident memory of the running gateway now (VmRSS), in KiB. Linux only.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> Option<u64> {
         let pid = self.child.as_ref()?.id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
         line.split_whitespace().nth(1)?.parse().ok()
     }
 
