@@ -14,9 +14,11 @@ use gatehouse_gateway::store::redis::{RedisOptions, RedisStore};
 use gatehouse_gateway::{admin, kube_source, server, source};
 use tracing_subscriber::EnvFilter;
 
-// Per-thread caches keep the proxy's short-lived allocations off a shared heap lock.
+// Per-thread caches keep the proxy's short-lived allocations off a shared heap lock; jemalloc's
+// background thread hands freed memory back to the OS while the gateway is idle (see
+// .cargo/config.toml for the settings).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 // The public listener runs on its own per-core threads (server::serve_workers); this runtime
 // only drives the admin listener, configuration watchers, Redis and housekeeping.

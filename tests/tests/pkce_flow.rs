@@ -590,6 +590,38 @@ async fn signup_consent_code_exchange_and_identity_headers_at_the_upstream() {
     );
 }
 
+/// Every Argon2id hash takes 19 MiB. After a burst of sign-ups that memory must go back to the
+/// OS by itself, with no further request to trigger it: replicas are sized by what they hold
+/// between bursts, and Kubernetes evicts on resident memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_of_a_signup_burst_goes_back_to_the_os() {
+    const MIB: u64 = 1024;
+    let env = env().await;
+    let app = app(&env, PHONE_APP, "myapp://callback");
+    let before = env.gw.rss_kib().expect("reading /proc/<pid>/status");
+    let emails: Vec<String> = (0..6).map(|i| format!("burst{i}@example.com")).collect();
+    futures_util::future::join_all(emails.iter().map(|e| new_user(&env, &app, e, &[PROFILE])))
+        .await;
+    let peak = env.gw.peak_rss_kib().unwrap();
+    assert!(
+        peak >= before + 19 * MIB,
+        "hashing should have taken 19 MiB at least: {before} KiB before, peak {peak} KiB"
+    );
+    // jemalloc's background thread purges what stayed unused for 1 s; allow a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = env.gw.rss_kib().unwrap();
+        if now <= before + 12 * MIB {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "resident memory stayed at {now} KiB 10 s after the burst ({before} KiB before, peak {peak} KiB)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn returning_user_logs_in_and_is_asked_only_for_new_scopes_and_can_deny() {
     let env = env().await;
