@@ -607,11 +607,13 @@ async fn memory_of_a_signup_burst_goes_back_to_the_os() {
         peak >= before + 19 * MIB,
         "hashing should have taken 19 MiB at least: {before} KiB before, peak {peak} KiB"
     );
-    // jemalloc's background thread purges what stayed unused for 1 s; allow a few seconds.
+    // jemalloc's background thread purges what stayed unused for 1 s; allow a few seconds. The
+    // bound is below one hash's 19 MiB, so a single buffer kept resident fails the test; what
+    // stays is sessions, users and the allocator's own bookkeeping (about 8 MiB here).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let now = env.gw.rss_kib().unwrap();
-        if now <= before + 12 * MIB {
+        if now <= before + 16 * MIB {
             break;
         }
         assert!(
