@@ -207,15 +207,17 @@ pub async fn send(
     let pool = POOL.with(Arc::clone);
     let pooled = pool.checkout(&target.key, Instant::now());
     let reused = pooled.is_some();
+    // connect's future is large (dialer, TLS, handshake: 2.4 KB) and rarely runs; boxed, it no
+    // longer sizes this future, which every request moves several times.
     let mut sender = match pooled {
         Some(s) => s,
-        None => connect(target).await?,
+        None => Box::pin(connect(target)).await?,
     };
     let resp = match ready_and_send(&mut sender, req).await {
         Ok(resp) => resp,
         Err(mut e) if reused => match e.take_message() {
             Some(req) => {
-                sender = connect(target).await?;
+                sender = Box::pin(connect(target)).await?;
                 ready_and_send(&mut sender, req)
                     .await
                     .map_err(|e| UpstreamError::Http(e.into_error()))?
