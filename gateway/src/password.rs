@@ -240,7 +240,7 @@ fn cpus() -> usize {
 /// leave 1.5 s after their last job. Each hash's 19 MiB comes from jemalloc's normal arenas
 /// (`oversize_threshold:0` in .cargo/config.toml): reused while logins keep coming, handed back
 /// by jemalloc's background thread 1 s after the burst. Measured in the benchmark (Redis
-/// gateway, 1,000 signups and 200 logins): 58 MiB right after, 20 MiB 3 s later; with eager
+/// gateway, 10,000 signups and 200 logins): 61 MiB right after, 21 MiB 3 s later. With eager
 /// purging of large blocks (jemalloc's default) logins ran at 55-58/s instead of 77-84/s.
 fn hashing_pool() -> &'static tokio::runtime::Runtime {
     static POOL: OnceLock<tokio::runtime::Runtime> = OnceLock::new();

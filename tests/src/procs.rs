@@ -196,10 +196,7 @@ impl Gateway {
     }
 
     fn status_kib(&self, field: &str) -> Option<u64> {
-        let pid = self.child.as_ref()?.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let line = status.lines().find(|l| l.starts_with(field))?;
-        line.split_whitespace().nth(1)?.parse().ok()
+        status_kib(self.child.as_ref()?.id(), field)
     }
 
     pub fn logs(&self) -> String {
@@ -250,6 +247,13 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A size field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`, ...), in KiB. Linux only.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Minimal blocking GET returning the status code, for readiness polling without a runtime.
