@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # Debian package:command pairs. chromium and chromium-driver (chromedriver) are for the headless
 # browser test (tests/tests/browser.rs); no tool downloads a browser of its own.
 missing=()
-for pkg_bin in "redis-server:redis-server" "chromium:chromium" "chromium-driver:chromedriver" "openssl:openssl"; do
+# make and gcc build jemalloc (the gateway's allocator) from source.
+for pkg_bin in "make:make" "gcc:cc" "redis-server:redis-server" "chromium:chromium" "chromium-driver:chromedriver" "openssl:openssl"; do
   pkg=${pkg_bin%%:*}; bin=${pkg_bin##*:}
   command -v "$bin" >/dev/null 2>&1 || missing+=("$pkg")
 done
