@@ -45,6 +45,25 @@ impl Drop for Proc {
     }
 }
 
+/// nginx's master stops its workers on SIGTERM; SIGKILL would leave them running behind.
+struct Nginx(Child);
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn bin(name: &str) -> PathBuf {
     std::env::current_exe()
         .unwrap()
@@ -407,7 +426,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         "nginx"
     };
-    let _ng = Proc(
+    let _ng = Nginx(
         Command::new(nginx)
             .args(["-p"])
             .arg(&ngdir)
