@@ -9,6 +9,7 @@ ADMIN=${GATEHOUSE_ADMIN_LISTEN:-127.0.0.1:9090}
 PORT=${LISTEN##*:}
 export GATEHOUSE_ISSUER=${GATEHOUSE_ISSUER:-http://localhost:$PORT}
 
+scripts/need.sh make:make gcc:cc   # jemalloc, the gateway's allocator, is built from source
 cargo build --quiet -p gatehouse-gateway -p gatehouse-tests --bins
 ./target/debug/gatehouse-echo --listen 127.0.0.1:9001 &
 ECHO_PID=$!

@@ -4,20 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian package:command pairs. chromium and chromium-driver (chromedriver) are for the headless
-# browser test (tests/tests/browser.rs); no tool downloads a browser of its own.
-missing=()
-# make and gcc build jemalloc (the gateway's allocator) from source.
-for pkg_bin in "make:make" "gcc:cc" "redis-server:redis-server" "chromium:chromium" "chromium-driver:chromedriver" "openssl:openssl"; do
-  pkg=${pkg_bin%%:*}; bin=${pkg_bin##*:}
-  command -v "$bin" >/dev/null 2>&1 || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing test dependencies: ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
-fi
+# make and gcc build jemalloc (the gateway's allocator) from source. chromium and
+# chromium-driver (chromedriver) are for the headless browser test (tests/tests/browser.rs); no
+# tool downloads a browser of its own.
+scripts/need.sh make:make gcc:cc redis-server:redis-server chromium:chromium \
+  chromium-driver:chromedriver openssl:openssl
 
 # A real kube-apiserver, etcd, kube-controller-manager, kubectl and helm for the operator and
 # chart tests, built from their Go modules once per machine (cached outside the repo; the first
