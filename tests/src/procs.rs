@@ -220,19 +220,9 @@ impl Gateway {
 
     /// Sends SIGTERM (what Kubernetes does on rollout) and waits up to `within` for the exit.
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        let status = terminate(self.child.as_mut()?, within)?;
+        self.child = None;
+        Some(status)
     }
 
     /// Is the process still running?
@@ -247,6 +237,21 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Sends SIGTERM and waits up to `within` for the exit; None if the process is still running.
+pub fn terminate(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 /// A size field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`, ...), in KiB. Linux only.
