@@ -236,19 +236,19 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-/// Argon2 gets its own threads so a burst of logins never occupies the proxy's workers; they
-/// leave 1.5 s after their last job. Each hash's 19 MiB comes from jemalloc's normal arenas
-/// (`oversize_threshold:0` in .cargo/config.toml): reused while logins keep coming, handed back
-/// by jemalloc's background thread 1 s after the burst. Measured in the benchmark (Redis
-/// gateway, 10,000 signups and 200 logins): 61 MiB right after, 21 MiB 3 s later. With eager
-/// purging of large blocks (jemalloc's default) logins ran at 55-58/s instead of 77-84/s.
+/// Argon2 gets its own threads so a burst of logins never occupies the proxy's workers (nor
+/// tokio's blocking pool, which configuration reloads use). Each hash's 19 MiB comes from
+/// jemalloc's normal arenas (`oversize_threshold:0` in .cargo/config.toml): reused while logins
+/// keep coming, handed back by jemalloc's background thread 1 s after the burst. Measured in the
+/// benchmark (Redis gateway, 10,000 signups and 200 logins): 61 MiB right after, 21 MiB 3 s
+/// later. With eager purging of large blocks (jemalloc's default) logins ran at 55-58/s instead
+/// of 77-84/s.
 fn hashing_pool() -> &'static tokio::runtime::Runtime {
     static POOL: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     POOL.get_or_init(|| {
         tokio::runtime::Builder::new_current_thread()
             .thread_name("gatehouse-argon2")
             .max_blocking_threads(cpus())
-            .thread_keep_alive(std::time::Duration::from_millis(1500))
             .build()
             .expect("building the Argon2 thread pool")
     })
