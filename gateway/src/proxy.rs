@@ -130,7 +130,7 @@ async fn forward(
 
     let plan = &snap.plans[client.plan];
     let checks = limit_checks(plan, &client.cfg.subscription, record.user_id.as_deref());
-    let decision = match state.limiter.check(&checks).await {
+    let decision = match state.limiter.check(checks).await {
         Ok(d) => d,
         Err(e) if plan.fail_open => {
             tracing::warn!(error = %e, plan = %plan.id, "rate limits unchecked (plan fails open)");

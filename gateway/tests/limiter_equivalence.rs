@@ -3,7 +3,7 @@
 
 use gatehouse_gateway::ratelimit::local::LocalLimiter;
 use gatehouse_gateway::ratelimit::redis::RedisLimiter;
-use gatehouse_gateway::ratelimit::{LimitCheck, Rate};
+use gatehouse_gateway::ratelimit::{LimitCheck, Limiter, Rate};
 use gatehouse_gateway::store::redis::{RedisOptions, RedisStore};
 use gatehouse_tests::redis::RedisServer;
 
@@ -92,4 +92,60 @@ async fn server_clock_mode_limits_a_burst() {
         passed += redis.check_at(&checks, None).await.unwrap().allowed as usize;
     }
     assert_eq!(passed, 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_answers_like_its_requests_one_by_one() {
+    let (redis, _server) = redis_limiter().await;
+    let local = LocalLimiter::default();
+    let plans: Vec<Vec<LimitCheck>> = (0..3)
+        .map(|u| {
+            vec![
+                lc(&format!("rl:{{s}}:p:0:u{u}"), 4, 1),
+                lc("rl:{s}:p:1:-", 30, 60),
+            ]
+        })
+        .collect();
+    let mut now: u64 = 1_700_000_000_000_000;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut allowed, mut refused) = (0, 0);
+    for b in 0..80 {
+        now += next() % 700_000;
+        // 1-8 requests decided at one instant, the same caller often several times.
+        let batch: Vec<&[LimitCheck]> = (0..1 + next() % 8)
+            .map(|_| plans[(next() % 3) as usize].as_slice())
+            .collect();
+        let expected: Vec<_> = batch.iter().map(|c| local.check_at(c, now)).collect();
+        let got = redis.check_batch_at(&batch, Some(now)).await.unwrap();
+        assert_eq!(expected, got, "batch {b} at t={now}");
+        allowed += got.iter().filter(|d| d.allowed).count();
+        refused += got.iter().filter(|d| !d.allowed).count();
+    }
+    assert!(
+        allowed > 30 && refused > 30,
+        "the batches exercised both answers ({allowed} allowed, {refused} refused)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_checks_admit_exactly_the_burst() {
+    let (redis, _server) = redis_limiter().await;
+    // Submitted together, so they go to Redis as one batch (or a few): still exactly 10 pass.
+    let answers = futures_util::future::join_all(
+        (0..40).map(|_| redis.check(vec![lc("rl:{s}:burst", 10, 3600)])),
+    )
+    .await;
+    let passed = answers
+        .iter()
+        .filter(|a| a.as_ref().unwrap().allowed)
+        .count();
+    assert_eq!(passed, 10);
+    let last = answers.last().unwrap().as_ref().unwrap();
+    assert!(last.retry_after_us > 0 && last.limit == 10);
 }

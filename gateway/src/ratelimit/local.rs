@@ -95,8 +95,8 @@ impl LocalLimiter {
 
 #[async_trait]
 impl Limiter for LocalLimiter {
-    async fn check(&self, checks: &[LimitCheck]) -> Result<Decision, LimiterUnavailable> {
-        Ok(self.check_at(checks, now_us()))
+    async fn check(&self, checks: Vec<LimitCheck>) -> Result<Decision, LimiterUnavailable> {
+        Ok(self.check_at(&checks, now_us()))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Rate limiting: which limits apply to a request (pure) and who keeps the counters (a trait,
 //! implemented in-process here and in Redis for several replicas).
 
+pub mod coalesce;
 pub mod gcra;
 pub mod local;
 pub mod redis;
@@ -17,14 +18,14 @@ pub struct LimitCheck {
     pub rate: Rate,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("rate-limit store unavailable: {0}")]
 pub struct LimiterUnavailable(pub String);
 
 #[async_trait]
 pub trait Limiter: Send + Sync {
     /// Checks every limit of one request together; consumes all of them or none.
-    async fn check(&self, checks: &[LimitCheck]) -> Result<Decision, LimiterUnavailable>;
+    async fn check(&self, checks: Vec<LimitCheck>) -> Result<Decision, LimiterUnavailable>;
 }
 
 /// The keys of a plan's limits for one caller. The subscription sits in a hash tag so a Redis
