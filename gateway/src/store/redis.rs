@@ -20,7 +20,11 @@ use crate::tokens::TokenHash;
 
 const PREFIX: &str = "gatehouse:";
 const REVOKED_CHANNEL: &str = "gatehouse:revoked";
-pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(10);
+/// Revocations reach the cache at once (pub/sub); the TTL only bounds how long a token deleted
+/// behind the gateway's back (by hand, or a publish that failed) keeps working on a replica.
+/// Every active token is read again once per TTL: with 10,000 tokens round-robin at 15k req/s,
+/// 10 s sent about 7% of requests to Redis twice; 30 s gave 4-12% more req/s (two A/B pairs).
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
 
 /// Deletes every token of a grant and the grant set atomically; returns the token hashes.
 const REVOKE_GRANT: &str = r"
