@@ -3,16 +3,9 @@
 
 use gatehouse_gateway::ratelimit::local::LocalLimiter;
 use gatehouse_gateway::ratelimit::redis::RedisLimiter;
-use gatehouse_gateway::ratelimit::{LimitCheck, Limiter, Rate};
+use gatehouse_gateway::ratelimit::{LimitCheck, Limiter};
 use gatehouse_gateway::store::redis::{RedisOptions, RedisStore};
 use gatehouse_tests::redis::RedisServer;
-
-fn lc(key: &str, n: u64, per: u64) -> LimitCheck {
-    LimitCheck {
-        key: key.into(),
-        rate: Rate::new(n, per),
-    }
-}
 
 async fn redis_limiter() -> (RedisLimiter, RedisServer) {
     let server = tokio::task::spawn_blocking(RedisServer::start)
@@ -22,19 +15,25 @@ async fn redis_limiter() -> (RedisLimiter, RedisServer) {
     (RedisLimiter::new(store.connection()), server)
 }
 
+/// The limits of three callers under one plan: `per_second` per user, `per_minute` per
+/// application.
+fn three_callers(per_second: u64, per_minute: u64) -> Vec<Vec<LimitCheck>> {
+    (0..3)
+        .map(|u| {
+            vec![
+                LimitCheck::new(format!("rl:{{s}}:p:0:u{u}"), per_second, 1),
+                LimitCheck::new("rl:{s}:p:1:-", per_minute, 60),
+            ]
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn same_sequence_same_answers() {
     let (redis, _server) = redis_limiter().await;
     let local = LocalLimiter::default();
     // Three callers; a plan with a per-user 5/s and a per-application 20/min limit.
-    let plans: Vec<Vec<LimitCheck>> = (0..3)
-        .map(|u| {
-            vec![
-                lc(&format!("rl:{{s}}:p:0:u{u}"), 5, 1),
-                lc("rl:{s}:p:1:-", 20, 60),
-            ]
-        })
-        .collect();
+    let plans = three_callers(5, 20);
     let mut now: u64 = 1_700_000_000_000_000;
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut allowed = 0;
@@ -59,8 +58,8 @@ async fn same_sequence_same_answers() {
 async fn a_refusal_consumes_none_of_the_other_limits_in_redis() {
     let (redis, _server) = redis_limiter().await;
     let now = 1_700_000_000_000_000u64;
-    let wide = lc("rl:{s}:wide", 100, 1);
-    let narrow = lc("rl:{s}:narrow", 2, 1);
+    let wide = LimitCheck::new("rl:{s}:wide", 100, 1);
+    let narrow = LimitCheck::new("rl:{s}:narrow", 2, 1);
     for _ in 0..2 {
         assert!(
             redis
@@ -86,7 +85,7 @@ async fn a_refusal_consumes_none_of_the_other_limits_in_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn server_clock_mode_limits_a_burst() {
     let (redis, _server) = redis_limiter().await;
-    let checks = [lc("rl:{s}:clock", 5, 1)];
+    let checks = [LimitCheck::new("rl:{s}:clock", 5, 1)];
     let mut passed = 0;
     for _ in 0..8 {
         passed += redis.check_at(&checks, None).await.unwrap().allowed as usize;
@@ -98,14 +97,7 @@ async fn server_clock_mode_limits_a_burst() {
 async fn a_batch_answers_like_its_requests_one_by_one() {
     let (redis, _server) = redis_limiter().await;
     let local = LocalLimiter::default();
-    let plans: Vec<Vec<LimitCheck>> = (0..3)
-        .map(|u| {
-            vec![
-                lc(&format!("rl:{{s}}:p:0:u{u}"), 4, 1),
-                lc("rl:{s}:p:1:-", 30, 60),
-            ]
-        })
-        .collect();
+    let plans = three_callers(4, 30);
     let mut now: u64 = 1_700_000_000_000_000;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
@@ -138,7 +130,7 @@ async fn concurrent_checks_admit_exactly_the_burst() {
     let (redis, _server) = redis_limiter().await;
     // Submitted together, so they go to Redis as one batch (or a few): still exactly 10 pass.
     let answers = futures_util::future::join_all(
-        (0..40).map(|_| redis.check(vec![lc("rl:{s}:burst", 10, 3600)])),
+        (0..40).map(|_| redis.check(vec![LimitCheck::new("rl:{s}:burst", 10, 3600)])),
     )
     .await;
     let passed = answers

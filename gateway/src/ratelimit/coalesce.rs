@@ -164,14 +164,10 @@ fn by_slot(jobs: Vec<Job>) -> Vec<Vec<Job>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::Rate;
     use parking_lot::Mutex;
 
     fn lc(key: &str) -> LimitCheck {
-        LimitCheck {
-            key: key.into(),
-            rate: Rate::new(5, 1),
-        }
+        LimitCheck::new(key, 5, 1)
     }
 
     /// Answers each request with its position in the batch (as `remaining`) and records the

@@ -103,21 +103,13 @@ impl Limiter for LocalLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::Rate;
-
-    fn lc(key: &str, n: u64, per: u64) -> LimitCheck {
-        LimitCheck {
-            key: key.into(),
-            rate: Rate::new(n, per),
-        }
-    }
 
     #[test]
     fn refusal_by_one_limit_consumes_none_of_the_others() {
         let l = LocalLimiter::default();
         let now = 1_000_000_000;
-        let wide = lc("wide", 100, 1);
-        let narrow = lc("narrow", 2, 1);
+        let wide = LimitCheck::new("wide", 100, 1);
+        let narrow = LimitCheck::new("narrow", 2, 1);
         assert!(l.check_at(&[wide.clone(), narrow.clone()], now).allowed);
         assert!(l.check_at(&[wide.clone(), narrow.clone()], now).allowed);
         for _ in 0..10 {
@@ -132,9 +124,9 @@ mod tests {
     fn keys_are_independent_and_idle_keys_purged() {
         let l = LocalLimiter::default();
         let now = 5_000_000;
-        assert!(l.check_at(&[lc("a", 1, 1)], now).allowed);
-        assert!(!l.check_at(&[lc("a", 1, 1)], now).allowed);
-        assert!(l.check_at(&[lc("b", 1, 1)], now).allowed);
+        assert!(l.check_at(&[LimitCheck::new("a", 1, 1)], now).allowed);
+        assert!(!l.check_at(&[LimitCheck::new("a", 1, 1)], now).allowed);
+        assert!(l.check_at(&[LimitCheck::new("b", 1, 1)], now).allowed);
         assert_eq!(l.len(), 2);
         assert_eq!(l.purge_idle(now + 2_000_000), 2);
         assert!(l.is_empty());

@@ -18,6 +18,16 @@ pub struct LimitCheck {
     pub rate: Rate,
 }
 
+impl LimitCheck {
+    /// `requests` per `per_seconds` under `key`.
+    pub fn new(key: impl Into<String>, requests: u64, per_seconds: u64) -> LimitCheck {
+        LimitCheck {
+            key: key.into(),
+            rate: Rate::new(requests, per_seconds),
+        }
+    }
+}
+
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("rate-limit store unavailable: {0}")]
 pub struct LimiterUnavailable(pub String);
@@ -51,10 +61,7 @@ pub fn limit_checks(plan: &PlanConfig, subscription: &str, user: Option<&str>) -
             push_index(&mut key, i);
             key.push(':');
             key.push_str(who);
-            LimitCheck {
-                key,
-                rate: Rate::new(l.requests, l.per_seconds),
-            }
+            LimitCheck::new(key, l.requests, l.per_seconds)
         })
         .collect()
 }

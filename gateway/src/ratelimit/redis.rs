@@ -237,17 +237,17 @@ impl Limiter for RedisLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    fn lc(key: &str, n: u64, per: u64) -> LimitCheck {
-        LimitCheck {
-            key: key.into(),
-            rate: Rate::new(n, per),
-        }
-    }
 
     #[test]
     fn a_batch_names_each_key_once() {
-        let a = [lc("rl:{s}:p:0:u1", 5, 1), lc("rl:{s}:p:1:-", 20, 60)];
-        let b = [lc("rl:{s}:p:0:u2", 5, 1), lc("rl:{s}:p:1:-", 20, 60)];
+        let a = [
+            LimitCheck::new("rl:{s}:p:0:u1", 5, 1),
+            LimitCheck::new("rl:{s}:p:1:-", 20, 60),
+        ];
+        let b = [
+            LimitCheck::new("rl:{s}:p:0:u2", 5, 1),
+            LimitCheck::new("rl:{s}:p:1:-", 20, 60),
+        ];
         let call = encode("g:", &[&a, &b, &a]);
         assert_eq!(
             call.keys,
@@ -263,7 +263,7 @@ mod tests {
             ]
         );
         // The same key under another rate (a plan changed mid-batch) is its own entry.
-        let c = [lc("rl:{s}:p:0:u1", 6, 1)];
+        let c = [LimitCheck::new("rl:{s}:p:0:u1", 6, 1)];
         assert_eq!(encode("", &[&a, &c]).keys.len(), 3);
     }
 
