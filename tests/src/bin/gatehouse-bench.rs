@@ -27,6 +27,10 @@ struct Args {
     /// wrk connections.
     #[arg(long, default_value_t = 32)]
     connections: u32,
+    /// Seconds of the same load, not measured, before each throughput run: connections open
+    /// and every token in the gateway's cache, so the run measures the steady state.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
     /// Alternating rounds over the targets.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
@@ -646,6 +650,16 @@ async fn main() -> anyhow::Result<()> {
             ));
         }
         for (label, url, tokens, pid) in targets {
+            if args.warmup > 0 {
+                wrk(
+                    &url,
+                    tokens.as_deref(),
+                    args.warmup,
+                    args.connections,
+                    &[],
+                    None,
+                )?;
+            }
             let r = wrk(
                 &url,
                 tokens.as_deref(),
