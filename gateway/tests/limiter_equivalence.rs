@@ -141,3 +141,22 @@ async fn concurrent_checks_admit_exactly_the_burst() {
     let last = answers.last().unwrap().as_ref().unwrap();
     assert!(last.retry_after_us > 0 && last.limit == 10);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_under_two_rates_in_one_batch_keeps_one_tat() {
+    // A plan changed between two requests of one batch: the key is the same, its rate is not.
+    let (redis, _server) = redis_limiter().await;
+    let local = LocalLimiter::default();
+    let now = 1_700_000_000_000_000u64;
+    let wide = [LimitCheck::new("rl:{s}:p:0:u", 3, 1)];
+    let narrow = [LimitCheck::new("rl:{s}:p:0:u", 2, 1)];
+    let batch: Vec<&[LimitCheck]> = vec![&wide, &narrow, &narrow, &wide, &wide];
+    let expected: Vec<_> = batch.iter().map(|c| local.check_at(c, now)).collect();
+    let got = redis.check_batch_at(&batch, Some(now)).await.unwrap();
+    assert_eq!(expected, got);
+    assert_eq!(
+        got.iter().map(|d| d.allowed).collect::<Vec<_>>(),
+        // The narrow request moved the TAT 833 ms ahead: past the wide limit's 667 ms too.
+        [true, true, false, false, false]
+    );
+}

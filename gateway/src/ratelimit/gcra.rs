@@ -5,7 +5,7 @@
 //! Several limits on one request are decided together: if any refuses, none is consumed.
 
 /// One limit as the arithmetic sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rate {
     /// Burst size and requests per period.
     pub limit: u64,

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::coalesce::{Coalescer, Runner};
-use super::gcra::{Decision, Rate};
+use super::gcra::Decision;
 use super::{LimitCheck, Limiter, LimiterUnavailable};
 use crate::store::redis_conn::Connections;
 
 /// KEYS: every distinct key of the batch. ARGV[1]: now in µs, or "" for the server clock. Then
-/// per key its emission interval (µs) and its limit; then per request its number of limits and
-/// their keys' indexes in KEYS (1-based). Returns five numbers per request:
+/// per request its number of limits and, per limit, its key's index in KEYS (1-based), its
+/// emission interval (µs) and its limit. Returns five numbers per request:
 /// allowed, limit, remaining, reset_us, retry_us.
 /// Per request it mirrors `gcra::check` and `gcra::combine` (ties resolved the same way); a
 /// refused request changes nothing. Numbers go to SET as numbers: Redis writes them with 17
@@ -31,27 +31,26 @@ if now == nil then
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local nkeys = #KEYS
-local tats, intervals, limits, changed = {}, {}, {}, {}
+local tats, changed = {}, {}
 if nkeys > 0 then
   tats = redis.call('MGET', unpack(KEYS))
 end
 for k = 1, nkeys do
   tats[k] = tonumber(tats[k]) or 0
-  intervals[k] = tonumber(ARGV[2 * k])
-  limits[k] = tonumber(ARGV[2 * k + 1])
   changed[k] = false
 end
 local floor = math.floor
 local pending, ks = {}, {}
 local out, o = {}, 0
-local a = 2 * nkeys + 2
+local a = 2
 while a <= #ARGV do
   local n = tonumber(ARGV[a])
   local refused_limit, refused_reset, refused_retry = nil, 0, 0
   local best_limit, best_remaining, best_reset = nil, 0, 0
   for i = 1, n do
-    local k = tonumber(ARGV[a + i])
-    local interval, limit = intervals[k], limits[k]
+    local j = a + 3 * i - 2
+    local k = tonumber(ARGV[j])
+    local interval, limit = tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
     local tat = tats[k]
     if tat < now then tat = now end
     local tolerance = interval * (limit - 1)
@@ -72,7 +71,7 @@ while a <= #ARGV do
       ks[i], pending[i] = k, tat + interval
     end
   end
-  a = a + n + 1
+  a = a + 3 * n + 1
   if refused_limit ~= nil then
     out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] =
       0, refused_limit, 0, refused_reset, refused_retry
@@ -102,26 +101,24 @@ pub struct ScriptCall {
     pub args: Vec<u64>,
 }
 
-/// Encodes a batch: each distinct (key, rate) once, prefixed, with its interval and limit; then
-/// each request as its limit count and its keys' indexes. Pure.
+/// Encodes a batch: each distinct key once, prefixed; each request as its limit count and, per
+/// limit, (key index, interval, limit). Rates travel with each request, so a plan changed
+/// between two requests of one batch still applies per request to the one TAT of a key. Pure.
 pub fn encode(prefix: &str, batch: &[&[LimitCheck]]) -> ScriptCall {
-    let mut index: HashMap<(&str, Rate), u64> = HashMap::new();
+    let mut index: HashMap<&str, u64> = HashMap::new();
     let mut keys = Vec::new();
-    let mut rates = Vec::new();
-    let mut requests = Vec::with_capacity(batch.iter().map(|r| 1 + r.len()).sum());
+    let mut args = Vec::with_capacity(batch.iter().map(|r| 1 + 3 * r.len()).sum());
     for request in batch {
-        requests.push(request.len() as u64);
+        args.push(request.len() as u64);
         for c in *request {
-            let k = *index.entry((c.key.as_str(), c.rate)).or_insert_with(|| {
+            let k = *index.entry(c.key.as_str()).or_insert_with(|| {
                 keys.push(format!("{prefix}{}", c.key));
-                rates.extend([c.rate.interval_us, c.rate.limit]);
                 keys.len() as u64
             });
-            requests.push(k);
+            args.extend([k, c.rate.interval_us, c.rate.limit]);
         }
     }
-    rates.extend(requests);
-    ScriptCall { keys, args: rates }
+    ScriptCall { keys, args }
 }
 
 /// Splits the script's reply into one decision per request. Pure.
@@ -256,15 +253,16 @@ mod tests {
         assert_eq!(
             call.args,
             [
-                200_000, 5, 3_000_000, 20, 200_000, 5, // the rate of each key
-                2, 1, 2, // a
-                2, 3, 2, // b
-                2, 1, 2, // a again
+                2, 1, 200_000, 5, 2, 3_000_000, 20, // a
+                2, 3, 200_000, 5, 2, 3_000_000, 20, // b
+                2, 1, 200_000, 5, 2, 3_000_000, 20, // a again
             ]
         );
-        // The same key under another rate (a plan changed mid-batch) is its own entry.
+        // The same key under another rate (a plan changed mid-batch): one key, two rates.
         let c = [LimitCheck::new("rl:{s}:p:0:u1", 6, 1)];
-        assert_eq!(encode("", &[&a, &c]).keys.len(), 3);
+        let call = encode("", &[&a, &c]);
+        assert_eq!(call.keys.len(), 2);
+        assert_eq!(&call.args[7..], [1, 1, 166_666, 6]);
     }
 
     #[test]
