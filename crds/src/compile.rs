@@ -491,6 +491,11 @@ fn grant_list(grants: &[GrantType]) -> String {
 
 // ------------------------------------------------------------------------------------ plans
 
+/// Rate limits per plan. Every limit is a key the gateway's Redis script reads and writes for
+/// each request; the bound keeps a batch of requests (64) well inside the Lua stack (8,000
+/// values), and no real plan needs more windows than second..year.
+pub const MAX_RATE_LIMITS: usize = 16;
+
 struct PlanOk {
     config: PlanConfig,
     requires_approval: bool,
@@ -509,6 +514,15 @@ fn compile_plans(plans: &[Plan], verdicts: &mut Vec<Verdict>) -> BTreeMap<Key, S
         }
         let spec = &e.item.spec;
         let mut issues = Issues::default();
+        if spec.rate_limits.len() > MAX_RATE_LIMITS {
+            issues.push(
+                reasons::INVALID_RATE_LIMIT,
+                format!(
+                    "spec.rateLimits has {} entries; a plan may have at most {MAX_RATE_LIMITS}",
+                    spec.rate_limits.len()
+                ),
+            );
+        }
         for (i, limit) in spec.rate_limits.iter().enumerate() {
             if limit.requests < 1 {
                 issues.push(

@@ -369,6 +369,23 @@ fn duplicate_resource_keeps_the_first_copy() {
 // ------------------------------------------------------------------------- plans
 
 #[test]
+fn plan_with_more_than_sixteen_limits_is_invalid() {
+    let mut r = fixture();
+    let limits = &mut plan(&mut r, "basic").spec.rate_limits;
+    let first = limits[0].clone();
+    limits.resize(MAX_RATE_LIMITS, first.clone());
+    assert_active(&compile(&r), Kind::Plan, "basic");
+    plan(&mut r, "basic").spec.rate_limits.push(first);
+    assert_invalid(
+        &compile(&r),
+        Kind::Plan,
+        "basic",
+        reasons::INVALID_RATE_LIMIT,
+        "at most 16",
+    );
+}
+
+#[test]
 fn plan_with_zero_requests_is_invalid_and_the_rest_compiles() {
     let mut r = fixture();
     plan(&mut r, "basic").spec.rate_limits[1].requests = 0;
