@@ -160,3 +160,30 @@ async fn a_key_under_two_rates_in_one_batch_keeps_one_tat() {
         [true, true, false, false, false]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_largest_batch_fits_the_script() {
+    // A full batch (64 requests, the coalescer's bound) of plans with 16 limits each (the
+    // compile bound), every key distinct: 1,024 keys and 3,136 packed numbers in one call.
+    let (redis, _server) = redis_limiter().await;
+    let local = LocalLimiter::default();
+    let requests: Vec<Vec<LimitCheck>> = (0..64)
+        .map(|u| {
+            (0..16)
+                .map(|l| LimitCheck::new(format!("rl:{{s}}:p:{l}:u{u}"), 1 + l, 1 + l * 60))
+                .collect()
+        })
+        .collect();
+    let now = 1_700_000_000_000_000u64;
+    for round in 0..3 {
+        let batch: Vec<&[LimitCheck]> = requests.iter().map(Vec::as_slice).collect();
+        let expected: Vec<_> = batch.iter().map(|c| local.check_at(c, now)).collect();
+        let got = redis.check_batch_at(&batch, Some(now)).await.unwrap();
+        assert_eq!(expected, got, "round {round}");
+        // The 1-per-second limit admits each caller once.
+        assert_eq!(
+            got.iter().filter(|d| d.allowed).count(),
+            64 * (round == 0) as usize
+        );
+    }
+}
