@@ -236,6 +236,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_that_becomes_ready_behind_the_driver_joins_its_batch() {
+        let rec = Arc::new(Recorder::default());
+        let c = Arc::new(Coalescer::new(rec.clone()));
+        c.submit(vec![lc("rl:{s}:warm")]).await.unwrap(); // the driver exists and waits
+        let (go, ready) = oneshot::channel::<()>();
+        let c2 = c.clone();
+        let late = tokio::spawn(async move {
+            ready.await.unwrap();
+            c2.submit(vec![lc("rl:{s}:late")]).await
+        });
+        tokio::task::yield_now().await; // `late` now waits for `go`
+        // Submitting wakes the driver first; `late` is woken after it, so it is in the queue
+        // in time only because the driver polls once more before sending.
+        let (first, ()) = futures_util::join!(c.submit(vec![lc("rl:{s}:first")]), async {
+            go.send(()).unwrap();
+        });
+        first.unwrap();
+        late.await.unwrap().unwrap();
+        assert_eq!(rec.batches.lock()[1..], [["rl:{s}:first", "rl:{s}:late"]]);
+    }
+
+    #[tokio::test]
     async fn one_batch_per_slot() {
         let rec = Arc::new(Recorder::default());
         let c = Coalescer::new(rec.clone());
