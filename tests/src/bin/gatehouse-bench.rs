@@ -306,12 +306,94 @@ where
     Ok(all.into_iter().map(|(_, v)| v).collect())
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
+/// Fields of /proc/<pid>/stat after the command name (0: state, 1: ppid, 11: utime, 12: stime).
+fn stat_fields(pid: u32) -> Vec<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    after
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect()
+}
+
+/// User + system CPU of a process, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let f = stat_fields(pid);
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// nginx's workers: the children of its master.
+fn children(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| stat_fields(pid).get(1) == Some(&(parent as u64)))
+        .collect()
+}
+
+/// The machine's busy and idle clock ticks, all CPUs together (/proc/stat).
+fn box_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    (at(0) + at(1) + at(2) + at(5) + at(6) + at(7), at(3) + at(4))
+}
+
+/// The processes a throughput run accounts for: the proxy under test (a gateway, or nginx's
+/// workers), redis-server when the proxy uses it, and the upstream.
+struct Watch {
+    proxy: Vec<u32>,
+    redis: Option<u32>,
+    upstream: u32,
+}
+
+impl Watch {
+    /// proxy, redis-server, upstream, whole machine busy, whole machine idle (clock ticks).
+    fn ticks(&self) -> [u64; 5] {
+        let (busy, idle) = box_ticks();
+        [
+            self.proxy.iter().map(|&p| cpu_ticks(p)).sum(),
+            self.redis.map_or(0, cpu_ticks),
+            cpu_ticks(self.upstream),
+            busy,
+            idle,
+        ]
+    }
+}
+
+/// CPU time per request during one run, µs: the proxy, redis-server, the upstream, the rest of
+/// the busy time (wrk, and kernel work charged to no process), and idle time.
+#[derive(Clone, Copy, Default)]
+struct CpuPerRequest {
+    proxy: f64,
+    redis: f64,
+    upstream: f64,
+    rest: f64,
+    idle: f64,
+}
+
+impl CpuPerRequest {
+    fn from_ticks(before: [u64; 5], after: [u64; 5], requests: f64) -> CpuPerRequest {
+        // One tick is 10 ms (USER_HZ 100).
+        let us =
+            |i: usize| after[i].saturating_sub(before[i]) as f64 * 10_000.0 / requests.max(1.0);
+        CpuPerRequest {
+            proxy: us(0),
+            redis: us(1),
+            upstream: us(2),
+            rest: us(3) - us(0) - us(1) - us(2),
+            idle: us(4),
+        }
+    }
 }
 
 /// 0 when the process is gone (the table still prints).
@@ -326,7 +408,9 @@ struct WrkRun {
     p999_ms: f64,
     errors: u64,
     non2xx: u64,
+    /// The proxy's CPU, % of one core.
     cpu_pct: Option<f64>,
+    cpu: Option<CpuPerRequest>,
 }
 
 fn wrk(
@@ -335,7 +419,7 @@ fn wrk(
     seconds: u64,
     conns: u32,
     env: &[(&str, &str)],
-    pid: Option<u32>,
+    watch: Option<&Watch>,
 ) -> anyhow::Result<WrkRun> {
     let mut cmd = Command::new("wrk");
     cmd.args([
@@ -356,10 +440,11 @@ fn wrk(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let before = pid.map(cpu_ticks);
+    let before = watch.map(Watch::ticks);
     let started = Instant::now();
     let out = cmd.output().context("running wrk")?;
     let wall = started.elapsed().as_secs_f64();
+    let after = watch.map(Watch::ticks);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -374,9 +459,12 @@ fn wrk(
         p999_ms: num("p999_us") / 1000.0,
         errors: num("errors") as u64,
         non2xx: num("non2xx") as u64,
-        cpu_pct: pid
-            .zip(before)
-            .map(|(p, b)| (cpu_ticks(p) - b) as f64 / 100.0 / wall * 100.0),
+        cpu_pct: before
+            .zip(after)
+            .map(|(b, a)| a[0].saturating_sub(b[0]) as f64 / wall),
+        cpu: before
+            .zip(after)
+            .map(|(b, a)| CpuPerRequest::from_ticks(b, a, num("requests"))),
     })
 }
 
@@ -404,6 +492,7 @@ async fn main() -> anyhow::Result<()> {
             .spawn()?,
     );
     wait_port(up_port)?;
+    let up_pid = _up.0.id();
     let ng_port = free_port();
     let ngdir = dir.path().join("nginx");
     std::fs::create_dir_all(ngdir.join("tmp"))?;
@@ -432,10 +521,12 @@ async fn main() -> anyhow::Result<()> {
             .spawn()?,
     );
     wait_port(ng_port)?;
+    let ng_pid = _ng.0.id();
     let mdir = dir.path().join("manifests");
     std::fs::create_dir_all(&mdir)?;
     std::fs::write(mdir.join("bench.yaml"), manifests(up_port))?;
     let redis = gatehouse_tests::redis::RedisServer::start();
+    let redis_server_pid = redis.pid();
     let mut gws = vec![];
     for (name, extra) in [
         (
@@ -614,42 +705,48 @@ async fn main() -> anyhow::Result<()> {
     let same_requests = &tok["embedded"];
     let mut runs: BTreeMap<String, Vec<WrkRun>> = BTreeMap::new();
     for round in 0..args.rounds {
-        let mut targets: Vec<(String, String, Option<PathBuf>, Option<u32>)> = vec![
+        let watch = |proxy: Vec<u32>, redis: Option<u32>| Watch {
+            proxy,
+            redis,
+            upstream: up_pid,
+        };
+        let mut targets: Vec<(String, String, Option<PathBuf>, Watch)> = vec![
             (
                 "direct".into(),
                 format!("http://127.0.0.1:{up_port}/api/x"),
                 Some(same_requests.0.clone()),
-                None,
+                watch(vec![], None),
             ),
             (
                 "nginx".into(),
                 format!("http://127.0.0.1:{ng_port}/api/x"),
                 Some(same_requests.0.clone()),
-                None,
+                watch(children(ng_pid), None),
             ),
         ];
         for (name, port, pid, _) in &gws {
             let (one, many, limited) = &tok[name];
+            let redis = (*name == "redis").then_some(redis_server_pid).flatten();
             targets.push((
                 format!("{name} 1 user"),
                 format!("http://127.0.0.1:{port}/api/x"),
                 Some(one.clone()),
-                Some(*pid),
+                watch(vec![*pid], redis),
             ));
             targets.push((
                 format!("{name} {} users", args.users),
                 format!("http://127.0.0.1:{port}/api/x"),
                 Some(many.clone()),
-                Some(*pid),
+                watch(vec![*pid], redis),
             ));
             targets.push((
                 format!("{name} over limit (429)"),
                 format!("http://127.0.0.1:{port}/limited/x"),
                 Some(limited.clone()),
-                Some(*pid),
+                watch(vec![*pid], redis),
             ));
         }
-        for (label, url, tokens, pid) in targets {
+        for (label, url, tokens, watch) in targets {
             if args.warmup > 0 {
                 wrk(
                     &url,
@@ -666,7 +763,7 @@ async fn main() -> anyhow::Result<()> {
                 args.seconds,
                 args.connections,
                 &[],
-                pid,
+                Some(&watch),
             )?;
             eprintln!(
                 "round {round} {label:<32} {:>9.0} req/s p99 {:.2} ms",
@@ -803,6 +900,31 @@ async fn main() -> anyhow::Result<()> {
             rps / direct_rps
         );
         results["throughput"][label] = json!({"rps": rps, "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "errors": errors, "cpu_pct": cpu, "ratio_nginx": rps / nginx_rps, "ratio_direct": rps / direct_rps, "rounds": rs.len()});
+    }
+    // Where each request's CPU went. On a machine where everything shares the cores, req/s
+    // follows the whole sum; a proxy's own cost is its column (plus Redis's, in Redis mode).
+    println!(
+        "\nCPU per request, µs (medians of rounds; rest = wrk and kernel work charged to no process):\n{:<34} {:>7} {:>7} {:>9} {:>7} {:>7} {:>7}",
+        "target", "proxy", "redis", "upstream", "rest", "busy", "idle"
+    );
+    for (label, rs) in &runs {
+        let cpus: Vec<CpuPerRequest> = rs.iter().filter_map(|r| r.cpu).collect();
+        if cpus.is_empty() {
+            continue;
+        }
+        let m = |f: fn(&CpuPerRequest) -> f64| median(cpus.iter().map(f).collect());
+        let busy = m(|c| c.proxy + c.redis + c.upstream + c.rest);
+        let (proxy, redis, upstream, rest, idle) = (
+            m(|c| c.proxy),
+            m(|c| c.redis),
+            m(|c| c.upstream),
+            m(|c| c.rest),
+            m(|c| c.idle),
+        );
+        println!(
+            "{label:<34} {proxy:>7.1} {redis:>7.1} {upstream:>9.1} {rest:>7.1} {busy:>7.1} {idle:>7.1}"
+        );
+        results["throughput"][label]["cpu_us_per_request"] = json!({"proxy": proxy, "redis_server": redis, "upstream": upstream, "rest": rest, "busy": busy, "idle": idle});
     }
     println!(
         "\nmoderate load (8 connections, 4 ms pause between requests; medians of {} rounds):",
