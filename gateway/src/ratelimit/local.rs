@@ -45,28 +45,32 @@ impl LocalLimiter {
         }
         // Lock every shard involved, in index order (no deadlock), so the check-then-consume of
         // all limits is atomic with respect to other requests.
-        let mut idx: Vec<usize> = checks.iter().map(|c| self.shard_of(&c.key)).collect();
+        // Each key hashed once; shards locked in index order (no deadlock between requests).
+        let shard: Vec<usize> = checks.iter().map(|c| self.shard_of(&c.key)).collect();
+        let mut idx = shard.clone();
         idx.sort_unstable();
         idx.dedup();
         let mut guards: Vec<_> = idx.iter().map(|&i| (i, self.shards[i].lock())).collect();
+        let pos = |s: usize| idx.binary_search(&s).expect("locked");
         let states: Vec<LimitState> = checks
             .iter()
-            .map(|c| {
-                let shard = self.shard_of(&c.key);
-                let map = &guards.iter().find(|(i, _)| *i == shard).expect("locked").1;
-                gcra::check(c.rate, map.get(&c.key).copied().unwrap_or(0), now)
+            .zip(&shard)
+            .map(|(c, &s)| {
+                let tat = guards[pos(s)].1.get(&c.key).copied().unwrap_or(0);
+                gcra::check(c.rate, tat, now)
             })
             .collect();
         let decision = gcra::combine(&states);
         if decision.allowed {
-            for (c, st) in checks.iter().zip(&states) {
-                let shard = self.shard_of(&c.key);
-                let map = &mut guards
-                    .iter_mut()
-                    .find(|(i, _)| *i == shard)
-                    .expect("locked")
-                    .1;
-                map.insert(c.key.clone(), st.new_tat);
+            for ((c, st), &s) in checks.iter().zip(&states).zip(&shard) {
+                let map = &mut guards[pos(s)].1;
+                // An existing key is updated in place: no new String per request.
+                match map.get_mut(&c.key) {
+                    Some(tat) => *tat = st.new_tat,
+                    None => {
+                        map.insert(c.key.clone(), st.new_tat);
+                    }
+                }
             }
         }
         decision
