@@ -28,6 +28,16 @@ fn three_callers(per_second: u64, per_minute: u64) -> Vec<Vec<LimitCheck>> {
         .collect()
 }
 
+/// A reproducible pseudo-random sequence (xorshift64).
+fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn same_sequence_same_answers() {
     let (redis, _server) = redis_limiter().await;
@@ -35,12 +45,10 @@ async fn same_sequence_same_answers() {
     // Three callers; a plan with a per-user 5/s and a per-application 20/min limit.
     let plans = three_callers(5, 20);
     let mut now: u64 = 1_700_000_000_000_000;
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     let mut allowed = 0;
     for i in 0..600 {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
+        let seed = next();
         now += seed % 400_000; // 0-400 ms apart
         let checks = &plans[(seed % 3) as usize];
         let a = local.check_at(checks, now);
@@ -99,13 +107,7 @@ async fn a_batch_answers_like_its_requests_one_by_one() {
     let local = LocalLimiter::default();
     let plans = three_callers(4, 30);
     let mut now: u64 = 1_700_000_000_000_000;
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
     let (mut allowed, mut refused) = (0, 0);
     for b in 0..80 {
         now += next() % 700_000;
