@@ -372,7 +372,7 @@ impl Watch {
 
 /// CPU time per request during one run, µs: the proxy, redis-server, the upstream, the rest of
 /// the busy time (wrk, and kernel work charged to no process), and idle time.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct CpuPerRequest {
     proxy: f64,
     redis: f64,
