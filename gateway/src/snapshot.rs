@@ -34,7 +34,8 @@ pub struct Snapshot {
     /// Same order as `config.apis` (longest prefix first).
     pub apis: Vec<ApiRuntime>,
     pub plans: Vec<PlanConfig>,
-    clients: HashMap<String, ClientRuntime>,
+    // Looked up on every proxied request; client ids come from tokens the gateway issued.
+    clients: HashMap<String, ClientRuntime, foldhash::fast::RandomState>,
     /// False until a real configuration has been loaded (readiness).
     pub loaded: bool,
 }
@@ -70,7 +71,8 @@ impl Snapshot {
             });
         }
         let plans = config.plans.clone();
-        let mut clients = HashMap::with_capacity(config.clients.len());
+        let mut clients =
+            HashMap::with_capacity_and_hasher(config.clients.len(), Default::default());
         for c in &config.clients {
             let api = apis.iter().position(|a| a.cfg.id == c.api).ok_or_else(|| {
                 SnapshotError(format!(

@@ -1,10 +1,11 @@
 //! In-process limiter for a single gateway: GCRA state in sharded maps.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 
 use super::gcra::{self, Decision, LimitState};
@@ -13,15 +14,19 @@ use super::{LimitCheck, Limiter, LimiterUnavailable};
 const SHARDS: usize = 64;
 
 pub struct LocalLimiter {
-    shards: Vec<Mutex<HashMap<String, u64>>>,
+    // foldhash, not SipHash: each check hashes every key three times (shard, read, update), and
+    // the keys come from the gateway's own records (subscription, user id), not from clients.
+    shards: Vec<Mutex<HashMap<String, u64, RandomState>>>,
     hasher: RandomState,
 }
 
 impl Default for LocalLimiter {
     fn default() -> Self {
         LocalLimiter {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
+                .collect(),
+            hasher: RandomState::default(),
         }
     }
 }

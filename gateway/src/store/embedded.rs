@@ -149,7 +149,8 @@ fn commit(db: &Database, batch: Vec<(Change, Waiter)>) {
 pub struct EmbeddedStore {
     db: Arc<Database>,
     writer: GroupCommit,
-    tokens: DashMap<TokenHash, TokenRecord>,
+    /// Keyed by SHA-256 outputs, which no client can steer into one bucket: foldhash suffices.
+    tokens: DashMap<TokenHash, TokenRecord, foldhash::fast::RandomState>,
     /// grant_id -> token hashes, rebuilt from `tokens` on start.
     grants: DashMap<String, Vec<TokenHash>>,
     kv: DashMap<String, KvEntry>,
@@ -180,7 +181,7 @@ impl EmbeddedStore {
         let store = EmbeddedStore {
             writer: GroupCommit::start(db.clone()).map_err(io)?,
             db,
-            tokens: DashMap::new(),
+            tokens: DashMap::default(),
             grants: DashMap::new(),
             kv: DashMap::new(),
         };

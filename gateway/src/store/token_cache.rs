@@ -58,7 +58,8 @@ struct Entry {
 }
 
 pub struct TokenCache {
-    entries: DashMap<TokenHash, Entry>,
+    /// Keyed by SHA-256 outputs, which no client can steer into one bucket: foldhash suffices.
+    entries: DashMap<TokenHash, Entry, foldhash::fast::RandomState>,
     common: Mutex<HashSet<Arc<Common>>>,
     started: Instant,
     ttl: Duration,
@@ -67,7 +68,7 @@ pub struct TokenCache {
 impl TokenCache {
     pub fn new(ttl: Duration) -> TokenCache {
         TokenCache {
-            entries: DashMap::new(),
+            entries: DashMap::default(),
             common: Mutex::new(HashSet::new()),
             started: Instant::now(),
             ttl,
