@@ -166,6 +166,8 @@ pub fn set_rate_limit_headers(h: &mut http::HeaderMap, d: &Decision) {
     if d.limit == 0 {
         return;
     }
+    // With the X-Request-Id the proxy adds next: grow the map once.
+    h.reserve(4);
     h.insert(headers::RATELIMIT_LIMIT, d.limit.into());
     h.insert(headers::RATELIMIT_REMAINING, d.remaining.into());
     h.insert(headers::RATELIMIT_RESET, d.reset_seconds().into());
