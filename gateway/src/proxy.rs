@@ -50,6 +50,12 @@ pub async fn serve(state: &AppState, req: Request, peer: &HeaderValue) -> Respon
     resp
 }
 
+/// The proxy's request duration histogram and its buckets (seconds).
+pub const PROXY_DURATION: &str = "gatehouse_proxy_duration_seconds";
+pub const PROXY_DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Metric handles registered once: the macros hash their name and labels on every call.
 struct ProxyMetrics {
     responses: [metrics::Counter; 4],
@@ -62,7 +68,7 @@ fn proxy_metrics() -> &'static ProxyMetrics {
     METRICS.get_or_init(|| ProxyMetrics {
         responses: ["2xx", "3xx", "4xx", "5xx"]
             .map(|class| metrics::counter!("gatehouse_proxy_responses_total", "class" => class)),
-        duration: metrics::histogram!("gatehouse_proxy_duration_seconds"),
+        duration: metrics::histogram!(PROXY_DURATION),
     })
 }
 

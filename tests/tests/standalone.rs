@@ -140,6 +140,15 @@ async fn client_credentials_token_reaches_the_upstream_with_identity_headers() {
         metrics.contains("gatehouse_tokens_issued_total"),
         "{metrics}"
     );
+    // Durations are a histogram (buckets add up across replicas), with this run's requests in it.
+    assert!(
+        metrics.contains("gatehouse_proxy_duration_seconds_bucket{le=\"+Inf\"}"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("gatehouse_proxy_duration_seconds_count 0\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
