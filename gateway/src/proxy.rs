@@ -182,15 +182,19 @@ async fn forward(
     headers::rewrite_request(&mut parts.headers, &identity, &fwd);
 
     let upstream_req = http::Request::from_parts(parts, body);
-    let resp =
-        match tokio::time::timeout(api.timeout, upstream::send(&api.target, upstream_req)).await {
-            Err(_) => return Err(GatewayError::UpstreamTimeout),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, api = %api.cfg.id, "upstream request failed");
-                return Err(GatewayError::UpstreamUnreachable);
-            }
-            Ok(Ok(resp)) => resp,
-        };
+    let resp = match tokio::time::timeout(
+        api.timeout,
+        Box::pin(upstream::send(&api.target, upstream_req)),
+    )
+    .await
+    {
+        Err(_) => return Err(GatewayError::UpstreamTimeout),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, api = %api.cfg.id, "upstream request failed");
+            return Err(GatewayError::UpstreamUnreachable);
+        }
+        Ok(Ok(resp)) => resp,
+    };
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     set_rate_limit_headers(&mut parts.headers, &decision);
