@@ -189,3 +189,22 @@ async fn the_largest_batch_fits_the_script() {
         );
     }
 }
+
+/// A Redis that lost its scripts (restarted, `SCRIPT FLUSH`) gets the script again and the
+/// check goes on; the first call also found no script, since nothing loaded it in advance.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flushed_script_is_loaded_again() {
+    let (redis, server) = redis_limiter().await;
+    let checks = vec![LimitCheck::new("rl:{s}:p:0:u", 10, 1)];
+    let first = redis.check(checks.clone()).await.unwrap();
+    assert!(first.allowed && first.remaining == 9, "{first:?}");
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let second = redis.check(checks).await.unwrap();
+    assert!(second.allowed && second.remaining == 8, "{second:?}");
+}

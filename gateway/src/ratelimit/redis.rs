@@ -112,14 +112,17 @@ pub struct ScriptCall {
 /// limit, (key index, interval, limit). Rates travel with each request, so a plan changed
 /// between two requests of one batch still applies per request to the one TAT of a key. Pure.
 pub fn encode(prefix: &str, batch: &[&[LimitCheck]]) -> ScriptCall {
-    let mut index: HashMap<&str, u64> = HashMap::new();
+    let mut index: HashMap<&str, u64, foldhash::fast::RandomState> = HashMap::default();
     let mut keys = Vec::new();
     let mut args = Vec::with_capacity(batch.iter().map(|r| 1 + 3 * r.len()).sum());
     for request in batch {
         args.push(request.len() as u64);
         for c in *request {
             let k = *index.entry(c.key.as_str()).or_insert_with(|| {
-                keys.push(format!("{prefix}{}", c.key));
+                let mut key = String::with_capacity(prefix.len() + c.key.len());
+                key.push_str(prefix);
+                key.push_str(&c.key);
+                keys.push(key);
                 keys.len() as u64
             });
             args.extend([k, c.rate.interval_us, c.rate.limit]);
@@ -177,18 +180,33 @@ impl ScriptRunner {
         now: Option<u64>,
     ) -> Result<Vec<Decision>, LimiterUnavailable> {
         let call = encode(self.prefix, batch);
-        let mut inv = self.script.prepare_invoke();
-        for k in &call.keys {
-            inv.key(k);
-        }
-        inv.arg(now.map(|n| n.to_string()).unwrap_or_default());
-        inv.arg(pack(&call.args));
+        let packed = pack(&call.args);
+        // The EVALSHA command built in place: a `ScriptInvocation` would copy every key and
+        // argument into its own buffers first, and again into the command.
+        let size: usize = call.keys.iter().map(String::len).sum::<usize>() + packed.len() + 64;
+        let mut cmd = redis::Cmd::with_capacity(5 + call.keys.len(), size);
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(call.keys.len())
+            .arg(&call.keys);
+        match now {
+            Some(n) => cmd.arg(n),
+            None => cmd.arg(""),
+        };
+        cmd.arg(packed);
         let mut conn = self.conns.get();
-        // invoke_async sends EVALSHA and falls back to loading the script on NOSCRIPT.
-        let reply: Vec<u8> = inv
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| LimiterUnavailable(e.to_string()))?;
+        let reply: Vec<u8> = match cmd.query_async(&mut conn).await {
+            // A Redis that restarted or flushed its scripts: load it and send the batch again.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.script
+                    .load_async(&mut conn)
+                    .await
+                    .map_err(|e| LimiterUnavailable(e.to_string()))?;
+                cmd.query_async(&mut conn).await
+            }
+            other => other,
+        }
+        .map_err(|e| LimiterUnavailable(e.to_string()))?;
         decode(&reply, batch.len())
     }
 }
