@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
         .context("metrics buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    // Histogram samples pile up in the recorder until upkeep folds them into the summaries;
+    // Samples pile up in the recorder until upkeep counts them into the histogram buckets;
     // without it memory grows with every request between scrapes (or forever, if nobody scrapes).
     let upkeep = metrics.clone();
     tokio::spawn(async move {

@@ -182,6 +182,7 @@ async fn forward(
     headers::rewrite_request(&mut parts.headers, &identity, &fwd);
 
     let upstream_req = http::Request::from_parts(parts, body);
+    // Boxed: the exchange's state is large, and this future is moved whole several times.
     let resp = match tokio::time::timeout(
         api.timeout,
         Box::pin(upstream::send(&api.target, upstream_req)),
