@@ -25,7 +25,8 @@ UP=$(free_port)
 RP=$(free_port)
 redis-server --port "$RP" --save "" --appendonly no --daemonize no >/dev/null & pids+=($!)
 mkdir -p "$OUT/m"
-sed "s/127.0.0.1:18081/127.0.0.1:$UP/" bench/instructions.yaml > "$OUT/m/bench.yaml"
+# The full benchmark's manifests: client svc-api on /api, a plan that never refuses.
+"$BIN/gatehouse-bench" --print-manifests "$UP" > "$OUT/m/bench.yaml"
 wait_http "http://127.0.0.1:$UP/"
 
 # measure NAME URL TOKENFILE -- CMD...: callgrind over SECS seconds of wrk load after 2 s of warm-up.

@@ -39,6 +39,10 @@ struct Args {
     memory_tokens: usize,
     #[arg(long, default_value = "bench/results.json")]
     out: PathBuf,
+    /// Print the bench's manifests for an upstream on this port, and exit (used by
+    /// bench/instructions.sh).
+    #[arg(long, value_name = "UPSTREAM_PORT")]
+    print_manifests: Option<u16>,
 }
 
 struct Proc(Child);
@@ -476,6 +480,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(port) = args.print_manifests {
+        print!("{}", manifests(port));
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let write_tokens = |name: &str, tokens: &[String]| -> anyhow::Result<PathBuf> {
         let p = dir.path().join(name);
