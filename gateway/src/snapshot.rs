@@ -35,7 +35,7 @@ pub struct Snapshot {
     pub apis: Vec<ApiRuntime>,
     pub plans: Vec<PlanConfig>,
     // Looked up on every proxied request; client ids come from tokens the gateway issued.
-    clients: HashMap<String, ClientRuntime, foldhash::fast::RandomState>,
+    clients: foldhash::HashMap<String, ClientRuntime>,
     /// False until a real configuration has been loaded (readiness).
     pub loaded: bool,
 }

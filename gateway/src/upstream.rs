@@ -6,7 +6,6 @@
 //! read to the end, request body sent: `UpstreamBody`), so the next request on the same thread
 //! reuses it without a task switch.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,7 +90,7 @@ impl Idle {
 #[derive(Default)]
 struct Pool {
     // Only this worker's thread touches the lock, except for a body finishing elsewhere.
-    idle: Mutex<HashMap<Key, Vec<Idle>, foldhash::fast::RandomState>>,
+    idle: Mutex<foldhash::HashMap<Key, Vec<Idle>>>,
 }
 
 impl Pool {

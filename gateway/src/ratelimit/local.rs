@@ -1,6 +1,5 @@
 //! In-process limiter for a single gateway: GCRA state in sharded maps.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,7 +15,7 @@ const SHARDS: usize = 64;
 pub struct LocalLimiter {
     // foldhash, not SipHash: each check hashes every key three times (shard, read, update), and
     // the keys come from the gateway's own records (subscription, user id), not from clients.
-    shards: Vec<Mutex<HashMap<String, u64, RandomState>>>,
+    shards: Vec<Mutex<foldhash::HashMap<String, u64>>>,
     hasher: RandomState,
 }
 
@@ -24,7 +23,7 @@ impl Default for LocalLimiter {
     fn default() -> Self {
         LocalLimiter {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
+                .map(|_| Mutex::new(Default::default()))
                 .collect(),
             hasher: RandomState::default(),
         }

@@ -9,7 +9,6 @@
 //! as little-endian doubles (Redis's bundled `struct` library): one `tonumber` (a `strtod`) per
 //! argument and one reply element per number cost more than the GCRA arithmetic itself.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -112,7 +111,7 @@ pub struct ScriptCall {
 /// limit, (key index, interval, limit). Rates travel with each request, so a plan changed
 /// between two requests of one batch still applies per request to the one TAT of a key. Pure.
 pub fn encode(prefix: &str, batch: &[&[LimitCheck]]) -> ScriptCall {
-    let mut index: HashMap<&str, u64, foldhash::fast::RandomState> = HashMap::default();
+    let mut index: foldhash::HashMap<&str, u64> = Default::default();
     let mut keys = Vec::new();
     let mut args = Vec::with_capacity(batch.iter().map(|r| 1 + 3 * r.len()).sum());
     for request in batch {
