@@ -6,12 +6,14 @@
 # Valgrind runs each program on one thread at about 1/50 speed; the load is 4 connections.
 # Valgrind's CPU has no SHA extensions, so the token's SHA-256 takes sha2's software path here
 # (about 3,500 instructions; with SHA-NI it is a few hundred).
-# Options (environment): SECONDS_MEASURED (default 5), TOP (functions listed, default 25).
+# Options (environment): SECONDS_MEASURED (default 5), TOP (functions listed, default 25),
+# GATEWAY (another gatehouse-gateway binary to count, e.g. a copy built from an older commit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/need.sh valgrind:valgrind wrk:wrk redis-server:redis-server python3:python3
 cargo build --release --quiet -p gatehouse-gateway -p gatehouse-tests --bins
 BIN=$PWD/target/release
+GW=${GATEWAY:-$BIN/gatehouse-gateway}
 OUT=$(mktemp -d)
 SECS=${SECONDS_MEASURED:-5}
 pids=()
@@ -71,12 +73,12 @@ READY="" TOKEN_URL="" measure bare-proxy "http://127.0.0.1:$BP/api/x" "$OUT/none
 GP=$(free_port); AP=$(free_port)
 GATEHOUSE_LOG=warn READY="http://127.0.0.1:$AP/readyz" TOKEN_URL="http://127.0.0.1:$GP/oauth2/token" \
   measure gatehouse-embedded "http://127.0.0.1:$GP/api/x" "$OUT/tok-emb" -- \
-  "$BIN/gatehouse-gateway" --manifests "$OUT/m" --listen "127.0.0.1:$GP" \
+  "$GW" --manifests "$OUT/m" --listen "127.0.0.1:$GP" \
   --admin-listen "127.0.0.1:$AP" --data-dir "$OUT/data"
 
 GP=$(free_port); AP=$(free_port)
 GATEHOUSE_LOG=warn READY="http://127.0.0.1:$AP/readyz" TOKEN_URL="http://127.0.0.1:$GP/oauth2/token" \
   measure gatehouse-redis "http://127.0.0.1:$GP/api/x" "$OUT/tok-redis" -- \
-  "$BIN/gatehouse-gateway" --manifests "$OUT/m" --listen "127.0.0.1:$GP" \
+  "$GW" --manifests "$OUT/m" --listen "127.0.0.1:$GP" \
   --admin-listen "127.0.0.1:$AP" --redis "redis://127.0.0.1:$RP/"
 echo "callgrind files: $OUT"

@@ -142,10 +142,7 @@ impl GatewayError {
                 );
             }
             GatewayError::RateLimited(d) => {
-                h.insert(
-                    header::RETRY_AFTER,
-                    headers::number(d.retry_after_seconds()),
-                );
+                h.insert(header::RETRY_AFTER, d.retry_after_seconds().into());
                 set_rate_limit_headers(h, d);
             }
             GatewayError::OAuth(code, _) => {
@@ -171,9 +168,9 @@ pub fn set_rate_limit_headers(h: &mut http::HeaderMap, d: &Decision) {
     }
     // With the X-Request-Id the proxy adds next: grow the map once.
     h.reserve(4);
-    h.insert(headers::RATELIMIT_LIMIT, headers::number(d.limit));
-    h.insert(headers::RATELIMIT_REMAINING, headers::number(d.remaining));
-    h.insert(headers::RATELIMIT_RESET, headers::number(d.reset_seconds()));
+    h.insert(headers::RATELIMIT_LIMIT, d.limit.into());
+    h.insert(headers::RATELIMIT_REMAINING, d.remaining.into());
+    h.insert(headers::RATELIMIT_RESET, d.reset_seconds().into());
 }
 
 impl IntoResponse for GatewayError {

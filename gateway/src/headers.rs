@@ -120,33 +120,6 @@ pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forward
     headers.insert(REQUEST_ID, fwd.request_id.clone());
 }
 
-/// Numbers below this come from a table (rate-limit limits, remainders and resets are mostly
-/// small): 1,024 values, about 36 KB.
-const SMALL_NUMBERS: u64 = 1024;
-
-/// `n` as a header value. `HeaderValue::from(u64)` allocates; a small `n` instead clones a value
-/// over static bytes, which costs neither an allocation nor a reference count.
-pub fn number(n: u64) -> HeaderValue {
-    static SMALL: std::sync::LazyLock<Box<[HeaderValue]>> = std::sync::LazyLock::new(|| {
-        let digits: String = (0..SMALL_NUMBERS).map(|i| i.to_string()).collect();
-        // Made once for the process's life: the values borrow these bytes as `'static`.
-        let digits: &'static str = Box::leak(digits.into_boxed_str());
-        let mut start = 0;
-        (0..SMALL_NUMBERS)
-            .map(|i| {
-                let len = i.checked_ilog10().unwrap_or(0) as usize + 1;
-                let v = HeaderValue::from_static(&digits[start..start + len]);
-                start += len;
-                v
-            })
-            .collect()
-    });
-    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
-        Some(v) => v.clone(),
-        None => HeaderValue::from(n),
-    }
-}
-
 /// A client-supplied request id is kept when it is short and plain, so traces join up;
 /// otherwise the gateway makes one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -207,26 +180,6 @@ pub fn query_has_token(query: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn numbers_from_the_table_and_beyond_it() {
-        for n in [
-            0,
-            1,
-            9,
-            10,
-            99,
-            100,
-            999,
-            1000,
-            1023,
-            1024,
-            86_400,
-            u64::MAX,
-        ] {
-            assert_eq!(number(n).to_str().unwrap(), n.to_string(), "{n}");
-        }
-    }
 
     fn hv(s: &str) -> HeaderValue {
         HeaderValue::from_str(s).unwrap()

@@ -12,9 +12,6 @@ use super::{LimitCheck, Limiter, LimiterUnavailable};
 
 const SHARDS: usize = 64;
 
-/// A request's per-limit working list; four inline covers the plans seen in practice.
-type Small<T> = smallvec::SmallVec<[T; 4]>;
-
 pub struct LocalLimiter {
     // foldhash, not SipHash: each check hashes every key three times (shard, read, update), and
     // the keys come from the gateway's own records (subscription, user id), not from clients.
@@ -50,27 +47,27 @@ impl LocalLimiter {
         if checks.is_empty() {
             return Decision::unlimited();
         }
-        // Each key hashed once; shards locked in index order (no deadlock between requests), so
-        // the check-then-consume of all limits is atomic with respect to other requests. Plans
-        // have a few limits: the working lists stay on the stack.
-        let shard: Small<usize> = checks.iter().map(|c| self.shard_of(&c.key)).collect();
+        // Lock every shard involved, in index order (no deadlock), so the check-then-consume of
+        // all limits is atomic with respect to other requests.
+        // Each key hashed once; shards locked in index order (no deadlock between requests).
+        let shard: Vec<usize> = checks.iter().map(|c| self.shard_of(&c.key)).collect();
         let mut idx = shard.clone();
         idx.sort_unstable();
         idx.dedup();
-        let mut guards: Small<_> = idx.iter().map(|&i| self.shards[i].lock()).collect();
+        let mut guards: Vec<_> = idx.iter().map(|&i| (i, self.shards[i].lock())).collect();
         let pos = |s: usize| idx.binary_search(&s).expect("locked");
-        let states: Small<LimitState> = checks
+        let states: Vec<LimitState> = checks
             .iter()
             .zip(&shard)
             .map(|(c, &s)| {
-                let tat = guards[pos(s)].get(&c.key).copied().unwrap_or(0);
+                let tat = guards[pos(s)].1.get(&c.key).copied().unwrap_or(0);
                 gcra::check(c.rate, tat, now)
             })
             .collect();
         let decision = gcra::combine(&states);
         if decision.allowed {
             for ((c, st), &s) in checks.iter().zip(&states).zip(&shard) {
-                let map = &mut guards[pos(s)];
+                let map = &mut guards[pos(s)].1;
                 // An existing key is updated in place: no new String per request.
                 match map.get_mut(&c.key) {
                     Some(tat) => *tat = st.new_tat,
