@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # User-space instructions per proxied request, counted by callgrind: the bare hyper proxy
-# (gatehouse-bare-proxy), gatehouse embedded and gatehouse with Redis. Two runs agree within
-# about 1% (embedded within 0.05%; the others vary with how requests batch and wake), so a
-# change of a few percent shows, where req/s on a shared VM moves ±20%.
+# (gatehouse-bare-proxy), gatehouse embedded and gatehouse with Redis. Counts move about ±1%
+# between runs (nine embedded counts: 44.6k-45.4k; Redis more, with how requests batch), so a
+# change of a few percent shows where req/s on a shared VM moves ±20%; compare several
+# alternating runs (GATEWAY= below) for anything smaller.
 # Valgrind runs each program on one thread at about 1/50 speed; the load is 4 connections.
 # Valgrind's CPU has no SHA extensions, so the token's SHA-256 takes sha2's software path here
 # (about 3,500 instructions; with SHA-NI it is a few hundred).
