@@ -1,7 +1,8 @@
 //! The benchmark's reference point for "hyper and tokio, nothing else": a reverse proxy with
 //! no checks and no added headers, built like the gateway's proxy path (one current-thread
-//! runtime per core on SO_REUSEPORT sockets, hyper's HTTP/1 server and client). Each client
-//! connection gets its own upstream connection, the cheapest pooling there is.
+//! runtime per core on the gateway's own SO_REUSEPORT listeners, hyper's HTTP/1 server and
+//! client). Each client connection gets its own upstream connection, the cheapest pooling
+//! there is.
 //!
 //! `gatehouse-bare-proxy LISTEN UPSTREAM [WORKERS]`, e.g. `127.0.0.1:9003 127.0.0.1:9002 2`.
 
@@ -23,14 +24,15 @@ fn main() -> anyhow::Result<()> {
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     eprintln!("bare proxy on http://{listen} -> http://{upstream}, {workers} workers");
-    let threads: Vec<_> = (0..workers)
-        .map(|_| {
+    let threads: Vec<_> = gatehouse_gateway::server::bind_workers(listen, workers)?
+        .into_iter()
+        .map(|listener| {
             let upstream = upstream.clone();
             std::thread::spawn(move || -> anyhow::Result<()> {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?
-                    .block_on(serve(listen, upstream))
+                    .block_on(serve(listener, upstream))
             })
         })
         .collect();
@@ -41,12 +43,8 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(listen: SocketAddr, upstream: Arc<str>) -> anyhow::Result<()> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(listen)?;
-    let listener = socket.listen(1024)?;
+async fn serve(listener: std::net::TcpListener, upstream: Arc<str>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     loop {
         let (client, _) = listener.accept().await?;
         let upstream = upstream.clone();
