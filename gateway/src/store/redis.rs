@@ -79,12 +79,23 @@ fn kv_key(key: &str) -> String {
     format!("{PREFIX}kv:{key}")
 }
 
+/// The client for `--redis`, with TCP_NODELAY: a worker sends its next batch of checks without
+/// waiting for the previous answer, and with Nagle's algorithm on, that batch would sit in the
+/// kernel until the previous one is acknowledged (a network round trip).
+fn client(url: &str) -> StoreResult<redis::Client> {
+    let invalid =
+        |e: redis::RedisError| StoreError::Unavailable(format!("invalid --redis URL: {e}"));
+    let info = redis::IntoConnectionInfo::into_connection_info(url)
+        .map_err(invalid)?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    redis::Client::open(info).map_err(invalid)
+}
+
 impl RedisStore {
     /// Connects lazily: the gateway starts (not ready) even when Redis is down, and the
     /// connection manager reconnects with backoff by itself.
     pub fn connect(opts: &RedisOptions) -> StoreResult<Arc<RedisStore>> {
-        let client = redis::Client::open(opts.url.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("invalid --redis URL: {e}")))?;
+        let client = client(&opts.url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(opts.connect_timeout))
             .set_response_timeout(Some(opts.response_timeout))
@@ -335,5 +346,22 @@ impl Store for RedisStore {
         let mut c = self.conns.get();
         let v: Option<u64> = c.get(kv_key(key)).await.map_err(err)?;
         Ok(v.unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_disable_nagle_and_bad_urls_are_errors() {
+        for url in ["redis://127.0.0.1:6379/", "rediss://redis.example:6380/0"] {
+            let c = client(url).unwrap();
+            assert!(c.get_connection_info().tcp_settings().nodelay(), "{url}");
+        }
+        let Err(StoreError::Unavailable(e)) = client("http://nope") else {
+            panic!("accepted a non-Redis URL");
+        };
+        assert!(e.starts_with("invalid --redis URL"), "{e}");
     }
 }
