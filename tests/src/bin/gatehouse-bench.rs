@@ -959,6 +959,8 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
     println!("wrote {}", args.out.display());
+    // Gateways first: a Redis gone under a live gateway makes it log a lost connection.
+    drop(gws);
     drop(redis);
     Ok(())
 }
