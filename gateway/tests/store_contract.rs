@@ -149,6 +149,8 @@ macro_rules! contract {
                 s.kv_put("short", b"v", 1).await.unwrap();
                 assert!(s.counter_incr("ctr", 1).await.unwrap() == 1);
                 tokio::time::sleep(Duration::from_millis(2_100)).await;
+                // Taking one back from an expired counter does not bring it back.
+                s.counter_decr("ctr").await.unwrap();
                 assert_eq!(s.kv_get("short").await.unwrap(), None);
                 assert_eq!(s.kv_take("short").await.unwrap(), None);
                 assert_eq!(s.counter_get("ctr").await.unwrap(), 0);
@@ -163,6 +165,19 @@ macro_rules! contract {
                     assert_eq!(s.counter_incr("c", 60).await.unwrap(), i);
                 }
                 assert_eq!(s.counter_get("c").await.unwrap(), 5);
+                s.counter_decr("c").await.unwrap();
+                assert_eq!(s.counter_get("c").await.unwrap(), 4);
+                assert_eq!(s.counter_incr("c", 60).await.unwrap(), 5);
+                // Never below 0, and nothing appears for an absent counter.
+                s.counter_incr("one", 60).await.unwrap();
+                for _ in 0..3 {
+                    s.counter_decr("one").await.unwrap();
+                    s.counter_decr("absent").await.unwrap();
+                }
+                assert_eq!(s.counter_get("one").await.unwrap(), 0);
+                assert_eq!(s.counter_incr("one", 60).await.unwrap(), 1);
+                assert_eq!(s.counter_get("absent").await.unwrap(), 0);
+                assert_eq!(s.kv_get("absent").await.unwrap(), None);
                 assert!(s.ready().await.is_ok());
             }
         }

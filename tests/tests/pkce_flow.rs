@@ -1349,6 +1349,71 @@ async fn failed_logins_are_throttled_per_account() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn parallel_guesses_get_no_more_tries_than_sequential_ones() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    new_user(&env, &phone, "paula@example.com", &[PROFILE]).await;
+    // Twelve browsers post a wrong password for one account at the same moment: the password
+    // checks queue on the hashing pool, so every post is in flight before any has failed.
+    let mut browsers: Vec<Browser> = (0..12).map(|_| Browser::new(&env)).collect();
+    let mut pages = Vec::new();
+    for b in &mut browsers {
+        pages.push(open_login(b, &phone.authorize(&[PROFILE])).await);
+    }
+    let answers = futures_util::future::join_all(browsers.iter_mut().zip(&pages).map(
+        |(b, page)| async move {
+            let r = log_in(b, page, "paula@example.com", OTHER_PASSWORD).await;
+            b.follow(&r).await.alert().unwrap_or_default()
+        },
+    ))
+    .await;
+    let checked = answers.iter().filter(|a| *a == BAD_CREDENTIALS).count();
+    let throttled = answers.iter().filter(|a| a.starts_with(THROTTLED)).count();
+    assert_eq!((checked, throttled), (5, 7), "{answers:?}");
+    // The account is now locked for the window, even for the right password.
+    let b = &mut browsers[0];
+    let page = open_login(b, &phone.authorize(&[PROFILE])).await;
+    let r = log_in(b, &page, "paula@example.com", PASSWORD).await;
+    assert!(r.session_cookie().is_none());
+    assert!(
+        b.follow(&r)
+            .await
+            .alert()
+            .unwrap_or_default()
+            .starts_with(THROTTLED)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signing_in_does_not_use_up_the_failure_allowance() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    new_user(&env, &phone, "quinn@example.com", &[PROFILE]).await;
+    // Four failures, then many successful sign-ins (same address, same account), then four
+    // more failures: still not throttled, because a correct password takes its count back.
+    let mut b = Browser::new(&env);
+    let mut page = open_login(&mut b, &phone.authorize(&[PROFILE])).await;
+    for _ in 0..4 {
+        let r = log_in(&mut b, &page, "quinn@example.com", OTHER_PASSWORD).await;
+        page = b.follow(&r).await;
+        assert_eq!(page.alert().as_deref(), Some(BAD_CREDENTIALS));
+    }
+    for _ in 0..25 {
+        let mut ok = Browser::new(&env);
+        let login = open_login(&mut ok, &phone.authorize(&[PROFILE])).await;
+        let r = log_in(&mut ok, &login, "quinn@example.com", PASSWORD).await;
+        assert!(
+            r.location().starts_with("/consent?req="),
+            "{}",
+            r.location()
+        );
+    }
+    let r = log_in(&mut b, &page, "quinn@example.com", OTHER_PASSWORD).await;
+    page = b.follow(&r).await;
+    assert_eq!(page.alert().as_deref(), Some(BAD_CREDENTIALS));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn signup_refuses_weak_passwords_and_taken_emails() {
     let env = env().await;
     let phone = app(&env, PHONE_APP, "myapp://callback");

@@ -191,16 +191,36 @@ async fn throttled(state: &AppState, email: &str, ip: &str) -> bool {
     acct >= MAX_FAILURES_PER_ACCOUNT || by_ip >= MAX_FAILURES_PER_IP
 }
 
-async fn count_failure(state: &AppState, email: &str, ip: &str) {
+/// Counts a password attempt as failed before it is verified; false (nothing counted) when the
+/// account or the address has no attempts left, or the store cannot count. Checking first and
+/// counting after the slow verification let parallel guesses all pass a check made before any
+/// of them was counted. A correct password takes its count back (`attempt_succeeded`).
+async fn reserve_attempt(state: &AppState, email: &str, ip: &str) -> bool {
+    let (acct, by_ip) = (acct_key(email), ip_key(ip));
+    let store = &state.store;
+    let a = store.counter_incr(&acct, THROTTLE_WINDOW_SECS).await;
+    let b = store.counter_incr(&by_ip, THROTTLE_WINDOW_SECS).await;
+    let allowed = matches!(a, Ok(n) if n <= MAX_FAILURES_PER_ACCOUNT)
+        && matches!(b, Ok(n) if n <= MAX_FAILURES_PER_IP);
+    if !allowed {
+        // A refused attempt is not a failure: take back what was counted.
+        if a.is_ok() {
+            let _ = store.counter_decr(&acct).await;
+        }
+        if b.is_ok() {
+            let _ = store.counter_decr(&by_ip).await;
+        }
+    }
+    allowed
+}
+
+fn attempt_failed() {
     metrics::counter!("gatehouse_login_failures_total").increment(1);
-    let _ = state
-        .store
-        .counter_incr(&acct_key(email), THROTTLE_WINDOW_SECS)
-        .await;
-    let _ = state
-        .store
-        .counter_incr(&ip_key(ip), THROTTLE_WINDOW_SECS)
-        .await;
+}
+
+async fn attempt_succeeded(state: &AppState, email: &str, ip: &str) {
+    let _ = state.store.counter_decr(&acct_key(email)).await;
+    let _ = state.store.counter_decr(&ip_key(ip)).await;
 }
 
 /// Verifies a password on the blocking pool; against a dummy hash when there is no user, so
@@ -281,19 +301,20 @@ pub async fn login_post(
         Ok(p) => p,
         Err(r) => return r,
     };
-    if throttled(&state, &email, &ip).await {
-        authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
-        return see_other(&back);
-    }
     let user = match accounts::find_by_email(&*state.store, &email).await {
         Ok(u) => u,
         Err(e) => return store_error_page(e),
     };
+    if !reserve_attempt(&state, &email, &ip).await {
+        authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
+        return see_other(&back);
+    }
     if !verify(pw, user.as_ref().map(|u| u.password_hash.clone())).await {
-        count_failure(&state, &email, &ip).await;
+        attempt_failed();
         authorize::flash(&state, &sid, &mut sess, BAD_CREDENTIALS, Some(&email)).await;
         return see_other(&back);
     }
+    attempt_succeeded(&state, &email, &ip).await;
     let user = user.expect("verified implies a user");
     metrics::counter!("gatehouse_logins_total").increment(1);
     signed_in(&state, &sid, &req, &user.id).await
@@ -367,12 +388,17 @@ pub async fn signup_post(
                 .await
                 .ok()
                 .flatten();
+            if !reserve_attempt(&state, &email, &ip).await {
+                authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
+                return see_other(&back);
+            }
             if verify(pw, existing.as_ref().map(|u| u.password_hash.clone())).await
                 && let Some(user) = existing
             {
+                attempt_succeeded(&state, &email, &ip).await;
                 return signed_in(&state, &sid, &req, &user.id).await;
             }
-            count_failure(&state, &email, &ip).await;
+            attempt_failed();
             authorize::flash(
                 &state,
                 &sid,

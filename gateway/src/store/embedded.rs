@@ -442,6 +442,18 @@ impl Store for EmbeddedStore {
             .filter(|e| e.live(now))
             .map_or(0, |e| counter_value(&e.value)))
     }
+
+    async fn counter_decr(&self, key: &str) -> StoreResult<()> {
+        let now = unix_now();
+        let entry = match self.kv.get_mut(key) {
+            Some(mut e) if e.live(now) && counter_value(&e.value) > 0 => {
+                e.value = (counter_value(&e.value) - 1).to_be_bytes().to_vec();
+                e.clone()
+            }
+            _ => return Ok(()),
+        };
+        self.kv_write(key, Some(entry)).await
+    }
 }
 
 fn counter_value(bytes: &[u8]) -> u64 {

@@ -93,6 +93,9 @@ pub trait Store: Send + Sync {
     async fn counter_incr(&self, key: &str, window_secs: u64) -> StoreResult<u64>;
     /// The current count of such a counter (0 when absent or expired).
     async fn counter_get(&self, key: &str) -> StoreResult<u64>;
+    /// Takes back one increment of a live counter, keeping its window; never below 0, and an
+    /// absent or expired counter stays absent.
+    async fn counter_decr(&self, key: &str) -> StoreResult<()>;
 }
 
 /// Typed access to the key-value part of a store, as JSON.

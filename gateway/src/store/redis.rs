@@ -34,6 +34,14 @@ redis.call('DEL', KEYS[1])
 return members
 ";
 
+/// Takes one back from a live counter: DECR keeps the key's TTL, but on an absent (expired)
+/// key it would create a counter at -1 that never expires.
+const COUNTER_DECR: &str = r"
+local v = tonumber(redis.call('GET', KEYS[1]))
+if v and v > 0 then redis.call('DECR', KEYS[1]) end
+return 0
+";
+
 /// Options for reaching Redis.
 #[derive(Clone, Debug)]
 pub struct RedisOptions {
@@ -61,6 +69,7 @@ pub struct RedisStore {
     /// Bumped on every invalidation, so a lookup that raced one does not refill the cache.
     epoch: Arc<AtomicU64>,
     revoke_grant: redis::Script,
+    counter_decr: redis::Script,
 }
 
 fn err(e: redis::RedisError) -> StoreError {
@@ -108,6 +117,7 @@ impl RedisStore {
             listening: Arc::new(AtomicBool::new(false)),
             epoch: Arc::new(AtomicU64::new(0)),
             revoke_grant: redis::Script::new(REVOKE_GRANT),
+            counter_decr: redis::Script::new(COUNTER_DECR),
         });
         store.clone().spawn_listener(client);
         Ok(store)
@@ -346,6 +356,17 @@ impl Store for RedisStore {
         let mut c = self.conns.get();
         let v: Option<u64> = c.get(kv_key(key)).await.map_err(err)?;
         Ok(v.unwrap_or(0))
+    }
+
+    async fn counter_decr(&self, key: &str) -> StoreResult<()> {
+        let mut c = self.conns.get();
+        let _: i64 = self
+            .counter_decr
+            .key(kv_key(key))
+            .invoke_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(())
     }
 }
 
