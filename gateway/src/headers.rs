@@ -36,6 +36,32 @@ fn is_identity(name: &str) -> bool {
         || matches!(name, "x-client-id" | "x-application-id" | "x-api-plan")
 }
 
+/// Forwarding headers the gateway sets itself (X-Forwarded-Host) or does not maintain: a
+/// client's copy would tell the upstream a host, port, prefix or address of its choosing.
+/// X-Forwarded-For is not here: the gateway appends to it.
+fn is_forwarding(name: &str) -> bool {
+    matches!(
+        name,
+        "forwarded"
+            | "x-forwarded-host"
+            | "x-forwarded-port"
+            | "x-forwarded-prefix"
+            | "x-forwarded-server"
+            | "x-real-ip"
+    )
+}
+
+/// Should a client's request header named `name` (lowercase) be dropped? Underscores count as
+/// dashes: CGI-style servers read `X_Authenticated_UserId` as `X-Authenticated-UserId`.
+fn client_may_not_send(name: &str) -> bool {
+    let check = |n: &str| is_hop_by_hop(n) || is_identity(n) || is_forwarding(n);
+    if name.contains('_') {
+        check(&name.replace('_', "-"))
+    } else {
+        check(name) || name == "authorization"
+    }
+}
+
 /// Removes every header whose name `drop` selects, plus any the Connection header names.
 /// One pass over the (few) names present instead of a hash lookup per name that might be.
 fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&str) -> bool) {
@@ -84,10 +110,10 @@ pub struct Forwarded<'a> {
 /// and every client-supplied identity header (any case, any `X-Authenticated-*`) removed, then
 /// the gateway's identity and forwarding headers set.
 pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forwarded<'_>) {
+    // Taken before Connection can name it for removal.
+    let host = headers.get(header::HOST).cloned();
     // HeaderMap names are lowercase already, so this catches every spelling a client used.
-    remove_where(headers, |name| {
-        is_hop_by_hop(name) || is_identity(name) || name == "authorization"
-    });
+    remove_where(headers, client_may_not_send);
     // Room for the nine headers below at once, instead of growing the map while inserting.
     headers.reserve(9);
 
@@ -100,7 +126,8 @@ pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forward
     headers.insert(API_PLAN, id.plan.clone());
 
     // X-Forwarded-Host: the Host the client asked for; the upstream gets its own Host.
-    if let Some(host) = headers.remove(header::HOST) {
+    headers.remove(header::HOST);
+    if let Some(host) = host {
         headers.insert(FORWARDED_HOST, host);
     }
     let xff = match headers.get(&FORWARDED_FOR).map(HeaderValue::as_bytes) {
@@ -283,6 +310,40 @@ mod tests {
             assert!(!req.contains_key(*n), "{n} forwarded");
         }
         assert_eq!(req["content-type"], "text/plain");
+    }
+
+    #[test]
+    fn clients_cannot_set_forwarding_or_underscored_identity_headers() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "forwarded",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-real-ip",
+            "x_authenticated_userid",
+            "x_client_id",
+            "x_forwarded_host",
+            "x_api-plan",
+        ] {
+            h.insert(HeaderName::from_bytes(n.as_bytes()).unwrap(), hv("spoof"));
+        }
+        h.insert("my_header", hv("kept"));
+        h.insert(header::HOST, hv("api.example"));
+        // Connection naming Host must not hide the real Host from X-Forwarded-Host.
+        h.insert(header::CONNECTION, hv("host"));
+        rewrite_without_user(&mut h, "10.0.0.3");
+        assert_eq!(h["x-forwarded-host"], "api.example");
+        assert_eq!(h["my_header"], "kept");
+        assert!(!h.contains_key(header::HOST));
+        for (name, value) in &h {
+            assert_ne!(value, "spoof", "{name} forwarded");
+        }
+        // Without a Host header there is no X-Forwarded-Host at all, not the client's.
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-host", hv("evil.example"));
+        rewrite_without_user(&mut h, "10.0.0.3");
+        assert!(!h.contains_key("x-forwarded-host"));
     }
 
     #[test]

@@ -93,6 +93,11 @@ async fn forward(
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host());
+    if routing::has_dot_segment(req.uri().path()) {
+        return Err(GatewayError::InvalidRequest(
+            "the path must not contain '.' or '..' segments",
+        ));
+    }
     let api_idx = routing::match_api(&snap.config.apis, host, req.uri().path())
         .ok_or(GatewayError::NoRoute)?;
     let api = &snap.apis[api_idx];

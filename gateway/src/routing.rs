@@ -14,6 +14,27 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
+/// Does the path hold a `.` or `..` segment, also percent-encoded (`%2e`) or behind an encoded
+/// or backslash separator (`%2f`, `%5c`, `\`)? Such a path is refused: routing and plan checks
+/// use the path as sent, and a backend that resolves it would serve another Api's resource.
+pub fn has_dot_segment(path: &str) -> bool {
+    let b = path.as_bytes();
+    if !b.iter().any(|&c| matches!(c, b'.' | b'%' | b'\\')) {
+        return false;
+    }
+    let dotted = |s: &str| s == "." || s == "..";
+    if !b.iter().any(|&c| matches!(c, b'%' | b'\\')) {
+        return path.split('/').any(dotted);
+    }
+    let decoded = path
+        .to_ascii_lowercase()
+        .replace("%2e", ".")
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/");
+    decoded.split('/').any(dotted)
+}
+
 /// Host header value without port, for matching against an Api's `hosts` (already lowercase).
 pub fn host_without_port(host: &str) -> &str {
     if host.starts_with('[') {
@@ -55,6 +76,35 @@ pub fn upstream_path(base_path: &str, prefix: &str, path: &str, strip: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_segments_are_found_in_every_spelling() {
+        for p in [
+            "/public/../admin",
+            "/public/./x",
+            "/public/..",
+            "/public/%2e%2e/admin",
+            "/public/%2E./admin",
+            "/public/..%2fadmin",
+            "/public/..%5cadmin",
+            "/public/..\\admin",
+            "/..",
+        ] {
+            assert!(has_dot_segment(p), "{p}");
+        }
+        for p in [
+            "/",
+            "/public/x",
+            "/public/report.pdf",
+            "/public/...",
+            "/public/.well-known/x",
+            "/public/a..b",
+            "/public/%20x",
+            "/public/%2ex",
+        ] {
+            assert!(!has_dot_segment(p), "{p}");
+        }
+    }
     use gatehouse_crds::UpstreamConfig;
 
     fn api(prefix: &str, hosts: &[&str]) -> ApiConfig {

@@ -167,6 +167,34 @@ async fn tokens_in_the_query_string_are_refused() {
 }
 
 #[tokio::test]
+async fn paths_with_dot_segments_are_refused_before_routing() {
+    let h = Harness::new(100).await;
+    // A /mobile token must not reach /mobile/v2's resources through a path the backend would
+    // resolve, in any spelling.
+    let token = h.cc_token("svc-mobile", None).await;
+    for path in [
+        "/mobile/../mobile/v2/things",
+        "/mobile/%2e%2E/mobile/v2/things",
+        "/mobile/..%2fmobile/v2/things",
+        "/mobile/./items",
+    ] {
+        let resp = h
+            .call(get(path, Some(&token)).body(Body::empty()).unwrap())
+            .await;
+        assert_eq!(resp.status(), 400, "{path}");
+        assert_eq!(json(resp).await["error"], "invalid_request", "{path}");
+    }
+    let resp = h
+        .call(
+            get("/mobile/report.v1.json", Some(&token))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
 async fn longest_prefix_wins_and_upstream_path_is_kept() {
     let h = Harness::new(100).await;
     let token = h.cc_token("svc-v2", None).await;
