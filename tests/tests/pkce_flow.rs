@@ -809,6 +809,53 @@ async fn codes_are_single_use_and_bound_to_verifier_client_and_redirect() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn concurrent_uses_of_one_code_or_refresh_token_leave_no_live_tokens() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (mut b, code, verifier) = new_user(&env, &phone, "rita@example.com", &[PROFILE]).await;
+    // One code redeemed twice at once (a retried request, or a thief with the verifier): at
+    // most one answer has tokens, and whichever request loses revokes them, however the two
+    // interleave.
+    let (mut code, mut verifier) = (code, verifier);
+    for round in 0..4 {
+        if round > 0 {
+            (code, verifier) = code_again(&mut b, &phone, &[PROFILE]).await;
+        }
+        let (r1, r2) = tokio::join!(
+            phone.exchange(&env, &code, Some(&verifier)),
+            phone.exchange(&env, &code, Some(&verifier))
+        );
+        let won: Vec<_> = [r1, r2].into_iter().filter_map(Result::ok).collect();
+        assert!(won.len() <= 1, "round {round}: both redemptions got tokens");
+        for t in &won {
+            assert_token_refused_by_api(&env, t.access_token().secret()).await;
+            let refresh = t.refresh_token().unwrap().secret();
+            assert_eq!(
+                token_error(phone.refresh(&env, refresh).await),
+                BasicErrorResponseType::InvalidGrant
+            );
+        }
+    }
+    // One refresh token used twice at once: the same.
+    for round in 0..4 {
+        let (code, verifier) = code_again(&mut b, &phone, &[PROFILE]).await;
+        let (access, refresh) = phone.tokens(&env, &code, &verifier).await;
+        let (r1, r2) = tokio::join!(phone.refresh(&env, &refresh), phone.refresh(&env, &refresh));
+        let won: Vec<_> = [r1, r2].into_iter().filter_map(Result::ok).collect();
+        assert!(won.len() <= 1, "round {round}: both refreshes got tokens");
+        assert_token_refused_by_api(&env, &access).await;
+        for t in &won {
+            assert_token_refused_by_api(&env, t.access_token().secret()).await;
+            let next = t.refresh_token().unwrap().secret();
+            assert_eq!(
+                token_error(phone.refresh(&env, next).await),
+                BasicErrorResponseType::InvalidGrant
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_expired_code_is_refused() {
     let env = env().await;
     let phone = app(&env, PHONE_APP, "myapp://callback");

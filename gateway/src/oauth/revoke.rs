@@ -53,9 +53,7 @@ async fn revoke(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<()
     }
     match record.kind {
         TokenKind::Refresh => {
-            state
-                .store
-                .revoke_grant(&record.grant_id)
+            super::token::revoke_family(state, &record.grant_id)
                 .await
                 .map_err(unavailable)?;
         }

@@ -165,12 +165,33 @@ async fn revoke_marked_grant(
     else {
         return Ok(None);
     };
-    let n = state
-        .store
-        .revoke_grant(&grant_id)
-        .await
-        .map_err(unavailable)?;
+    let n = revoke_family(state, &grant_id).await.map_err(unavailable)?;
     Ok(Some(n))
+}
+
+/// Marks a grant revoked for as long as tokens could still be issued into it (a code exchange
+/// or refresh that was already past its checks when the grant was revoked).
+const REVOKED_GRANT_MEMORY: u64 = 24 * 3_600;
+
+fn revoked_grant_key(grant_id: &str) -> String {
+    format!("revokedgrant:{grant_id}")
+}
+
+/// Revokes every token of a grant, and leaves a mark that makes any token issued into it
+/// afterwards (by a request already under way) revoke itself (`token_pair`). Returns how many
+/// tokens went.
+pub async fn revoke_family(
+    state: &AppState,
+    grant_id: &str,
+) -> Result<usize, crate::store::StoreError> {
+    kv::put(
+        &*state.store,
+        &revoked_grant_key(grant_id),
+        &true,
+        REVOKED_GRANT_MEMORY,
+    )
+    .await?;
+    state.store.revoke_grant(grant_id).await
 }
 
 /// How long a spent code is remembered for replay detection.
@@ -185,18 +206,24 @@ async fn authorization_code(
     require_grant(client, GrantType::AuthorizationCode)?;
     let code = form.require("code")?;
     let store: &dyn crate::store::Store = &*state.store;
-    // Single use: the first redemption takes the code; any later one finds only the marker.
-    let Some(record) = kv::take::<CodeRecord>(store, &code_key(code))
+    let replayed = |n: usize| {
+        tracing::warn!(client_id = %client.cfg.client_id, revoked = n, "authorization code replayed; its tokens are revoked");
+        metrics::counter!("gatehouse_code_replays_total").increment(1);
+        invalid_grant("the authorization code is invalid, expired or already used")
+    };
+    // The replay marker is written before the code is spent, so a second redemption finds the
+    // code or the marker, never neither. Single use: of concurrent redemptions only the one
+    // that takes the code proceeds; the others are replays.
+    let Some(record) = kv::get::<CodeRecord>(store, &code_key(code))
         .await
         .map_err(unavailable)?
     else {
-        if let Some(n) = revoke_marked_grant(state, &used_code_key(code)).await? {
-            tracing::warn!(client_id = %client.cfg.client_id, revoked = n, "authorization code replayed; its tokens are revoked");
-            metrics::counter!("gatehouse_code_replays_total").increment(1);
-        }
-        return Err(invalid_grant(
-            "the authorization code is invalid, expired or already used",
-        ));
+        return Err(
+            match revoke_marked_grant(state, &used_code_key(code)).await? {
+                Some(n) => replayed(n),
+                None => invalid_grant("the authorization code is invalid, expired or already used"),
+            },
+        );
     };
     kv::put(
         store,
@@ -206,6 +233,16 @@ async fn authorization_code(
     )
     .await
     .map_err(unavailable)?;
+    if kv::take::<CodeRecord>(store, &code_key(code))
+        .await
+        .map_err(unavailable)?
+        .is_none()
+    {
+        let n = revoke_family(state, &record.grant_id)
+            .await
+            .map_err(unavailable)?;
+        return Err(replayed(n));
+    }
     if record.expires_at <= unix_now() {
         return Err(invalid_grant("the authorization code has expired"));
     }
@@ -303,6 +340,20 @@ async fn token_pair(
     } else {
         None
     };
+    // The grant was revoked while these were being issued (a replay of its code, reuse of its
+    // refresh token, revocation): they must not outlive it.
+    if kv::get::<bool>(&*state.store, &revoked_grant_key(grant_id))
+        .await
+        .map_err(unavailable)?
+        .is_some()
+    {
+        state
+            .store
+            .revoke_grant(grant_id)
+            .await
+            .map_err(unavailable)?;
+        return Err(invalid_grant("the grant was revoked"));
+    }
     Ok(TokenResponse {
         access_token,
         token_type: "Bearer",
@@ -323,17 +374,23 @@ async fn refresh_token(
     let hash = tokens::hash(presented);
     let store: &dyn crate::store::Store = &*state.store;
     let live = state.store.get_token(&hash).await.map_err(unavailable)?;
+    let reused = |n: usize| {
+        tracing::warn!(client_id = %client.cfg.client_id, revoked = n, "rotated refresh token reused; family revoked");
+        metrics::counter!("gatehouse_refresh_reuse_total").increment(1);
+        invalid_grant("the refresh token is invalid, expired, revoked or already used")
+    };
     let record = match live {
         Some(r) if r.kind == TokenKind::Refresh => r,
         _ => {
             // A rotated token coming back means two parties hold the family: revoke all of it.
-            if let Some(n) = revoke_marked_grant(state, &rotated_key(&hash)).await? {
-                tracing::warn!(client_id = %client.cfg.client_id, revoked = n, "rotated refresh token reused; family revoked");
-                metrics::counter!("gatehouse_refresh_reuse_total").increment(1);
-            }
-            return Err(invalid_grant(
-                "the refresh token is invalid, expired, revoked or already used",
-            ));
+            return Err(
+                match revoke_marked_grant(state, &rotated_key(&hash)).await? {
+                    Some(n) => reused(n),
+                    None => invalid_grant(
+                        "the refresh token is invalid, expired, revoked or already used",
+                    ),
+                },
+            );
         }
     };
     if record.client_id != client.cfg.client_id {
@@ -357,14 +414,19 @@ async fn refresh_token(
             check_scopes(snap, client, Some(req))?
         }
     };
-    // Rotation: of concurrent refreshes with one token only the one that removes it proceeds.
-    let Some(record) = state.store.revoke_token(&hash).await.map_err(unavailable)? else {
-        return Err(invalid_grant("the refresh token was already used"));
-    };
+    // Rotation. The reuse marker is written before the token is spent, so a second use finds
+    // the token or the marker, never neither. Of concurrent refreshes with one token only the
+    // one that removes it proceeds; the others are reuse.
     let remember = record.expires_at.saturating_sub(unix_now()).max(1);
     kv::put(store, &rotated_key(&hash), &record.grant_id, remember)
         .await
         .map_err(unavailable)?;
+    let Some(record) = state.store.revoke_token(&hash).await.map_err(unavailable)? else {
+        let n = revoke_family(state, &record.grant_id)
+            .await
+            .map_err(unavailable)?;
+        return Err(reused(n));
+    };
     let user_id = record.user_id.clone().unwrap_or_default();
     token_pair(
         state,
