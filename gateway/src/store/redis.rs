@@ -243,6 +243,11 @@ impl Store for RedisStore {
         }
         if listening && self.epoch.load(Ordering::SeqCst) == epoch {
             self.cache.insert(*hash, &rec);
+            // A revocation that bumped the epoch between the check and the insert may have
+            // removed nothing yet: take the entry out again. (`invalidate` bumps, then removes.)
+            if self.epoch.load(Ordering::SeqCst) != epoch {
+                self.cache.remove(hash);
+            }
         }
         Ok(Some(rec))
     }
@@ -254,7 +259,8 @@ impl Store for RedisStore {
             .query_async(&mut c)
             .await
             .map_err(err)?;
-        self.cache.remove(hash);
+        // As a revocation message would: lookups under way on this replica must not cache it.
+        self.invalidate(&hex::encode(hash));
         let Some(raw) = raw else {
             return Ok(None);
         };
