@@ -50,8 +50,10 @@ pub async fn find_by_email(store: &dyn Store, email: &str) -> StoreResult<Option
     }
 }
 
-/// Creates a user; `None` when the email is taken (the email key is claimed atomically first, so
-/// two concurrent signups cannot both win).
+/// Creates a user; `None` when the email is taken (the email key is claimed atomically, so two
+/// concurrent signups cannot both win). The user record is written before the email is claimed:
+/// a failure between the two writes leaves an unreachable record, never an email claimed by
+/// nobody (which would lock that address out of signup and login for good).
 pub async fn create(
     store: &dyn Store,
     email: &str,
@@ -63,11 +65,14 @@ pub async fn create(
         password_hash,
         created_at: unix_now(),
     };
-    if !kv::put_new(store, &email_key(email), &user.id, 0).await? {
-        return Ok(None);
-    }
     kv::put(store, &id_key(&user.id), &user, 0).await?;
-    Ok(Some(user))
+    match kv::put_new(store, &email_key(email), &user.id, 0).await {
+        Ok(true) => Ok(Some(user)),
+        claimed_or_failed => {
+            let _ = store.kv_delete(&id_key(&user.id)).await;
+            claimed_or_failed.map(|_| None)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -113,5 +118,21 @@ mod tests {
             .unwrap();
         assert_eq!(found, Some(a.clone()));
         assert_eq!(get(&s, &a.id).await.unwrap(), Some(a));
+
+        // Concurrent signups for one address: one account, and it is the one the email finds.
+        let s = std::sync::Arc::new(s);
+        let tries: Vec<_> = (0..10)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move { create(&*s, "bo@example.com", format!("h{i}")).await })
+            })
+            .collect();
+        let mut won = Vec::new();
+        for t in tries {
+            won.extend(t.await.unwrap().unwrap());
+        }
+        assert_eq!(won.len(), 1);
+        let found = find_by_email(&*s, "bo@example.com").await.unwrap();
+        assert_eq!(found.as_ref(), Some(&won[0]));
     }
 }
