@@ -260,8 +260,12 @@ impl Store for RedisStore {
             .await
             .map_err(err)?;
         // As a revocation message would: lookups under way on this replica must not cache it.
-        self.invalidate(&hex::encode(hash));
+        let hex_hash = hex::encode(hash);
+        self.invalidate(&hex_hash);
         let Some(raw) = raw else {
+            // Already gone, maybe by an earlier call whose message was lost (it failed after
+            // the delete and the caller retried): tell the other replicas again.
+            self.publish_revoked(&[hex_hash]).await?;
             return Ok(None);
         };
         let rec: TokenRecord =
@@ -270,7 +274,7 @@ impl Store for RedisStore {
             .srem(grant_key(&rec.grant_id), hex::encode(hash))
             .await
             .map_err(err)?;
-        self.publish_revoked(&[hex::encode(hash)]).await?;
+        self.publish_revoked(&[hex_hash]).await?;
         Ok(Some(rec))
     }
 
