@@ -51,9 +51,10 @@ pub async fn find_by_email(store: &dyn Store, email: &str) -> StoreResult<Option
 }
 
 /// Creates a user; `None` when the email is taken (the email key is claimed atomically, so two
-/// concurrent signups cannot both win). The user record is written before the email is claimed:
-/// a failure between the two writes leaves an unreachable record, never an email claimed by
-/// nobody (which would lock that address out of signup and login for good).
+/// concurrent signups cannot both win). The user record is written before the email is claimed,
+/// and kept when the claim fails (a timed-out claim may still have happened): a failure leaves
+/// at worst an unreachable record, never an email claimed by nobody (which would lock that
+/// address out of signup and login for good).
 pub async fn create(
     store: &dyn Store,
     email: &str,
@@ -66,11 +67,11 @@ pub async fn create(
         created_at: unix_now(),
     };
     kv::put(store, &id_key(&user.id), &user, 0).await?;
-    match kv::put_new(store, &email_key(email), &user.id, 0).await {
-        Ok(true) => Ok(Some(user)),
-        claimed_or_failed => {
+    match kv::put_new(store, &email_key(email), &user.id, 0).await? {
+        true => Ok(Some(user)),
+        false => {
             let _ = store.kv_delete(&id_key(&user.id)).await;
-            claimed_or_failed.map(|_| None)
+            Ok(None)
         }
     }
 }

@@ -56,7 +56,13 @@ fn is_forwarding(name: &str) -> bool {
 fn client_may_not_send(name: &str) -> bool {
     let check = |n: &str| is_hop_by_hop(n) || is_identity(n) || is_forwarding(n);
     if name.contains('_') {
-        check(&name.replace('_', "-"))
+        // Also the ones the gateway sets: a second spelling would shadow or join its value.
+        let dashed = name.replace('_', "-");
+        check(&dashed)
+            || matches!(
+                dashed.as_str(),
+                "x-forwarded-for" | "x-forwarded-proto" | "x-request-id" | "authorization"
+            )
     } else {
         check(name) || name == "authorization"
     }
@@ -325,6 +331,9 @@ mod tests {
             "x_client_id",
             "x_forwarded_host",
             "x_api-plan",
+            "x_forwarded_proto",
+            "x_forwarded_for",
+            "x_request_id",
         ] {
             h.insert(HeaderName::from_bytes(n.as_bytes()).unwrap(), hv("spoof"));
         }

@@ -22,7 +22,8 @@ pub fn has_dot_segment(path: &str) -> bool {
     if !b.iter().any(|&c| matches!(c, b'.' | b'%' | b'\\')) {
         return false;
     }
-    let dotted = |s: &str| s == "." || s == "..";
+    // A `;` starts path parameters, which Java servers cut off before resolving (`..;x`).
+    let dotted = |s: &str| matches!(s.split(';').next(), Some("." | ".."));
     if !b.iter().any(|&c| matches!(c, b'%' | b'\\')) {
         return path.split('/').any(dotted);
     }
@@ -89,6 +90,9 @@ mod tests {
             "/public/..%5cadmin",
             "/public/..\\admin",
             "/..",
+            "/public/..;/admin",
+            "/public/%2e%2e;x/admin",
+            "/public/.;",
         ] {
             assert!(has_dot_segment(p), "{p}");
         }
@@ -101,6 +105,8 @@ mod tests {
             "/public/a..b",
             "/public/%20x",
             "/public/%2ex",
+            "/public/a;b",
+            "/public/..x;y",
         ] {
             assert!(!has_dot_segment(p), "{p}");
         }

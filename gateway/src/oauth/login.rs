@@ -191,10 +191,12 @@ async fn throttled(state: &AppState, email: &str, ip: &str) -> bool {
     acct >= MAX_FAILURES_PER_ACCOUNT || by_ip >= MAX_FAILURES_PER_IP
 }
 
-/// Counts a password attempt as failed before it is verified; false (nothing counted) when the
+/// Counts a password attempt as failed before it is verified; false (nothing kept) when the
 /// account or the address has no attempts left, or the store cannot count. Checking first and
 /// counting after the slow verification let parallel guesses all pass a check made before any
-/// of them was counted. A correct password takes its count back (`attempt_succeeded`).
+/// of them was counted. A correct password takes its count back (`attempt_succeeded`). While
+/// it is checked an attempt counts against the address too: at most 20 attempts per address are
+/// failed or under way in a window.
 async fn reserve_attempt(state: &AppState, email: &str, ip: &str) -> bool {
     let (acct, by_ip) = (acct_key(email), ip_key(ip));
     let store = &state.store;

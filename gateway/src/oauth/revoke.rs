@@ -45,10 +45,6 @@ async fn revoke(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<()
         )
     };
     let Some(record) = state.store.get_token(&hash).await.map_err(unavailable)? else {
-        // Unknown, expired or already revoked. The last may be a retry after a failure that
-        // came after the delete: revoking again repeats the notice to other replicas' caches
-        // (it names only a hash, and removes nothing that exists).
-        state.store.revoke_token(&hash).await.map_err(unavailable)?;
         return Ok(());
     };
     if record.client_id != client.cfg.client_id {

@@ -263,9 +263,6 @@ impl Store for RedisStore {
         let hex_hash = hex::encode(hash);
         self.invalidate(&hex_hash);
         let Some(raw) = raw else {
-            // Already gone, maybe by an earlier call whose message was lost (it failed after
-            // the delete and the caller retried): tell the other replicas again.
-            self.publish_revoked(&[hex_hash]).await?;
             return Ok(None);
         };
         let rec: TokenRecord =
