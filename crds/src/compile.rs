@@ -661,35 +661,69 @@ pub const RESERVED_PREFIXES: &[&str] = &[
     "/.well-known",
 ];
 
+/// The URL as messages may show it: user info (a password, perhaps) replaced by `***`.
+fn shown_url(raw: &str) -> String {
+    if let Some(scheme_end) = raw.find("://") {
+        let rest = &raw[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            return format!("{}***{}", &raw[..scheme_end + 3], &rest[at..]);
+        }
+    }
+    raw.to_string()
+}
+
+/// Longest upstream URL accepted; the gateway's HTTP stack refuses URIs over 64 KiB.
+const MAX_UPSTREAM_URL: usize = 2048;
+
 /// Normalizes an upstream base URL (no trailing slash); `Err` is a sentence for a person.
 pub fn normalize_upstream_url(raw: &str) -> Result<String, String> {
+    let shown = shown_url(raw);
+    if raw.len() > MAX_UPSTREAM_URL {
+        return Err(format!(
+            "spec.upstream.url is {} characters long; at most {MAX_UPSTREAM_URL} are accepted",
+            raw.len()
+        ));
+    }
     let url = Url::parse(raw).map_err(|e| {
         format!(
-            "spec.upstream.url {raw:?} is not an absolute URL ({e}); use e.g. http://backend.namespace.svc:8080"
+            "spec.upstream.url {shown:?} is not an absolute URL ({e}); use e.g. http://backend.namespace.svc:8080"
         )
     })?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!(
-            "spec.upstream.url {raw:?} must use http or https, not {}",
+            "spec.upstream.url {shown:?} must use http or https, not {}",
             url.scheme()
         ));
     }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("spec.upstream.url {raw:?} has no host"));
-    }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(format!(
-            "spec.upstream.url {raw:?} must not contain user info (user:password@); remove it"
+            "spec.upstream.url {shown:?} must not contain user info (user:password@); remove it"
         ));
+    }
+    match url.host() {
+        None => return Err(format!("spec.upstream.url {shown:?} has no host")),
+        // The URL standard lets some characters through in host names that HTTP does not.
+        Some(url::Host::Domain(d))
+            if d.is_empty()
+                || !d
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_')) =>
+        {
+            return Err(format!(
+                "spec.upstream.url {shown:?}: the host {d:?} may only use letters, digits, '-', '.' and '_'"
+            ));
+        }
+        Some(_) => {}
     }
     if url.query().is_some() {
         return Err(format!(
-            "spec.upstream.url {raw:?} must not contain a query (?...); remove it"
+            "spec.upstream.url {shown:?} must not contain a query (?...); remove it"
         ));
     }
     if url.fragment().is_some() {
         return Err(format!(
-            "spec.upstream.url {raw:?} must not contain a fragment (#...); remove it"
+            "spec.upstream.url {shown:?} must not contain a fragment (#...); remove it"
         ));
     }
     let mut s = url.to_string();

@@ -243,32 +243,37 @@ fn add_value(value: Value, at: &str, cx: &mut Context<'_>, into: &mut Resources)
             }
         }
         (v, "Api") if v == gatehouse => {
-            if let Some(mut r) = typed::<Api>(value, at, &what, cx) {
-                default_namespace(&mut r.metadata);
+            if let Some(mut r) = typed::<Api>(value, at, &what, cx)
+                && checked_meta(&mut r.metadata, at, &what, cx)
+            {
                 into.apis.push(r);
             }
         }
         (v, "Plan") if v == gatehouse => {
-            if let Some(mut r) = typed::<Plan>(value, at, &what, cx) {
-                default_namespace(&mut r.metadata);
+            if let Some(mut r) = typed::<Plan>(value, at, &what, cx)
+                && checked_meta(&mut r.metadata, at, &what, cx)
+            {
                 into.plans.push(r);
             }
         }
         (v, "Application") if v == gatehouse => {
-            if let Some(mut r) = typed::<Application>(value, at, &what, cx) {
-                default_namespace(&mut r.metadata);
+            if let Some(mut r) = typed::<Application>(value, at, &what, cx)
+                && checked_meta(&mut r.metadata, at, &what, cx)
+            {
                 into.applications.push(r);
             }
         }
         (v, "Subscription") if v == gatehouse => {
-            if let Some(mut r) = typed::<Subscription>(value, at, &what, cx) {
-                default_namespace(&mut r.metadata);
+            if let Some(mut r) = typed::<Subscription>(value, at, &what, cx)
+                && checked_meta(&mut r.metadata, at, &what, cx)
+            {
                 into.subscriptions.push(r);
             }
         }
         ("v1", "Secret") => {
-            if let Some(mut r) = typed::<Secret>(value, at, &what, cx) {
-                default_namespace(&mut r.metadata);
+            if let Some(mut r) = typed::<Secret>(value, at, &what, cx)
+                && checked_meta(&mut r.metadata, at, &what, cx)
+            {
                 merge_string_data(&mut r);
                 into.secrets.push(r);
             }
@@ -322,6 +327,42 @@ fn default_namespace(meta: &mut ObjectMeta) {
     }
 }
 
+/// Is `s` a name Kubernetes accepts (RFC 1123: lowercase letters, digits, '-' and '.', at most
+/// `max` characters, alphanumeric at both ends)? The API server checks this in a cluster; from a
+/// folder nothing else does, and names travel in headers to the upstream.
+pub fn is_k8s_name(s: &str, max: usize) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= max
+        && b.iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// Defaults the namespace and checks the names; false (and an error) when one is not valid.
+fn checked_meta(meta: &mut ObjectMeta, at: &str, what: &str, cx: &mut Context<'_>) -> bool {
+    default_namespace(meta);
+    let ns = meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+    if !is_k8s_name(ns, 63) || ns.contains('.') {
+        cx.error(
+            at,
+            format!("{what}: metadata.namespace {ns:?} is not a valid namespace (lowercase letters, digits and '-', at most 63)"),
+        );
+        return false;
+    }
+    match meta.name.as_deref() {
+        Some(name) if !is_k8s_name(name, 253) => {
+            cx.error(
+                at,
+                format!("{what}: metadata.name {name:?} is not a valid Kubernetes name (lowercase letters, digits, '-' and '.', at most 253)"),
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
 /// Moves `stringData` into `data` (overriding equal keys), as the API server does on write.
 fn merge_string_data(secret: &mut Secret) {
     if let Some(string_data) = secret.string_data.take() {
@@ -350,6 +391,27 @@ spec:
   rateLimits:
     - {requests: 10, per: second}
 ";
+
+    #[test]
+    fn names_kubernetes_would_refuse_are_errors() {
+        for (meta, bad) in [
+            ("{name: Basic, namespace: demo}", "metadata.name"),
+            ("{name: bäsic, namespace: demo}", "metadata.name"),
+            ("{name: 'a b', namespace: demo}", "metadata.name"),
+            ("{name: -basic, namespace: demo}", "metadata.name"),
+            ("{name: basic, namespace: Demo}", "metadata.namespace"),
+            ("{name: basic, namespace: a.b}", "metadata.namespace"),
+        ] {
+            let yaml = PLAN.replace("{name: basic, namespace: demo}", meta);
+            let (r, errors) = parse(&yaml);
+            assert!(r.plans.is_empty(), "{meta}");
+            assert_eq!(errors.len(), 1, "{meta}");
+            assert!(errors[0].message.contains(bad), "{}", errors[0].message);
+        }
+        let (r, errors) = parse(&PLAN.replace("basic,", "basic-2.v1,"));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(r.plans.len(), 1);
+    }
 
     #[test]
     fn parses_every_kind_from_one_stream() {

@@ -612,8 +612,32 @@ fn upstream_url_rules() {
         "http://b/?",
         "http://b/#frag",
         "http://b:99999/",
+        // Characters the URL standard lets into a host name but HTTP does not.
+        "http://backend{x}:8080",
+        "http://a\"b/",
+        "http://a`b/",
     ] {
         assert!(normalize_upstream_url(bad).is_err(), "{bad:?} accepted");
+    }
+    let long = format!("http://b/{}", "x".repeat(2100));
+    assert!(normalize_upstream_url(&long).is_err());
+    assert_eq!(
+        normalize_upstream_url("http://[::1]:8080/").unwrap(),
+        "http://[::1]:8080"
+    );
+    assert_eq!(
+        normalize_upstream_url("http://my_svc.ns:80").unwrap(),
+        "http://my_svc.ns"
+    );
+    // A password in a rejected URL does not reach the message (status conditions, logs).
+    for bad in [
+        "http://user:s3cret@b/",
+        "http://user:s3cret@b/?q=1",
+        "ftp://u:s3cret@b",
+    ] {
+        let e = normalize_upstream_url(bad).unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(e.contains("***@b"), "{e}");
     }
     let mut r = fixture();
     api(&mut r, "mobile").spec.upstream.url = "http://b/?x=1".into();
