@@ -188,9 +188,34 @@ impl Controller {
         let started = std::time::Instant::now();
         let res = self.snapshot();
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let plan = reconcile::plan(res.clone(), &mut OsRandom, &now);
+        let mut plan = reconcile::plan(res.clone(), &mut OsRandom, &now);
+        // A Secret that cannot be created (a name too long, a quota, a policy, a namespace being
+        // deleted) keeps its subscription out of this pass, never the whole configuration: the
+        // others' changes (revocations among them) still reach the gateways.
+        let mut failed: std::collections::BTreeSet<String> = Default::default();
         for s in &plan.new_secrets {
-            self.create_secret(s).await?;
+            if let Err(e) = self.create_secret(s).await {
+                let sub = format!("{}/{}", s.namespace, s.subscription);
+                tracing::error!(subscription = %sub, secret = %s.name, error = %e, "cannot create client credentials; subscription left out until it can");
+                metrics::counter!("gatehouse_operator_errors_total", "kind" => Kind::Subscription.as_str()).increment(1);
+                failed.insert(sub);
+            }
+        }
+        if !failed.is_empty() {
+            plan.compiled
+                .config
+                .clients
+                .retain(|c| !failed.contains(&c.subscription));
+            plan.compiled.config.hash = gatehouse_crds::compile::config_hash(&plan.compiled.config);
+            plan.statuses.retain(|u| {
+                !(u.kind == Kind::Subscription
+                    && failed.contains(&format!("{}/{}", u.namespace, u.name)))
+            });
+            let trigger = self.trigger.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                trigger.notify_one();
+            });
         }
         for u in &plan.statuses {
             if let Err(e) = self.patch_status(u).await {

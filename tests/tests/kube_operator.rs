@@ -915,6 +915,31 @@ spec:
     std::thread::sleep(Duration::from_millis(600));
     env.assert_calls_ok("other subscriptions after deletion", &service_token);
 
+    // --- 6b. a Secret the API server refuses ----------------------------------------------------
+    // A subscription whose generated Secret name is too long (name + "-credentials" > 253
+    // characters): the API server answers 422. It stays out of the configuration; every other
+    // change keeps reaching the gateways (step 7 waits for one).
+    eprintln!("6b. a Secret that cannot be created");
+    let long_name = format!("long-{}", "x".repeat(240));
+    env.kube.apply(&format!(
+        "apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {{name: {long_name}, namespace: demo}}
+spec:
+  application: demo-backend
+  api: mobile
+  plan: basic
+  clientId: long-name-client
+  grants: [client_credentials]
+"
+    ));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        env.get("subscriptions.gatehouse.dev", &long_name, "demo")
+            .is_some_and(|s| s["status"]["phase"] != "Active"),
+        "a subscription without its Secret is reported Active"
+    );
+
     // --- 7. leader hand-over -------------------------------------------------------------------
     eprintln!("7. leader hand-over");
     let leader = env.wait("a lease holder", Duration::from_secs(5), || {
