@@ -437,6 +437,31 @@ spec: {application: demo-app, api: mobile, plan: premium}
         "demo",
         "gatehouse.dev/approved=true",
     ]);
+    // Nor can she move the approved subscription to another plan (or api, application, trust).
+    for patch in [
+        r#"{"spec":{"plan":"premium"}}"#,
+        r#"{"spec":{"trusted":true}}"#,
+    ] {
+        let out = kube.kubectl(&[
+            "--as=alice",
+            "--as-group=devs",
+            "patch",
+            "subscriptions.gatehouse.dev",
+            "demo-app-mobile",
+            "-n",
+            "demo",
+            "--type=merge",
+            "-p",
+            patch,
+        ]);
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr)
+                    .contains("of an approved Subscription may only be changed by members of"),
+            "{patch}: {}",
+            describe(&out)
+        );
+    }
     // alice can neither change nor remove it, but may still edit other things.
     let out = annotate_as(
         &kube,
