@@ -194,6 +194,25 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
         "external Redis URL not rendered"
     );
     assert!(ext.contains("nodePort: 30080"));
+    // The NodePort Service carries only the proxy port; the admin port (metrics, readiness
+    // with store errors) is on a ClusterIP Service of its own.
+    let services: Vec<&str> = ext
+        .split("\n---")
+        .filter(|d| d.contains("\nkind: Service\n"))
+        .collect();
+    let public = services
+        .iter()
+        .find(|d| d.contains("type: NodePort"))
+        .expect("a NodePort Service");
+    assert!(!public.contains("name: admin"), "{public}");
+    let admin = services
+        .iter()
+        .find(|d| d.contains("name: gh-gatehouse-gateway-admin"))
+        .expect("the gateway's admin Service");
+    assert!(
+        admin.contains("type: ClusterIP") && admin.contains("name: admin"),
+        "{admin}"
+    );
     assert!(ext.contains("--namespace=demo") && ext.contains("--namespace=shop"));
 
     // --- values are checked -------------------------------------------------------------------
