@@ -26,7 +26,10 @@ pub fn apply(state: &AppState, cm: &ConfigMap) -> Result<bool, String> {
     if state.config.load().loaded && state.config.load().hash() == config.hash {
         return Ok(false);
     }
-    let snap = Snapshot::build(config).map_err(|e| e.to_string())?;
+    let (snap, problems) = Snapshot::build(config);
+    for p in problems {
+        tracing::error!("left out of the configuration: {p}");
+    }
     tracing::info!(hash = %&snap.hash()[..12], apis = snap.config.apis.len(), clients = snap.config.clients.len(), "configuration loaded from ConfigMap");
     metrics::counter!("gatehouse_config_reloads_total").increment(1);
     state.swap_config(snap);

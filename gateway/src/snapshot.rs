@@ -40,69 +40,89 @@ pub struct Snapshot {
     pub loaded: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("config rejected: {0}")]
-pub struct SnapshotError(pub String);
+fn header(value: &str, what: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(value).map_err(|_| format!("{what} {value:?} cannot be sent as a header"))
+}
 
-fn header(value: &str, what: &str) -> Result<HeaderValue, SnapshotError> {
-    HeaderValue::from_str(value)
-        .map_err(|_| SnapshotError(format!("{what} {value:?} cannot be sent as a header")))
+fn api_runtime(api: &ApiConfig) -> Result<ApiRuntime, String> {
+    let uri: Uri = api
+        .upstream
+        .url
+        .parse()
+        .map_err(|e| format!("api {}: upstream url: {e}", api.id))?;
+    Ok(ApiRuntime {
+        target: Target::new(&uri)
+            .map_err(|e| format!("api {}: upstream url {}: {e}", api.id, api.upstream.url))?,
+        base_path: uri.path().trim_end_matches('/').to_string(),
+        timeout: Duration::from_secs(api.upstream.timeout_seconds.max(1)),
+        cfg: api.clone(),
+    })
+}
+
+fn client_runtime(
+    c: &ClientConfig,
+    apis: &[ApiRuntime],
+    plans: &[PlanConfig],
+) -> Result<ClientRuntime, String> {
+    let api = apis
+        .iter()
+        .position(|a| a.cfg.id == c.api)
+        .ok_or_else(|| format!("client {}: unknown or left-out api {}", c.client_id, c.api))?;
+    let plan = plans
+        .iter()
+        .position(|p| p.id == c.plan)
+        .ok_or_else(|| format!("client {}: unknown plan {}", c.client_id, c.plan))?;
+    Ok(ClientRuntime {
+        client_id_header: header(&c.client_id, "client id")?,
+        application_header: header(&c.application, "application id")?,
+        plan_header: header(&plans[plan].name, "plan name")?,
+        api,
+        plan,
+        cfg: c.clone(),
+    })
 }
 
 impl Snapshot {
-    pub fn build(config: GatewayConfig) -> Result<Snapshot, SnapshotError> {
+    /// Builds the lookup tables. An Api whose upstream URL the HTTP stack cannot use, and a
+    /// client naming an unknown (or left-out) Api or plan or holding a value that cannot be a
+    /// header, are left out and described in the returned list: one bad entry must not keep the
+    /// rest of a configuration (a revoked subscription among its changes) from applying.
+    pub fn build(mut config: GatewayConfig) -> (Snapshot, Vec<String>) {
+        let mut problems = Vec::new();
         let mut apis = Vec::with_capacity(config.apis.len());
-        for api in &config.apis {
-            let uri: Uri = api
-                .upstream
-                .url
-                .parse()
-                .map_err(|e| SnapshotError(format!("api {} upstream url: {e}", api.id)))?;
-            apis.push(ApiRuntime {
-                target: Target::new(&uri).map_err(|e| {
-                    SnapshotError(format!(
-                        "api {} upstream url {}: {e}",
-                        api.id, api.upstream.url
-                    ))
-                })?,
-                base_path: uri.path().trim_end_matches('/').to_string(),
-                timeout: Duration::from_secs(api.upstream.timeout_seconds.max(1)),
-                cfg: api.clone(),
-            });
-        }
+        config.apis.retain(|api| match api_runtime(api) {
+            Ok(rt) => {
+                apis.push(rt);
+                true
+            }
+            Err(e) => {
+                problems.push(e);
+                false
+            }
+        });
         let plans = config.plans.clone();
         let mut clients =
             HashMap::with_capacity_and_hasher(config.clients.len(), Default::default());
-        for c in &config.clients {
-            let api = apis.iter().position(|a| a.cfg.id == c.api).ok_or_else(|| {
-                SnapshotError(format!(
-                    "client {} names unknown api {}",
-                    c.client_id, c.api
-                ))
-            })?;
-            let plan = plans.iter().position(|p| p.id == c.plan).ok_or_else(|| {
-                SnapshotError(format!(
-                    "client {} names unknown plan {}",
-                    c.client_id, c.plan
-                ))
-            })?;
-            let rt = ClientRuntime {
-                client_id_header: header(&c.client_id, "client id")?,
-                application_header: header(&c.application, "application id")?,
-                plan_header: header(&plans[plan].name, "plan name")?,
-                api,
-                plan,
-                cfg: c.clone(),
-            };
-            clients.insert(c.client_id.clone(), rt);
-        }
-        Ok(Snapshot {
+        config
+            .clients
+            .retain(|c| match client_runtime(c, &apis, &plans) {
+                Ok(rt) => {
+                    clients.insert(c.client_id.clone(), rt);
+                    true
+                }
+                Err(e) => {
+                    problems.push(e);
+                    false
+                }
+            });
+        let snap = Snapshot {
             config,
             apis,
             plans,
             clients,
             loaded: true,
-        })
+        };
+        (snap, problems)
     }
 
     pub fn client(&self, client_id: &str) -> Option<&ClientRuntime> {
@@ -111,5 +131,84 @@ impl Snapshot {
 
     pub fn hash(&self) -> &str {
         &self.config.hash
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatehouse_crds::{ClientType, GrantType, UpstreamConfig};
+
+    fn api(id: &str, prefix: &str, url: &str) -> ApiConfig {
+        ApiConfig {
+            id: id.into(),
+            display_name: id.into(),
+            path_prefix: prefix.into(),
+            hosts: vec![],
+            upstream: UpstreamConfig {
+                url: url.into(),
+                strip_prefix: true,
+                timeout_seconds: 30,
+            },
+            grants: vec![GrantType::ClientCredentials],
+            scopes: vec![],
+            access_token_ttl_seconds: 3600,
+            refresh_token_ttl_seconds: 86400,
+        }
+    }
+
+    fn client(id: &str, api: &str, plan: &str, application: &str) -> ClientConfig {
+        ClientConfig {
+            client_id: id.into(),
+            subscription: format!("demo/{id}"),
+            application: application.into(),
+            application_name: application.into(),
+            api: api.into(),
+            plan: plan.into(),
+            client_type: ClientType::Confidential,
+            secret_sha256: None,
+            redirect_uris: vec![],
+            trusted: false,
+            grants: vec![GrantType::ClientCredentials],
+        }
+    }
+
+    #[test]
+    fn bad_entries_are_left_out_and_the_rest_applies() {
+        let config = GatewayConfig {
+            hash: "h".into(),
+            apis: vec![
+                api("demo/good", "/good", "http://backend:8080/v1"),
+                api("demo/bad", "/bad", "http://backend{x}:8080"),
+            ],
+            plans: vec![PlanConfig {
+                id: "demo/basic".into(),
+                name: "basic".into(),
+                display_name: "Basic".into(),
+                rate_limits: vec![],
+                fail_open: false,
+            }],
+            clients: vec![
+                client("ok", "demo/good", "demo/basic", "demo/app"),
+                client("on-bad-api", "demo/bad", "demo/basic", "demo/app"),
+                client("no-plan", "demo/good", "demo/gone", "demo/app"),
+                client("bad-header", "demo/good", "demo/basic", "demo/äpp\n"),
+            ],
+        };
+        let (snap, problems) = Snapshot::build(config);
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems[0].starts_with("api demo/bad"), "{problems:?}");
+        // Routing indexes `apis` by position in `config.apis`: both hold the good Api only.
+        let ids: Vec<&str> = snap.config.apis.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["demo/good"]);
+        assert_eq!(snap.apis.len(), 1);
+        assert_eq!(snap.apis[0].base_path, "/v1");
+        assert!(snap.client("ok").is_some_and(|c| c.api == 0));
+        for gone in ["on-bad-api", "no-plan", "bad-header"] {
+            assert!(snap.client(gone).is_none(), "{gone}");
+        }
+        assert_eq!(snap.config.clients.len(), 1);
+        assert_eq!(snap.hash(), "h");
+        assert!(snap.loaded);
     }
 }

@@ -18,8 +18,6 @@ pub enum LoadError {
     Io(#[from] std::io::Error),
     #[error("manifests have errors, keeping the previous configuration:\n{0}")]
     Parse(String),
-    #[error(transparent)]
-    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Reads, compiles and checks the manifests; logs every resource that is not Active.
@@ -44,7 +42,11 @@ pub fn load(paths: &[PathBuf]) -> Result<Snapshot, LoadError> {
             ),
         }
     }
-    Ok(Snapshot::build(compiled.config)?)
+    let (snap, problems) = Snapshot::build(compiled.config);
+    for p in problems {
+        tracing::error!("left out of the configuration: {p}");
+    }
+    Ok(snap)
 }
 
 /// Loads into the state unless the configuration is unchanged. Returns whether it swapped.
