@@ -49,7 +49,12 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: std::hash::Hash + Eq + Clone + Default,
 {
-    fn start(client: &Client, namespaces: &[String], trigger: Arc<Notify>) -> Watched<K>
+    fn start(
+        client: &Client,
+        namespaces: &[String],
+        trigger: Arc<Notify>,
+        config: watcher::Config,
+    ) -> Watched<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
     {
@@ -65,7 +70,7 @@ where
         for api in apis {
             let (reader, writer) = reflector::store::<K>();
             let trigger = trigger.clone();
-            let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()));
+            let stream = reflector::reflector(writer, watcher(api, config.clone()));
             tokio::spawn(async move {
                 let mut stream = std::pin::pin!(stream);
                 while let Some(ev) = stream.next().await {
@@ -131,11 +136,18 @@ impl Controller {
         let trigger = Arc::new(Notify::new());
         let ns = opts.namespaces.clone();
         Controller {
-            apis: Watched::start(&client, &ns, trigger.clone()),
-            plans: Watched::start(&client, &ns, trigger.clone()),
-            applications: Watched::start(&client, &ns, trigger.clone()),
-            subscriptions: Watched::start(&client, &ns, trigger.clone()),
-            secrets: Watched::start(&client, &ns, trigger.clone()),
+            apis: Watched::start(&client, &ns, trigger.clone(), Default::default()),
+            plans: Watched::start(&client, &ns, trigger.clone(), Default::default()),
+            applications: Watched::start(&client, &ns, trigger.clone(), Default::default()),
+            subscriptions: Watched::start(&client, &ns, trigger.clone(), Default::default()),
+            // Client secrets are Opaque (the default type): service-account tokens, TLS keys,
+            // Helm release records and the like are neither read into memory nor reconciled on.
+            secrets: Watched::start(
+                &client,
+                &ns,
+                trigger.clone(),
+                watcher::Config::default().fields("type=Opaque"),
+            ),
             client,
             opts,
             trigger,
