@@ -1401,7 +1401,7 @@ fn client_secret(
         issues.push(
             reasons::MISSING_CLIENT_SECRET,
             format!(
-                "Secret {} named by {field} does not exist in namespace {ns}; create it (kubectl create secret generic {} -n {ns} --from-literal={}=$(openssl rand -hex 32)) or remove spec.clientSecretRef to let the operator generate one",
+                "Secret {} named by {field} does not exist in namespace {ns} (as an Opaque Secret); create it (kubectl create secret generic {} -n {ns} --from-literal={}=$(openssl rand -hex 32)) or remove spec.clientSecretRef to let the operator generate one",
                 reference.name, reference.name, reference.key
             ),
         );
