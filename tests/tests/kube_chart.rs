@@ -172,6 +172,8 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
     ] {
         assert!(default.contains(needle), "default render lacks {needle:?}");
     }
+    // The operator emits no events, so it may not write them.
+    assert!(!default.contains("resources: [events]"), "events RBAC");
     // No wildcard permissions anywhere.
     assert!(!default.contains("\"*\"]\n    verbs") && !default.contains("verbs: [\"*\"]"));
 

@@ -131,14 +131,9 @@ topologySpreadConstraints:
 - apiGroups: [gatehouse.dev]
   resources: [apis/status, plans/status, applications/status, subscriptions/status]
   verbs: [patch]
-# Client-secret Secrets of confidential subscriptions (owned by the Subscription).
+# Client-secret Secrets of confidential subscriptions (owned by the Subscription). The operator
+# lists only Opaque ones, but RBAC cannot say so. No events: it reports through status.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, list, watch, create]
-- apiGroups: [""]
-  resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
 {{- end }}
