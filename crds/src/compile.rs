@@ -661,8 +661,9 @@ pub const RESERVED_PREFIXES: &[&str] = &[
     "/.well-known",
 ];
 
-/// The URL as messages may show it: user info (a password, perhaps) replaced by `***`.
-fn shown_url(raw: &str) -> String {
+/// The URL as messages and logs may show it: user info (a password, perhaps) replaced by `***`.
+/// Works on text that does not parse as a URL too (an error message quotes what was given).
+pub fn without_user_info(raw: &str) -> String {
     if let Some(scheme_end) = raw.find("://") {
         let rest = &raw[scheme_end + 3..];
         let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -678,7 +679,7 @@ const MAX_UPSTREAM_URL: usize = 2048;
 
 /// Normalizes an upstream base URL (no trailing slash); `Err` is a sentence for a person.
 pub fn normalize_upstream_url(raw: &str) -> Result<String, String> {
-    let shown = shown_url(raw);
+    let shown = without_user_info(raw);
     if raw.len() > MAX_UPSTREAM_URL {
         return Err(format!(
             "spec.upstream.url is {} characters long; at most {MAX_UPSTREAM_URL} are accepted",

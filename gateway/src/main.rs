@@ -64,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
     let (store, limiter): (Arc<dyn Store>, Arc<dyn Limiter>) = match &args.redis {
         Some(url) => {
             let store = RedisStore::connect(&RedisOptions::new(url)).context("--redis")?;
-            spawn_redis_watch(store.clone(), redacted(url));
+            spawn_redis_watch(store.clone(), gatehouse_crds::without_user_info(url));
             let limiter = Arc::new(RedisLimiter::new(store.connection()));
             (store, limiter)
         }
@@ -123,18 +123,6 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
-}
-
-/// The URL without its password, for logs.
-fn redacted(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<invalid url>".to_string(),
-    }
 }
 
 /// Logs whether Redis answers, retrying with backoff; /readyz reports the same.
