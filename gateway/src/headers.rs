@@ -116,8 +116,8 @@ pub struct Forwarded<'a> {
 /// and every client-supplied identity header (any case, any `X-Authenticated-*`) removed, then
 /// the gateway's identity and forwarding headers set.
 pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forwarded<'_>) {
-    // Taken before Connection can name it for removal.
-    let host = headers.get(header::HOST).cloned();
+    // Taken out before Connection can name it for removal; the upstream gets its own Host.
+    let host = headers.remove(header::HOST);
     // HeaderMap names are lowercase already, so this catches every spelling a client used.
     remove_where(headers, client_may_not_send);
     // Room for the nine headers below at once, instead of growing the map while inserting.
@@ -131,8 +131,7 @@ pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forward
     headers.insert(APPLICATION_ID, id.application_id.clone());
     headers.insert(API_PLAN, id.plan.clone());
 
-    // X-Forwarded-Host: the Host the client asked for; the upstream gets its own Host.
-    headers.remove(header::HOST);
+    // X-Forwarded-Host: the Host the client asked for.
     if let Some(host) = host {
         headers.insert(FORWARDED_HOST, host);
     }

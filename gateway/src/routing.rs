@@ -18,14 +18,27 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// or backslash separator (`%2f`, `%5c`, `\`)? Such a path is refused: routing and plan checks
 /// use the path as sent, and a backend that resolves it would serve another Api's resource.
 pub fn has_dot_segment(path: &str) -> bool {
-    let b = path.as_bytes();
-    if !b.iter().any(|&c| matches!(c, b'.' | b'%' | b'\\')) {
-        return false;
+    // One pass over the bytes: most paths have no '.', and few need decoding.
+    let (mut dot, mut encoded) = (false, false);
+    for &c in path.as_bytes() {
+        match c {
+            b'.' => dot = true,
+            b'%' | b'\\' => encoded = true,
+            _ => {}
+        }
     }
     // A `;` starts path parameters, which Java servers cut off before resolving (`..;x`).
     let dotted = |s: &str| matches!(s.split(';').next(), Some("." | ".."));
-    if !b.iter().any(|&c| matches!(c, b'%' | b'\\')) {
-        return path.split('/').any(dotted);
+    if !encoded {
+        return dot && path.split('/').any(dotted);
+    }
+    // A dot segment needs a dot, literal or encoded: other escapes (%20, UTF-8) need no decoding.
+    let encoded_dot = path
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'2' && w[2] | 0x20 == b'e');
+    if !dot && !encoded_dot {
+        return false;
     }
     let decoded = path
         .to_ascii_lowercase()
