@@ -214,30 +214,21 @@ async fn authorization_code(
     // The replay marker is written before the code is spent, so a second redemption finds the
     // code or the marker, never neither. Single use: of concurrent redemptions only the one
     // that takes the code proceeds; the others are replays.
-    let Some(record) = kv::get::<CodeRecord>(store, &code_key(code))
+    let (key, marker) = (code_key(code), used_code_key(code));
+    let Some(record) = kv::get::<CodeRecord>(store, &key)
         .await
         .map_err(unavailable)?
     else {
-        return Err(
-            match revoke_marked_grant(state, &used_code_key(code)).await? {
-                Some(n) => replayed(n),
-                None => invalid_grant("the authorization code is invalid, expired or already used"),
-            },
-        );
+        return Err(match revoke_marked_grant(state, &marker).await? {
+            Some(n) => replayed(n),
+            None => invalid_grant("the authorization code is invalid, expired or already used"),
+        });
     };
-    kv::put(
-        store,
-        &used_code_key(code),
-        &record.grant_id,
-        USED_CODE_MEMORY,
-    )
-    .await
-    .map_err(unavailable)?;
-    if kv::take::<CodeRecord>(store, &code_key(code))
+    kv::put(store, &marker, &record.grant_id, USED_CODE_MEMORY)
         .await
-        .map_err(unavailable)?
-        .is_none()
-    {
+        .map_err(unavailable)?;
+    // Only whether this request took it matters: the record was read above.
+    if store.kv_take(&key).await.map_err(unavailable)?.is_none() {
         let n = revoke_family(state, &record.grant_id)
             .await
             .map_err(unavailable)?;

@@ -259,9 +259,10 @@ impl Store for RedisStore {
             .query_async(&mut c)
             .await
             .map_err(err)?;
-        // As a revocation message would: lookups under way on this replica must not cache it.
-        let hex_hash = hex::encode(hash);
-        self.invalidate(&hex_hash);
+        // As a revocation message would (epoch first, then the entry): lookups under way on
+        // this replica must not cache it.
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.cache.remove(hash);
         let Some(raw) = raw else {
             return Ok(None);
         };
@@ -271,7 +272,7 @@ impl Store for RedisStore {
             .srem(grant_key(&rec.grant_id), hex::encode(hash))
             .await
             .map_err(err)?;
-        self.publish_revoked(&[hex_hash]).await?;
+        self.publish_revoked(&[hex::encode(hash)]).await?;
         Ok(Some(rec))
     }
 
