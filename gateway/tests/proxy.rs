@@ -172,26 +172,22 @@ async fn paths_with_dot_segments_are_refused_before_routing() {
     // A /mobile token must not reach /mobile/v2's resources through a path the backend would
     // resolve, in any spelling.
     let token = h.cc_token("svc-mobile", None).await;
-    for path in [
-        "/mobile/../mobile/v2/things",
-        "/mobile/%2e%2E/mobile/v2/things",
-        "/mobile/..%2fmobile/v2/things",
-        "/mobile/./items",
+    // A dot that is not a segment of its own is an ordinary path.
+    for (path, status) in [
+        ("/mobile/../mobile/v2/things", 400),
+        ("/mobile/%2e%2E/mobile/v2/things", 400),
+        ("/mobile/..%2fmobile/v2/things", 400),
+        ("/mobile/./items", 400),
+        ("/mobile/report.v1.json", 200),
     ] {
         let resp = h
             .call(get(path, Some(&token)).body(Body::empty()).unwrap())
             .await;
-        assert_eq!(resp.status(), 400, "{path}");
-        assert_eq!(json(resp).await["error"], "invalid_request", "{path}");
+        assert_eq!(resp.status(), status, "{path}");
+        if status == 400 {
+            assert_eq!(json(resp).await["error"], "invalid_request", "{path}");
+        }
     }
-    let resp = h
-        .call(
-            get("/mobile/report.v1.json", Some(&token))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(resp.status(), 200);
 }
 
 #[tokio::test]
