@@ -41,6 +41,14 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// `credentialsSecret` (the Secret the operator generated).
 pub const GENERATED_SECRET_KEY: &str = "clientSecret";
 
+/// Longest Kubernetes object name (a DNS subdomain), which a generated Secret's name must fit.
+pub const MAX_OBJECT_NAME: usize = 253;
+
+/// Name of the Secret the operator generates for a subscription without `clientSecretRef`.
+pub fn generated_secret_name(subscription: &str) -> String {
+    format!("{subscription}-credentials")
+}
+
 /// Shortest client secret accepted, in bytes.
 pub const MIN_CLIENT_SECRET_BYTES: usize = 16;
 
@@ -1373,6 +1381,23 @@ fn client_secret(
     secrets: &SecretIndex,
     issues: &mut Issues,
 ) -> Option<String> {
+    if sub.spec.client_secret_ref.is_none() {
+        // Caught here, with a status the user can read, rather than as the API server's
+        // refusal of the Secret the operator would try to create.
+        let generated = generated_secret_name(name);
+        if generated.len() > MAX_OBJECT_NAME {
+            let suffix = generated.len() - name.len();
+            issues.push(
+                reasons::MISSING_CLIENT_SECRET,
+                format!(
+                    "the operator would generate this client's secret in Secret {generated}, which is {} characters long, but Kubernetes names are at most {MAX_OBJECT_NAME}: shorten the subscription's name to at most {} characters or point spec.clientSecretRef at an existing Secret",
+                    generated.len(),
+                    MAX_OBJECT_NAME - suffix,
+                ),
+            );
+            return None;
+        }
+    }
     let (reference, field) = match (
         &sub.spec.client_secret_ref,
         sub.status
@@ -1391,8 +1416,9 @@ fn client_secret(
             issues.push(
                 reasons::MISSING_CLIENT_SECRET,
                 format!(
-                    "application {} is confidential, so this subscription needs a client secret: create a Secret (kubectl create secret generic {name}-credentials -n {ns} --from-literal=clientSecret=$(openssl rand -hex 32)) and point spec.clientSecretRef at it, or let the gatehouse operator generate one",
-                    sub.spec.application
+                    "application {} is confidential, so this subscription needs a client secret: create a Secret (kubectl create secret generic {} -n {ns} --from-literal=clientSecret=$(openssl rand -hex 32)) and point spec.clientSecretRef at it, or let the gatehouse operator generate one",
+                    sub.spec.application,
+                    generated_secret_name(name),
                 ),
             );
             return None;

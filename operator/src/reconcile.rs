@@ -50,10 +50,6 @@ pub trait Generator {
     fn secret(&mut self) -> String;
 }
 
-pub fn credentials_secret_name(subscription: &str) -> String {
-    format!("{subscription}-credentials")
-}
-
 fn ns(obj: &impl ResourceExt) -> String {
     obj.namespace()
         .unwrap_or_else(|| gatehouse_crds::compile::DEFAULT_NAMESPACE.to_string())
@@ -90,7 +86,10 @@ pub fn plan(mut res: Resources, generator: &mut dyn Generator, now: &str) -> Pla
         if sub.spec.client_secret_ref.is_some() || !is_confidential(&applications, sub) {
             continue;
         }
-        let secret_name = credentials_secret_name(&name);
+        let secret_name = gatehouse_crds::compile::generated_secret_name(&name);
+        if secret_name.len() > gatehouse_crds::compile::MAX_OBJECT_NAME {
+            continue; // compile reports it; the API server would refuse the Secret
+        }
         let exists = secrets_snapshot
             .iter()
             .any(|s| ns(s) == namespace && s.name_any() == secret_name);

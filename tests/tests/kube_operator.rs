@@ -916,28 +916,89 @@ spec:
     env.assert_calls_ok("other subscriptions after deletion", &service_token);
 
     // --- 6b. a Secret the API server refuses ----------------------------------------------------
-    // A subscription whose generated Secret name is too long (name + "-credentials" > 253
-    // characters): the API server answers 422. It stays out of the configuration; every other
-    // change keeps reaching the gateways (step 7 waits for one).
+    // An admission policy refuses one generated Secret (as a quota or a site policy could): that
+    // subscription stays out of the configuration and every other change keeps reaching the
+    // gateways (step 7 waits for one). A name too long for its generated Secret is reported by
+    // compile instead, before any Secret is tried.
     eprintln!("6b. a Secret that cannot be created");
-    let long_name = format!("long-{}", "x".repeat(240));
-    env.kube.apply(&format!(
-        "apiVersion: gatehouse.dev/v1alpha1
-kind: Subscription
-metadata: {{name: {long_name}, namespace: demo}}
+    env.kube.apply(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: test-refuse-one-secret}
 spec:
-  application: demo-backend
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - {apiGroups: [''], apiVersions: [v1], operations: [CREATE], resources: [secrets]}
+  validations:
+    - {expression: \"object.metadata.name != 'refused-credentials'\", message: refused by the test's policy}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: test-refuse-one-secret}
+spec: {policyName: test-refuse-one-secret, validationActions: [Deny]}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {name: refused-app, namespace: demo}
+spec: {owner: dev@example.com, clientType: confidential, redirectUris: []}
+",
+    );
+    // Policies take effect a moment after they are created.
+    env.wait("the policy in force", Duration::from_secs(20), || {
+        let out = env.kube.kubectl(&[
+            "create",
+            "secret",
+            "generic",
+            "refused-credentials",
+            "-n",
+            "demo",
+            "--from-literal=probe=1",
+        ]);
+        if out.status.success() {
+            env.kubectl_ok(&["delete", "secret", "refused-credentials", "-n", "demo"]);
+            std::thread::sleep(Duration::from_millis(300));
+            return None;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("refused by the test's policy"), "{err}");
+        Some(())
+    });
+    let long_name = format!("long-{}", "x".repeat(240));
+    for (name, app, client_id) in [
+        ("refused", "refused-app", "refused-client"),
+        (long_name.as_str(), "demo-backend", "long-name-client"),
+    ] {
+        env.kube.apply(&format!(
+            "apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  application: {app}
   api: mobile
   plan: basic
-  clientId: long-name-client
+  clientId: {client_id}
   grants: [client_credentials]
 "
-    ));
+        ));
+    }
+    let long = env.wait_phase("subscriptions.gatehouse.dev", &long_name, "Invalid");
+    let message = long["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("Kubernetes names are at most 253"),
+        "the too-long subscription's message: {message}"
+    );
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
-        env.get("subscriptions.gatehouse.dev", &long_name, "demo")
+        env.get("subscriptions.gatehouse.dev", "refused", "demo")
             .is_some_and(|s| s["status"]["phase"] != "Active"),
         "a subscription without its Secret is reported Active"
+    );
+    assert!(
+        env.get("secret", "refused-credentials", "demo").is_none(),
+        "the policy let the Secret through"
     );
 
     // --- 7. leader hand-over -------------------------------------------------------------------

@@ -1145,6 +1145,33 @@ fn confidential_client_needs_a_secret() {
         reasons::WEAK_CLIENT_SECRET,
         "5 bytes",
     );
+
+    // The operator's Secret for a 242-character subscription would get a 254-character name.
+    for (len, fits) in [(241, true), (242, false)] {
+        let mut r = fixture();
+        let name = "s".repeat(len);
+        let generated = generated_secret_name(&name);
+        let s = sub(&mut r, "demo-service-mobile");
+        s.metadata.name = Some(name.clone());
+        s.spec.client_secret_ref = None;
+        s.spec.client_id = Some("long-name-client".into());
+        s.status
+            .get_or_insert_with(Default::default)
+            .credentials_secret = Some(generated.clone());
+        r.secrets[0].metadata.name = Some(generated);
+        let c = compile(&r);
+        if fits {
+            assert_active(&c, Kind::Subscription, &name);
+        } else {
+            assert_invalid(
+                &c,
+                Kind::Subscription,
+                &name,
+                reasons::MISSING_CLIENT_SECRET,
+                "254 characters long, but Kubernetes names are at most 253: shorten the subscription's name to at most 241",
+            );
+        }
+    }
 }
 
 #[test]
