@@ -1,8 +1,9 @@
-//! The operator's Kubernetes I/O: reflectors over the four kinds and Secrets, one debounced
-//! reconcile of everything after any change (the configuration is compiled as a whole: prefix
-//! and client-id conflicts span resources), status patches, Secret creation, publishing.
+//! The operator's Kubernetes I/O: reflectors over the four kinds and Secrets' metadata, one
+//! debounced reconcile of everything after any change (the configuration is compiled as a whole:
+//! prefix and client-id conflicts span resources), reads of the Secrets subscriptions name,
+//! status patches, Secret creation, publishing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +15,7 @@ use gatehouse_crds::{Api as GhApi, Application, Kind, Plan as GhPlan, Resources,
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube_client::api::{Api, Patch, PatchParams, PostParams};
+use kube_client::api::{Api, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube_client::runtime::reflector::{self, Store};
 use kube_client::runtime::watcher;
 use kube_client::{Client, Resource, ResourceExt};
@@ -126,7 +127,10 @@ pub struct Controller {
     plans: Watched<GhPlan>,
     applications: Watched<Application>,
     subscriptions: Watched<Subscription>,
-    secrets: Watched<Secret>,
+    /// Metadata only: the data of Secrets no subscription names never enters the operator.
+    secrets: Watched<PartialObjectMeta<Secret>>,
+    /// The Secrets subscriptions name, as last read, by namespace and name.
+    secret_data: tokio::sync::Mutex<HashMap<(String, String), Secret>>,
     trigger: Arc<Notify>,
     pub synced: Arc<AtomicBool>,
 }
@@ -148,6 +152,7 @@ impl Controller {
                 trigger.clone(),
                 watcher::Config::default().fields("type=Opaque"),
             ),
+            secret_data: Default::default(),
             client,
             opts,
             trigger,
@@ -186,19 +191,99 @@ impl Controller {
         self.trigger.notify_one();
     }
 
-    fn snapshot(&self) -> Resources {
-        Resources {
+    /// Asks for a reconcile in `secs` seconds (a step that failed and may succeed later).
+    fn kick_later(&self, secs: u64) {
+        let trigger = self.trigger.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            trigger.notify_one();
+        });
+    }
+
+    async fn snapshot(&self) -> anyhow::Result<Resources> {
+        let subscriptions = self.subscriptions.items();
+        Ok(Resources {
+            secrets: self.named_secrets(&subscriptions).await?,
             apis: self.apis.items(),
             plans: self.plans.items(),
             applications: self.applications.items(),
-            subscriptions: self.subscriptions.items(),
-            secrets: self.secrets.items(),
+            subscriptions,
+        })
+    }
+
+    /// The Secrets that subscriptions name (their `clientSecretRef`, or the one the operator
+    /// generates), read when the watch shows a version not read yet. A read that fails keeps
+    /// the copy read before (as a lagging watch would) and is retried; with no copy the pass
+    /// fails, since leaving the Secret out would drop a working client from the gateways.
+    async fn named_secrets(&self, subscriptions: &[Subscription]) -> anyhow::Result<Vec<Secret>> {
+        let mut wanted = BTreeSet::new();
+        for sub in subscriptions {
+            let namespace = sub
+                .namespace()
+                .unwrap_or_else(|| gatehouse_crds::compile::DEFAULT_NAMESPACE.to_string());
+            match &sub.spec.client_secret_ref {
+                Some(r) => {
+                    wanted.insert((namespace, r.name.clone()));
+                }
+                None => {
+                    let generated = gatehouse_crds::compile::generated_secret_name(&sub.name_any());
+                    if let Some(named) = sub
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.credentials_secret.clone())
+                    {
+                        wanted.insert((namespace.clone(), named));
+                    }
+                    wanted.insert((namespace, generated));
+                }
+            }
         }
+        let mut cache = self.secret_data.lock().await;
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for meta in self.secrets.items() {
+            let key = (meta.namespace().unwrap_or_default(), meta.name_any());
+            if !wanted.contains(&key) {
+                continue;
+            }
+            seen.insert(key.clone());
+            let current = cache
+                .get(&key)
+                .filter(|s| s.resource_version() == meta.resource_version());
+            if let Some(secret) = current {
+                out.push(secret.clone());
+                continue;
+            }
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &key.0);
+            match api.get_opt(&key.1).await {
+                Ok(Some(secret)) => {
+                    cache.insert(key, secret.clone());
+                    out.push(secret);
+                }
+                // Deleted since the watch saw it; the next watch event reconciles again.
+                Ok(None) => {
+                    cache.remove(&key);
+                }
+                Err(e) => match cache.get(&key) {
+                    Some(older) => {
+                        tracing::warn!(secret = %format!("{}/{}", key.0, key.1), error = %e, "cannot read a changed client Secret; using the version read before");
+                        self.kick_later(10);
+                        out.push(older.clone());
+                    }
+                    None => {
+                        return Err(anyhow::anyhow!("reading Secret {}/{}: {e}", key.0, key.1));
+                    }
+                },
+            }
+        }
+        // Secrets no longer named, or gone, leave memory too.
+        cache.retain(|key, _| seen.contains(key));
+        Ok(out)
     }
 
     async fn reconcile_once(&self) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let res = self.snapshot();
+        let res = self.snapshot().await?;
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         let mut plan = reconcile::plan(res.clone(), &mut OsRandom, &now);
         // A Secret that cannot be created (a name too long, a quota, a policy, a namespace being
@@ -223,11 +308,7 @@ impl Controller {
                 !(u.kind == Kind::Subscription
                     && failed.contains(&format!("{}/{}", u.namespace, u.name)))
             });
-            let trigger = self.trigger.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                trigger.notify_one();
-            });
+            self.kick_later(10);
         }
         for u in &plan.statuses {
             if let Err(e) = self.patch_status(u).await {

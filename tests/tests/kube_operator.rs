@@ -760,6 +760,36 @@ fn kube_operator_end_to_end() {
         });
     env.assert_calls_ok("example credentials", &service_token);
 
+    // Rotating a client secret is editing its Secret (the operator watches Secrets' metadata
+    // and reads a named Secret again when its resourceVersion changes).
+    let rotated = "rotated-secret-0123456789abcdef0123456789";
+    env.kubectl_ok(&[
+        "patch",
+        "secret",
+        "demo-service-mobile-credentials",
+        "-n",
+        "demo",
+        "--type=merge",
+        "-p",
+        &format!(r#"{{"stringData":{{"clientSecret":"{rotated}"}}}}"#),
+    ]);
+    env.wait(
+        "the rotated secret accepted",
+        Duration::from_secs(15),
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            env.client_token("demo-service-mobile", rotated).ok()
+        },
+    );
+    assert_eq!(
+        env.client_token(
+            "demo-service-mobile",
+            "demo-secret-change-me-0123456789abcdef"
+        ),
+        Err(401),
+        "the secret rotated away still works"
+    );
+
     // --- 4. plan limit change ---------------------------------------------------------------
     eprintln!("4. plan limit change");
     env.kubectl_ok(&[

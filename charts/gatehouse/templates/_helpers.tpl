@@ -132,7 +132,9 @@ topologySpreadConstraints:
   resources: [apis/status, plans/status, applications/status, subscriptions/status]
   verbs: [patch]
 # Client-secret Secrets of confidential subscriptions (owned by the Subscription). The operator
-# lists only Opaque ones, but RBAC cannot say so. No events: it reports through status.
+# watches only Opaque Secrets' metadata and reads (get) only the Secrets subscriptions name, but
+# RBAC cannot say so: list/watch here also allow reading data. No events: it reports through
+# status.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, list, watch, create]
