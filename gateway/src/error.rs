@@ -30,6 +30,8 @@ pub enum GatewayError {
     UpstreamUnreachable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    #[error("the request body stopped arriving")]
+    ClientTooSlow,
     #[error("{1}")]
     OAuth(OAuthErrorCode, String),
 }
@@ -87,6 +89,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::ClientTooSlow => StatusCode::REQUEST_TIMEOUT,
             GatewayError::OAuth(code, _) => code.status(),
         }
     }
@@ -103,6 +106,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamUnreachable => "bad_gateway",
             GatewayError::UpstreamTimeout => "gateway_timeout",
+            GatewayError::ClientTooSlow => "request_timeout",
             GatewayError::OAuth(code, _) => code.as_str(),
         }
     }

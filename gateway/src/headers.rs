@@ -90,9 +90,59 @@ fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&str) -> bool) {
     }
 }
 
-/// Removes hop-by-hop headers, including any the Connection header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    remove_where(headers, is_hop_by_hop);
+/// Turns an upstream response's headers into the client's. With Transfer-Encoding a
+/// Content-Length is wrong by definition and an intermediary must drop it (RFC 9112 6.3; hyper
+/// keeps both in the map). The upstream's RateLimit-* never pass for the gateway's (it sets its
+/// own when the plan has limits), and it may not set the gateway's session cookie on the
+/// gateway's origin (session fixation into the login pages).
+pub fn rewrite_response(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    remove_where(headers, |name| {
+        is_hop_by_hop(name) || name.starts_with("ratelimit")
+    });
+    if headers.contains_key(header::SET_COOKIE) {
+        let kept: Vec<HeaderValue> = headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter(|v| cookie_name(v.as_bytes()) != Some(SESSION_COOKIE.as_bytes()))
+            .cloned()
+            .collect();
+        headers.remove(header::SET_COOKIE);
+        for v in kept {
+            headers.append(header::SET_COOKIE, v);
+        }
+    }
+}
+
+/// The gateway's browser session cookie: backends never see it nor set it.
+const SESSION_COOKIE: &str = crate::oauth::session::COOKIE;
+
+/// The name of a Set-Cookie value (`name=value; attributes`), trimmed.
+fn cookie_name(v: &[u8]) -> Option<&[u8]> {
+    let end = v.iter().position(|&b| b == b'=')?;
+    Some(v[..end].trim_ascii())
+}
+
+fn mentions_session(v: &[u8]) -> bool {
+    v.windows(SESSION_COOKIE.len())
+        .any(|w| w == SESSION_COOKIE.as_bytes())
+}
+
+/// A Cookie header without the gateway's session cookie; None when nothing else is left.
+fn without_session_cookie(v: &HeaderValue) -> Option<HeaderValue> {
+    let kept: Vec<&[u8]> = v
+        .as_bytes()
+        .split(|&b| b == b';')
+        .filter(|pair| cookie_name(pair) != Some(SESSION_COOKIE.as_bytes()))
+        .map(<[u8]>::trim_ascii)
+        .filter(|pair| !pair.is_empty())
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_bytes(&kept.join(&b"; "[..])).ok()
 }
 
 /// Who the caller is, as the upstream will be told. Values are prevalidated header values.
@@ -120,6 +170,23 @@ pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forward
     let host = headers.remove(header::HOST);
     // HeaderMap names are lowercase already, so this catches every spelling a client used.
     remove_where(headers, client_may_not_send);
+    // The gateway's browser session is not the backend's to see (it would let a backend sign
+    // in as the user at the gateway). Only requests that carry cookies pay for the scan.
+    if headers
+        .get_all(header::COOKIE)
+        .iter()
+        .any(|v| mentions_session(v.as_bytes()))
+    {
+        let rest: Vec<HeaderValue> = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(without_session_cookie)
+            .collect();
+        headers.remove(header::COOKIE);
+        for v in rest {
+            headers.append(header::COOKIE, v);
+        }
+    }
     // Room for the nine headers below at once, instead of growing the map while inserting.
     headers.reserve(9);
 
@@ -306,7 +373,7 @@ mod tests {
         h.insert("x-other", hv("1"));
         h.insert("content-type", hv("text/plain"));
         let mut req = h.clone();
-        strip_hop_by_hop(&mut h);
+        rewrite_response(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["content-type"], "text/plain");
 
@@ -352,6 +419,60 @@ mod tests {
         h.insert("x-forwarded-host", hv("evil.example"));
         rewrite_without_user(&mut h, "10.0.0.3");
         assert!(!h.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn upstream_responses_lose_conflicting_length_rate_limits_and_the_session_cookie() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TRANSFER_ENCODING, hv("chunked"));
+        h.insert(header::CONTENT_LENGTH, hv("5"));
+        h.insert("ratelimit-limit", hv("999"));
+        h.insert("ratelimit-remaining", hv("999"));
+        h.insert("ratelimit-reset", hv("0"));
+        h.insert("ratelimit-policy", hv("999;w=1"));
+        h.append(header::SET_COOKIE, hv("app=1; Path=/"));
+        h.append(
+            header::SET_COOKIE,
+            hv(" gatehouse_session=fixed; Path=/; HttpOnly"),
+        );
+        h.append(header::SET_COOKIE, hv("gatehouse_session_x=2"));
+        rewrite_response(&mut h);
+        assert!(!h.contains_key(header::CONTENT_LENGTH), "{h:?}");
+        assert!(!h.contains_key(header::TRANSFER_ENCODING));
+        assert!(
+            h.keys().all(|n| !n.as_str().starts_with("ratelimit")),
+            "{h:?}"
+        );
+        let cookies: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(cookies, [hv("app=1; Path=/"), hv("gatehouse_session_x=2")]);
+        // A plain response keeps its length.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, hv("5"));
+        rewrite_response(&mut h);
+        assert_eq!(h[header::CONTENT_LENGTH], "5");
+    }
+
+    #[test]
+    fn the_session_cookie_is_not_forwarded() {
+        for (sent, forwarded) in [
+            ("a=1; gatehouse_session=s3cr3t; b=2", Some("a=1; b=2")),
+            ("gatehouse_session=s3cr3t", None),
+            ("gatehouse_session=s3cr3t;a=1", Some("a=1")),
+            (
+                "a=1; my_gatehouse_session=x",
+                Some("a=1; my_gatehouse_session=x"),
+            ),
+            ("a=1", Some("a=1")),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::COOKIE, hv(sent));
+            rewrite_without_user(&mut h, "10.0.0.4");
+            assert_eq!(
+                h.get(header::COOKIE).map(|v| v.to_str().unwrap()),
+                forwarded,
+                "{sent}"
+            );
+        }
     }
 
     #[test]

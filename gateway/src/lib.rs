@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod cli;
+pub mod deadline;
 pub mod error;
 pub mod headers;
 pub mod kube_source;

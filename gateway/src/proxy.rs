@@ -12,7 +12,7 @@ use http_body_util::Either;
 use crate::error::{GatewayError, set_rate_limit_headers};
 use crate::headers::{self, Bearer, Forwarded, Identity};
 use crate::ratelimit::{Decision, limit_checks};
-use crate::routing;
+use crate::routing::{self, PathRefusal};
 use crate::state::AppState;
 use crate::store::TokenKind;
 use crate::tokens;
@@ -93,13 +93,20 @@ async fn forward(
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host());
-    if routing::has_dot_segment(req.uri().path()) {
-        return Err(GatewayError::InvalidRequest(
-            "the path must not contain '.' or '..' segments",
-        ));
-    }
-    let api_idx = routing::match_api(&snap.config.apis, host, req.uri().path())
-        .ok_or(GatewayError::NoRoute)?;
+    let api_idx = match routing::route(&snap.config.apis, host, req.uri().path()) {
+        Ok(Some(i)) => i,
+        Ok(None) => return Err(GatewayError::NoRoute),
+        Err(PathRefusal::DotSegment) => {
+            return Err(GatewayError::InvalidRequest(
+                "the path must not contain '.' or '..' segments",
+            ));
+        }
+        Err(PathRefusal::OtherApi) => {
+            return Err(GatewayError::InvalidRequest(
+                "the path names another API once decoded or normalized (escaped letters, '//', ';' parameters, letter case); send it in its plain form",
+            ));
+        }
+    };
     let api = &snap.apis[api_idx];
 
     if headers::query_has_token(req.uri().query()) {
@@ -181,7 +188,7 @@ async fn forward(
     };
     let fwd = Forwarded {
         peer_ip: peer,
-        proto: "http",
+        proto: state.forwarded_proto,
         request_id,
     };
     headers::rewrite_request(&mut parts.headers, &identity, &fwd);
@@ -190,11 +197,15 @@ async fn forward(
     // Boxed: the exchange's state is large, and this future is moved whole several times.
     let resp = match tokio::time::timeout(
         api.timeout,
-        Box::pin(upstream::send(&api.target, upstream_req)),
+        Box::pin(upstream::send(&api.target, upstream_req, api.timeout)),
     )
     .await
     {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
+        // The client's request body stopped coming (server.rs puts a deadline on it).
+        Ok(Err(e)) if crate::deadline::is_stalled(&e) => {
+            return Err(GatewayError::ClientTooSlow);
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, api = %api.cfg.id, "upstream request failed");
             return Err(GatewayError::UpstreamUnreachable);
@@ -202,7 +213,7 @@ async fn forward(
         Ok(Ok(resp)) => resp,
     };
     let (mut parts, body) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::rewrite_response(&mut parts.headers);
     set_rate_limit_headers(&mut parts.headers, &decision);
     parts
         .headers

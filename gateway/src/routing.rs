@@ -1,5 +1,7 @@
 //! Which Api a request belongs to, and where it goes upstream. Pure functions.
 
+use std::borrow::Cow;
+
 use gatehouse_crds::ApiConfig;
 
 /// Does `prefix` cover `path` on a segment boundary? (`/mobile` covers `/mobile` and
@@ -14,39 +16,116 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-/// Does the path hold a `.` or `..` segment, also percent-encoded (`%2e`) or behind an encoded
-/// or backslash separator (`%2f`, `%5c`, `\`)? Such a path is refused: routing and plan checks
-/// use the path as sent, and a backend that resolves it would serve another Api's resource.
-pub fn has_dot_segment(path: &str) -> bool {
-    // One pass over the bytes: most paths have no '.', and few need decoding.
-    let (mut dot, mut encoded) = (false, false);
-    for &c in path.as_bytes() {
-        match c {
-            b'.' => dot = true,
-            b'%' | b'\\' => encoded = true,
-            _ => {}
+/// Why a request path is refused before any check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathRefusal {
+    /// A `.` or `..` segment, in any spelling.
+    DotSegment,
+    /// A spelling a backend would resolve to another Api's path.
+    OtherApi,
+}
+
+/// The path as backends commonly resolve it: `;parameters` cut from each segment (Tomcat,
+/// Spring, Jetty), escapes of unreserved characters decoded (RFC 3986 6.2.2.2: WSGI, Go,
+/// nginx), `%2F`, `%5C` and `\` read as separators, runs of `/` merged (nginx `merge_slashes`,
+/// Go's path cleaning). Borrowed, with no work beyond one scan, for paths with none of these.
+pub fn canonical(path: &str) -> Cow<'_, str> {
+    let b = path.as_bytes();
+    let mut plain = true;
+    for (i, &c) in b.iter().enumerate() {
+        if matches!(c, b'%' | b';' | b'\\') || (c == b'/' && b.get(i + 1) == Some(&b'/')) {
+            plain = false;
+            break;
         }
     }
-    // A `;` starts path parameters, which Java servers cut off before resolving (`..;x`).
-    let dotted = |s: &str| matches!(s.split(';').next(), Some("." | ".."));
-    if !encoded {
-        return dot && path.split('/').any(dotted);
+    if plain {
+        return Cow::Borrowed(path);
     }
-    // A dot segment needs a dot, literal or encoded: other escapes (%20, UTF-8) need no decoding.
-    let encoded_dot = path
-        .as_bytes()
-        .windows(3)
-        .any(|w| w[0] == b'%' && w[1] == b'2' && w[2] | 0x20 == b'e');
-    if !dot && !encoded_dot {
-        return false;
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out: Vec<u8> = Vec::with_capacity(b.len());
+    let mut in_params = false;
+    let mut i = 0;
+    while i < b.len() {
+        let mut c = b[i];
+        let mut escaped = None;
+        if c == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
+        {
+            let d = h * 16 + l;
+            // Only what backends decode before routing; other escapes stay as sent.
+            if d.is_ascii_alphanumeric()
+                || matches!(d, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\' | b';')
+            {
+                c = d;
+            } else {
+                escaped = Some(&b[i..i + 3]);
+            }
+            i += 2;
+        }
+        i += 1;
+        match (escaped, c) {
+            (Some(verbatim), _) if !in_params => out.extend_from_slice(verbatim),
+            (Some(_), _) => {}
+            (None, b'/' | b'\\') => {
+                in_params = false;
+                if out.last() != Some(&b'/') {
+                    out.push(b'/');
+                }
+            }
+            (None, b';') => in_params = true,
+            (None, _) if in_params => {}
+            (None, _) => out.push(c),
+        }
     }
-    let decoded = path
-        .to_ascii_lowercase()
-        .replace("%2e", ".")
-        .replace("%2f", "/")
-        .replace("%5c", "/")
-        .replace('\\', "/");
-    decoded.split('/').any(dotted)
+    // Only ASCII bytes were replaced or removed, so the result is UTF-8 like the input.
+    Cow::Owned(
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
+}
+
+/// The index of the Api serving a request (None: no Api matches), or why its path is refused:
+/// routing and plan checks use the path as sent and the backend gets it as sent, so a spelling
+/// the backend resolves differently (`/shop//admin`, `/shop/%61dmin`, `/shop/admin;x`,
+/// `/shop/Admin` on a case-insensitive server, `/public/../admin`) must not select a shorter
+/// prefix's Api, and its token and plan, than the backend's reading would.
+pub fn route(
+    apis: &[ApiConfig],
+    host: Option<&str>,
+    path: &str,
+) -> Result<Option<usize>, PathRefusal> {
+    let canon = canonical(path);
+    if canon.as_bytes().contains(&b'.') && canon.split('/').any(|s| s == "." || s == "..") {
+        return Err(PathRefusal::DotSegment);
+    }
+    let chosen = match_api(apis, host, path);
+    if let Cow::Owned(c) = &canon
+        && match_api(apis, host, c) != chosen
+    {
+        return Err(PathRefusal::OtherApi);
+    }
+    if path.bytes().any(|c| c.is_ascii_uppercase())
+        && match_api_by(apis, host, &canon, prefix_matches_ignoring_case) != chosen
+    {
+        return Err(PathRefusal::OtherApi);
+    }
+    Ok(chosen)
+}
+
+fn prefix_matches_ignoring_case(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.get(..prefix.len()) {
+        Some(head) if head.eq_ignore_ascii_case(prefix) => {
+            let rest = &path[prefix.len()..];
+            rest.is_empty() || rest.starts_with('/')
+        }
+        _ => false,
+    }
 }
 
 /// Host header value without port, for matching against an Api's `hosts` (already lowercase).
@@ -61,9 +140,18 @@ pub fn host_without_port(host: &str) -> &str {
 /// The index of the Api serving this request: the longest matching pathPrefix among the Apis
 /// whose `hosts` is empty or contains the request's host. `apis` is sorted longest prefix first.
 pub fn match_api(apis: &[ApiConfig], host: Option<&str>, path: &str) -> Option<usize> {
+    match_api_by(apis, host, path, prefix_matches)
+}
+
+fn match_api_by(
+    apis: &[ApiConfig],
+    host: Option<&str>,
+    path: &str,
+    matches: fn(&str, &str) -> bool,
+) -> Option<usize> {
     let host = host.map(host_without_port);
     apis.iter().position(|api| {
-        prefix_matches(&api.path_prefix, path)
+        matches(&api.path_prefix, path)
             && (api.hosts.is_empty()
                 || host.is_some_and(|h| api.hosts.iter().any(|a| a.eq_ignore_ascii_case(h))))
     })
@@ -92,7 +180,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dot_segments_are_found_in_every_spelling() {
+    fn canonical_paths_are_what_backends_resolve() {
+        for (raw, want) in [
+            ("/shop//admin/users", "/shop/admin/users"),
+            ("/shop/%61dmin/users", "/shop/admin/users"),
+            ("/shop/%61%64%6D%69%6E/users", "/shop/admin/users"),
+            ("/shop/admin;x/users", "/shop/admin/users"),
+            ("/shop/admin;jsessionid=1", "/shop/admin"),
+            ("/shop/admin%2Fusers", "/shop/admin/users"),
+            ("/shop/admin%5cusers", "/shop/admin/users"),
+            ("/shop\\admin/users", "/shop/admin/users"),
+            ("/shop/a%3Bb/x", "/shop/a/x"),
+            ("/shop/a;b%20c/x", "/shop/a/x"),
+            ("/public/%2e%2e/admin", "/public/../admin"),
+            // Escapes of reserved or non-ASCII characters stay escaped; a stray % stays.
+            ("/shop/a%20b/%C3%A9", "/shop/a%20b/%C3%A9"),
+            ("/shop/100%", "/shop/100%"),
+            ("/shop/%zz", "/shop/%zz"),
+            ("/shop/caf\u{e9};v=1", "/shop/caf\u{e9}"),
+        ] {
+            assert_eq!(canonical(raw), want, "{raw}");
+        }
+        for p in [
+            "/",
+            "/shop/items",
+            "/shop/items/",
+            "/shop/report.v1.json",
+            "/a/b/c",
+        ] {
+            assert!(matches!(canonical(p), Cow::Borrowed(_)), "{p}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_refused_in_every_spelling() {
+        let apis = [api("/public", &[]), api("/", &[])];
         for p in [
             "/public/../admin",
             "/public/./x",
@@ -107,7 +229,7 @@ mod tests {
             "/public/%2e%2e;x/admin",
             "/public/.;",
         ] {
-            assert!(has_dot_segment(p), "{p}");
+            assert_eq!(route(&apis, None, p), Err(PathRefusal::DotSegment), "{p}");
         }
         for p in [
             "/",
@@ -121,9 +243,42 @@ mod tests {
             "/public/a;b",
             "/public/..x;y",
         ] {
-            assert!(!has_dot_segment(p), "{p}");
+            assert!(route(&apis, None, p).is_ok(), "{p}");
         }
     }
+
+    #[test]
+    fn spellings_that_reach_a_longer_prefix_are_refused() {
+        let apis = [api("/shop/admin", &[]), api("/shop", &[]), api("/", &[])];
+        for p in [
+            "/shop//admin/users",
+            "/shop/%61dmin/users",
+            "/shop/%61%64%6d%69%6e/users",
+            "/shop/admin;x/users",
+            "/shop/admin%2Fusers",
+            "/shop/Admin/users",
+            "/SHOP/admin",
+            "/%73hop/admin",
+            "//shop/admin",
+            "/shop/ADMIN%2Fx",
+        ] {
+            assert_eq!(route(&apis, None, p), Err(PathRefusal::OtherApi), "{p}");
+        }
+        // Spellings that stay with the Api the path selects as sent are served as sent.
+        for (p, want) in [
+            ("/shop/admin/users", 0),
+            ("/shop/admin//users", 0),
+            ("/shop/items/a%20b", 1),
+            ("/shop/items;v=2", 1),
+            ("/shop/Items/ABC", 1),
+            ("/shop/a%2Fb", 1),
+            ("/other/%41", 2),
+        ] {
+            assert_eq!(route(&apis, None, p), Ok(Some(want)), "{p}");
+        }
+        assert_eq!(route(&apis[..2], None, "/nothing"), Ok(None));
+    }
+
     use gatehouse_crds::UpstreamConfig;
 
     fn api(prefix: &str, hosts: &[&str]) -> ApiConfig {

@@ -9,20 +9,25 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use http::{HeaderValue, Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 
+use crate::deadline::{Count, Deadline, WriteDeadline};
 use crate::oauth;
 use crate::proxy::{self, ProxyBody};
 use crate::state::AppState;
 use crate::store::unix_now;
 
-/// Slow clients get this long to send a request's headers (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Slow clients get this long to send a request's headers (slowloris), to send the gateway's
+/// forms whole, between two pieces of a proxied request body, and to take a piece of a response.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The admin port serves three cheap GETs (metrics, readiness); beyond this many connections at
+/// once, new ones wait, so it can never use up the process's file descriptors.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 /// The public router: OAuth endpoints first, everything else is proxied by pathPrefix.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -87,26 +92,88 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down: draining in-flight requests");
 }
 
-/// Serves `app` on `addr` with peer addresses available to handlers.
+/// Serves the admin router until SIGTERM/SIGINT, with the public listener's client deadlines
+/// (axum::serve gives hyper no timer, which silently turns its header deadline off) and at most
+/// [`MAX_ADMIN_CONNECTIONS`] connections at once.
 pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
-    serve_until(listener, app, shutdown_signal()).await
+    serve_until(listener, app, CLIENT_TIMEOUT, shutdown_signal()).await;
+    Ok(())
 }
 
 async fn serve_until(
     listener: tokio::net::TcpListener,
     app: Router,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    // Responses are written whole; Nagle would only delay the last segment.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop)
-    .await
+    client_timeout: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let builder = http1_builder(client_timeout);
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            () = &mut stop => break,
+        };
+        let Some(tcp) = accept(&listener, &mut stop).await else {
+            break;
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = builder
+            .serve_connection(client_io(tcp.0, client_timeout), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// HTTP/1.1 with a deadline for each request's headers, which also covers a connection that
+/// never sends anything and idle keep-alive connections.
+fn http1_builder(
+    client_timeout: Duration,
+) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(client_timeout);
+    builder
+}
+
+/// The next connection, or None once `stop` fired.
+async fn accept(
+    listener: &tokio::net::TcpListener,
+    stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = stop.as_mut() => return None,
+        }
+    }
+}
+
+/// A client connection for hyper: Nagle off (responses are written whole; it would only delay
+/// the last segment), writes that fail when the client stops reading.
+fn client_io(
+    tcp: tokio::net::TcpStream,
+    client_timeout: Duration,
+) -> WriteDeadline<TokioIo<tokio::net::TcpStream>> {
+    let _ = tcp.set_nodelay(true);
+    WriteDeadline::new(TokioIo::new(tcp), client_timeout)
 }
 
 /// What the public listener serves: the gateway's own pages and endpoints through the axum
@@ -115,7 +182,7 @@ async fn serve_until(
 pub struct Public {
     router: Router,
     proxy: Option<Arc<AppState>>,
-    header_read_timeout: Duration,
+    client_timeout: Duration,
 }
 
 impl Public {
@@ -123,7 +190,7 @@ impl Public {
         Public {
             router: router(state.clone()),
             proxy: Some(state),
-            header_read_timeout: HEADER_READ_TIMEOUT,
+            client_timeout: CLIENT_TIMEOUT,
         }
     }
 
@@ -132,13 +199,14 @@ impl Public {
         Public {
             router,
             proxy: None,
-            header_read_timeout: HEADER_READ_TIMEOUT,
+            client_timeout: CLIENT_TIMEOUT,
         }
     }
 
-    /// How long a client may take to send a request's headers before the connection is closed.
-    pub fn header_read_timeout(mut self, timeout: Duration) -> Public {
-        self.header_read_timeout = timeout;
+    /// How long a client may take to send a request's headers, a form's body, the next piece of
+    /// a proxied body, or to take the next piece of a response, before its connection is closed.
+    pub fn client_timeout(mut self, timeout: Duration) -> Public {
+        self.client_timeout = timeout;
         self
     }
 
@@ -148,9 +216,20 @@ impl Public {
         peer: SocketAddr,
         peer_ip: &HeaderValue,
     ) -> Response<ProxyBody> {
-        let mut req = req.map(Body::new);
+        let proxied = self.proxy.is_some() && !served_by_gateway(req.uri().path());
+        // Forms are small: whole within the deadline. Proxied bodies may be long uploads: no
+        // pause longer than it. A request without a body (most) gets no wrapper.
+        let count = if proxied { Count::Idle } else { Count::Total };
+        let limit = self.client_timeout;
+        let mut req = req.map(|b| {
+            if hyper::body::Body::is_end_stream(&b) {
+                Body::new(b)
+            } else {
+                Body::new(Deadline::new(b, limit, count))
+            }
+        });
         if let Some(state) = &self.proxy
-            && !served_by_gateway(req.uri().path())
+            && proxied
         {
             return proxy::serve(state, req, peer_ip).await;
         }
@@ -260,30 +339,12 @@ async fn serve_public(
     stop: impl Future<Output = ()>,
 ) {
     let _sweeper = crate::upstream::spawn_idle_sweeper();
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(app.header_read_timeout);
+    let builder = http1_builder(app.client_timeout);
     let graceful = GracefulShutdown::new();
     let app = Arc::new(app);
     let mut stop = std::pin::pin!(stop);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        // Responses are written whole; Nagle would only delay the last segment.
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, peer)) = accept(&listener, &mut stop).await {
+        let io = client_io(tcp, app.client_timeout);
         let conn_ctx = Arc::new((app.clone(), peer, proxy::peer_header(Some(peer.ip()))));
         let svc = hyper::service::service_fn(move |req| {
             let ctx = conn_ctx.clone();
@@ -292,9 +353,7 @@ async fn serve_public(
                 Ok::<_, Infallible>(app.call(req, *peer, peer_ip).await)
             }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(tcp), svc)
-            .into_owned();
+        let conn = builder.serve_connection(io, svc).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -344,7 +403,7 @@ mod tests {
         let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
         let addr = listeners[0].local_addr().unwrap();
         let app = Public::router_only(Router::new().route("/", get(|| async { "ok" })))
-            .header_read_timeout(Duration::from_millis(300));
+            .client_timeout(Duration::from_millis(300));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(serve_workers(listeners, app, async move {
             let _ = stop_rx.await;
@@ -369,6 +428,140 @@ mod tests {
         assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
         stop_tx.send(()).unwrap();
         served.await.unwrap().unwrap();
+    }
+
+    /// A public listener on a free port serving `router` with 300 ms client deadlines.
+    fn serve_router(
+        router: Router,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let app = Public::router_only(router).client_timeout(Duration::from_millis(300));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serve_workers(listeners, app, async move {
+            let _ = stop_rx.await;
+        }));
+        (addr, stop_tx, served)
+    }
+
+    #[tokio::test]
+    async fn a_form_body_that_stalls_or_trickles_is_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let router = Router::new().route(
+            "/oauth2/token",
+            post(|body: bytes::Bytes| async move { body.len().to_string() }),
+        );
+        let (addr, stop, served) = serve_router(router);
+        let head =
+            b"POST /oauth2/token HTTP/1.1\r\nHost: x\r\ncontent-length: 1000\r\n\r\ngrant_type=";
+        // Stalled: the headers and 11 bytes, then nothing.
+        let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stalled.write_all(head).await.unwrap();
+        // Trickled: a byte every 100 ms never pauses for 300 ms, but the form must be whole by then.
+        let mut trickled = tokio::net::TcpStream::connect(addr).await.unwrap();
+        trickled.write_all(head).await.unwrap();
+        let trickle = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if trickled.write_all(b"x").await.is_err() {
+                    break;
+                }
+            }
+            let mut buf = Vec::new();
+            let _ = trickled.read_to_end(&mut buf).await;
+            (started.elapsed(), buf)
+        });
+        let mut buf = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "connection with a stalled body still open after 10 s"
+        );
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 4"), "{text}");
+        let (took, buf) = trickle.await.unwrap();
+        assert!(
+            took < Duration::from_secs(5),
+            "a trickled form kept its connection {took:?}"
+        );
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 4"), "{text}");
+        stop.send(()).unwrap();
+        served.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_its_response_is_disconnected() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const SIZE: usize = 64 << 20; // more than both sockets' buffers hold
+        let router = Router::new().route("/big", get(|| async { vec![b'x'; SIZE] }));
+        let (addr, stop, served) = serve_router(router);
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Not reading for longer than the deadline: the gateway gives up on the connection.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+        })
+        .await;
+        assert!(drained.is_ok(), "the connection did not end");
+        assert!(
+            got < SIZE,
+            "the whole response arrived after the client had stalled for 2 s"
+        );
+        stop.send(()).unwrap();
+        served.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_admin_listener_closes_silent_connections() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/healthz", get(|| async { "ok" }));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serve_until(
+            listener,
+            app,
+            Duration::from_millis(300),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        assert_eq!(
+            tokio::task::spawn_blocking(move || gatehouse_tests::procs::http_status(
+                addr, "/healthz"
+            ))
+            .await
+            .unwrap(),
+            Some(200)
+        );
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "silent admin connection still open after 10 s"
+        );
+        stop_tx.send(()).unwrap();
+        served.await.unwrap();
     }
 
     #[test]

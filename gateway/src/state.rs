@@ -14,6 +14,9 @@ pub struct AppState {
     pub limiter: Arc<dyn Limiter>,
     /// Public base URL, no trailing slash (metadata, `iss`).
     pub issuer: String,
+    /// X-Forwarded-Proto for upstreams: the scheme of the public URL (TLS ends before the
+    /// gateway, at the ingress, when the issuer is https).
+    pub forwarded_proto: &'static str,
     /// Minimum password length for signups.
     pub password_min_len: usize,
     /// Signups allowed per client IP per hour.
@@ -27,6 +30,11 @@ impl AppState {
             store,
             limiter,
             issuer: issuer.trim_end_matches('/').to_string(),
+            forwarded_proto: if issuer.starts_with("https://") {
+                "https"
+            } else {
+                "http"
+            },
             password_min_len: crate::password::MIN_LENGTH,
             max_signups_per_ip: crate::oauth::login::MAX_SIGNUPS_PER_IP,
         }

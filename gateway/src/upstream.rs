@@ -22,6 +22,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::ServiceExt;
 
+use crate::deadline::{Count, Deadline};
+
 /// Idle connections older than this are closed instead of reused (upstreams commonly close
 /// idle keep-alive connections after 60 s or more; reusing one they are closing fails the request).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
@@ -212,10 +214,12 @@ async fn connect(target: &Target) -> Result<SendRequest<RequestBody>, UpstreamEr
 /// Sends `req` (origin-form URI: path and query) to `target` on a pooled connection of this
 /// thread, or a new one, with the upstream's Host unless the request has one. A request a pooled
 /// connection could not take (closed under us) is retried once on a new connection; nothing of
-/// it was sent.
+/// it was sent. The response body fails (and the connection is dropped) when the upstream
+/// sends nothing of it for `body_idle`.
 pub async fn send(
     target: &Target,
     req: Request<Body>,
+    body_idle: Duration,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
     let (mut parts, body) = req.into_parts();
     if !parts.headers.contains_key(http::header::HOST) {
@@ -256,7 +260,7 @@ pub async fn send(
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(
         parts,
-        upstream_body(body, sent, pool, target.key.clone(), sender),
+        upstream_body(body, body_idle, sent, pool, target.key.clone(), sender),
     ))
 }
 
@@ -336,7 +340,7 @@ impl AtEnd for MarkSent {
 /// The upstream's response body; returns its connection to the pool when read to the end and
 /// the request body was all sent. Dropped early (client went away), or with the request body
 /// still being sent, the connection is closed instead (after hyper finishes what it is sending).
-pub type UpstreamBody = Watched<Incoming, ReturnToPool>;
+pub type UpstreamBody = Watched<Deadline<Incoming>, ReturnToPool>;
 
 pub struct ReturnToPool {
     request_sent: Option<Arc<AtomicBool>>,
@@ -364,6 +368,7 @@ impl AtEnd for ReturnToPool {
 
 fn upstream_body(
     inner: Incoming,
+    idle: Duration,
     request_sent: Option<Arc<AtomicBool>>,
     pool: Arc<Pool>,
     key: Key,
@@ -377,7 +382,10 @@ fn upstream_body(
     if hyper::body::Body::is_end_stream(&inner) {
         at_end.ended();
     }
-    Watched { inner, at_end }
+    Watched {
+        inner: Deadline::new(inner, idle, Count::Idle),
+        at_end,
+    }
 }
 
 #[cfg(test)]
@@ -385,6 +393,8 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use std::sync::atomic::AtomicUsize;
+
+    const IDLE: Duration = Duration::from_secs(30);
 
     /// A test upstream: `handle` runs for every accepted connection; the counter says how many.
     async fn serve_each<F, Fut>(handle: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
@@ -443,18 +453,18 @@ mod tests {
     async fn sequential_requests_reuse_one_connection() {
         let (addr, accepted) = upstream().await;
         for i in 0..5 {
-            let resp = send(&target(addr), get(&format!("/r{i}?q=1")))
+            let resp = send(&target(addr), get(&format!("/r{i}?q=1")), IDLE)
                 .await
                 .unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, format!("path=/r{i}"));
         }
-        let resp = send(&target(addr), get("/host")).await.unwrap();
+        let resp = send(&target(addr), get("/host"), IDLE).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, format!("host=Some(\"{addr}\")"));
         // Empty bodies are never polled by a server: the connection must come back anyway.
         for _ in 0..3 {
-            let resp = send(&target(addr), get("/empty")).await.unwrap();
+            let resp = send(&target(addr), get("/empty"), IDLE).await.unwrap();
             assert!(hyper::body::Body::is_end_stream(resp.body()));
             drop(resp);
         }
@@ -464,15 +474,15 @@ mod tests {
     #[tokio::test]
     async fn a_body_still_being_read_is_not_shared_and_a_dropped_one_is_not_reused() {
         let (addr, accepted) = upstream().await;
-        let first = send(&target(addr), get("/a")).await.unwrap();
+        let first = send(&target(addr), get("/a"), IDLE).await.unwrap();
         // `first`'s body is unread: the second request needs its own connection.
-        let second = send(&target(addr), get("/b")).await.unwrap();
+        let second = send(&target(addr), get("/b"), IDLE).await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         let body = second.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "path=/b");
         drop(first);
         // The connection of the finished body is reused; the dropped one is gone.
-        let third = send(&target(addr), get("/c")).await.unwrap();
+        let third = send(&target(addr), get("/c"), IDLE).await.unwrap();
         let body = third.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "path=/c");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -483,7 +493,7 @@ mod tests {
         // An upstream that answers one request per connection, then closes it.
         let (addr, accepted) = hyper_upstream(false).await;
         for _ in 0..4 {
-            let resp = send(&target(addr), get("/")).await.unwrap();
+            let resp = send(&target(addr), get("/"), IDLE).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, "path=/");
         }
@@ -520,13 +530,14 @@ mod tests {
             .header(http::header::CONTENT_LENGTH, "10")
             .body(Body::from_stream(stream))
             .unwrap();
-        let resp = send(&target(addr), upload).await.unwrap();
+        let resp = send(&target(addr), upload, IDLE).await.unwrap();
         assert_eq!(resp.status(), 200);
         drop(resp);
         // The first connection is still owed 5 bytes: the next request must not wait for it.
-        let next = tokio::time::timeout(Duration::from_secs(5), send(&target(addr), get("/")))
-            .await
-            .expect("a request waited behind an unfinished upload");
+        let next =
+            tokio::time::timeout(Duration::from_secs(5), send(&target(addr), get("/"), IDLE))
+                .await
+                .expect("a request waited behind an unfinished upload");
         assert_eq!(next.unwrap().status(), 200);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         drop(tx);
@@ -535,7 +546,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_swept() {
         let (addr, _) = upstream().await;
-        let resp = send(&target(addr), get("/x")).await.unwrap();
+        let resp = send(&target(addr), get("/x"), IDLE).await.unwrap();
         resp.into_body().collect().await.unwrap();
         let pool = POOL.with(Arc::clone);
         let key = target(addr).key;
@@ -584,7 +595,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         assert!(matches!(
-            send(&target(addr), get("/")).await,
+            send(&target(addr), get("/"), IDLE).await,
             Err(UpstreamError::Connect(_))
         ));
     }

@@ -136,6 +136,11 @@ impl Harness {
     }
 
     pub async fn with_manifests(yaml: String, upstream: SocketAddr) -> Harness {
+        Harness::with_issuer(yaml, upstream, "http://gw.test").await
+    }
+
+    /// With the public URL `issuer` (https behind a TLS-terminating ingress).
+    pub async fn with_issuer(yaml: String, upstream: SocketAddr, issuer: &str) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let mdir = dir.path().join("manifests");
         std::fs::create_dir_all(&mdir).unwrap();
@@ -144,7 +149,7 @@ impl Harness {
         let state = Arc::new(AppState::new(
             Arc::new(store),
             Arc::new(LocalLimiter::default()),
-            "http://gw.test",
+            issuer,
         ));
         source::reload(&state, &[mdir]).expect("manifests load");
         Harness {

@@ -1,0 +1,299 @@
+//! Proxy edge cases found in review: path spellings a backend resolves differently, the
+//! forwarded scheme, the session cookie, and upstream responses that are stalled, conflicting
+//! or carry their own rate-limit headers.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use common::*;
+use http_body_util::BodyExt;
+
+/// Two Apis on one backend, a parent and a child prefix, both forwarding the full path
+/// (stripPrefix: false), as a Kong user would set up "/shop" (cheap plan) and "/shop/admin".
+fn nested_manifests(upstream: &str) -> String {
+    format!(
+        r#"
+apiVersion: gatehouse.dev/v1alpha1
+kind: Plan
+metadata: {{name: basic, namespace: t}}
+spec: {{rateLimits: [{{requests: 100, per: second}}]}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Api
+metadata: {{name: shop, namespace: t}}
+spec:
+  pathPrefix: /shop
+  upstream: {{url: "{upstream}", stripPrefix: false}}
+  plans: [basic]
+  auth: {{grants: [client_credentials]}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Api
+metadata: {{name: shop-admin, namespace: t}}
+spec:
+  pathPrefix: /shop/admin
+  upstream: {{url: "{upstream}", stripPrefix: false}}
+  plans: [basic]
+  auth: {{grants: [client_credentials]}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {{name: svc, namespace: t}}
+spec: {{clientType: confidential}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: svc-secret, namespace: t}}
+stringData: {{clientSecret: "{SECRET}"}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {{name: svc-mobile, namespace: t}}
+spec: {{application: svc, api: shop, plan: basic, clientId: svc-mobile, clientSecretRef: {{name: svc-secret}}}}
+"#
+    )
+}
+
+/// Finding 1. The path an Api is chosen by must be the path the backend will serve. Spellings
+/// that common backends resolve to /shop/admin/... (nginx and Go merge or redirect `//`;
+/// WSGI, Go 1.22 ServeMux, nginx decode `%61`; Spring/Tomcat drop `;params`) must not be
+/// routed to /shop and forwarded as sent. Accepted outcomes after the fix: 400 (refused), or
+/// routed to /shop/admin, where a /shop token is 401.
+#[tokio::test]
+async fn paths_a_backend_normalizes_cannot_reach_a_longer_prefix_under_a_shorter_one() {
+    let upstream = gatehouse_tests::echo::spawn().await;
+    let h =
+        Harness::with_manifests(nested_manifests(&format!("http://{upstream}")), upstream).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    // Control: the direct path is refused for a /shop token.
+    let direct = h
+        .call(
+            get("/shop/admin/users", Some(&token))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(direct.status(), 401);
+    for path in [
+        "/shop//admin/users",
+        "/shop/%61dmin/users",
+        "/shop/%61%64%6d%69%6e/users",
+        "/shop/admin;x/users",
+        "/shop/admin%2Fusers",
+    ] {
+        let resp = h
+            .call(get(path, Some(&token)).body(Body::empty()).unwrap())
+            .await;
+        assert!(
+            resp.status() == 400 || resp.status() == 401,
+            "{path}: {} (forwarded to the backend under the /shop plan)",
+            resp.status()
+        );
+    }
+    // Ordinary escapes still work.
+    let resp = h
+        .call(
+            get("/shop/items/a%20b", Some(&token))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+}
+
+/// Behind the TLS-terminating ingress the README prescribes, the issuer is https: the backend
+/// is told the client used https (it builds absolute URLs and redirects from it), whatever the
+/// client claimed.
+#[tokio::test]
+async fn x_forwarded_proto_follows_the_public_url() {
+    for (issuer, claimed, want) in [
+        ("https://api.example.com", "http", "https"),
+        ("http://gw.test", "https", "http"),
+    ] {
+        let upstream = gatehouse_tests::echo::spawn().await;
+        let h = Harness::with_issuer(
+            manifests(&format!("http://{upstream}"), 100),
+            upstream,
+            issuer,
+        )
+        .await;
+        let token = h.cc_token("svc-mobile", None).await;
+        let resp = h
+            .call(
+                get("/mobile/x", Some(&token))
+                    .header("x-forwarded-proto", claimed)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(resp.status(), 200);
+        let echo = json(resp).await;
+        assert_eq!(seen(&echo, "x-forwarded-proto"), Some(want), "{issuer}");
+    }
+}
+
+/// The browser session at the gateway is not the backend's: a backend holding it could act as
+/// the user on the login and consent pages.
+#[tokio::test]
+async fn the_gateway_session_cookie_does_not_reach_the_upstream() {
+    let h = Harness::new(100).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    let resp = h
+        .call(
+            get("/mobile/x", Some(&token))
+                .header("cookie", "theme=dark; gatehouse_session=abc123")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let echo = json(resp).await;
+    assert_eq!(seen(&echo, "cookie"), Some("theme=dark"));
+}
+
+/// An upstream that answers with the bytes `answer`, whatever it is asked, then holds the
+/// connection open for a minute.
+async fn raw_upstream(answer: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp.write_all(answer).await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Finding 5. /mobile has timeoutSeconds: 1. An upstream that sends its headers and then
+/// stalls mid-body must not keep the client waiting forever: the body must end (with an
+/// error: the connection is aborted) within a bounded time.
+#[tokio::test]
+async fn an_upstream_that_stalls_mid_body_is_cut_off() {
+    let upstream = raw_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc").await;
+    let h = Harness::with_manifests(manifests(&format!("http://{upstream}"), 100), upstream).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    let resp = h
+        .call(get("/mobile/x", Some(&token)).body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(resp.status(), 200);
+    let read = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect()).await;
+    let body = read.expect("the response body was still open 10 s after the upstream stalled");
+    assert!(
+        body.is_err(),
+        "a truncated body must end in an error, not look complete"
+    );
+}
+
+/// Finding 6. The plan `unlimited` has no rate limits, so the gateway sets no RateLimit-*
+/// headers; the backend's own copies must not reach the client as if the gateway sent them.
+#[tokio::test]
+async fn upstream_rate_limit_headers_do_not_reach_the_client() {
+    let upstream = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nratelimit-limit: 999999\r\nratelimit-remaining: 999999\r\nratelimit-reset: 0\r\ncontent-length: 2\r\n\r\nok",
+    )
+    .await;
+    let h = Harness::with_manifests(manifests(&format!("http://{upstream}"), 100), upstream).await;
+    // /other (plan unlimited) needs Host api.example.com.
+    let token = h.cc_token("svc-other", None).await;
+    let resp = h
+        .call(
+            get("/other/x", Some(&token))
+                .header("host", "api.example.com")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    for name in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"] {
+        assert!(
+            !resp.headers().contains_key(name),
+            "{name}: {:?} came from the upstream",
+            resp.headers().get(name)
+        );
+    }
+}
+
+/// Finding 7. An upstream response with both Transfer-Encoding: chunked and Content-Length:
+/// RFC 9112 6.3 says the chunked framing wins and an intermediary must drop Content-Length
+/// before forwarding. Today the client gets `content-length: 5` and 5 of the 20 bytes.
+#[tokio::test]
+async fn chunked_wins_over_a_conflicting_content_length_from_the_upstream() {
+    let upstream = raw_upstream(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n14\r\nAAAAABBBBBCCCCCDDDDD\r\n0\r\n\r\n",
+    )
+    .await;
+    let h = Harness::with_manifests(manifests(&format!("http://{upstream}"), 100), upstream).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    let resp = h
+        .call(get("/mobile/x", Some(&token)).body(Body::empty()).unwrap())
+        .await;
+    // Either refuse the ambiguous response (502) or forward the chunked body whole.
+    if resp.status() == 200 {
+        assert!(!resp.headers().contains_key("content-length"));
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"AAAAABBBBBCCCCCDDDDD");
+    } else {
+        assert_eq!(resp.status(), 502);
+    }
+}
+
+/// A proxied request whose body stops arriving ends in 408 (the client's fault, not the
+/// upstream's 502/504), and the connection is closed; bodies that keep moving go through.
+#[tokio::test]
+async fn a_proxied_body_that_stalls_gets_408() {
+    use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::new(100).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = listeners[0].local_addr().unwrap();
+    let app = Public::new(h.state.clone()).client_timeout(Duration::from_millis(300));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(serve_workers(listeners, app, async move {
+        let _ = stop_rx.await;
+    }));
+    let head = format!(
+        "POST /mobile/upload HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\ncontent-length: 12\r\n\r\n"
+    );
+    // Moving: two halves 200 ms apart.
+    let mut moving = tokio::net::TcpStream::connect(addr).await.unwrap();
+    moving.write_all(head.as_bytes()).await.unwrap();
+    moving.write_all(b"hello ").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    moving.write_all(b"world!").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), moving.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // Stalled: half the body, then nothing.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(b"hello ").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut buf))
+        .await
+        .expect("the connection was not closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    stop_tx.send(()).unwrap();
+    served.await.unwrap().unwrap();
+}
