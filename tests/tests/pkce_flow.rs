@@ -1534,3 +1534,84 @@ async fn the_plan_rate_limit_applies_to_user_tokens() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "rate_limited");
 }
+// PROPOSED addition to tests/tests/pkce_flow.rs (it uses that file's env_with, app, user_tokens,
+// call_api helpers). Finding 2: a refused PUBLISH must not spend the refresh token.
+//
+// Redis 7 creates ACL users with `resetchannels` (acl-pubsub-default), so a user scoped to the
+// gatehouse keys (`~gatehouse:* +@all`) may neither SUBSCRIBE nor PUBLISH. Today:
+//   refresh #1 -> GETDEL spends the refresh token, PUBLISH is refused -> 503;
+//   refresh #2 (the client's retry) -> "reuse" -> the whole family is revoked (400), the user is
+//   signed out. The listener's NOPERM is logged at debug level only, /readyz says 200.
+// After the fix (spend + publish atomic, publish first): #1 is a 503 that spends nothing, and
+// once the channel is allowed the same refresh token works.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_revocation_publish_spends_nothing() {
+    let redis = tokio::task::block_in_place(gatehouse_tests::redis::RedisServer::start);
+    let acl = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .arg("-p")
+            .arg(redis.port.to_string())
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        acl(&[
+            "ACL",
+            "SETUSER",
+            "gh",
+            "on",
+            ">pw-0123456789",
+            "~gatehouse:*",
+            "+@all"
+        ])
+        .contains("OK")
+    );
+    let url = format!("redis://gh:pw-0123456789@127.0.0.1:{}/", redis.port);
+    let env = env_with(&["--redis", &url]).await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (access, refresh) = user_tokens(&env, &phone, "acl@example.com", &[PROFILE]).await;
+    assert_eq!(call_api(&env, &access).await.status(), StatusCode::OK);
+
+    // The channel is refused: the refresh cannot complete (a 503 is fine) ...
+    let first = phone.refresh(&env, &refresh).await;
+    assert!(
+        first.is_err(),
+        "a refresh succeeded although PUBLISH is refused"
+    );
+    // ... but it must not have spent the refresh token.
+    use sha2::Digest;
+    let key = format!(
+        "gatehouse:tok:{}",
+        hex_lower(&sha2::Sha256::digest(refresh.as_bytes()))
+    );
+    assert_eq!(
+        acl(&["EXISTS", &key]).trim(),
+        "1",
+        "the refused refresh spent the refresh token"
+    );
+
+    // Fix the ACL; the client's retry with the same refresh token now works, and the family
+    // was never revoked.
+    assert!(acl(&["ACL", "SETUSER", "gh", "&gatehouse:revoked"]).contains("OK"));
+    let retry = phone.refresh(&env, &refresh).await;
+    assert!(
+        retry.is_ok(),
+        "the retry was treated as reuse: {:?}\n{}",
+        retry.err(),
+        env.gw.logs()
+    );
+    assert_eq!(call_api(&env, &access).await.status(), StatusCode::OK);
+    // The listener's refused SUBSCRIBE was reported at the default log level.
+    assert!(
+        env.gw.logs().contains("revocation channel"),
+        "the refused SUBSCRIBE is not reported:\n{}",
+        env.gw.logs()
+    );
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -200,12 +200,13 @@ impl ScriptRunner {
                 self.script
                     .load_async(&mut conn)
                     .await
-                    .map_err(|e| LimiterUnavailable(e.to_string()))?;
+                    .map_err(|e| LimiterUnavailable(self.conns.check(e).to_string()))?;
                 cmd.query_async(&mut conn).await
             }
             other => other,
         }
-        .map_err(|e| LimiterUnavailable(e.to_string()))?;
+        // A replica (READONLY) or a silent connection: the next batch goes on a new one.
+        .map_err(|e| LimiterUnavailable(self.conns.check(e).to_string()))?;
         decode(&reply, batch.len())
     }
 }

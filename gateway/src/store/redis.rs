@@ -26,12 +26,33 @@ const REVOKED_CHANNEL: &str = "gatehouse:revoked";
 /// 10 s sent about 7% of requests to Redis twice; 30 s gave 4-12% more req/s (two A/B pairs).
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
 
-/// Deletes every token of a grant and the grant set atomically; returns the token hashes.
+/// Deletes every token of a grant and the grant set atomically, telling every replica first;
+/// returns the token hashes. PUBLISH goes first: when it is refused (an ACL without the
+/// channel) the script stops before it has changed anything.
+/// ARGV[1]: the token key prefix, ARGV[2]: the revocation channel.
 const REVOKE_GRANT: &str = r"
 local members = redis.call('SMEMBERS', KEYS[1])
+for i = 1, #members, 256 do
+  redis.call('PUBLISH', ARGV[2], table.concat(members, ',', i, math.min(i + 255, #members)))
+end
 for _, h in ipairs(members) do redis.call('DEL', ARGV[1] .. h) end
 redis.call('DEL', KEYS[1])
 return members
+";
+
+/// Deletes one token and takes it out of its grant set, telling every replica first (as
+/// REVOKE_GRANT); returns the record, or nil when there was none.
+/// ARGV[1]: the token hash (hex), ARGV[2]: the channel, ARGV[3]: the grant key prefix.
+const REVOKE_TOKEN: &str = r"
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+redis.call('DEL', KEYS[1])
+local ok, rec = pcall(cjson.decode, raw)
+if ok and type(rec) == 'table' and type(rec.grant_id) == 'string' then
+  redis.call('SREM', ARGV[3] .. rec.grant_id, ARGV[1])
+end
+return raw
 ";
 
 /// Takes one back from a live counter: DECR keeps the key's TTL, but on an absent (expired)
@@ -69,6 +90,7 @@ pub struct RedisStore {
     /// Bumped on every invalidation, so a lookup that raced one does not refill the cache.
     epoch: Arc<AtomicU64>,
     revoke_grant: redis::Script,
+    revoke_token: redis::Script,
     counter_decr: redis::Script,
 }
 
@@ -117,6 +139,7 @@ impl RedisStore {
             listening: Arc::new(AtomicBool::new(false)),
             epoch: Arc::new(AtomicU64::new(0)),
             revoke_grant: redis::Script::new(REVOKE_GRANT),
+            revoke_token: redis::Script::new(REVOKE_TOKEN),
             counter_decr: redis::Script::new(COUNTER_DECR),
         });
         store.clone().spawn_listener(client);
@@ -127,43 +150,87 @@ impl RedisStore {
         self.conns.clone()
     }
 
-    /// Keeps a subscription to the revocation channel, reconnecting with backoff.
+    /// Keeps a subscription to the revocation channel, reconnecting with backoff. The channel
+    /// is PINGed every `LISTENER_PING`: a connection that went silent (no FIN or RST: a crashed
+    /// host, an idle connection dropped by a NAT) counts as lost, so the cache stops being used.
     fn spawn_listener(self: Arc<Self>, client: redis::Client) {
+        const LISTENER_PING: Duration = Duration::from_secs(5);
+        const LISTENER_TIMEOUT: Duration = Duration::from_secs(1);
         let weak = Arc::downgrade(&self);
         drop(self);
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(100);
+            let mut reported = false;
             loop {
                 let Some(store) = weak.upgrade() else { return };
-                match client.get_async_pubsub().await {
-                    Ok(mut pubsub) => match pubsub.subscribe(REVOKED_CHANNEL).await {
-                        Ok(()) => {
-                            // Anything revoked while we were not listening may be cached: start clean.
-                            store.cache.clear();
-                            store.epoch.fetch_add(1, Ordering::SeqCst);
-                            store.listening.store(true, Ordering::SeqCst);
-                            delay = Duration::from_millis(100);
-                            tracing::info!("listening for token revocations");
-                            let mut messages = pubsub.on_message();
-                            while let Some(msg) = messages.next().await {
-                                let payload: String = msg.get_payload().unwrap_or_default();
-                                store.invalidate(&payload);
+                let subscribed = tokio::time::timeout(Duration::from_secs(2), async {
+                    let (mut sink, stream) = client.get_async_pubsub().await?.split();
+                    sink.subscribe(REVOKED_CHANNEL).await?;
+                    Ok::<_, redis::RedisError>((sink, stream))
+                })
+                .await;
+                match subscribed {
+                    Ok(Ok((mut sink, mut stream))) => {
+                        // Anything revoked while we were not listening may be cached: start clean.
+                        store.cache.clear();
+                        store.epoch.fetch_add(1, Ordering::SeqCst);
+                        store.listening.store(true, Ordering::SeqCst);
+                        metrics::gauge!("gatehouse_revocation_listener_up").set(1.0);
+                        delay = Duration::from_millis(100);
+                        reported = false;
+                        tracing::info!("listening for token revocations");
+                        let mut ping = tokio::time::interval(LISTENER_PING);
+                        ping.tick().await;
+                        let why = loop {
+                            tokio::select! {
+                                msg = stream.next() => match msg {
+                                    Some(msg) => {
+                                        let payload: String = msg.get_payload().unwrap_or_default();
+                                        store.invalidate(&payload);
+                                    }
+                                    None => break "connection closed",
+                                },
+                                _ = ping.tick() => {
+                                    match tokio::time::timeout(LISTENER_TIMEOUT, sink.ping::<redis::Value>()).await {
+                                        Ok(Ok(_)) => {}
+                                        Ok(Err(_)) => break "ping failed",
+                                        Err(_) => break "no answer to ping",
+                                    }
+                                }
                             }
-                            store.listening.store(false, Ordering::SeqCst);
-                            store.cache.clear();
-                            tracing::warn!(
-                                "revocation channel lost; token cache bypassed until it is back"
-                            );
+                        };
+                        store.listening.store(false, Ordering::SeqCst);
+                        store.cache.clear();
+                        metrics::gauge!("gatehouse_revocation_listener_up").set(0.0);
+                        tracing::warn!(
+                            reason = why,
+                            "revocation channel lost; token cache bypassed until it is back"
+                        );
+                    }
+                    failed => {
+                        let e = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "timed out".to_string(),
+                        };
+                        // Loud once (an ACL without the channel stays broken), then quiet.
+                        if reported {
+                            tracing::debug!(error = %e, "subscribing to the revocation channel failed");
+                        } else {
+                            tracing::warn!(error = %e, channel = REVOKED_CHANNEL, "cannot subscribe to the revocation channel; token cache bypassed (the Redis user needs this channel)");
+                            reported = true;
                         }
-                        Err(e) => tracing::debug!(error = %e, "subscribe failed"),
-                    },
-                    Err(e) => tracing::debug!(error = %e, "pubsub connect failed"),
+                    }
                 }
                 drop(store);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         });
+    }
+
+    /// `e` as a store error, replacing the connections first when it calls for that.
+    fn fail(&self, e: redis::RedisError) -> StoreError {
+        err(self.conns.check(e))
     }
 
     fn invalidate(&self, hex_hashes: &str) {
@@ -175,21 +242,6 @@ impl RedisStore {
                 self.cache.remove(&hash);
             }
         }
-    }
-
-    async fn publish_revoked(&self, hex_hashes: &[String]) -> StoreResult<()> {
-        if hex_hashes.is_empty() {
-            return Ok(());
-        }
-        let mut c = self.conns.get();
-        // Batches keep messages small for large grants.
-        for chunk in hex_hashes.chunks(256) {
-            let _: i64 = c
-                .publish(REVOKED_CHANNEL, chunk.join(","))
-                .await
-                .map_err(err)?;
-        }
-        Ok(())
     }
 }
 
@@ -220,7 +272,7 @@ impl Store for RedisStore {
             .ignore()
             .query_async(&mut c)
             .await
-            .map_err(err)?;
+            .map_err(|e| self.fail(e))?;
         Ok(())
     }
 
@@ -232,7 +284,7 @@ impl Store for RedisStore {
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
         let mut c = self.conns.get();
-        let raw: Option<String> = c.get(tok_key(hash)).await.map_err(err)?;
+        let raw: Option<String> = c.get(tok_key(hash)).await.map_err(|e| self.fail(e))?;
         let Some(raw) = raw else {
             return Ok(None);
         };
@@ -254,11 +306,16 @@ impl Store for RedisStore {
 
     async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
         let mut c = self.conns.get();
-        let raw: Option<String> = redis::cmd("GETDEL")
-            .arg(tok_key(hash))
-            .query_async(&mut c)
+        let hex_hash = hex::encode(hash);
+        let raw: Option<String> = self
+            .revoke_token
+            .key(tok_key(hash))
+            .arg(&hex_hash)
+            .arg(REVOKED_CHANNEL)
+            .arg(format!("{PREFIX}grant:"))
+            .invoke_async(&mut c)
             .await
-            .map_err(err)?;
+            .map_err(|e| self.fail(e))?;
         // As a revocation message would (epoch first, then the entry): lookups under way on
         // this replica must not cache it.
         self.epoch.fetch_add(1, Ordering::SeqCst);
@@ -268,11 +325,6 @@ impl Store for RedisStore {
         };
         let rec: TokenRecord =
             serde_json::from_str(&raw).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let _: i64 = c
-            .srem(grant_key(&rec.grant_id), hex::encode(hash))
-            .await
-            .map_err(err)?;
-        self.publish_revoked(&[hex::encode(hash)]).await?;
         Ok(Some(rec))
     }
 
@@ -282,11 +334,11 @@ impl Store for RedisStore {
             .revoke_grant
             .key(grant_key(grant_id))
             .arg(format!("{PREFIX}tok:"))
+            .arg(REVOKED_CHANNEL)
             .invoke_async(&mut c)
             .await
-            .map_err(err)?;
+            .map_err(|e| self.fail(e))?;
         self.invalidate(&members.join(","));
-        self.publish_revoked(&members).await?;
         Ok(members.len())
     }
 
@@ -296,18 +348,31 @@ impl Store for RedisStore {
         Ok(0)
     }
 
+    /// Reachable and writable: a short-lived write rather than PING, which a replica (the old
+    /// primary after a failover behind the endpoint) answers too. A write needs no permission
+    /// beyond the gatehouse keys (ROLE and INFO are @dangerous in Redis's ACL categories).
     async fn ready(&self) -> StoreResult<()> {
         let mut c = self.conns.get();
-        let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(err)?;
+        let _: () = redis::cmd("SET")
+            .arg(format!("{PREFIX}ready"))
+            .arg(1)
+            .arg("PX")
+            .arg(10_000)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.fail(e))?;
         Ok(())
     }
 
     async fn kv_put(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<()> {
         let mut c = self.conns.get();
         if ttl_secs == 0 {
-            let _: () = c.set(kv_key(key), value).await.map_err(err)?;
+            let _: () = c.set(kv_key(key), value).await.map_err(|e| self.fail(e))?;
         } else {
-            let _: () = c.set_ex(kv_key(key), value, ttl_secs).await.map_err(err)?;
+            let _: () = c
+                .set_ex(kv_key(key), value, ttl_secs)
+                .await
+                .map_err(|e| self.fail(e))?;
         }
         Ok(())
     }
@@ -319,13 +384,13 @@ impl Store for RedisStore {
         if ttl_secs > 0 {
             cmd.arg("EX").arg(ttl_secs);
         }
-        let set: Option<String> = cmd.query_async(&mut c).await.map_err(err)?;
+        let set: Option<String> = cmd.query_async(&mut c).await.map_err(|e| self.fail(e))?;
         Ok(set.is_some())
     }
 
     async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let mut c = self.conns.get();
-        c.get(kv_key(key)).await.map_err(err)
+        c.get(kv_key(key)).await.map_err(|e| self.fail(e))
     }
 
     async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
@@ -334,12 +399,12 @@ impl Store for RedisStore {
             .arg(kv_key(key))
             .query_async(&mut c)
             .await
-            .map_err(err)
+            .map_err(|e| self.fail(e))
     }
 
     async fn kv_delete(&self, key: &str) -> StoreResult<()> {
         let mut c = self.conns.get();
-        let _: i64 = c.del(kv_key(key)).await.map_err(err)?;
+        let _: i64 = c.del(kv_key(key)).await.map_err(|e| self.fail(e))?;
         Ok(())
     }
 
@@ -356,13 +421,13 @@ impl Store for RedisStore {
             .ignore()
             .query_async(&mut c)
             .await
-            .map_err(err)?;
+            .map_err(|e| self.fail(e))?;
         Ok(count)
     }
 
     async fn counter_get(&self, key: &str) -> StoreResult<u64> {
         let mut c = self.conns.get();
-        let v: Option<u64> = c.get(kv_key(key)).await.map_err(err)?;
+        let v: Option<u64> = c.get(kv_key(key)).await.map_err(|e| self.fail(e))?;
         Ok(v.unwrap_or(0))
     }
 
@@ -373,7 +438,7 @@ impl Store for RedisStore {
             .key(kv_key(key))
             .invoke_async(&mut c)
             .await
-            .map_err(err)?;
+            .map_err(|e| self.fail(e))?;
         Ok(())
     }
 }
