@@ -155,6 +155,7 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
     for needle in [
         "- --appendonly\n            - \"yes\"",
         "- --appendfsync\n            - \"everysec\"",
+        "- --maxmemory\n            - \"400mb\"\n            - --maxmemory-policy\n            - noeviction",
         "volumeClaimTemplates:",
         "readOnlyRootFilesystem: true",
         "runAsNonRoot: true",
