@@ -6,3 +6,4 @@ pub mod flow;
 pub mod kube;
 pub mod procs;
 pub mod redis;
+pub mod service;

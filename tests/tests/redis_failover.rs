@@ -13,45 +13,8 @@ use std::time::{Duration, Instant};
 
 use gatehouse_tests::procs::Gateway;
 use gatehouse_tests::redis::RedisServer;
-use serde_json::Value;
+use gatehouse_tests::service::{self, SECRET, call, token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const SECRET: &str = "redis-failover-secret-0123456789abcdef";
-
-fn manifests(upstream: &str) -> String {
-    format!(
-        r#"apiVersion: gatehouse.dev/v1alpha1
-kind: Plan
-metadata: {{name: basic, namespace: r}}
-spec:
-  rateLimits: [{{requests: 1000, per: second}}]
----
-apiVersion: gatehouse.dev/v1alpha1
-kind: Api
-metadata: {{name: mobile, namespace: r}}
-spec:
-  pathPrefix: /mobile
-  upstream: {{url: "{upstream}"}}
-  plans: [basic]
-  auth: {{grants: [client_credentials]}}
----
-apiVersion: gatehouse.dev/v1alpha1
-kind: Application
-metadata: {{name: svc, namespace: r}}
-spec: {{clientType: confidential}}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: svc-credentials, namespace: r}}
-stringData: {{clientSecret: "{SECRET}"}}
----
-apiVersion: gatehouse.dev/v1alpha1
-kind: Subscription
-metadata: {{name: svc-mobile, namespace: r}}
-spec: {{application: svc, api: mobile, plan: basic, clientId: svc-mobile, clientSecretRef: {{name: svc-credentials}}}}
-"#
-    )
-}
 
 /// One command over RESP; the raw reply (enough for "+OK", ":1", role lines).
 fn redis_cmd(port: u16, args: &[&str]) -> String {
@@ -174,7 +137,7 @@ async fn gateway(redis_url: &str) -> (tempfile::TempDir, Gateway) {
     std::fs::create_dir_all(&mdir).unwrap();
     std::fs::write(
         mdir.join("all.yaml"),
-        manifests(&format!("http://{upstream}")),
+        service::manifests(&format!("http://{upstream}"), 1000),
     )
     .unwrap();
     let data = dir.path().join("d");
@@ -184,29 +147,6 @@ async fn gateway(redis_url: &str) -> (tempfile::TempDir, Gateway) {
         Gateway::start(&mdir, &data, &["--redis", redis_url, "--workers", "1"])
     });
     (dir, gw)
-}
-
-async fn token(http: &reqwest::Client, gw: &Gateway) -> String {
-    let resp = http
-        .post(gw.url("/oauth2/token"))
-        .basic_auth("svc-mobile", Some(SECRET))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let v: Value = resp.json().await.unwrap();
-    v["access_token"].as_str().unwrap().to_string()
-}
-
-async fn call(http: &reqwest::Client, gw: &Gateway, token: &str) -> u16 {
-    http.get(gw.url("/mobile/x"))
-        .bearer_auth(token)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
 }
 
 /// Calls until `want` or `within` has passed; the time it took, or None.

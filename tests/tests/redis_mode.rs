@@ -5,44 +5,8 @@ use std::time::{Duration, Instant};
 
 use gatehouse_tests::procs::{Gateway, free_port};
 use gatehouse_tests::redis::RedisServer;
+use gatehouse_tests::service::{self, SECRET};
 use serde_json::Value;
-
-const SECRET: &str = "redis-mode-secret-0123456789abcdef";
-
-fn manifests(upstream: &str, per_second: u32) -> String {
-    format!(
-        r#"apiVersion: gatehouse.dev/v1alpha1
-kind: Plan
-metadata: {{name: basic, namespace: r}}
-spec:
-  rateLimits: [{{requests: {per_second}, per: second}}]
----
-apiVersion: gatehouse.dev/v1alpha1
-kind: Api
-metadata: {{name: mobile, namespace: r}}
-spec:
-  pathPrefix: /mobile
-  upstream: {{url: "{upstream}"}}
-  plans: [basic]
-  auth: {{grants: [client_credentials]}}
----
-apiVersion: gatehouse.dev/v1alpha1
-kind: Application
-metadata: {{name: svc, namespace: r}}
-spec: {{clientType: confidential}}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: svc-credentials, namespace: r}}
-stringData: {{clientSecret: "{SECRET}"}}
----
-apiVersion: gatehouse.dev/v1alpha1
-kind: Subscription
-metadata: {{name: svc-mobile, namespace: r}}
-spec: {{application: svc, api: mobile, plan: basic, clientId: svc-mobile, clientSecretRef: {{name: svc-credentials}}}}
-"#
-    )
-}
 
 struct Cluster {
     dir: tempfile::TempDir,
@@ -57,7 +21,7 @@ async fn cluster(redis: &RedisServer, n: usize, per_second: u32) -> Cluster {
     std::fs::create_dir_all(&mdir).unwrap();
     std::fs::write(
         mdir.join("all.yaml"),
-        manifests(&format!("http://{upstream}"), per_second),
+        service::manifests(&format!("http://{upstream}"), per_second),
     )
     .unwrap();
     let url = redis.url();
@@ -76,27 +40,11 @@ async fn cluster(redis: &RedisServer, n: usize, per_second: u32) -> Cluster {
 
 impl Cluster {
     async fn token(&self, gw: usize) -> String {
-        let resp = self
-            .http
-            .post(self.gateways[gw].url("/oauth2/token"))
-            .basic_auth("svc-mobile", Some(SECRET))
-            .form(&[("grant_type", "client_credentials")])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        let v: Value = resp.json().await.unwrap();
-        v["access_token"].as_str().unwrap().to_string()
+        service::token(&self.http, &self.gateways[gw]).await
     }
 
     async fn call(&self, gw: usize, token: &str) -> u16 {
-        self.http
-            .get(self.gateways[gw].url("/mobile/x"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
+        service::call(&self.http, &self.gateways[gw], token).await
     }
 }
 
@@ -163,7 +111,7 @@ async fn not_ready_while_redis_is_unreachable_then_ready_when_it_comes() {
     std::fs::create_dir_all(&mdir).unwrap();
     std::fs::write(
         mdir.join("all.yaml"),
-        manifests(&format!("http://{upstream}"), 100),
+        service::manifests(&format!("http://{upstream}"), 100),
     )
     .unwrap();
     let url = format!("redis://127.0.0.1:{port}/");
