@@ -1,6 +1,13 @@
 //! Embedded store for a single gateway: memory is authoritative for reads (the proxy's token
 //! lookup never touches the disk), and every change is written through to a redb file under
 //! `--data-dir` before it is acknowledged, so a restart loses nothing.
+//!
+//! Memory never keeps a change the file did not get. Deletions and plain writes reach memory only
+//! after their commit; changes that must be decided atomically in memory (put-if-absent,
+//! counters) are undone there when their commit fails. A caller whose write failed (it answers
+//! 503) thus leaves things as the file has them: the client's retry finds the token, code or
+//! session it asked to remove and removes it for good, instead of being told it is already gone
+//! while a restart brings it back.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +23,7 @@ const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 /// key -> 8-byte big-endian expiry (unix seconds, 0 = never) followed by the value.
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 struct KvEntry {
     value: Vec<u8>,
     expires_at: u64,
@@ -40,6 +47,13 @@ impl KvEntry {
             expires_at: u64::from_be_bytes(exp.try_into().ok()?),
             value: value.to_vec(),
         })
+    }
+
+    fn counter(count: u64, expires_at: u64) -> KvEntry {
+        KvEntry {
+            value: count.to_be_bytes().to_vec(),
+            expires_at,
+        }
     }
 }
 
@@ -77,6 +91,9 @@ impl Drop for GroupCommit {
 
 /// Changes per transaction at most, so one commit stays short.
 const MAX_BATCH: usize = 512;
+
+/// Expired entries the janitor deletes per transaction (a few milliseconds of the writer).
+const PURGE_CHUNK: usize = 1024;
 
 impl GroupCommit {
     fn start(db: Arc<Database>) -> std::io::Result<GroupCommit> {
@@ -127,18 +144,18 @@ fn commit(db: &Database, batch: Vec<(Change, Waiter)>) {
         }
     };
     let mut applied = Vec::with_capacity(batch.len());
-    for (change, waiter) in batch {
-        match change(&txn) {
-            Ok(()) => applied.push(waiter),
-            Err(msg) => {
-                let _ = waiter.send(Err(io(&msg)));
-                for w in applied {
-                    let _ = w.send(Err(io(format!("aborted with a failed write: {msg}"))));
-                }
-                let _ = txn.abort();
-                return;
+    let mut batch = batch.into_iter();
+    while let Some((change, waiter)) = batch.next() {
+        if let Err(msg) = change(&txn) {
+            let _ = txn.abort();
+            let _ = waiter.send(Err(io(&msg)));
+            // Neither the changes before it nor those after it (never run) were committed.
+            for w in applied.into_iter().chain(batch.map(|(_, w)| w)) {
+                let _ = w.send(Err(io(format!("aborted with a failed write: {msg}"))));
             }
+            return;
         }
+        applied.push(waiter);
     }
     let result = txn.commit().map_err(|e| e.to_string());
     for w in applied {
@@ -171,11 +188,14 @@ impl EmbeddedStore {
         let db = redb::Builder::new()
             .set_cache_size(32 * 1024 * 1024)
             .create(&path)
-            .map_err(|e| {
-                io(format!(
-                    "cannot open {} (is another gateway using this --data-dir?): {e}",
+            .map_err(|e| match e {
+                // redb's file lock: the only error that means another process has the file.
+                redb::DatabaseError::DatabaseAlreadyOpen => io(format!(
+                    "cannot open {}: another gateway is using this --data-dir (stop it, give \
+                     this one its own --data-dir, or use --redis to share state)",
                     path.display()
-                ))
+                )),
+                e => io(format!("cannot open {}: {e}", path.display())),
             })?;
         let db = Arc::new(db);
         let store = EmbeddedStore {
@@ -192,8 +212,12 @@ impl EmbeddedStore {
     fn load(&self) -> StoreResult<()> {
         let now = unix_now();
         let txn = self.db.begin_write().map_err(io)?;
+        // Entries that expired while the gateway was stopped never reach memory, where the
+        // janitor looks: they are deleted here, in the same transaction.
+        let mut dead_tokens: Vec<TokenHash> = Vec::new();
+        let mut dead_kv: Vec<String> = Vec::new();
         {
-            let table = txn.open_table(TOKENS).map_err(io)?;
+            let mut table = txn.open_table(TOKENS).map_err(io)?;
             for entry in table.iter().map_err(io)? {
                 let (k, v) = entry.map_err(io)?;
                 let hash: TokenHash = k
@@ -203,6 +227,7 @@ impl EmbeddedStore {
                 let rec: TokenRecord = serde_json::from_slice(v.value())
                     .map_err(|e| StoreError::Corrupt(format!("token record: {e}")))?;
                 if rec.is_expired(now) {
+                    dead_tokens.push(hash);
                     continue;
                 }
                 self.grants
@@ -211,14 +236,22 @@ impl EmbeddedStore {
                     .push(hash);
                 self.tokens.insert(hash, rec);
             }
-            let table = txn.open_table(KV).map_err(io)?;
+            for h in &dead_tokens {
+                table.remove(h.as_slice()).map_err(io)?;
+            }
+            let mut table = txn.open_table(KV).map_err(io)?;
             for entry in table.iter().map_err(io)? {
                 let (k, v) = entry.map_err(io)?;
                 let e = KvEntry::decode(v.value())
                     .ok_or_else(|| StoreError::Corrupt(format!("kv entry {}", k.value())))?;
                 if e.live(now) {
                     self.kv.insert(k.value().to_string(), e);
+                } else {
+                    dead_kv.push(k.value().to_string());
                 }
+            }
+            for k in &dead_kv {
+                table.remove(k.as_str()).map_err(io)?;
             }
         }
         txn.commit().map_err(io)?;
@@ -254,6 +287,45 @@ impl EmbeddedStore {
             .await
     }
 
+    /// Changes one kv entry in memory under its entry lock, so concurrent callers decide one
+    /// after the other (put-if-absent, counters), then writes it. `change` gets the current
+    /// entry and returns the new one, or None to leave it alone. When the write fails, memory
+    /// gets back what it had, unless another change has replaced the entry since (that one's
+    /// own commit decides).
+    async fn kv_update(
+        &self,
+        key: &str,
+        change: impl FnOnce(Option<&KvEntry>) -> Option<KvEntry>,
+    ) -> StoreResult<Option<KvEntry>> {
+        let (before, after) = match self.kv.entry(key.to_string()) {
+            dashmap::Entry::Occupied(mut o) => {
+                let Some(after) = change(Some(o.get())) else {
+                    return Ok(None);
+                };
+                (Some(o.insert(after.clone())), after)
+            }
+            dashmap::Entry::Vacant(v) => {
+                let Some(after) = change(None) else {
+                    return Ok(None);
+                };
+                v.insert(after.clone());
+                (None, after)
+            }
+        };
+        if let Err(e) = self.kv_write(key, Some(after.clone())).await {
+            if let dashmap::Entry::Occupied(mut o) = self.kv.entry(key.to_string())
+                && *o.get() == after
+            {
+                match before {
+                    Some(b) => drop(o.insert(b)),
+                    None => drop(o.remove()),
+                }
+            }
+            return Err(e);
+        }
+        Ok(Some(after))
+    }
+
     fn forget(&self, hash: &TokenHash, rec: &TokenRecord) {
         if let Some(mut list) = self.grants.get_mut(&rec.grant_id) {
             list.retain(|h| h != hash);
@@ -273,6 +345,28 @@ impl EmbeddedStore {
         })
         .await
     }
+
+    /// Deletes kv entries from the file if they are expired there.
+    async fn kv_delete_expired(&self, keys: Vec<String>, now: u64) -> StoreResult<()> {
+        self.writer
+            .submit(Box::new(move |txn| {
+                let mut table = txn.open_table(KV).map_err(|e| e.to_string())?;
+                for k in &keys {
+                    // A write queued after the purge's scan (a counter's new window) may have
+                    // made the key live again: that one stays.
+                    let expired = table
+                        .get(k.as_str())
+                        .map_err(|e| e.to_string())?
+                        .and_then(|v| KvEntry::decode(v.value()))
+                        .is_some_and(|e| !e.live(now));
+                    if expired {
+                        table.remove(k.as_str()).map_err(|e| e.to_string())?;
+                    }
+                }
+                Ok(())
+            }))
+            .await
+    }
 }
 
 #[async_trait]
@@ -281,11 +375,11 @@ impl Store for EmbeddedStore {
         let bytes = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.write(move |t| t.insert(hash.as_slice(), bytes.as_slice()).map(|_| ()))
             .await?;
-        self.grants
-            .entry(record.grant_id.clone())
-            .or_default()
-            .push(hash);
+        // The token before its grant entry: `revoke_grant` must not find a hash whose token is
+        // yet to arrive (it would delete it from the file, miss it in memory, and it would live).
+        let grant_id = record.grant_id.clone();
         self.tokens.insert(hash, record);
+        self.grants.entry(grant_id).or_default().push(hash);
         Ok(())
     }
 
@@ -299,54 +393,89 @@ impl Store for EmbeddedStore {
     }
 
     async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
-        // Memory first: from this instant the token no longer authorizes anything.
+        if !self.tokens.contains_key(hash) {
+            return Ok(None);
+        }
+        // The file first: see the module comment.
+        self.delete_many(vec![*hash]).await?;
+        // Of concurrent revocations (a refresh spends its token this way) one gets the record.
         let Some((hash, rec)) = self.tokens.remove(hash) else {
             return Ok(None);
         };
         self.forget(&hash, &rec);
-        self.delete_many(vec![hash]).await?;
         Ok(Some(rec))
     }
 
     async fn revoke_grant(&self, grant_id: &str) -> StoreResult<usize> {
         let hashes = self
             .grants
-            .remove(grant_id)
-            .map(|(_, l)| l)
+            .get(grant_id)
+            .map(|l| l.clone())
             .unwrap_or_default();
+        // The file first: see the module comment.
+        self.delete_many(hashes.clone()).await?;
+        let mut n = 0;
         for h in &hashes {
-            self.tokens.remove(h);
+            if let Some((h, rec)) = self.tokens.remove(h) {
+                self.forget(&h, &rec);
+                n += 1;
+            }
         }
-        let n = hashes.len();
-        self.delete_many(hashes).await?;
         Ok(n)
     }
 
     async fn purge_expired(&self, now: u64) -> StoreResult<usize> {
-        let expired: Vec<(TokenHash, TokenRecord)> = self
+        // Expired entries answer no read, so they leave memory before the file: if a commit
+        // fails, they stay in the file only, and `load` deletes them at the next start. Only
+        // what this call removed goes to the file: a key written again since the scan is live.
+        let tokens: Vec<TokenHash> = self
             .tokens
             .iter()
             .filter(|e| e.value().is_expired(now))
-            .map(|e| (*e.key(), e.value().clone()))
+            .map(|e| *e.key())
             .collect();
-        for (h, rec) in &expired {
-            self.tokens.remove(h);
-            self.forget(h, rec);
-        }
-        let n = expired.len();
-        self.delete_many(expired.into_iter().map(|(h, _)| h).collect())
-            .await?;
-        let dead: Vec<String> = self
+        let mut tokens: Vec<TokenHash> = tokens
+            .into_iter()
+            .filter_map(|h| {
+                let (h, rec) = self.tokens.remove_if(&h, |_, r| r.is_expired(now))?;
+                self.forget(&h, &rec);
+                Some(h)
+            })
+            .collect();
+        let keys: Vec<String> = self
             .kv
             .iter()
             .filter(|e| !e.value().live(now))
             .map(|e| e.key().clone())
             .collect();
-        for k in &dead {
-            self.kv.remove_if(k, |_, e| !e.live(now));
-            self.kv_write(k, None).await?;
+        let mut keys: Vec<String> = keys
+            .into_iter()
+            .filter(|k| self.kv.remove_if(k, |_, e| !e.live(now)).is_some())
+            .collect();
+        let purged = tokens.len() + keys.len();
+        // In key order neighbours share B-tree pages (measured: a third less time in the writer).
+        tokens.sort_unstable();
+        keys.sort_unstable();
+        // A transaction per chunk, not per key: a commit per key capped the purge at the
+        // disk's fsync rate, below the rate at which codes, sessions and markers expire under
+        // load. Not one for all either: the writer would hold every token response for as long.
+        let mut tokens = tokens.into_iter();
+        loop {
+            let chunk: Vec<TokenHash> = tokens.by_ref().take(PURGE_CHUNK).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            self.delete_many(chunk).await?;
         }
-        Ok(n + dead.len())
+        let mut keys = keys.into_iter();
+        loop {
+            let chunk: Vec<String> = keys.by_ref().take(PURGE_CHUNK).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            self.kv_delete_expired(chunk, now).await?;
+        }
+        Ok(purged)
     }
 
     async fn ready(&self) -> StoreResult<()> {
@@ -358,8 +487,9 @@ impl Store for EmbeddedStore {
             value: value.to_vec(),
             expires_at: expiry(ttl_secs),
         };
-        self.kv.insert(key.to_string(), e.clone());
-        self.kv_write(key, Some(e)).await
+        self.kv_write(key, Some(e.clone())).await?;
+        self.kv.insert(key.to_string(), e);
+        Ok(())
     }
 
     async fn kv_put_new(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<bool> {
@@ -368,22 +498,13 @@ impl Store for EmbeddedStore {
             value: value.to_vec(),
             expires_at: expiry(ttl_secs),
         };
-        // The entry lock makes check-and-insert atomic against concurrent writers.
-        let inserted = match self.kv.entry(key.to_string()) {
-            dashmap::Entry::Occupied(mut o) if !o.get().live(now) => {
-                o.insert(e.clone());
-                true
-            }
-            dashmap::Entry::Occupied(_) => false,
-            dashmap::Entry::Vacant(v) => {
-                v.insert(e.clone());
-                true
-            }
-        };
-        if inserted {
-            self.kv_write(key, Some(e)).await?;
-        }
-        Ok(inserted)
+        let written = self
+            .kv_update(key, |current| match current {
+                Some(c) if c.live(now) => None,
+                _ => Some(e),
+            })
+            .await?;
+        Ok(written.is_some())
     }
 
     async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
@@ -397,41 +518,40 @@ impl Store for EmbeddedStore {
 
     async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let now = unix_now();
-        match self.kv.remove(key) {
-            Some((_, e)) => {
-                self.kv_write(key, None).await?;
-                Ok(e.live(now).then_some(e.value))
-            }
-            None => Ok(None),
+        if !self.kv.contains_key(key) {
+            return Ok(None);
         }
+        // The file first: see the module comment.
+        self.kv_write(key, None).await?;
+        // Of concurrent takers only the one that removes it from memory gets the value.
+        Ok(self
+            .kv
+            .remove(key)
+            .and_then(|(_, e)| e.live(now).then_some(e.value)))
     }
 
     async fn kv_delete(&self, key: &str) -> StoreResult<()> {
-        if self.kv.remove(key).is_some() {
+        if self.kv.contains_key(key) {
+            // The file first: see the module comment.
             self.kv_write(key, None).await?;
+            self.kv.remove(key);
         }
         Ok(())
     }
 
     async fn counter_incr(&self, key: &str, window_secs: u64) -> StoreResult<u64> {
         let now = unix_now();
-        let (count, entry) = {
-            let mut e = self.kv.entry(key.to_string()).or_insert_with(|| KvEntry {
-                value: 0u64.to_be_bytes().to_vec(),
-                expires_at: now + window_secs,
-            });
-            if !e.live(now) {
-                *e = KvEntry {
-                    value: 0u64.to_be_bytes().to_vec(),
-                    expires_at: now + window_secs,
-                };
-            }
-            let count = counter_value(&e.value) + 1;
-            e.value = count.to_be_bytes().to_vec();
-            (count, e.clone())
-        };
-        self.kv_write(key, Some(entry)).await?;
-        Ok(count)
+        let written = self
+            .kv_update(key, |current| {
+                Some(match current {
+                    Some(c) if c.live(now) => {
+                        KvEntry::counter(counter_value(&c.value) + 1, c.expires_at)
+                    }
+                    _ => KvEntry::counter(1, now + window_secs),
+                })
+            })
+            .await?;
+        Ok(written.map_or(0, |e| counter_value(&e.value)))
     }
 
     async fn counter_get(&self, key: &str) -> StoreResult<u64> {
@@ -445,14 +565,14 @@ impl Store for EmbeddedStore {
 
     async fn counter_decr(&self, key: &str) -> StoreResult<()> {
         let now = unix_now();
-        let entry = match self.kv.get_mut(key) {
-            Some(mut e) if e.live(now) && counter_value(&e.value) > 0 => {
-                e.value = (counter_value(&e.value) - 1).to_be_bytes().to_vec();
-                e.clone()
+        self.kv_update(key, |current| match current {
+            Some(c) if c.live(now) && counter_value(&c.value) > 0 => {
+                Some(KvEntry::counter(counter_value(&c.value) - 1, c.expires_at))
             }
-            _ => return Ok(()),
-        };
-        self.kv_write(key, Some(entry)).await
+            _ => None,
+        })
+        .await?;
+        Ok(())
     }
 }
 
@@ -618,5 +738,401 @@ mod tests {
         let _a = EmbeddedStore::open(dir.path()).unwrap();
         let err = EmbeddedStore::open(dir.path()).err().expect("locked");
         assert!(err.to_string().contains("another gateway"), "{err}");
+    }
+    fn disk_rows(s: &EmbeddedStore) -> (u64, u64) {
+        use redb::ReadableTableMetadata;
+        let r = s.db.begin_read().unwrap();
+        (
+            r.open_table(TOKENS).unwrap().len().unwrap(),
+            r.open_table(KV).unwrap().len().unwrap(),
+        )
+    }
+
+    /// F1: an entry that expires while the gateway is stopped never reaches memory, where the
+    /// purge looks, so `load` must delete it from the file; else every stop leaks what expired
+    /// during the downtime, and every start reads it again.
+    #[tokio::test]
+    async fn entries_that_expired_while_stopped_are_deleted_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let past = unix_now() - 10;
+        {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            // What a running gateway wrote; by the next start these have expired.
+            s.put_token(tokens::hash("old"), rec("g", past))
+                .await
+                .unwrap();
+            s.kv_write(
+                "session:old",
+                Some(KvEntry {
+                    value: b"v".to_vec(),
+                    expires_at: past,
+                }),
+            )
+            .await
+            .unwrap();
+            assert_eq!(disk_rows(&s), (1, 1));
+        }
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.tokens.len(), 0);
+        assert_eq!(s.kv.len(), 0);
+        s.purge_expired(unix_now()).await.unwrap();
+        assert_eq!(
+            disk_rows(&s),
+            (0, 0),
+            "expired rows must not stay in the file forever"
+        );
+    }
+
+    /// F2a: the purge must not delete expired kv entries one durable commit at a time (that
+    /// caps it at the fsync rate, below the rate entries expire under load): with the writer
+    /// held, all 100 dead keys leave memory at once and are deleted together.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purge_deletes_expired_kv_entries_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let past = unix_now() - 10;
+        for i in 0..100 {
+            s.kv.insert(
+                format!("authreq:{i}"),
+                KvEntry {
+                    value: b"v".to_vec(),
+                    expires_at: past,
+                },
+            );
+        }
+        // Hold the writer so that every commit waits for us.
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let blocker = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.writer
+                    .submit(Box::new(move |_| {
+                        let _ = hold.recv();
+                        Ok(())
+                    }))
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let purge = {
+            let s = s.clone();
+            tokio::spawn(async move { s.purge_expired(unix_now()).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let left_in_memory = s.kv.len();
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        assert_eq!(purge.await.unwrap().unwrap(), 100);
+        assert_eq!(
+            left_in_memory, 0,
+            "purge must queue every deletion at once, not one commit per key"
+        );
+    }
+
+    /// F2b: a key the purge found dead may be written again (a login's new throttle window)
+    /// before the purge's delete commits: the file must keep that live entry, or a restart
+    /// forgets it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purge_does_not_delete_an_entry_recreated_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let past = unix_now() - 10;
+        for k in ["throttle:a", "throttle:b"] {
+            let e = KvEntry {
+                value: 5u64.to_be_bytes().to_vec(),
+                expires_at: past,
+            };
+            s.kv.insert(k.into(), e.clone());
+            s.kv_write(k, Some(e)).await.unwrap();
+        }
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let blocker = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.writer
+                    .submit(Box::new(move |_| {
+                        let _ = hold.recv();
+                        Ok(())
+                    }))
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let purge = {
+            let s = s.clone();
+            tokio::spawn(async move { s.purge_expired(unix_now()).await })
+        };
+        // The purge has taken dead keys out of memory and waits for its commit.
+        while s.kv.len() == 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Failed logins start new windows for both keys.
+        let incrs: Vec<_> = ["throttle:a", "throttle:b"]
+            .into_iter()
+            .map(|k| {
+                let s = s.clone();
+                tokio::spawn(async move { s.counter_incr(k, 900).await })
+            })
+            .collect();
+        while ["throttle:a", "throttle:b"]
+            .iter()
+            .any(|k| s.kv.get(*k).is_none_or(|e| !e.live(unix_now())))
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        for t in incrs {
+            assert_eq!(t.await.unwrap().unwrap(), 1);
+        }
+        purge.await.unwrap().unwrap();
+        assert_eq!(s.counter_get("throttle:a").await.unwrap(), 1);
+        assert_eq!(s.counter_get("throttle:b").await.unwrap(), 1);
+        let s = Arc::into_inner(s).expect("only owner");
+        drop(s);
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        for k in ["throttle:a", "throttle:b"] {
+            assert_eq!(
+                s.counter_get(k).await.unwrap(),
+                1,
+                "{k}: the live counter must survive a restart"
+            );
+        }
+    }
+
+    /// F5: only redb's lock error means another gateway; a file that is not a database (or a
+    /// permission problem) must not be blamed on one.
+    #[test]
+    fn open_errors_other_than_the_lock_do_not_blame_another_gateway() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gatehouse.redb"), vec![0x42u8; 8192]).unwrap();
+        let err = EmbeddedStore::open(dir.path())
+            .err()
+            .expect("not a database");
+        let msg = err.to_string();
+        println!("{msg}");
+        assert!(!msg.contains("another gateway"), "{msg}");
+    }
+
+    /// Measurement (not a pass/fail test): how long purging N expired kv entries takes,
+    /// against writing them concurrently.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn measure_purge_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let n = 2_000;
+        let t = std::time::Instant::now();
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move { s.kv_put(&format!("authreq:{i}"), b"v", 1).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        println!("{n} concurrent kv_put: {:?}", t.elapsed());
+        tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+        let t = std::time::Instant::now();
+        let purged = s.purge_expired(unix_now()).await.unwrap();
+        println!("purge of {purged} expired kv entries: {:?}", t.elapsed());
+    }
+
+    /// Queues a change straight into the writer, as `submit` does.
+    fn queue(s: &EmbeddedStore, change: Change) -> tokio::sync::oneshot::Receiver<StoreResult<()>> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        s.writer
+            .queue
+            .as_ref()
+            .unwrap()
+            .send((change, done))
+            .unwrap();
+        wait
+    }
+
+    /// Runs `op` with its write in a batch that fails to commit, as on a full disk: while the
+    /// writer is held, `op` queues its write, then a change that fails joins the same batch.
+    async fn with_failed_commit<T>(s: &EmbeddedStore, op: impl Future<Output = T>) -> T {
+        let (started, running) = tokio::sync::oneshot::channel();
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let _held = queue(
+            s,
+            Box::new(move |_| {
+                let _ = started.send(());
+                let _ = hold.recv();
+                Ok(())
+            }),
+        );
+        running.await.unwrap();
+        let mut op = std::pin::pin!(op);
+        // One poll runs `op` up to waiting for its commit: its write is queued.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            op.as_mut().poll(&mut cx).is_pending(),
+            "the operation wrote nothing"
+        );
+        let _failing = queue(s, Box::new(|_| Err("No space left on device".into())));
+        release.send(()).unwrap();
+        op.await
+    }
+
+    /// F6: a revocation whose commit failed answered 503. The client retries (RFC 7009); the
+    /// retry must find the token and revoke it for good, not answer 200 from memory while the
+    /// token is still in the file and live again after the next restart.
+    #[tokio::test]
+    async fn a_revocation_that_failed_to_commit_is_revoked_by_the_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, r) = (tokens::hash("t"), rec("g", unix_now() + 3_600));
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.put_token(h, r.clone()).await.unwrap();
+        assert!(with_failed_commit(&s, s.revoke_token(&h)).await.is_err());
+        assert_eq!(
+            s.get_token(&h).await.unwrap(),
+            Some(r.clone()),
+            "memory as the file has it"
+        );
+        assert_eq!(
+            s.revoke_token(&h).await.unwrap(),
+            Some(r),
+            "the retry revokes"
+        );
+        drop(s);
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.get_token(&h).await.unwrap(),
+            None,
+            "revoked, yet live after a restart"
+        );
+    }
+
+    /// F6, for a family (refresh token revocation, replayed code, reused refresh token).
+    #[tokio::test]
+    async fn a_grant_revocation_that_failed_to_commit_is_revoked_by_the_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let far = unix_now() + 3_600;
+        let (a, b, c) = (tokens::hash("a"), tokens::hash("b"), tokens::hash("c"));
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.put_token(a, rec("g1", far)).await.unwrap();
+        s.put_token(b, rec("g1", far)).await.unwrap();
+        s.put_token(c, rec("g2", far)).await.unwrap();
+        assert!(with_failed_commit(&s, s.revoke_grant("g1")).await.is_err());
+        assert!(
+            s.get_token(&a).await.unwrap().is_some(),
+            "memory as the file has it"
+        );
+        assert_eq!(
+            s.revoke_grant("g1").await.unwrap(),
+            2,
+            "the retry revokes both"
+        );
+        assert!(s.grants.get("g1").is_none());
+        drop(s);
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.get_token(&a).await.unwrap(), None);
+        assert_eq!(s.get_token(&b).await.unwrap(), None);
+        assert!(s.get_token(&c).await.unwrap().is_some());
+    }
+
+    /// F6 for the kv deletions: a code exchange or a logout whose commit failed leaves the code or
+    /// the session in place for the retry, and neither comes back after the retry removed it.
+    #[tokio::test]
+    async fn a_take_or_delete_that_failed_to_commit_leaves_the_entry_for_the_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.kv_put("code:x", b"c", 60).await.unwrap();
+        s.kv_put("session:s", b"logged in", 3_600).await.unwrap();
+        assert!(with_failed_commit(&s, s.kv_take("code:x")).await.is_err());
+        assert!(
+            with_failed_commit(&s, s.kv_delete("session:s"))
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            s.kv_get("code:x").await.unwrap().as_deref(),
+            Some(&b"c"[..])
+        );
+        assert!(s.kv_get("session:s").await.unwrap().is_some());
+        assert_eq!(
+            s.kv_take("code:x").await.unwrap().as_deref(),
+            Some(&b"c"[..])
+        );
+        s.kv_delete("session:s").await.unwrap();
+        drop(s);
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.kv_get("code:x").await.unwrap(),
+            None,
+            "a taken code stays taken"
+        );
+        assert_eq!(
+            s.kv_get("session:s").await.unwrap(),
+            None,
+            "a logout stays done"
+        );
+    }
+
+    /// The other changes: one whose commit failed leaves memory as the file has it, so no
+    /// value exists only until the next restart (an email claimed by an account that was never
+    /// stored, a throttle count the file does not have).
+    #[tokio::test]
+    async fn a_write_that_failed_to_commit_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.kv_put("user:1", b"old", 0).await.unwrap();
+        assert!(
+            with_failed_commit(&s, s.kv_put("user:1", b"new", 0))
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            s.kv_get("user:1").await.unwrap().as_deref(),
+            Some(&b"old"[..])
+        );
+
+        assert!(
+            with_failed_commit(&s, s.kv_put_new("email:a", b"1", 0))
+                .await
+                .is_err()
+        );
+        assert_eq!(s.kv_get("email:a").await.unwrap(), None);
+        assert!(
+            s.kv_put_new("email:a", b"1", 0).await.unwrap(),
+            "the retry claims it"
+        );
+
+        assert_eq!(s.counter_incr("tries", 60).await.unwrap(), 1);
+        assert!(
+            with_failed_commit(&s, s.counter_incr("tries", 60))
+                .await
+                .is_err()
+        );
+        assert_eq!(s.counter_get("tries").await.unwrap(), 1);
+        assert!(
+            with_failed_commit(&s, s.counter_decr("tries"))
+                .await
+                .is_err()
+        );
+        assert_eq!(s.counter_get("tries").await.unwrap(), 1);
+        assert!(
+            with_failed_commit(&s, s.counter_incr("fresh", 60))
+                .await
+                .is_err()
+        );
+        assert!(
+            s.kv.get("fresh").is_none(),
+            "a counter that was never stored"
+        );
+        drop(s);
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.kv_get("user:1").await.unwrap().as_deref(),
+            Some(&b"old"[..])
+        );
+        assert_eq!(
+            s.kv_get("email:a").await.unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        assert_eq!(s.counter_get("tries").await.unwrap(), 1);
     }
 }
