@@ -89,6 +89,71 @@ pub fn parse_documents(yaml: &str, source: &str, into: &mut Resources) -> Vec<Ma
 /// A path that does not exist (or a folder that cannot be listed) is an `io::Error`; a file that
 /// is not UTF-8 and every bad document are [`ManifestError`]s.
 pub fn load_paths(paths: &[PathBuf]) -> Result<(Resources, Vec<ManifestError>), std::io::Error> {
+    let mut resources = Resources::default();
+    let mut errors = Vec::new();
+    let mut read = BTreeSet::new();
+    for file in list_files(paths)? {
+        let canonical = std::fs::canonicalize(&file).map_err(|e| with_path(&file, e))?;
+        if !read.insert(canonical) {
+            continue;
+        }
+        let bytes = std::fs::read(&file).map_err(|e| with_path(&file, e))?;
+        errors.extend(parse_file(
+            bytes,
+            &file.display().to_string(),
+            &mut resources,
+        ));
+    }
+    Ok((resources, errors))
+}
+
+/// What one file held, as [`load_files`] read it.
+#[derive(Clone, Debug)]
+pub struct FileManifests {
+    pub path: PathBuf,
+    /// The resources of its documents that could be used.
+    pub resources: Resources,
+    /// Empty when every document could be used.
+    pub errors: Vec<ManifestError>,
+}
+
+/// [`load_paths`] file by file, for a caller that treats each file on its own (the standalone
+/// gateway keeps a bad file's last good version). Files come in the same order. A file that
+/// cannot be read (it may have been deleted since its folder was listed) is an error of that
+/// file, for document 0; a path that does not exist or a folder that cannot be listed is still
+/// an `io::Error`.
+pub fn load_files(paths: &[PathBuf]) -> Result<Vec<FileManifests>, std::io::Error> {
+    let mut files = Vec::new();
+    let mut read = BTreeSet::new();
+    for path in list_files(paths)? {
+        let source = path.display().to_string();
+        let bytes = match std::fs::canonicalize(&path) {
+            Ok(canonical) => match read.insert(canonical) {
+                true => std::fs::read(&path),
+                false => continue,
+            },
+            Err(e) => Err(e),
+        };
+        let mut resources = Resources::default();
+        let errors = match bytes {
+            Ok(bytes) => parse_file(bytes, &source, &mut resources),
+            Err(e) => vec![ManifestError {
+                source,
+                document: 0,
+                message: format!("cannot read: {e}"),
+            }],
+        };
+        files.push(FileManifests {
+            path,
+            resources,
+            errors,
+        });
+    }
+    Ok(files)
+}
+
+/// The files `paths` name, folders listed recursively, in the order they are read.
+fn list_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, std::io::Error> {
     let mut files = Vec::new();
     for path in paths {
         let meta = std::fs::metadata(path).map_err(|e| with_path(path, e))?;
@@ -102,27 +167,18 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<(Resources, Vec<ManifestError>), 
             files.push(path.clone());
         }
     }
+    Ok(files)
+}
 
-    let mut resources = Resources::default();
-    let mut errors = Vec::new();
-    let mut read = BTreeSet::new();
-    for file in files {
-        let canonical = std::fs::canonicalize(&file).map_err(|e| with_path(&file, e))?;
-        if !read.insert(canonical) {
-            continue;
-        }
-        let source = file.display().to_string();
-        let bytes = std::fs::read(&file).map_err(|e| with_path(&file, e))?;
-        match String::from_utf8(bytes) {
-            Ok(text) => errors.extend(parse_documents(&text, &source, &mut resources)),
-            Err(_) => errors.push(ManifestError {
-                source,
-                document: 0,
-                message: "not UTF-8 text; manifests must be YAML or JSON".to_string(),
-            }),
-        }
+fn parse_file(bytes: Vec<u8>, source: &str, into: &mut Resources) -> Vec<ManifestError> {
+    match String::from_utf8(bytes) {
+        Ok(text) => parse_documents(&text, source, into),
+        Err(_) => vec![ManifestError {
+            source: source.to_string(),
+            document: 0,
+            message: "not UTF-8 text; manifests must be YAML or JSON".to_string(),
+        }],
     }
-    Ok((resources, errors))
 }
 
 fn with_path(path: &Path, e: std::io::Error) -> std::io::Error {
@@ -664,6 +720,34 @@ stringData: {b: new, c: see}
         let (r, _) =
             load_paths(&[dir.join(".skipped.yaml"), dir.clone(), dir.join("a.yml")]).unwrap();
         assert_eq!(r.plans.len(), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn load_files_keeps_each_files_resources_and_errors_apart() {
+        let dir = temp_dir("per-file");
+        std::fs::write(dir.join("a.yaml"), PLAN.replace("basic", "a")).unwrap();
+        let bad = format!(
+            "{}---\napiVersion: apps/v1\nkind: Deployment\n",
+            PLAN.replace("basic", "b")
+        );
+        std::fs::write(dir.join("b.yaml"), bad).unwrap();
+        std::fs::write(dir.join("c.yaml"), [0xff, 0xfe]).unwrap();
+
+        let files = load_files(&[dir.clone(), dir.join("a.yaml")]).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| f.path.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a.yaml", "b.yaml", "c.yaml"], "a.yaml read once");
+        assert!(files[0].errors.is_empty());
+        assert_eq!(files[0].resources.plans.len(), 1);
+        // b.yaml's good document is there, next to the error of its bad one.
+        assert_eq!(files[1].resources.plans.len(), 1);
+        assert_eq!(files[1].errors.len(), 1);
+        assert_eq!(files[1].errors[0].document, 2);
+        assert_eq!(files[2].errors[0].document, 0);
+        assert!(load_files(&[dir.join("nope")]).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -89,9 +89,11 @@ async fn main() -> anyhow::Result<()> {
         // Not ready until the first configuration arrives.
         tokio::spawn(kube_source::watch(state.clone(), client, ns, name))
     } else {
-        // The first load must succeed: starting without any configuration is a mistake to report.
-        source::reload(&state, &args.manifests).context("loading --manifests")?;
-        source::watch(state.clone(), args.manifests.clone()).context("watching --manifests")?
+        // A file with errors is left out (and logged); a path that cannot be read at all is a
+        // mistake to report.
+        let mut manifests = source::Manifests::new(args.manifests.clone());
+        manifests.reload(&state).context("loading --manifests")?;
+        source::watch(state.clone(), manifests).context("watching --manifests")?
     };
     server::spawn_janitor(state.clone(), Duration::from_secs(60));
     tokio::spawn(async move {
