@@ -35,6 +35,13 @@ async fn main() -> anyhow::Result<()> {
             .init(),
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
     }
+    // Every connection holds a file descriptor, and container runtimes start processes with a
+    // soft limit of 1,024: raise it to the hard limit, as nginx (worker_rlimit_nofile) and Go
+    // programs do, so a few hundred slow clients cannot make accept fail.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
     // Request durations as a histogram with fixed buckets, not a summary: buckets add up across
     // replicas, and counting a sample into one costs a fraction of inserting it into a quantile
     // sketch (measured: about 800 instructions per request less).

@@ -284,3 +284,56 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     // and it no longer accepts connections
     assert!(reqwest::get(s.gw.url("/mobile/hello")).await.is_err());
 }
+
+/// Container runtimes start processes with a soft limit of 1,024 open files; every client
+/// connection holds one, so the gateway raises its soft limit to the hard limit at start.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let bin = gatehouse_tests::procs::workspace_bin("gatehouse-gateway", "gatehouse-gateway");
+    let dir = tempfile::tempdir().unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let (port, admin) = (
+        gatehouse_tests::procs::free_port(),
+        gatehouse_tests::procs::free_port(),
+    );
+    // A soft limit of 256 under a hard limit of 1,024 (lowering both needs no privilege).
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -Sn 256 && ulimit -Hn 1024 && exec "$0" "$@""#)
+        .arg(&bin)
+        .arg("--manifests")
+        .arg(repo.join("examples/mobile"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{admin}"))
+        .env("GATEHOUSE_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let limits = format!("/proc/{}/limits", child.id());
+    let started = Instant::now();
+    let soft = loop {
+        let text = std::fs::read_to_string(&limits).unwrap_or_default();
+        let soft: Option<u64> = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse().ok());
+        if soft == Some(1024) || started.elapsed() > Duration::from_secs(20) {
+            break soft;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        soft,
+        Some(1024),
+        "the soft limit was not raised to the hard one"
+    );
+}
