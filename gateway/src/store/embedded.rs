@@ -801,18 +801,7 @@ mod tests {
             );
         }
         // Hold the writer so that every commit waits for us.
-        let (release, hold) = std::sync::mpsc::channel::<()>();
-        let blocker = {
-            let s = s.clone();
-            tokio::spawn(async move {
-                s.writer
-                    .submit(Box::new(move |_| {
-                        let _ = hold.recv();
-                        Ok(())
-                    }))
-                    .await
-            })
-        };
+        let (release, blocker) = hold_writer(&s);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let purge = {
             let s = s.clone();
@@ -827,6 +816,26 @@ mod tests {
             left_in_memory, 0,
             "purge must queue every deletion at once, not one commit per key"
         );
+    }
+
+    /// Holds the store's writer until the returned sender sends: every commit waits meanwhile.
+    fn hold_writer(
+        s: &Arc<EmbeddedStore>,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<StoreResult<()>>,
+    ) {
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let s = s.clone();
+        let blocker = tokio::spawn(async move {
+            s.writer
+                .submit(Box::new(move |_| {
+                    let _ = hold.recv();
+                    Ok(())
+                }))
+                .await
+        });
+        (release, blocker)
     }
 
     /// F2b: a key the purge found dead may be written again (a login's new throttle window)
@@ -845,18 +854,7 @@ mod tests {
             s.kv.insert(k.into(), e.clone());
             s.kv_write(k, Some(e)).await.unwrap();
         }
-        let (release, hold) = std::sync::mpsc::channel::<()>();
-        let blocker = {
-            let s = s.clone();
-            tokio::spawn(async move {
-                s.writer
-                    .submit(Box::new(move |_| {
-                        let _ = hold.recv();
-                        Ok(())
-                    }))
-                    .await
-            })
-        };
+        let (release, blocker) = hold_writer(&s);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let purge = {
             let s = s.clone();
