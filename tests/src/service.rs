@@ -46,6 +46,21 @@ spec: {{application: svc, api: mobile, plan: basic, clientId: {CLIENT_ID}, clien
     )
 }
 
+/// A temporary folder holding `manifests(per_second)` for a fresh echo upstream, as
+/// `<dir>/m/all.yaml`; returns the folder (dropped: deleted) and the manifests path.
+pub async fn folder(per_second: u32) -> (tempfile::TempDir, std::path::PathBuf) {
+    let upstream = crate::echo::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mdir = dir.path().join("m");
+    std::fs::create_dir_all(&mdir).unwrap();
+    std::fs::write(
+        mdir.join("all.yaml"),
+        manifests(&format!("http://{upstream}"), per_second),
+    )
+    .unwrap();
+    (dir, mdir)
+}
+
 /// A client_credentials token from `gw` (the request must succeed).
 pub async fn token(http: &reqwest::Client, gw: &Gateway) -> String {
     let resp = http

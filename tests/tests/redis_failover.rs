@@ -131,15 +131,7 @@ impl Switch {
 }
 
 async fn gateway(redis_url: &str) -> (tempfile::TempDir, Gateway) {
-    let upstream = gatehouse_tests::echo::spawn().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mdir = dir.path().join("m");
-    std::fs::create_dir_all(&mdir).unwrap();
-    std::fs::write(
-        mdir.join("all.yaml"),
-        service::manifests(&format!("http://{upstream}"), 1000),
-    )
-    .unwrap();
+    let (dir, mdir) = service::folder(1000).await;
     let data = dir.path().join("d");
     // One worker: every request then goes over the one per-thread Redis connection the test
     // warmed (with several, a request on a worker that never connected would open a fresh one).

@@ -15,15 +15,7 @@ struct Cluster {
 }
 
 async fn cluster(redis: &RedisServer, n: usize, per_second: u32) -> Cluster {
-    let upstream = gatehouse_tests::echo::spawn().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mdir = dir.path().join("manifests");
-    std::fs::create_dir_all(&mdir).unwrap();
-    std::fs::write(
-        mdir.join("all.yaml"),
-        service::manifests(&format!("http://{upstream}"), per_second),
-    )
-    .unwrap();
+    let (dir, mdir) = service::folder(per_second).await;
     let url = redis.url();
     let gateways = (0..n)
         .map(|i| {
@@ -105,15 +97,7 @@ async fn one_limit_of_five_per_second_holds_across_three_gateways() {
 #[tokio::test(flavor = "multi_thread")]
 async fn not_ready_while_redis_is_unreachable_then_ready_when_it_comes() {
     let port = free_port();
-    let upstream = gatehouse_tests::echo::spawn().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mdir = dir.path().join("m");
-    std::fs::create_dir_all(&mdir).unwrap();
-    std::fs::write(
-        mdir.join("all.yaml"),
-        service::manifests(&format!("http://{upstream}"), 100),
-    )
-    .unwrap();
+    let (dir, mdir) = service::folder(100).await;
     let url = format!("redis://127.0.0.1:{port}/");
     let mut gw = Gateway::launch(&mdir, &dir.path().join("d"), &["--redis", &url]);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
