@@ -617,7 +617,9 @@ pub fn check_path_prefix(prefix: &str) -> Result<(), String> {
     }
     if let Some(c) = prefix
         .chars()
-        .find(|c| matches!(c, '?' | '#' | '%') || c.is_whitespace() || c.is_control())
+        // '%', ';' and '\' would not survive the normalization routing compares against
+        // (escapes decoded, ';parameters' cut, '\' read as '/'): no request could reach the Api.
+        .find(|c| matches!(c, '?' | '#' | '%' | ';' | '\\') || c.is_whitespace() || c.is_control())
     {
         return Err(format!(
             "spec.pathPrefix {prefix:?} must not contain {c:?}; use a plain path such as /mobile"

@@ -102,11 +102,13 @@ pub fn rewrite_response(headers: &mut HeaderMap) {
     remove_where(headers, |name| {
         is_hop_by_hop(name) || name.starts_with("ratelimit")
     });
-    if headers.contains_key(header::SET_COOKIE) {
+    let sets_session =
+        |v: &HeaderValue| cookie_name(v.as_bytes()) == Some(SESSION_COOKIE.as_bytes());
+    if headers.get_all(header::SET_COOKIE).iter().any(sets_session) {
         let kept: Vec<HeaderValue> = headers
             .get_all(header::SET_COOKIE)
             .iter()
-            .filter(|v| cookie_name(v.as_bytes()) != Some(SESSION_COOKIE.as_bytes()))
+            .filter(|v| !sets_session(v))
             .cloned()
             .collect();
         headers.remove(header::SET_COOKIE);

@@ -120,11 +120,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %listeners[0].local_addr()?, workers, admin = %admin_listener.local_addr()?, issuer = %state.issuer, "gatehouse gateway serving");
 
     let admin_app = admin::router(state.clone(), Some(metrics));
-    tokio::spawn(async move {
-        if let Err(e) = server::serve(admin_listener, admin_app).await {
-            tracing::error!("admin listener failed: {e}");
-        }
-    });
+    tokio::spawn(server::serve(admin_listener, admin_app));
     server::serve_workers(
         listeners,
         server::Public::new(state),

@@ -93,7 +93,12 @@ async fn forward(
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host());
-    let api_idx = match routing::route(&snap.config.apis, host, req.uri().path()) {
+    let api_idx = match routing::route(
+        &snap.config.apis,
+        host,
+        req.uri().path(),
+        snap.upper_case_prefix,
+    ) {
         Ok(Some(i)) => i,
         Ok(None) => return Err(GatewayError::NoRoute),
         Err(PathRefusal::DotSegment) => {

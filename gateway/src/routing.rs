@@ -92,10 +92,13 @@ pub fn canonical(path: &str) -> Cow<'_, str> {
 /// the backend resolves differently (`/shop//admin`, `/shop/%61dmin`, `/shop/admin;x`,
 /// `/shop/Admin` on a case-insensitive server, `/public/../admin`) must not select a shorter
 /// prefix's Api, and its token and plan, than the backend's reading would.
+/// `upper_case_prefix`: some Api's prefix has an upper-case letter (then a lower-case path can
+/// read as that Api's on a case-insensitive server too).
 pub fn route(
     apis: &[ApiConfig],
     host: Option<&str>,
     path: &str,
+    upper_case_prefix: bool,
 ) -> Result<Option<usize>, PathRefusal> {
     let canon = canonical(path);
     if canon.as_bytes().contains(&b'.') && canon.split('/').any(|s| s == "." || s == "..") {
@@ -107,7 +110,7 @@ pub fn route(
     {
         return Err(PathRefusal::OtherApi);
     }
-    if path.bytes().any(|c| c.is_ascii_uppercase())
+    if (upper_case_prefix || path.bytes().any(|c| c.is_ascii_uppercase()))
         && match_api_by(apis, host, &canon, prefix_matches_ignoring_case) != chosen
     {
         return Err(PathRefusal::OtherApi);
@@ -229,7 +232,11 @@ mod tests {
             "/public/%2e%2e;x/admin",
             "/public/.;",
         ] {
-            assert_eq!(route(&apis, None, p), Err(PathRefusal::DotSegment), "{p}");
+            assert_eq!(
+                route(&apis, None, p, false),
+                Err(PathRefusal::DotSegment),
+                "{p}"
+            );
         }
         for p in [
             "/",
@@ -243,7 +250,7 @@ mod tests {
             "/public/a;b",
             "/public/..x;y",
         ] {
-            assert!(route(&apis, None, p).is_ok(), "{p}");
+            assert!(route(&apis, None, p, false).is_ok(), "{p}");
         }
     }
 
@@ -262,7 +269,11 @@ mod tests {
             "//shop/admin",
             "/shop/ADMIN%2Fx",
         ] {
-            assert_eq!(route(&apis, None, p), Err(PathRefusal::OtherApi), "{p}");
+            assert_eq!(
+                route(&apis, None, p, false),
+                Err(PathRefusal::OtherApi),
+                "{p}"
+            );
         }
         // Spellings that stay with the Api the path selects as sent are served as sent.
         for (p, want) in [
@@ -274,9 +285,17 @@ mod tests {
             ("/shop/a%2Fb", 1),
             ("/other/%41", 2),
         ] {
-            assert_eq!(route(&apis, None, p), Ok(Some(want)), "{p}");
+            assert_eq!(route(&apis, None, p, false), Ok(Some(want)), "{p}");
         }
-        assert_eq!(route(&apis[..2], None, "/nothing"), Ok(None));
+        assert_eq!(route(&apis[..2], None, "/nothing", false), Ok(None));
+        // A prefix with capitals: a lower-case path reads as it on a case-insensitive server.
+        let apis = [api("/Admin", &[]), api("/", &[])];
+        assert_eq!(
+            route(&apis, None, "/admin/x", true),
+            Err(PathRefusal::OtherApi)
+        );
+        assert_eq!(route(&apis, None, "/Admin/x", true), Ok(Some(0)));
+        assert_eq!(route(&apis, None, "/other", true), Ok(Some(1)));
     }
 
     use gatehouse_crds::UpstreamConfig;

@@ -95,9 +95,8 @@ pub async fn shutdown_signal() {
 /// Serves the admin router until SIGTERM/SIGINT, with the public listener's client deadlines
 /// (axum::serve gives hyper no timer, which silently turns its header deadline off) and at most
 /// [`MAX_ADMIN_CONNECTIONS`] connections at once.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, app: Router) {
     serve_until(listener, app, CLIENT_TIMEOUT, shutdown_signal()).await;
-    Ok(())
 }
 
 async fn serve_until(

@@ -38,6 +38,9 @@ pub struct Snapshot {
     clients: foldhash::HashMap<String, ClientRuntime>,
     /// False until a real configuration has been loaded (readiness).
     pub loaded: bool,
+    /// Some pathPrefix has an upper-case letter: every path gets the case-insensitive routing
+    /// check then, not only paths with one (`routing::route`).
+    pub upper_case_prefix: bool,
 }
 
 fn header(value: &str, what: &str) -> Result<HeaderValue, String> {
@@ -115,7 +118,12 @@ impl Snapshot {
                     false
                 }
             });
+        let upper_case_prefix = config
+            .apis
+            .iter()
+            .any(|a| a.path_prefix.bytes().any(|c| c.is_ascii_uppercase()));
         let snap = Snapshot {
+            upper_case_prefix,
             config,
             apis,
             plans,

@@ -30,11 +30,7 @@ impl AppState {
             store,
             limiter,
             issuer: issuer.trim_end_matches('/').to_string(),
-            forwarded_proto: if issuer.starts_with("https://") {
-                "https"
-            } else {
-                "http"
-            },
+            forwarded_proto: if is_https(issuer) { "https" } else { "http" },
             password_min_len: crate::password::MIN_LENGTH,
             max_signups_per_ip: crate::oauth::login::MAX_SIGNUPS_PER_IP,
         }
@@ -42,11 +38,16 @@ impl AppState {
 
     /// Session cookies get `Secure` when the public URL is https.
     pub fn secure_cookies(&self) -> bool {
-        self.issuer.starts_with("https://")
+        is_https(&self.issuer)
     }
 
     /// Installs a new configuration; requests in flight keep the one they started with.
     pub fn swap_config(&self, snapshot: Snapshot) {
         self.config.store(Arc::new(snapshot));
     }
+}
+
+/// Is the public URL https (TLS ends at the ingress in front of the gateway)?
+fn is_https(issuer: &str) -> bool {
+    issuer.starts_with("https://")
 }

@@ -443,6 +443,8 @@ fn path_prefix_rules() {
         "/mo?bile",
         "/a#b",
         "/a%20b",
+        "/v1;x",
+        "/a\\b",
         "/a b",
         "/a\tb",
         "/a/../b",

@@ -414,14 +414,17 @@ impl Store for EmbeddedStore {
             .unwrap_or_default();
         // The file first: see the module comment.
         self.delete_many(hashes.clone()).await?;
-        let mut n = 0;
-        for h in &hashes {
-            if let Some((h, rec)) = self.tokens.remove(h) {
-                self.forget(&h, &rec);
-                n += 1;
-            }
+        let gone: std::collections::HashSet<TokenHash> = hashes
+            .iter()
+            .filter(|h| self.tokens.remove(*h).is_some())
+            .copied()
+            .collect();
+        // One pass over the grant's list (a token issued into it meanwhile stays listed).
+        if let Some(mut list) = self.grants.get_mut(grant_id) {
+            list.retain(|h| !gone.contains(h));
         }
-        Ok(n)
+        self.grants.remove_if(grant_id, |_, l| l.is_empty());
+        Ok(gone.len())
     }
 
     async fn purge_expired(&self, now: u64) -> StoreResult<usize> {
@@ -459,21 +462,11 @@ impl Store for EmbeddedStore {
         // A transaction per chunk, not per key: a commit per key capped the purge at the
         // disk's fsync rate, below the rate at which codes, sessions and markers expire under
         // load. Not one for all either: the writer would hold every token response for as long.
-        let mut tokens = tokens.into_iter();
-        loop {
-            let chunk: Vec<TokenHash> = tokens.by_ref().take(PURGE_CHUNK).collect();
-            if chunk.is_empty() {
-                break;
-            }
-            self.delete_many(chunk).await?;
+        for chunk in tokens.chunks(PURGE_CHUNK) {
+            self.delete_many(chunk.to_vec()).await?;
         }
-        let mut keys = keys.into_iter();
-        loop {
-            let chunk: Vec<String> = keys.by_ref().take(PURGE_CHUNK).collect();
-            if chunk.is_empty() {
-                break;
-            }
-            self.kv_delete_expired(chunk, now).await?;
+        for chunk in keys.chunks(PURGE_CHUNK) {
+            self.kv_delete_expired(chunk.to_vec(), now).await?;
         }
         Ok(purged)
     }
