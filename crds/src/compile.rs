@@ -63,6 +63,17 @@ pub struct Resources {
     pub secrets: Vec<Secret>,
 }
 
+impl Resources {
+    /// Appends everything `other` holds.
+    pub fn extend(&mut self, other: Resources) {
+        self.apis.extend(other.apis);
+        self.plans.extend(other.plans);
+        self.applications.extend(other.applications);
+        self.subscriptions.extend(other.subscriptions);
+        self.secrets.extend(other.secrets);
+    }
+}
+
 /// The resource kind a [`Verdict`] is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {

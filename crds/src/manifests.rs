@@ -87,22 +87,13 @@ pub fn parse_documents(yaml: &str, source: &str, into: &mut Resources) -> Vec<Ma
 /// named explicitly are read whatever their name. The same file reached twice is read once.
 ///
 /// A path that does not exist (or a folder that cannot be listed) is an `io::Error`; a file that
-/// is not UTF-8 and every bad document are [`ManifestError`]s.
+/// cannot be read or is not UTF-8, and every bad document, are [`ManifestError`]s.
 pub fn load_paths(paths: &[PathBuf]) -> Result<(Resources, Vec<ManifestError>), std::io::Error> {
     let mut resources = Resources::default();
     let mut errors = Vec::new();
-    let mut read = BTreeSet::new();
-    for file in list_files(paths)? {
-        let canonical = std::fs::canonicalize(&file).map_err(|e| with_path(&file, e))?;
-        if !read.insert(canonical) {
-            continue;
-        }
-        let bytes = std::fs::read(&file).map_err(|e| with_path(&file, e))?;
-        errors.extend(parse_file(
-            bytes,
-            &file.display().to_string(),
-            &mut resources,
-        ));
+    for file in load_files(paths)? {
+        resources.extend(file.resources);
+        errors.extend(file.errors);
     }
     Ok((resources, errors))
 }

@@ -53,7 +53,7 @@ impl Manifests {
         let mut last_good = HashMap::with_capacity(files.len());
         for file in files {
             if file.errors.is_empty() {
-                add(&mut resources, &file.resources);
+                resources.extend(file.resources.clone());
                 last_good.insert(file.path, file.resources);
                 continue;
             }
@@ -66,7 +66,7 @@ impl Manifests {
                 tracing::error!("{e} ({outcome})");
             }
             if let Some(r) = kept {
-                add(&mut resources, &r);
+                resources.extend(r.clone());
                 last_good.insert(file.path, r);
             }
         }
@@ -115,14 +115,6 @@ impl Manifests {
         state.swap_config(snap);
         Ok(true)
     }
-}
-
-fn add(into: &mut Resources, from: &Resources) {
-    into.apis.extend_from_slice(&from.apis);
-    into.plans.extend_from_slice(&from.plans);
-    into.applications.extend_from_slice(&from.applications);
-    into.subscriptions.extend_from_slice(&from.subscriptions);
-    into.secrets.extend_from_slice(&from.secrets);
 }
 
 /// One load with no earlier versions to keep: a file with errors is left out.
