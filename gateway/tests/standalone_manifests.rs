@@ -87,6 +87,20 @@ fn state(data: &Path) -> Arc<AppState> {
     ))
 }
 
+/// A state on a store in `data` with the manifests at `path` loaded and watched; the watch task.
+fn watched(path: &Path, data: &Path) -> (Arc<AppState>, tokio::task::JoinHandle<()>) {
+    let st = state(data);
+    let mut manifests = Manifests::new(vec![path.to_path_buf()]);
+    manifests.reload(&st).unwrap();
+    let watch = source::watch(st.clone(), manifests).unwrap();
+    (st, watch)
+}
+
+/// The first limit of the first plan: what the tests' edits change.
+fn limit(st: &AppState) -> u64 {
+    st.config.load().plans[0].rate_limits[0].requests
+}
+
 async fn eventually(what: &str, secs: u64, check: impl Fn() -> bool) -> bool {
     let end = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < end {
@@ -99,9 +113,8 @@ async fn eventually(what: &str, secs: u64, check: impl Fn() -> bool) -> bool {
     false
 }
 
-/// F3: removing a subscription does not take effect while any other file in the folder has a
-/// document that does not parse: the whole folder is refused and the removed client keeps
-/// getting tokens. DESIGN section 2: "One invalid resource never blocks the others".
+/// Removing a subscription takes effect while another file in the folder has a document that
+/// does not parse (DESIGN section 2: "One invalid resource never blocks the others").
 #[tokio::test]
 async fn a_bad_document_elsewhere_does_not_keep_a_removed_subscription_alive() {
     let dir = tempfile::tempdir().unwrap();
@@ -174,7 +187,7 @@ fn clients(st: &AppState) -> Vec<String> {
     ids
 }
 
-/// F3: a file that stops parsing keeps the version of it that last loaded cleanly, and says so
+/// A file that stops parsing keeps the version of it that last loaded cleanly, and says so
 /// with its file and document; at the same time another file's changes (a subscription
 /// removed, one added) apply. Fixed, it applies too.
 #[test]
@@ -223,7 +236,7 @@ fn a_broken_file_keeps_its_last_good_version_while_the_other_files_apply() {
     assert_eq!(clients(&st), ["svc-new"]);
 }
 
-/// F3 at start-up: a bad file is left out, with an error that names it and does not claim a
+/// At start-up a bad file is left out, with an error that names it and does not claim a
 /// previous configuration, and the gateway starts with the other files.
 #[test]
 fn at_start_up_a_bad_file_is_left_out_and_the_rest_loads() {
@@ -258,19 +271,15 @@ fn at_start_up_a_bad_file_is_left_out_and_the_rest_loads() {
     assert!(!err.to_string().contains("keeping"), "{err}");
 }
 
-/// F4a: the folder is replaced (deploy tool, `rm -rf && cp -r`, `mv new current`): the watch
-/// stays on the old inode, so later edits of the new folder are never loaded.
+/// A folder replaced by renaming (`mv new current`, as deploy tools do) is watched again: later
+/// edits of the new folder are loaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_after_the_folder_was_replaced_are_loaded() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("manifests");
     std::fs::create_dir_all(&m).unwrap();
     std::fs::write(m.join("all.yaml"), base(10)).unwrap();
-    let st = state(&dir.path().join("data"));
-    let mut manifests = Manifests::new(vec![m.clone()]);
-    manifests.reload(&st).unwrap();
-    let _w = source::watch(st.clone(), manifests).unwrap();
-    let limit = |st: &AppState| st.config.load().plans[0].rate_limits[0].requests;
+    let (st, _w) = watched(&m, &dir.path().join("data"));
 
     // Sanity: an edit in place is picked up.
     std::fs::write(m.join("all.yaml"), base(11)).unwrap();
@@ -294,8 +303,8 @@ async fn edits_after_the_folder_was_replaced_are_loaded() {
     );
 }
 
-/// F4b: `--manifests current` where `current` is a symlink to a release folder; the deploy
-/// flips the symlink (`ln -sfn v2 current`). Nothing is reloaded.
+/// `--manifests current` where `current` is a symlink to a release folder: flipping the
+/// symlink (`ln -sfn v2 current`) loads the new release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_symlink_folder_is_reloaded() {
     let dir = tempfile::tempdir().unwrap();
@@ -305,11 +314,7 @@ async fn a_flipped_symlink_folder_is_reloaded() {
     }
     let current = dir.path().join("current");
     std::os::unix::fs::symlink("v1", &current).unwrap();
-    let st = state(&dir.path().join("data"));
-    let mut manifests = Manifests::new(vec![current.clone()]);
-    manifests.reload(&st).unwrap();
-    let _w = source::watch(st.clone(), manifests).unwrap();
-    let limit = |st: &AppState| st.config.load().plans[0].rate_limits[0].requests;
+    let (st, _w) = watched(&current, &dir.path().join("data"));
     assert_eq!(limit(&st), 10);
 
     // ln -sfn v2 current (atomically: a new link renamed over the old one)
@@ -323,19 +328,15 @@ async fn a_flipped_symlink_folder_is_reloaded() {
     );
 }
 
-/// F4, the other way to replace a folder (`rm -rf m && cp -r new m`): the old folder is gone
-/// with its watch, and the new one is watched.
+/// A folder deleted and created again (`rm -rf m && cp -r new m`; ext4 may reuse its inode) is
+/// watched again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_after_the_folder_was_deleted_and_created_again_are_loaded() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("manifests");
     std::fs::create_dir_all(&m).unwrap();
     std::fs::write(m.join("all.yaml"), base(10)).unwrap();
-    let st = state(&dir.path().join("data"));
-    let mut manifests = Manifests::new(vec![m.clone()]);
-    manifests.reload(&st).unwrap();
-    let _w = source::watch(st.clone(), manifests).unwrap();
-    let limit = |st: &AppState| st.config.load().plans[0].rate_limits[0].requests;
+    let (st, _w) = watched(&m, &dir.path().join("data"));
 
     std::fs::remove_dir_all(&m).unwrap();
     std::fs::create_dir_all(&m).unwrap();

@@ -741,7 +741,7 @@ mod tests {
         )
     }
 
-    /// F1: an entry that expires while the gateway is stopped never reaches memory, where the
+    /// An entry that expires while the gateway is stopped never reaches memory, where the
     /// purge looks, so `load` must delete it from the file; else every stop leaks what expired
     /// during the downtime, and every start reads it again.
     #[tokio::test]
@@ -776,7 +776,7 @@ mod tests {
         );
     }
 
-    /// F2a: the purge must not delete expired kv entries one durable commit at a time (that
+    /// The purge must not delete expired kv entries one durable commit at a time (that
     /// caps it at the fsync rate, below the rate entries expire under load): with the writer
     /// held, all 100 dead keys leave memory at once and are deleted together.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -831,7 +831,7 @@ mod tests {
         (release, blocker)
     }
 
-    /// F2b: a key the purge found dead may be written again (a login's new throttle window)
+    /// A key the purge found dead may be written again (a login's new throttle window)
     /// before the purge's delete commits: the file must keep that live entry, or a restart
     /// forgets it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -891,7 +891,7 @@ mod tests {
         }
     }
 
-    /// F5: only redb's lock error means another gateway; a file that is not a database (or a
+    /// Only redb's lock error means another gateway; a file that is not a database (or a
     /// permission problem) must not be blamed on one.
     #[test]
     fn open_errors_other_than_the_lock_do_not_blame_another_gateway() {
@@ -968,7 +968,7 @@ mod tests {
         op.await
     }
 
-    /// F6: a revocation whose commit failed answered 503. The client retries (RFC 7009); the
+    /// A revocation whose commit failed answered 503. The client retries (RFC 7009); the
     /// retry must find the token and revoke it for good, not answer 200 from memory while the
     /// token is still in the file and live again after the next restart.
     #[tokio::test]
@@ -997,7 +997,7 @@ mod tests {
         );
     }
 
-    /// F6, for a family (refresh token revocation, replayed code, reused refresh token).
+    /// The same for a family (refresh token revocation, replayed code, reused refresh token).
     #[tokio::test]
     async fn a_grant_revocation_that_failed_to_commit_is_revoked_by_the_retry() {
         let dir = tempfile::tempdir().unwrap();
@@ -1025,7 +1025,7 @@ mod tests {
         assert!(s.get_token(&c).await.unwrap().is_some());
     }
 
-    /// F6 for the kv deletions: a code exchange or a logout whose commit failed leaves the code or
+    /// A code exchange or a logout whose commit failed leaves the code or
     /// the session in place for the retry, and neither comes back after the retry removed it.
     #[tokio::test]
     async fn a_take_or_delete_that_failed_to_commit_leaves_the_entry_for_the_retry() {
