@@ -56,11 +56,10 @@ spec: {{application: svc, api: shop, plan: basic, clientId: svc-mobile, clientSe
     )
 }
 
-/// Finding 1. The path an Api is chosen by must be the path the backend will serve. Spellings
-/// that common backends resolve to /shop/admin/... (nginx and Go merge or redirect `//`;
-/// WSGI, Go 1.22 ServeMux, nginx decode `%61`; Spring/Tomcat drop `;params`) must not be
-/// routed to /shop and forwarded as sent. Accepted outcomes after the fix: 400 (refused), or
-/// routed to /shop/admin, where a /shop token is 401.
+/// The path an Api is chosen by must be the path the backend will serve. Spellings that common
+/// backends resolve to /shop/admin/... (nginx and Go merge or redirect `//`; WSGI, Go 1.22
+/// ServeMux, nginx decode `%61`; Spring/Tomcat drop `;params`) are not routed to /shop and
+/// forwarded as sent: they are refused (400), or reach /shop/admin, where a /shop token is 401.
 #[tokio::test]
 async fn paths_a_backend_normalizes_cannot_reach_a_longer_prefix_under_a_shorter_one() {
     let upstream = gatehouse_tests::echo::spawn().await;
@@ -179,7 +178,7 @@ async fn raw_upstream(answer: &'static [u8]) -> std::net::SocketAddr {
     addr
 }
 
-/// Finding 5. /mobile has timeoutSeconds: 1. An upstream that sends its headers and then
+/// /mobile has timeoutSeconds: 1. An upstream that sends its headers and then
 /// stalls mid-body must not keep the client waiting forever: the body must end (with an
 /// error: the connection is aborted) within a bounded time.
 #[tokio::test]
@@ -199,7 +198,7 @@ async fn an_upstream_that_stalls_mid_body_is_cut_off() {
     );
 }
 
-/// Finding 6. The plan `unlimited` has no rate limits, so the gateway sets no RateLimit-*
+/// The plan `unlimited` has no rate limits, so the gateway sets no RateLimit-*
 /// headers; the backend's own copies must not reach the client as if the gateway sent them.
 #[tokio::test]
 async fn upstream_rate_limit_headers_do_not_reach_the_client() {
@@ -228,9 +227,9 @@ async fn upstream_rate_limit_headers_do_not_reach_the_client() {
     }
 }
 
-/// Finding 7. An upstream response with both Transfer-Encoding: chunked and Content-Length:
-/// RFC 9112 6.3 says the chunked framing wins and an intermediary must drop Content-Length
-/// before forwarding. Today the client gets `content-length: 5` and 5 of the 20 bytes.
+/// An upstream response with both Transfer-Encoding: chunked and Content-Length: RFC 9112 6.3
+/// says the chunked framing wins and an intermediary must drop Content-Length before
+/// forwarding (forwarding it gave the client `content-length: 5` and 5 of the 20 bytes).
 #[tokio::test]
 async fn chunked_wins_over_a_conflicting_content_length_from_the_upstream() {
     let upstream = raw_upstream(

@@ -1534,16 +1534,12 @@ async fn the_plan_rate_limit_applies_to_user_tokens() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "rate_limited");
 }
-// PROPOSED addition to tests/tests/pkce_flow.rs (it uses that file's env_with, app, user_tokens,
-// call_api helpers). Finding 2: a refused PUBLISH must not spend the refresh token.
-//
-// Redis 7 creates ACL users with `resetchannels` (acl-pubsub-default), so a user scoped to the
-// gatehouse keys (`~gatehouse:* +@all`) may neither SUBSCRIBE nor PUBLISH. Today:
-//   refresh #1 -> GETDEL spends the refresh token, PUBLISH is refused -> 503;
-//   refresh #2 (the client's retry) -> "reuse" -> the whole family is revoked (400), the user is
-//   signed out. The listener's NOPERM is logged at debug level only, /readyz says 200.
-// After the fix (spend + publish atomic, publish first): #1 is a 503 that spends nothing, and
-// once the channel is allowed the same refresh token works.
+// A refused revocation notice must not spend the refresh token. Redis 7 creates ACL users with
+// `resetchannels` (acl-pubsub-default), so a user scoped to the gatehouse keys
+// (`~gatehouse:* +@all`) may neither SUBSCRIBE nor PUBLISH. Spending first and publishing after
+// made the refresh a 503 that had spent the token, and the client's retry a "reuse" that revoked
+// the family. Publish and delete run in one script, notice first: the refused refresh spends
+// nothing, and once the channel is allowed the same refresh token works.
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_revocation_publish_spends_nothing() {

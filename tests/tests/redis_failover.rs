@@ -159,10 +159,9 @@ async fn until(
     None
 }
 
-/// Finding 1a. Failover behind a primary endpoint: the old primary becomes a replica (it keeps
-/// the gateway's connections and answers READONLY to writes), new connections reach the new
-/// primary. Today every rate-limited request is a 503 until the gateway restarts, and /readyz
-/// says 200 throughout.
+/// Failover behind a primary endpoint: the old primary becomes a replica (it keeps the
+/// gateway's connections and answers READONLY to writes), new connections reach the new
+/// primary. The gateway moves to new connections, and /readyz does not call a replica ready.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failover_behind_the_redis_endpoint_is_followed() {
     let (a, b) = tokio::task::block_in_place(|| (RedisServer::start(), RedisServer::start()));
@@ -192,9 +191,9 @@ async fn a_failover_behind_the_redis_endpoint_is_followed() {
     assert_eq!(ready.status(), 200);
 }
 
-/// Finding 1b. The gateway's connections go silent (no FIN/RST) while Redis is reachable on a
-/// new connection: today every request times out into a 503 for as long as the kernel keeps
-/// the dead connection (about 15 minutes on Linux; forever through this switch).
+/// The gateway's connections go silent (no FIN/RST) while Redis is reachable on a new
+/// connection: the gateway replaces them instead of timing out into 503s for as long as the
+/// kernel keeps a dead connection (about 15 minutes on Linux; forever through this switch).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silently_dead_connection_is_replaced() {
     let redis = tokio::task::block_in_place(RedisServer::start);
@@ -211,10 +210,9 @@ async fn a_silently_dead_connection_is_replaced() {
     );
 }
 
-/// Finding 3. Only gateway A's pub/sub connection goes silent (an idle connection dropped by a
-/// NAT or load balancer). Gateway B revokes a token A has cached: today A keeps accepting it
-/// for up to 30 s (the cache TTL) and logs nothing; README promises "at once (tested: within
-/// 1 s)" and "while a replica is not subscribed, it does not use the cache".
+/// Only gateway A's pub/sub connection goes silent (an idle connection dropped by a NAT or
+/// load balancer). Gateway B revokes a token A has cached: A notices the lost channel within
+/// its 5 s ping and stops using its cache, instead of accepting the token for the 30 s TTL.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silently_lost_revocation_channel_is_noticed() {
     let redis = tokio::task::block_in_place(RedisServer::start);
@@ -234,7 +232,7 @@ async fn a_silently_lost_revocation_channel_is_noticed() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     // With a pub/sub PING every 5 s (1 s timeout) A notices within about 6 s and stops using
-    // its cache; today this takes the full 30 s TTL.
+    // its cache (without the ping: the full 30 s TTL).
     let took = until(&http, &a, &tok, 401, Duration::from_secs(10)).await;
     assert!(
         took.is_some(),
