@@ -32,6 +32,10 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("the request body stopped arriving")]
     ClientTooSlow,
+    /// TRACE (echoes the request, credentials included, back to a script: cross-site tracing)
+    /// and CONNECT (a tunnel to anywhere the gateway can reach) are never proxied.
+    #[error("TRACE and CONNECT are not proxied")]
+    MethodNotAllowed,
     #[error("{1}")]
     OAuth(OAuthErrorCode, String),
 }
@@ -90,6 +94,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::ClientTooSlow => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::OAuth(code, _) => code.status(),
         }
     }
@@ -107,6 +112,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable => "bad_gateway",
             GatewayError::UpstreamTimeout => "gateway_timeout",
             GatewayError::ClientTooSlow => "request_timeout",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::OAuth(code, _) => code.as_str(),
         }
     }
@@ -148,6 +154,12 @@ impl GatewayError {
             GatewayError::RateLimited(d) => {
                 h.insert(header::RETRY_AFTER, d.retry_after_seconds().into());
                 set_rate_limit_headers(h, d);
+            }
+            GatewayError::MethodNotAllowed => {
+                h.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
             }
             GatewayError::OAuth(code, _) => {
                 h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Response, Uri, Version, header};
+use http::{HeaderValue, Method, Response, Uri, Version, header};
 use http_body_util::Either;
 
 use crate::error::{GatewayError, set_rate_limit_headers};
@@ -87,10 +87,20 @@ async fn forward(
     request_id: &HeaderValue,
     peer: &HeaderValue,
 ) -> Result<Response<UpstreamBody>, GatewayError> {
+    if req.method() == Method::TRACE || req.method() == Method::CONNECT {
+        return Err(GatewayError::MethodNotAllowed);
+    }
     let snap = state.config.load_full();
-    let host = req
-        .headers()
-        .get(header::HOST)
+    // RFC 9112 3.2: more than one Host is refused; a proxy in front may have routed by the
+    // other one than the gateway would.
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(GatewayError::InvalidRequest(
+            "the request has more than one Host header",
+        ));
+    }
+    let host = host
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host());
     let api_idx = match routing::route(

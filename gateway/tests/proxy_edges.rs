@@ -102,6 +102,67 @@ async fn paths_a_backend_normalizes_cannot_reach_a_longer_prefix_under_a_shorter
     assert_eq!(resp.status(), 200);
 }
 
+/// Two Host headers are refused (RFC 9112 3.2): a proxy in front may have chosen its route by
+/// the other one than the gateway would.
+#[tokio::test]
+async fn a_request_with_two_host_headers_is_refused() {
+    let upstream = gatehouse_tests::echo::spawn().await;
+    let h = Harness::with_manifests(manifests(&format!("http://{upstream}"), 100), upstream).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    let one = h
+        .call(
+            get("/mobile/hello", Some(&token))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(one.status(), 200);
+    let mut req = get("/mobile/hello", Some(&token))
+        .body(Body::empty())
+        .unwrap();
+    req.headers_mut().append(
+        http::header::HOST,
+        http::HeaderValue::from_static("gw.test"),
+    );
+    req.headers_mut().append(
+        http::header::HOST,
+        http::HeaderValue::from_static("other.test"),
+    );
+    let two = h.call(req).await;
+    assert_eq!(two.status(), 400);
+    let body = two.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("more than one Host"),
+        "{body:?}"
+    );
+}
+
+/// TRACE would echo the request (cookies, the gateway's identity headers) back to a page's
+/// script, CONNECT would open a tunnel from the gateway: both are refused before any check,
+/// with the methods that are proxied in `Allow`.
+#[tokio::test]
+async fn trace_and_connect_are_not_proxied() {
+    let upstream = gatehouse_tests::echo::spawn().await;
+    let h = Harness::with_manifests(manifests(&format!("http://{upstream}"), 100), upstream).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    for (method, uri) in [("TRACE", "/mobile/hello"), ("CONNECT", "gw.test:443")] {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        let resp = h.call(req).await;
+        assert_eq!(resp.status(), 405, "{method}");
+        assert_eq!(
+            resp.headers()["allow"],
+            "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+        );
+        let v = json(resp).await;
+        assert_eq!(v["error"], "method_not_allowed", "{method}");
+    }
+}
+
 /// Behind the TLS-terminating ingress the README prescribes, the issuer is https: the backend
 /// is told the client used https (it builds absolute URLs and redirects from it), whatever the
 /// client claimed.
