@@ -374,3 +374,53 @@ async fn pkce_flow_across_two_gateways_sharing_redis() {
     let replay = exchange(&a).send().await.unwrap();
     assert_eq!(replay.status(), 400);
 }
+
+/// A Redis that restarted while the gateway was idle (a pod rescheduled, a failover to a fresh
+/// server) costs no request once it is back: every worker's connection closed with the old
+/// server, and the first command on it goes again on a new one instead of answering 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_restarted_while_idle_costs_no_request() {
+    let mut redis = tokio::task::block_in_place(|| RedisServer::start_with(true));
+    let c = cluster(&redis, 1, 100_000).await;
+    let token = c.token(0).await;
+    // New connections land on every worker (SO_REUSEPORT), so each opens its Redis connection.
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+    for _ in 0..16 {
+        assert_eq!(service::call(&fresh(), &c.gateways[0], &token).await, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1_200)).await; // AOF everysec has synced the token
+    tokio::task::block_in_place(|| redis.restart());
+    let gw = &c.gateways[0];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reqwest::get(gw.admin_url("/readyz"))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "not ready again after 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut statuses = vec![];
+    for _ in 0..16 {
+        statuses.push(service::call(&fresh(), gw, &token).await);
+    }
+    for _ in 0..4 {
+        let resp = fresh()
+            .post(gw.url("/oauth2/token"))
+            .basic_auth(service::CLIENT_ID, Some(SECRET))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "after the restart: {statuses:?}\n{}",
+        gw.logs()
+    );
+}

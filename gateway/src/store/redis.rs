@@ -252,9 +252,8 @@ impl Store for RedisStore {
             serde_json::to_string(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let ttl = record.expires_at.saturating_sub(unix_now()).max(1);
         let gk = grant_key(&record.grant_id);
-        let mut c = self.conns.get();
-        let _: () = redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .set_ex(tok_key(&hash), json, ttl)
             .ignore()
             .sadd(&gk, hex::encode(hash))
@@ -269,8 +268,12 @@ impl Store for RedisStore {
             .arg(&gk)
             .arg(ttl)
             .arg("NX")
-            .ignore()
-            .query_async(&mut c)
+            .ignore();
+        // Writing the same record twice is harmless.
+        let pipe = &pipe;
+        let _: () = self
+            .conns
+            .retrying(|mut c| async move { pipe.query_async(&mut c).await })
             .await
             .map_err(|e| self.fail(e))?;
         Ok(())
@@ -283,8 +286,12 @@ impl Store for RedisStore {
             return Ok((!rec.is_expired(now)).then_some(rec));
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let mut c = self.conns.get();
-        let raw: Option<String> = c.get(tok_key(hash)).await.map_err(|e| self.fail(e))?;
+        let key = &tok_key(hash);
+        let raw: Option<String> = self
+            .conns
+            .retrying(|mut c| async move { c.get(key).await })
+            .await
+            .map_err(|e| self.fail(e))?;
         let Some(raw) = raw else {
             return Ok(None);
         };
@@ -329,13 +336,13 @@ impl Store for RedisStore {
     }
 
     async fn revoke_grant(&self, grant_id: &str) -> StoreResult<usize> {
-        let mut c = self.conns.get();
+        let mut script = self.revoke_grant.key(grant_key(grant_id));
+        script.arg(format!("{PREFIX}tok:")).arg(REVOKED_CHANNEL);
+        // Revoking a grant twice revokes nothing more.
+        let script = &script;
         let members: Vec<String> = self
-            .revoke_grant
-            .key(grant_key(grant_id))
-            .arg(format!("{PREFIX}tok:"))
-            .arg(REVOKED_CHANNEL)
-            .invoke_async(&mut c)
+            .conns
+            .retrying(|mut c| async move { script.invoke_async(&mut c).await })
             .await
             .map_err(|e| self.fail(e))?;
         self.invalidate(&members.join(","));
@@ -352,28 +359,32 @@ impl Store for RedisStore {
     /// primary after a failover behind the endpoint) answers too. A write needs no permission
     /// beyond the gatehouse keys (ROLE and INFO are @dangerous in Redis's ACL categories).
     async fn ready(&self) -> StoreResult<()> {
-        let mut c = self.conns.get();
-        let _: () = redis::cmd("SET")
-            .arg(format!("{PREFIX}ready"))
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(format!("{PREFIX}ready"))
             .arg(1)
             .arg("PX")
-            .arg(10_000)
-            .query_async(&mut c)
+            .arg(10_000);
+        let cmd = &cmd;
+        let _: () = self
+            .conns
+            .retrying(|mut c| async move { cmd.query_async(&mut c).await })
             .await
             .map_err(|e| self.fail(e))?;
         Ok(())
     }
 
     async fn kv_put(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<()> {
-        let mut c = self.conns.get();
-        if ttl_secs == 0 {
-            let _: () = c.set(kv_key(key), value).await.map_err(|e| self.fail(e))?;
-        } else {
-            let _: () = c
-                .set_ex(kv_key(key), value, ttl_secs)
-                .await
-                .map_err(|e| self.fail(e))?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(kv_key(key)).arg(value);
+        if ttl_secs > 0 {
+            cmd.arg("EX").arg(ttl_secs);
         }
+        let cmd = &cmd;
+        let _: () = self
+            .conns
+            .retrying(|mut c| async move { cmd.query_async(&mut c).await })
+            .await
+            .map_err(|e| self.fail(e))?;
         Ok(())
     }
 
@@ -389,8 +400,11 @@ impl Store for RedisStore {
     }
 
     async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        let mut c = self.conns.get();
-        c.get(kv_key(key)).await.map_err(|e| self.fail(e))
+        let key = &kv_key(key);
+        self.conns
+            .retrying(|mut c| async move { c.get(key).await })
+            .await
+            .map_err(|e| self.fail(e))
     }
 
     async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
@@ -403,8 +417,12 @@ impl Store for RedisStore {
     }
 
     async fn kv_delete(&self, key: &str) -> StoreResult<()> {
-        let mut c = self.conns.get();
-        let _: i64 = c.del(kv_key(key)).await.map_err(|e| self.fail(e))?;
+        let key = &kv_key(key);
+        let _: i64 = self
+            .conns
+            .retrying(|mut c| async move { c.del(key).await })
+            .await
+            .map_err(|e| self.fail(e))?;
         Ok(())
     }
 
@@ -426,8 +444,12 @@ impl Store for RedisStore {
     }
 
     async fn counter_get(&self, key: &str) -> StoreResult<u64> {
-        let mut c = self.conns.get();
-        let v: Option<u64> = c.get(kv_key(key)).await.map_err(|e| self.fail(e))?;
+        let key = &kv_key(key);
+        let v: Option<u64> = self
+            .conns
+            .retrying(|mut c| async move { c.get(key).await })
+            .await
+            .map_err(|e| self.fail(e))?;
         Ok(v.unwrap_or(0))
     }
 

@@ -7,6 +7,10 @@
 //! behind the endpoint (every write answers READONLY on a healthy connection) and a connection
 //! that went silent without FIN or RST (every command times out). For those, `reset` makes every
 //! thread open a new connection (resolving the host again) on its next command.
+//!
+//! A connection the server closed while it was idle (Redis restarted, a pod rescheduled) is only
+//! found dead by the next command, which redis-rs fails while it reconnects. `retrying` runs an
+//! operation that may safely run twice once more on the new connection.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -105,6 +109,20 @@ impl Connections {
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
         tracing::warn!(reason = why, "replacing the Redis connections");
+    }
+
+    /// Runs `op` on this thread's connection and, when that connection turns out to be closed,
+    /// once more on its replacement. Only for operations that may run twice (reads and plain
+    /// overwrites): the error cannot tell a command never sent from one whose reply was lost.
+    pub async fn retrying<T, F, Fut>(&self, op: F) -> redis::RedisResult<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        match op(self.get()).await {
+            Err(e) if e.is_connection_dropped() => op(self.get()).await,
+            other => other,
+        }
     }
 
     /// `e` after replacing the connections when it calls for that.
