@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManagerConfig;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::redis_conn::Connections;
 use super::token_cache::TokenCache;
@@ -233,6 +233,21 @@ impl RedisStore {
         err(self.conns.check(e))
     }
 
+    /// An operation that may run twice, sent once more when its connection turns out to be
+    /// closed (`Connections::retrying`).
+    async fn idempotent<T, F, Fut>(&self, op: F) -> StoreResult<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.conns.retrying(op).await.map_err(|e| self.fail(e))
+    }
+
+    async fn read<T: redis::FromRedisValue>(&self, key: &str) -> StoreResult<T> {
+        self.idempotent(|mut c| async move { c.get(key).await })
+            .await
+    }
+
     fn invalidate(&self, hex_hashes: &str) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         for h in hex_hashes.split(',') {
@@ -272,10 +287,8 @@ impl Store for RedisStore {
         // Writing the same record twice is harmless.
         let pipe = &pipe;
         let _: () = self
-            .conns
-            .retrying(|mut c| async move { pipe.query_async(&mut c).await })
-            .await
-            .map_err(|e| self.fail(e))?;
+            .idempotent(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
         Ok(())
     }
 
@@ -286,12 +299,7 @@ impl Store for RedisStore {
             return Ok((!rec.is_expired(now)).then_some(rec));
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let key = &tok_key(hash);
-        let raw: Option<String> = self
-            .conns
-            .retrying(|mut c| async move { c.get(key).await })
-            .await
-            .map_err(|e| self.fail(e))?;
+        let raw: Option<String> = self.read(&tok_key(hash)).await?;
         let Some(raw) = raw else {
             return Ok(None);
         };
@@ -341,10 +349,8 @@ impl Store for RedisStore {
         // Revoking a grant twice revokes nothing more.
         let script = &script;
         let members: Vec<String> = self
-            .conns
-            .retrying(|mut c| async move { script.invoke_async(&mut c).await })
-            .await
-            .map_err(|e| self.fail(e))?;
+            .idempotent(|mut c| async move { script.invoke_async(&mut c).await })
+            .await?;
         self.invalidate(&members.join(","));
         Ok(members.len())
     }
@@ -366,10 +372,8 @@ impl Store for RedisStore {
             .arg(10_000);
         let cmd = &cmd;
         let _: () = self
-            .conns
-            .retrying(|mut c| async move { cmd.query_async(&mut c).await })
-            .await
-            .map_err(|e| self.fail(e))?;
+            .idempotent(|mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
         Ok(())
     }
 
@@ -381,10 +385,8 @@ impl Store for RedisStore {
         }
         let cmd = &cmd;
         let _: () = self
-            .conns
-            .retrying(|mut c| async move { cmd.query_async(&mut c).await })
-            .await
-            .map_err(|e| self.fail(e))?;
+            .idempotent(|mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
         Ok(())
     }
 
@@ -400,11 +402,7 @@ impl Store for RedisStore {
     }
 
     async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        let key = &kv_key(key);
-        self.conns
-            .retrying(|mut c| async move { c.get(key).await })
-            .await
-            .map_err(|e| self.fail(e))
+        self.read(&kv_key(key)).await
     }
 
     async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
@@ -419,10 +417,8 @@ impl Store for RedisStore {
     async fn kv_delete(&self, key: &str) -> StoreResult<()> {
         let key = &kv_key(key);
         let _: i64 = self
-            .conns
-            .retrying(|mut c| async move { c.del(key).await })
-            .await
-            .map_err(|e| self.fail(e))?;
+            .idempotent(|mut c| async move { c.del(key).await })
+            .await?;
         Ok(())
     }
 
@@ -444,12 +440,7 @@ impl Store for RedisStore {
     }
 
     async fn counter_get(&self, key: &str) -> StoreResult<u64> {
-        let key = &kv_key(key);
-        let v: Option<u64> = self
-            .conns
-            .retrying(|mut c| async move { c.get(key).await })
-            .await
-            .map_err(|e| self.fail(e))?;
+        let v: Option<u64> = self.read(&kv_key(key)).await?;
         Ok(v.unwrap_or(0))
     }
 
