@@ -64,6 +64,13 @@ pub struct Args {
     #[arg(long, env = "GATEHOUSE_MAX_SIGNUPS_PER_IP", default_value_t = crate::oauth::login::MAX_SIGNUPS_PER_IP)]
     pub max_signups_per_ip: u64,
 
+    /// Proxies in front of the gateway (ingress, load balancer) as comma-separated CIDRs or
+    /// addresses. Requests from them are attributed to the client named in X-Forwarded-For for
+    /// the login and signup throttles; without this, behind an ingress, every client shares
+    /// the ingress's address and one attacker's failed logins lock everybody out.
+    #[arg(long, env = "GATEHOUSE_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: crate::client_ip::TrustedProxies,
+
     /// Threads serving the public listener, each with its own runtime and SO_REUSEPORT socket
     /// (default: one per CPU).
     #[arg(long, env = "GATEHOUSE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod cli;
+pub mod client_ip;
 pub mod deadline;
 pub mod error;
 pub mod headers;

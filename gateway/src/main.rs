@@ -84,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let mut state = AppState::new(store, limiter, &args.issuer());
     state.password_min_len = args.password_min_length as usize;
     state.max_signups_per_ip = args.max_signups_per_ip;
+    state.trusted_proxies = args.trusted_proxies.clone();
     let state = Arc::new(state);
 
     let _watch = if args.kube {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::client_ip::TrustedProxies;
 use crate::ratelimit::Limiter;
 use crate::snapshot::Snapshot;
 use crate::store::Store;
@@ -21,6 +22,8 @@ pub struct AppState {
     pub password_min_len: usize,
     /// Signups allowed per client IP per hour.
     pub max_signups_per_ip: u64,
+    /// Proxies whose X-Forwarded-For names the client for the login and signup throttles.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl AppState {
@@ -33,6 +36,7 @@ impl AppState {
             forwarded_proto: if is_https(issuer) { "https" } else { "http" },
             password_min_len: crate::password::MIN_LENGTH,
             max_signups_per_ip: crate::oauth::login::MAX_SIGNUPS_PER_IP,
+            trusted_proxies: TrustedProxies::default(),
         }
     }
 

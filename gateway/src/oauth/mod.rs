@@ -13,7 +13,11 @@ pub mod session;
 pub mod token;
 pub mod userinfo;
 
+use std::sync::Arc;
+
 use http::{HeaderValue, header};
+
+use crate::state::AppState;
 
 /// Token and introspection answers must never be cached (RFC 6749 5.1).
 pub fn no_store(h: &mut http::HeaderMap) {
@@ -21,22 +25,29 @@ pub fn no_store(h: &mut http::HeaderMap) {
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
 }
 
-/// The client's IP as seen on the socket ("unknown" when served without connect info, as in
-/// router tests). Used for login throttling and X-Forwarded-For.
+/// The login and signup throttles' key for the client: its address (behind a trusted proxy,
+/// the one in X-Forwarded-For; an IPv6 client's /64), "unknown" when served without connect
+/// info, as in router tests.
 pub struct PeerIp(pub String);
 
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PeerIp {
+impl axum::extract::FromRequestParts<Arc<AppState>> for PeerIp {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
         parts: &mut http::request::Parts,
-        _: &S,
+        state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         Ok(PeerIp(
             parts
                 .extensions
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string()),
+                .map_or_else(
+                    || "unknown".to_string(),
+                    |c| {
+                        let ip = state.trusted_proxies.client_ip(c.0.ip(), &parts.headers);
+                        crate::client_ip::throttle_key(ip)
+                    },
+                ),
         ))
     }
 }
