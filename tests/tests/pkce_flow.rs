@@ -120,6 +120,8 @@ struct Browser<'e> {
     env: &'e Env,
     http: reqwest::Client,
     session: Option<String>,
+    /// X-Forwarded-For on every request, as an ingress in front of the gateway would add it.
+    forwarded_for: Option<&'static str>,
 }
 
 impl<'e> Browser<'e> {
@@ -128,6 +130,15 @@ impl<'e> Browser<'e> {
             env,
             http: no_redirects(),
             session: None,
+            forwarded_for: None,
+        }
+    }
+
+    /// A browser whose requests reach the gateway through a proxy that names it `ip`.
+    fn behind_proxy_as(env: &'e Env, ip: &'static str) -> Self {
+        Browser {
+            forwarded_for: Some(ip),
+            ..Browser::new(env)
         }
     }
 
@@ -142,6 +153,9 @@ impl<'e> Browser<'e> {
     async fn send(&mut self, mut req: reqwest::RequestBuilder) -> Page {
         if let Some(sid) = &self.session {
             req = req.header(header::COOKIE, format!("{SESSION_COOKIE}={sid}"));
+        }
+        if let Some(ip) = self.forwarded_for {
+            req = req.header("x-forwarded-for", ip);
         }
         let resp = req.send().await.expect("request to the gateway");
         let page = Page {
@@ -535,6 +549,31 @@ fn assert_page_headers(page: &Page) {
 
 // ================================================================================== tests
 
+/// The pending request keeps the app's `state` in the store until sign-in: up to 2,048
+/// characters are taken; a longer one gets a page and stores nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_state_is_refused_before_anything_is_stored() {
+    let env = env().await;
+    let app = app(&env, PHONE_APP, "myapp://callback");
+    let fits = "s".repeat(2_048);
+    let mut b = Browser::new(&env);
+    open_login(
+        &mut b,
+        &app.authorize_with(&[PROFILE], || CsrfToken::new(fits)),
+    )
+    .await;
+
+    let long = "s".repeat(2_049);
+    let mut b = Browser::new(&env);
+    let page = b
+        .get(&app.authorize_with(&[PROFILE], || CsrfToken::new(long)).url)
+        .await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(page.body.contains("Sign-in link too long"), "{}", page.body);
+    assert!(page.session_cookie().is_none(), "no session was created");
+    assert_page_headers(&page);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn signup_consent_code_exchange_and_identity_headers_at_the_upstream() {
     let env = env().await;
@@ -755,11 +794,14 @@ async fn codes_are_single_use_and_bound_to_verifier_client_and_redirect() {
         BasicErrorResponseType::InvalidGrant
     );
 
-    // Wrong verifier (well-formed, another pair's).
-    let (code, _) = code_again(&mut b, &phone, &[PROFILE]).await;
+    // Wrong verifier (well-formed, another pair's). A refused exchange does not spend the
+    // code: whoever saw it in a URL cannot burn it for the app that holds the verifier.
+    let (code, verifier) = code_again(&mut b, &phone, &[PROFILE]).await;
     let (_, other) = PkceCodeChallenge::new_random_sha256();
     let r = phone.exchange(&env, &code, Some(other.secret())).await;
     assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+    let (access, _) = phone.tokens(&env, &code, &verifier).await;
+    assert_eq!(call_api(&env, &access).await.status(), StatusCode::OK);
 
     // The challenge itself as the verifier (a `plain` downgrade).
     let authz = phone.authorize(&[PROFILE]);
@@ -776,16 +818,18 @@ async fn codes_are_single_use_and_bound_to_verifier_client_and_redirect() {
     let r = phone.exchange(&env, &code, Some(&challenge)).await;
     assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
 
-    // No verifier at all.
+    // No verifier at all: a missing parameter (RFC 6749 5.2).
     let (code, _) = code_again(&mut b, &phone, &[PROFILE]).await;
     let r = phone.exchange(&env, &code, None).await;
-    assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+    assert_eq!(token_error(r), BasicErrorResponseType::InvalidRequest);
 
-    // Another client (same redirect URI registered, right verifier).
+    // Another client (same redirect URI registered, right verifier); the code stays its owner's.
     let (code, verifier) = code_again(&mut b, &phone, &[PROFILE]).await;
     let thief = app(&env, FIRST_PARTY_APP, "myapp://callback");
     let r = thief.exchange(&env, &code, Some(&verifier)).await;
     assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+    let (access, _) = phone.tokens(&env, &code, &verifier).await;
+    assert_eq!(call_api(&env, &access).await.status(), StatusCode::OK);
 
     // Another (registered) redirect_uri than the authorization request's.
     let (code, verifier) = code_again(&mut b, &phone, &[PROFILE]).await;
@@ -971,6 +1015,47 @@ async fn authorization_requests_are_validated() {
     let private = app(&env, PHONE_APP, "com.example.app:/cb");
     let (code, verifier) = code_again(&mut b, &private, &[PROFILE]).await;
     private.tokens(&env, &code, &verifier).await;
+}
+
+/// Refreshing follows the configuration: a client id now used by another Subscription does not
+/// inherit the old one's refresh tokens, and a scope the Api stopped offering is left out.
+#[tokio::test(flavor = "multi_thread")]
+async fn refresh_follows_the_subscription_and_the_apis_scopes() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let first = app(&env, FIRST_PARTY_APP, "myapp://callback");
+    let (_, phone_refresh) = user_tokens(&env, &phone, "ivy@example.com", &[PROFILE, ORDERS]).await;
+    let (_, first_refresh) =
+        user_tokens(&env, &first, "jack@example.com", &[PROFILE, ORDERS]).await;
+
+    // A new Subscription takes over the phone app's clientId; the Api drops `orders`.
+    let path = env._dir.path().join("manifests/pkce.yaml");
+    let old = std::fs::read_to_string(&path).unwrap();
+    let scope_line = format!("      - {{name: {ORDERS}, description: {ORDERS_TEXT}}}\n");
+    assert!(old.contains(&scope_line) && old.contains("name: phone-app-mobile,"));
+    let new = old
+        .replace("name: phone-app-mobile,", "name: phone-app-mobile-v2,")
+        .replace(&scope_line, "");
+    std::fs::write(&path, new).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let form = [("grant_type", "client_credentials"), ("scope", ORDERS)];
+        let creds = Some((flow::BACKEND_APP, flow::BACKEND_SECRET));
+        let (status, _, _) = post_form(&env, "/oauth2/token", creds, &form).await;
+        if status == StatusCode::BAD_REQUEST {
+            break; // reloaded: orders is no longer offered
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "manifests not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let r = phone.refresh(&env, &phone_refresh).await;
+    assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+    let t = first.refresh(&env, &first_refresh).await.expect("refresh");
+    assert_eq!(scopes_of(&t), [PROFILE]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1388,6 +1473,40 @@ async fn failed_logins_are_throttled_per_account() {
     }
     // Per account: another account signs in from the same address.
     let r = log_in(&mut b, &page, "oscar@example.com", PASSWORD).await;
+    assert!(
+        r.location().starts_with("/consent?req="),
+        "{}",
+        r.location()
+    );
+}
+
+/// Behind an ingress every request comes from the ingress's address. With that address in
+/// `--trusted-proxies`, the per-address failure limit counts per client as X-Forwarded-For names
+/// it: one client's 20 failures lock out that client, not everybody behind the same ingress.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_failed_logins_count_per_forwarded_client() {
+    let env = env_with(&["--trusted-proxies", "127.0.0.0/8"]).await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    new_user(&env, &phone, "rita@example.com", &[PROFILE]).await;
+
+    let mut attacker = Browser::behind_proxy_as(&env, "203.0.113.66");
+    let mut page = open_login(&mut attacker, &phone.authorize(&[PROFILE])).await;
+    // Twenty failures spread over five accounts (four each: under the per-account limit).
+    for i in 0..20 {
+        let email = format!("guess{}@example.com", i % 5);
+        let r = log_in(&mut attacker, &page, &email, OTHER_PASSWORD).await;
+        page = attacker.follow(&r).await;
+        assert_eq!(page.alert().as_deref(), Some(BAD_CREDENTIALS), "{i}");
+    }
+    // That client is now throttled, also on a fresh account.
+    let r = log_in(&mut attacker, &page, "guess9@example.com", OTHER_PASSWORD).await;
+    let alert = attacker.follow(&r).await.alert().unwrap_or_default();
+    assert!(alert.starts_with(THROTTLED), "{alert}");
+
+    // Another client behind the same proxy signs in.
+    let mut user = Browser::behind_proxy_as(&env, "198.51.100.7");
+    let login = open_login(&mut user, &phone.authorize(&[PROFILE])).await;
+    let r = log_in(&mut user, &login, "rita@example.com", PASSWORD).await;
     assert!(
         r.location().starts_with("/consent?req="),
         "{}",

@@ -57,6 +57,10 @@ pub fn consent_key(user_id: &str, client: &ClientRuntime) -> String {
     )
 }
 
+/// The longest `state` an app may send (RFC 6749 sets no limit; apps send a random value of a
+/// few dozen characters).
+pub const MAX_STATE_LEN: usize = 2_048;
+
 /// HTML error page for problems that must not be redirected (unknown client, bad redirect_uri).
 pub fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
     pages::respond(status, pages::error(title, message))
@@ -160,6 +164,15 @@ pub async fn handle(
             );
         }
     };
+    // Kept in the store with the pending request until sign-in: bounded, so anonymous requests
+    // cannot park megabytes each (answered on a page: redirecting would carry it back).
+    if get("state").is_some_and(|s| s.len() > MAX_STATE_LEN) {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "Sign-in link too long",
+            "The sign-in link's state parameter is longer than 2,048 characters. Please contact the app's developer.",
+        );
+    }
     let app_state = get("state").map(str::to_string);
     let fail = |code: &str, desc: &str| {
         redirect_to_app(

@@ -91,8 +91,18 @@ pub async fn create(store: &dyn Store, user_id: Option<String>) -> StoreResult<(
     Ok((sid, session))
 }
 
+/// How long a session is kept. One nobody signed in to only serves a pending request, which
+/// lives 10 minutes: it goes with it, so cookieless requests cannot pile up 8-hour sessions.
+fn ttl(session: &Session) -> u64 {
+    if session.user_id.is_some() {
+        SESSION_TTL
+    } else {
+        PENDING_TTL
+    }
+}
+
 pub async fn save(store: &dyn Store, sid: &str, session: &Session) -> StoreResult<()> {
-    kv::put(store, &session_key(sid), session, SESSION_TTL).await
+    kv::put(store, &session_key(sid), session, ttl(session)).await
 }
 
 pub async fn destroy(store: &dyn Store, sid: &str) -> StoreResult<()> {
@@ -172,6 +182,17 @@ mod tests {
         assert_eq!(cookie_sid(&h), Some(sid));
         h.insert(header::COOKIE, format!("{COOKIE}=short").parse().unwrap());
         assert_eq!(cookie_sid(&h), None);
+    }
+
+    #[test]
+    fn only_signed_in_sessions_are_kept_for_hours() {
+        let anonymous = Session::default();
+        assert_eq!(ttl(&anonymous), PENDING_TTL);
+        let signed_in = Session {
+            user_id: Some("u1".into()),
+            ..Session::default()
+        };
+        assert_eq!(ttl(&signed_in), SESSION_TTL);
     }
 
     #[test]

@@ -224,16 +224,8 @@ async fn authorization_code(
             None => invalid_grant("the authorization code is invalid, expired or already used"),
         });
     };
-    kv::put(store, &marker, &record.grant_id, USED_CODE_MEMORY)
-        .await
-        .map_err(unavailable)?;
-    // Only whether this request took it matters: the record was read above.
-    if store.kv_take(&key).await.map_err(unavailable)?.is_none() {
-        let n = revoke_family(state, &record.grant_id)
-            .await
-            .map_err(unavailable)?;
-        return Err(replayed(n));
-    }
+    // Checked before the code is spent: a request with another client's id or a wrong verifier
+    // (anyone who saw the code in a URL could send one) must not burn it for its owner.
     if record.expires_at <= unix_now() {
         return Err(invalid_grant("the authorization code has expired"));
     }
@@ -260,7 +252,10 @@ async fn authorization_code(
     }
     // Every code carries an S256 challenge, so a verifier is always required and checked.
     let Some(verifier) = form.get("code_verifier") else {
-        return Err(invalid_grant("code_verifier is required (PKCE)"));
+        return Err(oauth(
+            OAuthErrorCode::InvalidRequest,
+            "code_verifier is required (PKCE)",
+        ));
     };
     if !pkce::valid_verifier(verifier) {
         return Err(oauth(
@@ -272,6 +267,16 @@ async fn authorization_code(
         return Err(invalid_grant(
             "code_verifier does not match the code_challenge",
         ));
+    }
+    kv::put(store, &marker, &record.grant_id, USED_CODE_MEMORY)
+        .await
+        .map_err(unavailable)?;
+    // Only whether this request took it matters: the record was read above.
+    if store.kv_take(&key).await.map_err(unavailable)?.is_none() {
+        let n = revoke_family(state, &record.grant_id)
+            .await
+            .map_err(unavailable)?;
+        return Err(replayed(n));
     }
     if accounts::get(store, &record.user_id)
         .await
@@ -389,11 +394,28 @@ async fn refresh_token(
             "the refresh token was issued to another client",
         ));
     }
+    // A client id taken over by another Subscription (explicit spec.clientId) does not inherit
+    // the old one's refresh tokens, which would mint access tokens for its Api.
+    if record.subscription != client.cfg.subscription || record.api != snap.apis[client.api].cfg.id
+    {
+        return Err(invalid_grant(
+            "the refresh token belongs to a subscription that no longer exists",
+        ));
+    }
     // A narrower scope may be asked for (RFC 6749 6); never a wider one. Checked before the
     // rotation: a refused request must leave the refresh token usable (spending it here would
     // make the client's next, correct refresh look like reuse and revoke the whole family).
     let scope = match form.get("scope") {
-        None => record.scope.clone(),
+        // What was granted, less any scope the Api no longer offers.
+        None => {
+            let offered = &snap.apis[client.api].cfg.scopes;
+            let kept: Vec<&str> = record
+                .scope
+                .split(' ')
+                .filter(|s| offered.iter().any(|o| o.name == *s))
+                .collect();
+            kept.join(" ")
+        }
         Some(req) => {
             let have: Vec<&str> = record.scope.split(' ').collect();
             if let Some(extra) = req.split(' ').find(|s| !s.is_empty() && !have.contains(s)) {
