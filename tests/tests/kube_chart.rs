@@ -93,6 +93,8 @@ const EXTERNAL_VALUES: &[&str] = &[
     "gateway.service.type=NodePort",
     "--set",
     "gateway.service.nodePort=30080",
+    "--set-string",
+    "gateway.trustedProxies=10.244.0.0/16",
 ];
 
 #[test]
@@ -196,6 +198,9 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
         ext.contains("rediss://:$(REDIS_PASSWORD)@redis.example.com:6380/0"),
         "external Redis URL not rendered"
     );
+    // The ingress's addresses reach the gateway's throttles only when set.
+    assert!(ext.contains("- --trusted-proxies=10.244.0.0/16"));
+    assert!(!default.contains("--trusted-proxies"));
     assert!(ext.contains("nodePort: 30080"));
     // The NodePort Service carries only the proxy port; the admin port (metrics, readiness
     // with store errors) is on a ClusterIP Service of its own.
