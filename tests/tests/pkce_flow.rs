@@ -1017,6 +1017,43 @@ async fn authorization_requests_are_validated() {
     private.tokens(&env, &code, &verifier).await;
 }
 
+/// A redirect URI removed from the Application while a user was signing in gets no code: the
+/// pending request is checked against the configuration again before the redirect.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redirect_uri_removed_during_sign_in_gets_no_code() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "com.example.app:/cb");
+    let mut b = Browser::new(&env);
+    let login = open_login(&mut b, &phone.authorize(&[PROFILE])).await;
+
+    let path = env._dir.path().join("manifests/pkce.yaml");
+    let old = std::fs::read_to_string(&path).unwrap();
+    let new = old.replace("\"com.example.app:/cb\", ", "");
+    assert_ne!(old, new);
+    std::fs::write(&path, new).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut probe = Browser::new(&env);
+        let page = probe.get(&phone.authorize(&[PROFILE]).url).await;
+        if page.status == StatusCode::BAD_REQUEST {
+            break; // reloaded: the URI is no longer registered
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "manifests not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let consent = sign_up(&mut b, &login, "kim@example.com", PASSWORD).await;
+    let r = b
+        .submit(&consent, "/consent", &[("decision", "allow")])
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body.contains("App no longer registered"), "{}", r.body);
+    assert!(r.headers.get(header::LOCATION).is_none());
+}
+
 /// Refreshing follows the configuration: a client id now used by another Subscription does not
 /// inherit the old one's refresh tokens, and a scope the Api stopped offering is left out.
 #[tokio::test(flavor = "multi_thread")]

@@ -332,6 +332,24 @@ pub fn expired_request_page() -> Response {
     )
 }
 
+/// Whether the pending request's client still has its redirect URI: an administrator may have
+/// removed either (a leaked or hijacked URI) in the minutes since the request was checked.
+fn still_registered(state: &AppState, p: &Pending) -> bool {
+    state
+        .config
+        .load()
+        .client(&p.client_id)
+        .is_some_and(|c| super::redirect::matches(&c.cfg.redirect_uris, &p.redirect_uri))
+}
+
+fn unregistered_page() -> Response {
+    error_page(
+        StatusCode::BAD_REQUEST,
+        "App no longer registered",
+        "This app or its return address was removed while you were signing in. Please go back to the app and start again.",
+    )
+}
+
 /// Consumes the pending request and redirects to the app with a fresh single-use code.
 pub async fn issue_code(
     state: &AppState,
@@ -344,6 +362,9 @@ pub async fn issue_code(
         .await
         .map_err(store_error_page)?
         .ok_or_else(expired_request_page)?;
+    if !still_registered(state, &pending) {
+        return Err(unregistered_page());
+    }
     let code = tokens::generate();
     let record = CodeRecord {
         client_id: pending.client_id.clone(),
@@ -370,6 +391,7 @@ pub async fn issue_code(
 /// Denied consent: access_denied to the app, pending request consumed.
 pub async fn deny(state: &AppState, req_id: &str, sid: &str) -> Response {
     match session::take_pending(&*state.store, req_id, sid).await {
+        Ok(Some(p)) if !still_registered(state, &p) => unregistered_page(),
         Ok(Some(p)) => redirect_to_app(
             &state.issuer,
             &p.redirect_uri,
