@@ -438,6 +438,27 @@ async fn code_again(b: &mut Browser<'_>, app: &App, scopes: &[&str]) -> (String,
     (code, authz.verifier)
 }
 
+/// Rewrites the gateway's manifests file with `edit`, which must change it.
+fn edit_manifests(env: &Env, edit: impl FnOnce(&str) -> String) {
+    let path = env._dir.path().join("manifests/pkce.yaml");
+    let old = std::fs::read_to_string(&path).unwrap();
+    let new = edit(&old);
+    assert_ne!(old, new, "the edit changed nothing");
+    std::fs::write(&path, new).unwrap();
+}
+
+/// Polls `reloaded` until the gateway shows it runs the edited manifests (at most 15 s).
+async fn wait_reloaded<F: Future<Output = bool>>(mut reloaded: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !reloaded().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "manifests not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A signed-up user's tokens for `app`: (access, refresh).
 async fn user_tokens(env: &Env, app: &App, email: &str, scopes: &[&str]) -> (String, String) {
     let (_, code, verifier) = new_user(env, app, email, scopes).await;
@@ -1026,24 +1047,15 @@ async fn a_redirect_uri_removed_during_sign_in_gets_no_code() {
     let mut b = Browser::new(&env);
     let login = open_login(&mut b, &phone.authorize(&[PROFILE])).await;
 
-    let path = env._dir.path().join("manifests/pkce.yaml");
-    let old = std::fs::read_to_string(&path).unwrap();
-    let new = old.replace("\"com.example.app:/cb\", ", "");
-    assert_ne!(old, new);
-    std::fs::write(&path, new).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let mut probe = Browser::new(&env);
-        let page = probe.get(&phone.authorize(&[PROFILE]).url).await;
-        if page.status == StatusCode::BAD_REQUEST {
-            break; // reloaded: the URI is no longer registered
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "manifests not reloaded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    edit_manifests(&env, |m| m.replace("\"com.example.app:/cb\", ", ""));
+    // Reloaded once the URI is no longer registered.
+    wait_reloaded(|| async {
+        let page = Browser::new(&env)
+            .get(&phone.authorize(&[PROFILE]).url)
+            .await;
+        page.status == StatusCode::BAD_REQUEST
+    })
+    .await;
 
     let consent = sign_up(&mut b, &login, "kim@example.com", PASSWORD).await;
     let r = b
@@ -1066,28 +1078,20 @@ async fn refresh_follows_the_subscription_and_the_apis_scopes() {
         user_tokens(&env, &first, "jack@example.com", &[PROFILE, ORDERS]).await;
 
     // A new Subscription takes over the phone app's clientId; the Api drops `orders`.
-    let path = env._dir.path().join("manifests/pkce.yaml");
-    let old = std::fs::read_to_string(&path).unwrap();
     let scope_line = format!("      - {{name: {ORDERS}, description: {ORDERS_TEXT}}}\n");
-    assert!(old.contains(&scope_line) && old.contains("name: phone-app-mobile,"));
-    let new = old
-        .replace("name: phone-app-mobile,", "name: phone-app-mobile-v2,")
-        .replace(&scope_line, "");
-    std::fs::write(&path, new).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
+    edit_manifests(&env, |m| {
+        assert!(m.contains(&scope_line) && m.contains("name: phone-app-mobile,"));
+        m.replace("name: phone-app-mobile,", "name: phone-app-mobile-v2,")
+            .replace(&scope_line, "")
+    });
+    // Reloaded once `orders` is no longer offered.
+    wait_reloaded(|| async {
         let form = [("grant_type", "client_credentials"), ("scope", ORDERS)];
         let creds = Some((flow::BACKEND_APP, flow::BACKEND_SECRET));
         let (status, _, _) = post_form(&env, "/oauth2/token", creds, &form).await;
-        if status == StatusCode::BAD_REQUEST {
-            break; // reloaded: orders is no longer offered
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "manifests not reloaded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        status == StatusCode::BAD_REQUEST
+    })
+    .await;
 
     let r = phone.refresh(&env, &phone_refresh).await;
     assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
