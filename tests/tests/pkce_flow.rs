@@ -807,6 +807,11 @@ async fn codes_are_single_use_and_bound_to_verifier_client_and_redirect() {
     // Replay: refused, and the tokens issued from that code stop working.
     let (access, refresh) = phone.tokens(&env, &code, &verifier).await;
     assert_eq!(call_api(&env, &access).await.status(), StatusCode::OK);
+    // Another client sending the spent code (it saw the URL) is refused without revoking.
+    let thief = app(&env, FIRST_PARTY_APP, "myapp://callback");
+    let r = thief.exchange(&env, &code, Some(&verifier)).await;
+    assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+    assert_eq!(call_api(&env, &access).await.status(), StatusCode::OK);
     let replay = phone.exchange(&env, &code, Some(&verifier)).await;
     assert_eq!(token_error(replay), BasicErrorResponseType::InvalidGrant);
     assert_token_refused_by_api(&env, &access).await;
@@ -846,7 +851,6 @@ async fn codes_are_single_use_and_bound_to_verifier_client_and_redirect() {
 
     // Another client (same redirect URI registered, right verifier); the code stays its owner's.
     let (code, verifier) = code_again(&mut b, &phone, &[PROFILE]).await;
-    let thief = app(&env, FIRST_PARTY_APP, "myapp://callback");
     let r = thief.exchange(&env, &code, Some(&verifier)).await;
     assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
     let (access, _) = phone.tokens(&env, &code, &verifier).await;

@@ -153,20 +153,43 @@ pub fn rotated_key(hash: &tokens::TokenHash) -> String {
     format!("rotated:{}", hex::encode(hash))
 }
 
-/// A spent code or rotated refresh token left a marker naming its grant: revoke that grant.
-/// Returns how many tokens went, or None when there is no marker.
+/// A spent code or rotated refresh token left a marker naming its client and grant: revoke
+/// that grant when `client_id` is its client. Returns how many tokens went, or None when there
+/// is no marker or it names another client.
 async fn revoke_marked_grant(
     state: &AppState,
     marker: &str,
+    client_id: &str,
 ) -> Result<Option<usize>, GatewayError> {
-    let Some(grant_id) = kv::get::<String>(&*state.store, marker)
+    let Some(value) = kv::get::<String>(&*state.store, marker)
         .await
         .map_err(unavailable)?
     else {
         return Ok(None);
     };
-    let n = revoke_family(state, &grant_id).await.map_err(unavailable)?;
+    let grant_id = match parse_marker(&value) {
+        (Some(owner), grant) if owner == client_id => grant,
+        // Another client sending a spent code or token it saw: refused, and it cannot revoke
+        // the owner's tokens (no tokens were ever issued to it from this grant).
+        (Some(_), _) => return Ok(None),
+        (None, grant) => grant,
+    };
+    let n = revoke_family(state, grant_id).await.map_err(unavailable)?;
     Ok(Some(n))
+}
+
+/// A spent code's or rotated refresh token's marker: "<client id> <grant id>". Markers
+/// written before the client was recorded hold only the grant id. Pure.
+fn marker_value(client_id: &str, grant_id: &str) -> String {
+    format!("{client_id} {grant_id}")
+}
+
+fn parse_marker(value: &str) -> (Option<&str>, &str) {
+    // Grant ids are UUIDs: the last space separates them.
+    match value.rsplit_once(' ') {
+        Some((client, grant)) => (Some(client), grant),
+        None => (None, value),
+    }
 }
 
 /// Marks a grant revoked for as long as tokens could still be issued into it (a code exchange
@@ -219,10 +242,12 @@ async fn authorization_code(
         .await
         .map_err(unavailable)?
     else {
-        return Err(match revoke_marked_grant(state, &marker).await? {
-            Some(n) => replayed(n),
-            None => invalid_grant("the authorization code is invalid, expired or already used"),
-        });
+        return Err(
+            match revoke_marked_grant(state, &marker, &client.cfg.client_id).await? {
+                Some(n) => replayed(n),
+                None => invalid_grant("the authorization code is invalid, expired or already used"),
+            },
+        );
     };
     // Checked before the code is spent: a request with another client's id or a wrong verifier
     // (anyone who saw the code in a URL could send one) must not burn it for its owner.
@@ -268,9 +293,14 @@ async fn authorization_code(
             "code_verifier does not match the code_challenge",
         ));
     }
-    kv::put(store, &marker, &record.grant_id, USED_CODE_MEMORY)
-        .await
-        .map_err(unavailable)?;
+    kv::put(
+        store,
+        &marker,
+        &marker_value(&record.client_id, &record.grant_id),
+        USED_CODE_MEMORY,
+    )
+    .await
+    .map_err(unavailable)?;
     // Only whether this request took it matters: the record was read above.
     if store.kv_take(&key).await.map_err(unavailable)?.is_none() {
         let n = revoke_family(state, &record.grant_id)
@@ -380,7 +410,8 @@ async fn refresh_token(
         _ => {
             // A rotated token coming back means two parties hold the family: revoke all of it.
             return Err(
-                match revoke_marked_grant(state, &rotated_key(&hash)).await? {
+                match revoke_marked_grant(state, &rotated_key(&hash), &client.cfg.client_id).await?
+                {
                     Some(n) => reused(n),
                     None => invalid_grant(
                         "the refresh token is invalid, expired, revoked or already used",
@@ -431,7 +462,8 @@ async fn refresh_token(
     // the token or the marker, never neither. Of concurrent refreshes with one token only the
     // one that removes it proceeds; the others are reuse.
     let remember = record.expires_at.saturating_sub(unix_now()).max(1);
-    kv::put(store, &rotated_key(&hash), &record.grant_id, remember)
+    let owner = marker_value(&record.client_id, &record.grant_id);
+    kv::put(store, &rotated_key(&hash), &owner, remember)
         .await
         .map_err(unavailable)?;
     let Some(record) = state.store.revoke_token(&hash).await.map_err(unavailable)? else {
@@ -489,4 +521,19 @@ pub async fn issue(
         })?;
     metrics::counter!("gatehouse_tokens_issued_total", "kind" => match kind { TokenKind::Access => "access", TokenKind::Refresh => "refresh" }).increment(1);
     Ok(token)
+}
+
+#[cfg(test)]
+mod marker_tests {
+    use super::*;
+
+    #[test]
+    fn markers_name_client_and_grant_and_old_ones_only_the_grant() {
+        let v = marker_value("phone-app", "5f0c6a1e-0000-4000-8000-000000000001");
+        assert_eq!(
+            parse_marker(&v),
+            (Some("phone-app"), "5f0c6a1e-0000-4000-8000-000000000001")
+        );
+        assert_eq!(parse_marker("5f0c6a1e"), (None, "5f0c6a1e"));
+    }
 }
