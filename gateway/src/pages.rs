@@ -244,6 +244,21 @@ pub fn consent(
     page(&title, &body)
 }
 
+/// The sign-out page: POST `/logout` with `csrf` (a link alone must not sign anyone out).
+pub fn logout(csrf: &str, user_email: &str) -> String {
+    let body = format!(
+        "<h1>Sign out</h1>\n\
+         <p class=\"muted\">Signed in as {email}</p>\n\
+         <form method=\"post\" action=\"/logout\">\n\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\n\
+         <button type=\"submit\">Sign out</button>\n\
+         </form>\n",
+        email = escape(user_email),
+        csrf = escape(csrf),
+    );
+    page("Sign out", &body)
+}
+
 /// A plain error page, e.g. for an unknown client or an unregistered redirect_uri (which must
 /// never be redirected to).
 pub fn error(title: &str, message: &str) -> String {

@@ -53,6 +53,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/consent",
             get(oauth::login::consent_page).post(oauth::login::consent_post),
         )
+        .route(
+            "/logout",
+            get(oauth::login::logout_page).post(oauth::login::logout_post),
+        )
         .fallback(proxy::handle)
         .with_state(state)
 }

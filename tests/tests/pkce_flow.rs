@@ -1042,6 +1042,44 @@ async fn authorization_requests_are_validated() {
     private.tokens(&env, &code, &verifier).await;
 }
 
+/// GET /logout shows a button; its CSRF-checked POST ends the browser session, so the next
+/// sign-in link asks for the password again. A POST without the form's token changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn logout_ends_the_browser_session() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (mut b, _, _) = new_user(&env, &phone, "lou@example.com", &[PROFILE]).await;
+    // Signed in: a new authorization goes straight on to /consent.
+    let first = b.get(&phone.authorize(&[PROFILE]).url).await;
+    assert!(first.location().starts_with("/consent?req="));
+
+    let page = b.get("/logout").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.body.contains("Signed in as lou@example.com"),
+        "{}",
+        page.body
+    );
+    assert_page_headers(&page);
+    let forged = b.post("/logout", &[("csrf", "forged")]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let still = b.get(&phone.authorize(&[PROFILE]).url).await;
+    assert!(
+        still.location().starts_with("/consent?req="),
+        "still signed in"
+    );
+
+    let csrf = page.hidden("csrf");
+    let done = b.post("/logout", &[("csrf", csrf.as_str())]).await;
+    assert_eq!(done.status, StatusCode::OK);
+    assert!(done.body.contains("Signed out"), "{}", done.body);
+    assert!(done.header("set-cookie").contains("Max-Age=0"));
+    // The next sign-in link shows the sign-in page again.
+    open_login(&mut b, &phone.authorize(&[PROFILE])).await;
+    let page = b.get("/logout").await;
+    assert!(page.body.contains("Not signed in"), "{}", page.body);
+}
+
 /// A redirect URI removed from the Application while a user was signing in gets no code: the
 /// pending request is checked against the configuration again before the redirect.
 #[tokio::test(flavor = "multi_thread")]

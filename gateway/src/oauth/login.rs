@@ -550,3 +550,46 @@ pub async fn consent_post(
         ),
     }
 }
+
+/// GET /logout: a button that signs the browser out (signing out on a GET would let any page
+/// sign users out with an image tag).
+pub async fn logout_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match signed_in_user(&state, &headers).await {
+        Ok((_, sess, user)) => {
+            pages::respond(StatusCode::OK, pages::logout(&sess.csrf, &user.email))
+        }
+        Err(_) => pages::respond(
+            StatusCode::OK,
+            pages::error("Not signed in", "This browser is not signed in."),
+        ),
+    }
+}
+
+/// POST /logout (CSRF-checked): ends the browser session. Tokens the apps hold stay valid until
+/// they expire or are revoked; the next sign-in link asks for the password again.
+pub async fn logout_post(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fields = form_fields(&body);
+    let (sid, _) = match posted_session(&state, &headers, &fields).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    if let Err(e) = session::destroy(&*state.store, &sid).await {
+        return store_error_page(e);
+    }
+    let mut resp = pages::respond(
+        StatusCode::OK,
+        pages::error(
+            "Signed out",
+            "You are signed out. You can close this window.",
+        ),
+    );
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        session::clear_cookie(state.secure_cookies()),
+    );
+    resp
+}
