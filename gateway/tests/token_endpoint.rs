@@ -137,6 +137,22 @@ async fn unknown_scope_is_invalid_scope() {
     let v = json(resp).await;
     assert_eq!(v["error"], "invalid_scope");
     assert!(v["error_description"].as_str().unwrap().contains("admin"));
+
+    // A value outside RFC 6749 5.2's character set is not echoed.
+    let resp = h
+        .call(token_request(
+            "grant_type=client_credentials&scope=%22%3E%5Cx%C3%A9",
+            Some(("svc-mobile", SECRET)),
+        ))
+        .await;
+    let v = json(resp).await;
+    assert_eq!(v["error"], "invalid_scope");
+    let d = v["error_description"].as_str().unwrap();
+    assert!(
+        d.bytes()
+            .all(|b| matches!(b, 0x20..=0x21 | 0x23..=0x5B | 0x5D..=0x7E)),
+        "{d}"
+    );
 }
 
 #[tokio::test]

@@ -115,7 +115,7 @@ fn parse_query(raw: Option<&str>) -> Result<HashMap<String, String>, String> {
     let mut map = HashMap::new();
     for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
         if map.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(format!("parameter {k} is repeated"));
+            return Err(format!("parameter {} is repeated", super::shown(&k)));
         }
     }
     Ok(map)

@@ -27,7 +27,7 @@ impl Form {
             if map.insert(k.to_string(), v.to_string()).is_some() {
                 return Err(oauth(
                     OAuthErrorCode::InvalidRequest,
-                    format!("parameter {k} is repeated"),
+                    format!("parameter {} is repeated", super::shown(&k)),
                 ));
             }
         }

@@ -19,6 +19,17 @@ use http::{HeaderValue, header};
 
 use crate::state::AppState;
 
+/// A value the client sent, as it may appear in an `error_description`: RFC 6749 5.2 allows
+/// only printable ASCII without `"` and `\`, so anything else, or anything long, is not shown.
+pub fn shown(value: &str) -> &str {
+    let allowed = |b: u8| matches!(b, 0x20..=0x21 | 0x23..=0x5B | 0x5D..=0x7E);
+    if value.len() <= 64 && value.bytes().all(allowed) {
+        value
+    } else {
+        "(not shown)"
+    }
+}
+
 /// Token and introspection answers must never be cached (RFC 6749 5.1).
 pub fn no_store(h: &mut http::HeaderMap) {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -49,5 +60,18 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for PeerIp {
                     },
                 ),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_descriptions_show_only_plain_short_values() {
+        assert_eq!(super::shown("orders"), "orders");
+        assert_eq!(super::shown("a\"b"), "(not shown)");
+        assert_eq!(super::shown("a\\b"), "(not shown)");
+        assert_eq!(super::shown("caf\u{e9}"), "(not shown)");
+        assert_eq!(super::shown("a\nb"), "(not shown)");
+        assert_eq!(super::shown(&"x".repeat(65)), "(not shown)");
     }
 }

@@ -63,7 +63,7 @@ async fn token(
         "refresh_token" => refresh_token(state, &snap, client, &form).await,
         other => Err(oauth(
             OAuthErrorCode::UnsupportedGrantType,
-            format!("grant_type {other} is not supported"),
+            format!("grant_type {} is not supported", super::shown(other)),
         )),
     }
 }
@@ -81,7 +81,7 @@ pub fn check_scopes(
         if !api.scopes.iter().any(|known| known.name == s) {
             return Err(oauth(
                 OAuthErrorCode::InvalidScope,
-                format!("scope {s} is not offered by this API"),
+                format!("scope {} is not offered by this API", super::shown(s)),
             ));
         }
         if !out.contains(&s) {
@@ -452,7 +452,10 @@ async fn refresh_token(
             if let Some(extra) = req.split(' ').find(|s| !s.is_empty() && !have.contains(s)) {
                 return Err(oauth(
                     OAuthErrorCode::InvalidScope,
-                    format!("scope {extra} was not granted to this refresh token"),
+                    format!(
+                        "scope {} was not granted to this refresh token",
+                        super::shown(extra)
+                    ),
                 ));
             }
             check_scopes(snap, client, Some(req))?
