@@ -52,13 +52,8 @@ impl TrustedProxies {
         }
         let mut client = peer;
         // Several X-Forwarded-For lines are one list, in order (RFC 9110 5.3).
-        let lines: Vec<&[u8]> = headers
-            .get_all(FORWARDED_FOR)
-            .iter()
-            .map(|v| v.as_bytes())
-            .collect();
-        for line in lines.iter().rev() {
-            let Ok(line) = std::str::from_utf8(line) else {
+        for line in headers.get_all(FORWARDED_FOR).iter().rev() {
+            let Ok(line) = line.to_str() else {
                 return client;
             };
             for entry in line.rsplit(',') {

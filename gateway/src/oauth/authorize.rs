@@ -170,7 +170,9 @@ pub async fn handle(
         return error_page(
             StatusCode::BAD_REQUEST,
             "Sign-in link too long",
-            "The sign-in link's state parameter is longer than 2,048 characters. Please contact the app's developer.",
+            &format!(
+                "The sign-in link's state parameter is longer than {MAX_STATE_LEN} characters. Please contact the app's developer."
+            ),
         );
     }
     let app_state = get("state").map(str::to_string);

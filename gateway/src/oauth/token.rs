@@ -75,10 +75,9 @@ pub fn check_scopes(
     client: &ClientRuntime,
     requested: Option<&str>,
 ) -> Result<String, GatewayError> {
-    let api = &snap.apis[client.api].cfg;
     let mut out: Vec<&str> = Vec::new();
     for s in requested.unwrap_or("").split(' ').filter(|s| !s.is_empty()) {
-        if !api.scopes.iter().any(|known| known.name == s) {
+        if !offers(snap, client, s) {
             return Err(oauth(
                 OAuthErrorCode::InvalidScope,
                 format!("scope {} is not offered by this API", super::shown(s)),
@@ -89,6 +88,15 @@ pub fn check_scopes(
         }
     }
     Ok(out.join(" "))
+}
+
+/// Whether the client's Api offers `scope` now.
+fn offers(snap: &Snapshot, client: &ClientRuntime, scope: &str) -> bool {
+    snap.apis[client.api]
+        .cfg
+        .scopes
+        .iter()
+        .any(|known| known.name == scope)
 }
 
 fn require_grant(client: &ClientRuntime, grant: GrantType) -> Result<(), GatewayError> {
@@ -439,11 +447,10 @@ async fn refresh_token(
     let scope = match form.get("scope") {
         // What was granted, less any scope the Api no longer offers.
         None => {
-            let offered = &snap.apis[client.api].cfg.scopes;
             let kept: Vec<&str> = record
                 .scope
                 .split(' ')
-                .filter(|s| offered.iter().any(|o| o.name == *s))
+                .filter(|s| offers(snap, client, s))
                 .collect();
             kept.join(" ")
         }
