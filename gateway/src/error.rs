@@ -152,7 +152,10 @@ impl GatewayError {
                 );
             }
             GatewayError::RateLimited(d) => {
-                h.insert(header::RETRY_AFTER, d.retry_after_seconds().into());
+                h.insert(
+                    header::RETRY_AFTER,
+                    headers::number(d.retry_after_seconds()),
+                );
                 set_rate_limit_headers(h, d);
             }
             GatewayError::MethodNotAllowed => {
@@ -184,9 +187,9 @@ pub fn set_rate_limit_headers(h: &mut http::HeaderMap, d: &Decision) {
     }
     // With the X-Request-Id the proxy adds next: grow the map once.
     h.reserve(4);
-    h.insert(headers::RATELIMIT_LIMIT, d.limit.into());
-    h.insert(headers::RATELIMIT_REMAINING, d.remaining.into());
-    h.insert(headers::RATELIMIT_RESET, d.reset_seconds().into());
+    h.insert(headers::RATELIMIT_LIMIT, headers::number(d.limit));
+    h.insert(headers::RATELIMIT_REMAINING, headers::number(d.remaining));
+    h.insert(headers::RATELIMIT_RESET, headers::number(d.reset_seconds()));
 }
 
 impl IntoResponse for GatewayError {

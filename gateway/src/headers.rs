@@ -15,6 +15,40 @@ pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit
 pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
+/// A decimal number as a header value. Below 10,000 (every rate-limit reset and most limits
+/// and remainders) it is a slice of one static string: `HeaderValue::from(u64)` allocates, and
+/// each proxied response carries three numbers.
+pub fn number(n: u64) -> HeaderValue {
+    // (offset, length) in `0123456789101112...`: 10 one-digit, 90 two-digit, 900 three-digit
+    // numbers, then four digits each.
+    let (start, len) = match n {
+        0..10 => (n, 1),
+        10..100 => (10 + 2 * (n - 10), 2),
+        100..1_000 => (190 + 3 * (n - 100), 3),
+        1_000..10_000 => (2_890 + 4 * (n - 1_000), 4),
+        _ => return large_number(n),
+    };
+    static DIGITS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let digits: &'static str =
+        DIGITS.get_or_init(|| (0..10_000u32).map(|i| i.to_string()).collect());
+    HeaderValue::from_static(&digits[start as usize..(start + len) as usize])
+}
+
+/// Digits written on the stack and copied once (`HeaderValue::from(u64)` allocates twice).
+fn large_number(mut n: u64) -> HeaderValue {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    HeaderValue::from_bytes(&buf[i..]).expect("digits are a valid header value")
+}
+
 /// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
 pub fn is_hop_by_hop(name: &str) -> bool {
     matches!(
@@ -71,7 +105,8 @@ fn client_may_not_send(name: &str) -> bool {
 /// Removes every header whose name `drop` selects, plus any the Connection header names.
 /// One pass over the (few) names present instead of a hash lookup per name that might be.
 fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&str) -> bool) {
-    let mut doomed: Vec<HeaderName> = Vec::new();
+    // Usually one or two names (Authorization, a hop-by-hop header): on the stack.
+    let mut doomed: smallvec::SmallVec<[HeaderName; 4]> = smallvec::SmallVec::new();
     for name in headers.keys() {
         if drop(name.as_str()) {
             doomed.push(name.clone());
@@ -284,6 +319,32 @@ mod tests {
 
     fn hv(s: &str) -> HeaderValue {
         HeaderValue::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn numbers_are_their_decimal_form() {
+        for n in [
+            0,
+            7,
+            9,
+            10,
+            42,
+            99,
+            100,
+            555,
+            999,
+            1_000,
+            4_321,
+            9_999,
+            10_000,
+            86_400,
+            u64::MAX,
+        ] {
+            assert_eq!(number(n).to_str().unwrap(), n.to_string(), "{n}");
+        }
+        for n in 0..10_000 {
+            assert_eq!(number(n), HeaderValue::from(n));
+        }
     }
 
     #[test]

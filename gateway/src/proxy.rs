@@ -141,15 +141,15 @@ async fn forward(
     if !tokens::looks_like_token(token) {
         return Err(GatewayError::InvalidToken);
     }
-    let record = state
-        .store
-        .get_token(&tokens::hash(token))
-        .await
-        .map_err(|e| {
+    let hash = tokens::hash(token);
+    let record = match state.store.get_token_now(&hash) {
+        Some(known) => known,
+        None => state.store.get_token(&hash).await.map_err(|e| {
             tracing::warn!(error = %e, "token lookup failed");
             GatewayError::StoreUnavailable
-        })?
-        .ok_or(GatewayError::InvalidToken)?;
+        })?,
+    }
+    .ok_or(GatewayError::InvalidToken)?;
     // The token must be an access token of a subscription that still exists, for this Api.
     let client = snap
         .client(&record.client_id)
@@ -163,7 +163,11 @@ async fn forward(
 
     let plan = &snap.plans[client.plan];
     let checks = limit_checks(plan, &client.cfg.subscription, record.user_id.as_deref());
-    let decision = match state.limiter.check(checks).await {
+    let checked = match state.limiter.check_now(&checks) {
+        Some(d) => Ok(d),
+        None => state.limiter.check(checks).await,
+    };
+    let decision = match checked {
         Ok(d) => d,
         Err(e) if plan.fail_open => {
             tracing::warn!(error = %e, plan = %plan.id, "rate limits unchecked (plan fails open)");
@@ -184,10 +188,11 @@ async fn forward(
         &api.cfg.path_prefix,
         parts.uri.path(),
         api.cfg.upstream.strip_prefix,
+        parts.uri.query(),
     );
-    parts.uri = upstream_uri(path, parts.uri.query()).ok_or(GatewayError::InvalidRequest(
-        "the request path cannot be forwarded",
-    ))?;
+    parts.uri = PathAndQuery::from_maybe_shared(bytes::Bytes::from(path))
+        .map(Uri::from)
+        .map_err(|_| GatewayError::InvalidRequest("the request path cannot be forwarded"))?;
     parts.version = Version::HTTP_11;
 
     let user_header = match &record.user_id {
@@ -234,16 +239,4 @@ async fn forward(
         .headers
         .insert(headers::REQUEST_ID, request_id.clone());
     Ok(Response::from_parts(parts, body))
-}
-
-/// The origin-form URI sent upstream (the connection already names scheme and authority).
-fn upstream_uri(mut path: String, query: Option<&str>) -> Option<Uri> {
-    if let Some(q) = query {
-        path.reserve(q.len() + 1);
-        path.push('?');
-        path.push_str(q);
-    }
-    PathAndQuery::from_maybe_shared(bytes::Bytes::from(path))
-        .ok()
-        .map(Uri::from)
 }

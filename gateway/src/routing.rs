@@ -160,21 +160,35 @@ fn match_api_by(
     })
 }
 
-/// The path to request upstream: the upstream URL's own path, then the request path with the
-/// prefix removed when `strip` is set. Always starts with '/'.
-pub fn upstream_path(base_path: &str, prefix: &str, path: &str, strip: bool) -> String {
+/// The path and query to request upstream: the upstream URL's own path, then the request path
+/// with the prefix removed when `strip` is set, then `?query`. Always starts with '/'. Sized
+/// exactly: the URI takes the buffer over without copying it into a smaller one.
+pub fn upstream_path(
+    base_path: &str,
+    prefix: &str,
+    path: &str,
+    strip: bool,
+    query: Option<&str>,
+) -> String {
     let rest = if strip && prefix != "/" {
         &path[prefix.len().min(path.len())..]
     } else {
         path
     };
     let base = base_path.trim_end_matches('/');
-    let mut out = String::with_capacity(base.len() + rest.len() + 1);
+    let slash = !rest.starts_with('/');
+    let len = base.len() + usize::from(slash) + rest.len() + query.map_or(0, |q| q.len() + 1);
+    let mut out = String::with_capacity(len);
     out.push_str(base);
-    if !rest.starts_with('/') {
+    if slash {
         out.push('/');
     }
     out.push_str(rest);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    debug_assert_eq!(out.len(), len);
     out
 }
 
@@ -355,19 +369,30 @@ mod tests {
 
     #[test]
     fn upstream_paths() {
-        assert_eq!(
-            upstream_path("", "/mobile", "/mobile/items", true),
-            "/items"
-        );
-        assert_eq!(upstream_path("", "/mobile", "/mobile", true), "/");
-        assert_eq!(
-            upstream_path("/v1/", "/mobile", "/mobile/items", true),
-            "/v1/items"
-        );
-        assert_eq!(
-            upstream_path("/v1", "/mobile", "/mobile/items", false),
-            "/v1/mobile/items"
-        );
-        assert_eq!(upstream_path("", "/", "/x", true), "/x");
+        let cases = [
+            (("", "/mobile", "/mobile/items", true, None), "/items"),
+            (("", "/mobile", "/mobile", true, None), "/"),
+            (
+                ("/v1/", "/mobile", "/mobile/items", true, None),
+                "/v1/items",
+            ),
+            (
+                ("/v1", "/mobile", "/mobile/items", false, None),
+                "/v1/mobile/items",
+            ),
+            (("", "/", "/x", true, None), "/x"),
+            (("", "/mobile", "/mobile", true, Some("a=1")), "/?a=1"),
+            (
+                ("/v1", "/m", "/m/x", true, Some("q=%20&b")),
+                "/v1/x?q=%20&b",
+            ),
+            (("", "/m", "/m/x", true, Some("")), "/x?"),
+        ];
+        for ((base, prefix, path, strip, query), want) in cases {
+            let got = upstream_path(base, prefix, path, strip, query);
+            assert_eq!(got, want);
+            // Exactly sized (the Bytes conversion in the proxy copies otherwise).
+            assert_eq!(got.capacity(), got.len(), "{want}");
+        }
     }
 }

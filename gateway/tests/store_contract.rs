@@ -58,7 +58,10 @@ macro_rules! contract {
                 let (a, b) = (tokens::hash("a"), tokens::hash("b"));
                 s.put_token(a, rec("g1", 3600)).await.unwrap();
                 s.put_token(b, rec("g1", 3600)).await.unwrap();
-                assert_eq!(s.get_token(&a).await.unwrap(), Some(rec("g1", 3600)));
+                assert_eq!(
+                    s.get_token(&a).await.unwrap().as_deref(),
+                    Some(&rec("g1", 3600))
+                );
                 assert_eq!(
                     s.revoke_token(&a).await.unwrap().map(|r| r.grant_id),
                     Some("g1".into())

@@ -81,7 +81,7 @@ async fn introspect(
         "iss": state.issuer,
         "aud": record.api,
     });
-    if let Some(sub) = record.user_id {
+    if let Some(sub) = &record.user_id {
         v["sub"] = json!(sub);
     }
     Ok(v)

@@ -32,7 +32,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
         Err(_) => return GatewayError::StoreUnavailable.into_response(),
     };
     // client_credentials tokens have no user to describe.
-    let Some(user_id) = record.user_id else {
+    let Some(user_id) = &record.user_id else {
         return GatewayError::InvalidToken.into_response();
     };
     let snap = state.config.load();
@@ -42,7 +42,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     {
         return GatewayError::InvalidToken.into_response();
     }
-    match accounts::get(&*state.store, &user_id).await {
+    match accounts::get(&*state.store, user_id).await {
         Ok(Some(u)) => {
             let mut r = Json(json!({ "sub": u.id, "email": u.email })).into_response();
             super::no_store(r.headers_mut());

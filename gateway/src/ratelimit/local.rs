@@ -12,6 +12,9 @@ use super::{LimitCheck, Limiter, LimiterUnavailable};
 
 const SHARDS: usize = 64;
 
+/// Per-request lists sized for the usual plan (up to four limits) without a heap allocation.
+type Small<T> = smallvec::SmallVec<[T; 4]>;
+
 pub struct LocalLimiter {
     // foldhash, not SipHash: each check hashes every key three times (shard, read, update), and
     // the keys come from the gateway's own records (subscription, user id), not from clients.
@@ -47,16 +50,16 @@ impl LocalLimiter {
         if checks.is_empty() {
             return Decision::unlimited();
         }
-        // Lock every shard involved, in index order (no deadlock), so the check-then-consume of
-        // all limits is atomic with respect to other requests.
-        // Each key hashed once; shards locked in index order (no deadlock between requests).
-        let shard: Vec<usize> = checks.iter().map(|c| self.shard_of(&c.key)).collect();
+        // Lock every shard involved, in index order (no deadlock between requests), so the
+        // check-then-consume of all limits is atomic with respect to other requests. Each key
+        // is hashed once. Plans have a few limits: the lists stay on the stack.
+        let shard: Small<usize> = checks.iter().map(|c| self.shard_of(&c.key)).collect();
         let mut idx = shard.clone();
         idx.sort_unstable();
         idx.dedup();
-        let mut guards: Vec<_> = idx.iter().map(|&i| (i, self.shards[i].lock())).collect();
+        let mut guards: Small<_> = idx.iter().map(|&i| (i, self.shards[i].lock())).collect();
         let pos = |s: usize| idx.binary_search(&s).expect("locked");
-        let states: Vec<LimitState> = checks
+        let states: Small<LimitState> = checks
             .iter()
             .zip(&shard)
             .map(|(c, &s)| {
@@ -105,6 +108,10 @@ impl LocalLimiter {
 impl Limiter for LocalLimiter {
     async fn check(&self, checks: Vec<LimitCheck>) -> Result<Decision, LimiterUnavailable> {
         Ok(self.check_at(&checks, now_us()))
+    }
+
+    fn check_now(&self, checks: &[LimitCheck]) -> Option<Decision> {
+        Some(self.check_at(checks, now_us()))
     }
 }
 

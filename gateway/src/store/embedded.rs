@@ -167,7 +167,7 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     writer: GroupCommit,
     /// Keyed by SHA-256 outputs, which no client can steer into one bucket: foldhash suffices.
-    tokens: DashMap<TokenHash, TokenRecord, foldhash::fast::RandomState>,
+    tokens: DashMap<TokenHash, Arc<TokenRecord>, foldhash::fast::RandomState>,
     /// grant_id -> token hashes, rebuilt from `tokens` on start.
     grants: DashMap<String, Vec<TokenHash>>,
     kv: DashMap<String, KvEntry>,
@@ -234,7 +234,7 @@ impl EmbeddedStore {
                     .entry(rec.grant_id.clone())
                     .or_default()
                     .push(hash);
-                self.tokens.insert(hash, rec);
+                self.tokens.insert(hash, Arc::new(rec));
             }
             for h in &dead_tokens {
                 table.remove(h.as_slice()).map_err(io)?;
@@ -326,6 +326,14 @@ impl EmbeddedStore {
         Ok(Some(after))
     }
 
+    fn live_token(&self, hash: &TokenHash) -> Option<Arc<TokenRecord>> {
+        let now = unix_now();
+        self.tokens
+            .get(hash)
+            .filter(|r| !r.is_expired(now))
+            .map(|r| Arc::clone(&r))
+    }
+
     fn forget(&self, hash: &TokenHash, rec: &TokenRecord) {
         if let Some(mut list) = self.grants.get_mut(&rec.grant_id) {
             list.retain(|h| h != hash);
@@ -378,18 +386,17 @@ impl Store for EmbeddedStore {
         // The token before its grant entry: `revoke_grant` must not find a hash whose token is
         // yet to arrive (it would delete it from the file, miss it in memory, and it would live).
         let grant_id = record.grant_id.clone();
-        self.tokens.insert(hash, record);
+        self.tokens.insert(hash, Arc::new(record));
         self.grants.entry(grant_id).or_default().push(hash);
         Ok(())
     }
 
-    async fn get_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
-        let now = unix_now();
-        Ok(self
-            .tokens
-            .get(hash)
-            .filter(|r| !r.is_expired(now))
-            .map(|r| r.clone()))
+    async fn get_token(&self, hash: &TokenHash) -> StoreResult<Option<Arc<TokenRecord>>> {
+        Ok(self.live_token(hash))
+    }
+
+    fn get_token_now(&self, hash: &TokenHash) -> Option<Option<Arc<TokenRecord>>> {
+        Some(self.live_token(hash))
     }
 
     async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
@@ -403,7 +410,7 @@ impl Store for EmbeddedStore {
             return Ok(None);
         };
         self.forget(&hash, &rec);
-        Ok(Some(rec))
+        Ok(Some(Arc::unwrap_or_clone(rec)))
     }
 
     async fn revoke_grant(&self, grant_id: &str) -> StoreResult<usize> {
@@ -605,7 +612,10 @@ mod tests {
             s.revoke_token(&b).await.unwrap();
         }
         let s = EmbeddedStore::open(dir.path()).unwrap();
-        assert_eq!(s.get_token(&a).await.unwrap(), Some(rec("g1", far)));
+        assert_eq!(
+            s.get_token(&a).await.unwrap().as_deref(),
+            Some(&rec("g1", far))
+        );
         assert_eq!(s.get_token(&b).await.unwrap(), None);
         assert_eq!(s.revoke_grant("g1").await.unwrap(), 1);
         drop(s);
@@ -979,8 +989,8 @@ mod tests {
         s.put_token(h, r.clone()).await.unwrap();
         assert!(with_failed_commit(&s, s.revoke_token(&h)).await.is_err());
         assert_eq!(
-            s.get_token(&h).await.unwrap(),
-            Some(r.clone()),
+            s.get_token(&h).await.unwrap().as_deref(),
+            Some(&r),
             "memory as the file has it"
         );
         assert_eq!(

@@ -6,6 +6,7 @@ pub mod redis;
 pub mod redis_conn;
 pub mod token_cache;
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -67,8 +68,14 @@ pub fn unix_now() -> u64 {
 #[async_trait]
 pub trait Store: Send + Sync {
     async fn put_token(&self, hash: TokenHash, record: TokenRecord) -> StoreResult<()>;
-    /// The live (unexpired, unrevoked) token with this hash.
-    async fn get_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>>;
+    /// The live (unexpired, unrevoked) token with this hash. Shared, not copied: every proxied
+    /// request reads one.
+    async fn get_token(&self, hash: &TokenHash) -> StoreResult<Option<Arc<TokenRecord>>>;
+    /// `get_token`'s answer when the store has it in memory (outer `None`: ask `get_token`).
+    /// The proxy asks this first and skips a boxed future per request.
+    fn get_token_now(&self, _hash: &TokenHash) -> Option<Option<Arc<TokenRecord>>> {
+        None
+    }
     /// Removes one token; returns what it was.
     async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>>;
     /// Removes every token of a grant; returns how many.

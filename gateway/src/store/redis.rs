@@ -292,12 +292,12 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn get_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
+    async fn get_token(&self, hash: &TokenHash) -> StoreResult<Option<Arc<TokenRecord>>> {
+        if let Some(cached) = self.get_token_now(hash) {
+            return Ok(cached);
+        }
         let now = unix_now();
         let listening = self.listening.load(Ordering::SeqCst);
-        if listening && let Some(rec) = self.cache.get(hash) {
-            return Ok((!rec.is_expired(now)).then_some(rec));
-        }
         let epoch = self.epoch.load(Ordering::SeqCst);
         let raw: Option<String> = self.read(&tok_key(hash)).await?;
         let Some(raw) = raw else {
@@ -316,7 +316,16 @@ impl Store for RedisStore {
                 self.cache.remove(hash);
             }
         }
-        Ok(Some(rec))
+        Ok(Some(Arc::new(rec)))
+    }
+
+    /// From the cache, while revocation notices arrive (otherwise a revoked token could live on).
+    fn get_token_now(&self, hash: &TokenHash) -> Option<Option<Arc<TokenRecord>>> {
+        if !self.listening.load(Ordering::SeqCst) {
+            return None;
+        }
+        let rec = self.cache.get(hash)?;
+        Some((!rec.is_expired(unix_now())).then(|| Arc::new(rec)))
     }
 
     async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {

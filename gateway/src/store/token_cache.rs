@@ -41,8 +41,16 @@ impl Id {
 
     fn render(&self) -> String {
         match self {
-            Id::Uuid(b) => uuid::Uuid::from_bytes(*b).hyphenated().to_string(),
-            Id::Other(s) => s.to_string(),
+            // Into a stack buffer, then one exact allocation (`to_string` grows a String).
+            Id::Uuid(b) => {
+                let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                String::from(
+                    uuid::Uuid::from_bytes(*b)
+                        .hyphenated()
+                        .encode_lower(&mut buf) as &str,
+                )
+            }
+            Id::Other(s) => String::from(&**s),
         }
     }
 }
@@ -92,11 +100,12 @@ impl TokenCache {
         let c = &e.common;
         Some(TokenRecord {
             kind: c.kind,
-            client_id: c.client_id.to_string(),
-            subscription: c.subscription.to_string(),
-            api: c.api.to_string(),
+            // `String::from(&str)`: one exact allocation (`Box<str>::to_string` formats).
+            client_id: String::from(&*c.client_id),
+            subscription: String::from(&*c.subscription),
+            api: String::from(&*c.api),
             user_id: e.user_id.as_ref().map(Id::render),
-            scope: c.scope.to_string(),
+            scope: String::from(&*c.scope),
             grant_id: e.grant_id.render(),
             issued_at: e.issued_at,
             expires_at: e.expires_at,
