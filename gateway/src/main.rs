@@ -6,7 +6,7 @@ use clap::Parser;
 use gatehouse_gateway::cli::{Args, LogFormat};
 use gatehouse_gateway::proxy::{PROXY_DURATION, PROXY_DURATION_BUCKETS};
 use gatehouse_gateway::ratelimit::Limiter;
-use gatehouse_gateway::ratelimit::local::{LocalLimiter, now_us};
+use gatehouse_gateway::ratelimit::local::{AddressThrottle, LocalLimiter, now_us};
 use gatehouse_gateway::ratelimit::redis::RedisLimiter;
 use gatehouse_gateway::state::AppState;
 use gatehouse_gateway::store::Store;
@@ -84,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let mut state = AppState::new(store, limiter, &args.issuer());
     state.password_min_len = args.password_min_length as usize;
     state.max_signups_per_ip = args.max_signups_per_ip;
+    state.sign_in_starts = AddressThrottle::per_minute(args.max_sign_in_starts_per_minute);
     state.trusted_proxies = args.trusted_proxies.clone();
     let state = Arc::new(state);
 
@@ -104,11 +105,13 @@ async fn main() -> anyhow::Result<()> {
         source::watch(state.clone(), manifests).context("watching --manifests")?
     };
     server::spawn_janitor(state.clone(), Duration::from_secs(60));
+    let purged = state.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tick.tick().await;
             local_limiter.purge_idle(now_us());
+            purged.sign_in_starts.purge_idle(now_us());
         }
     });
 

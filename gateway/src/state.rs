@@ -6,6 +6,7 @@ use arc_swap::ArcSwap;
 
 use crate::client_ip::TrustedProxies;
 use crate::ratelimit::Limiter;
+use crate::ratelimit::local::AddressThrottle;
 use crate::snapshot::Snapshot;
 use crate::store::Store;
 
@@ -24,6 +25,8 @@ pub struct AppState {
     pub max_signups_per_ip: u64,
     /// Proxies whose X-Forwarded-For names the client for the login and signup throttles.
     pub trusted_proxies: TrustedProxies,
+    /// Sign-in requests (`/oauth2/authorize`) per client address, on this replica.
+    pub sign_in_starts: AddressThrottle,
 }
 
 impl AppState {
@@ -37,6 +40,9 @@ impl AppState {
             password_min_len: crate::password::MIN_LENGTH,
             max_signups_per_ip: crate::oauth::login::MAX_SIGNUPS_PER_IP,
             trusted_proxies: TrustedProxies::default(),
+            sign_in_starts: AddressThrottle::per_minute(
+                crate::oauth::authorize::MAX_SIGN_IN_STARTS_PER_MINUTE,
+            ),
         }
     }
 

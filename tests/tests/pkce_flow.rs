@@ -1598,6 +1598,46 @@ async fn behind_a_trusted_proxy_failed_logins_count_per_forwarded_client() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn one_address_cannot_park_sign_in_requests_without_limit() {
+    let env = env_with(&[
+        "--trusted-proxies",
+        "127.0.0.0/8",
+        "--max-sign-in-starts-per-minute",
+        "3",
+    ])
+    .await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    // A script with the app's public client id, no cookies: each request would store a new
+    // session and a pending request for ten minutes.
+    for _ in 0..3 {
+        let mut b = Browser::behind_proxy_as(&env, "203.0.113.9");
+        open_login(&mut b, &phone.authorize(&[PROFILE])).await;
+    }
+    let mut b = Browser::behind_proxy_as(&env, "203.0.113.9");
+    let authz = phone.authorize_with(&[PROFILE], || CsrfToken::new("st-9".into()));
+    let page = b.get(&authz.url).await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    callback(&page, "myapp://callback").error(&env, "st-9", "temporarily_unavailable");
+    assert!(page.session_cookie().is_none(), "no session was created");
+    // Someone else, behind the same proxy, signs up and in as usual.
+    let mut user = Browser::behind_proxy_as(&env, "198.51.100.8");
+    let login = open_login(&mut user, &phone.authorize(&[PROFILE])).await;
+    let after = sign_up(&mut user, &login, "nora@example.com", PASSWORD).await;
+    assert_eq!(after.status, StatusCode::OK, "{}", after.body);
+    assert!(after.body.contains("action=\"/consent\""), "{}", after.body);
+    let metrics = reqwest::get(env.gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("gatehouse_authorize_throttled_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn parallel_guesses_get_no_more_tries_than_sequential_ones() {
     let env = env().await;
     let phone = app(&env, PHONE_APP, "myapp://callback");

@@ -9,8 +9,8 @@ use gatehouse_crds::GrantType;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
-use super::redirect;
 use super::session::{self, Pending, Session};
+use super::{PeerIp, redirect};
 use crate::pages;
 use crate::snapshot::{ClientRuntime, Snapshot};
 use crate::state::AppState;
@@ -60,6 +60,12 @@ pub fn consent_key(user_id: &str, client: &ClientRuntime) -> String {
 /// The longest `state` an app may send (RFC 6749 sets no limit; apps send a random value of a
 /// few dozen characters).
 pub const MAX_STATE_LEN: usize = 2_048;
+
+/// Sign-in requests (each stores a pending request, and a session for a new browser, for
+/// `PENDING_TTL`) one client address may start per minute on one replica: a burst of this many,
+/// then one every 60/N seconds. Generous for people behind a shared address (carrier NAT),
+/// while one address can keep at most about N * 11 requests parked per replica.
+pub const MAX_SIGN_IN_STARTS_PER_MINUTE: u64 = 120;
 
 /// HTML error page for problems that must not be redirected (unknown client, bad redirect_uri).
 pub fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
@@ -124,6 +130,7 @@ fn parse_query(raw: Option<&str>) -> Result<HashMap<String, String>, String> {
 pub async fn handle(
     State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,
+    PeerIp(ip): PeerIp,
     headers: HeaderMap,
 ) -> Response {
     let snap = state.config.load_full();
@@ -227,7 +234,15 @@ pub async fn handle(
         }
     };
 
-    // 3. Remember the request on the server, bound to this browser's session.
+    // 3. Remember the request on the server, bound to this browser's session. Anyone holding
+    // a public client id could otherwise fill the store with parked requests.
+    if !state.sign_in_starts.allow(&ip) {
+        metrics::counter!("gatehouse_authorize_throttled_total").increment(1);
+        return fail(
+            "temporarily_unavailable",
+            "too many sign-in requests from this network; try again in a minute",
+        );
+    }
     let (sid, sess, new_cookie) = match session::load_or_create(&*state.store, &headers).await {
         Ok(s) => s,
         Err(e) => return store_error_page(e),

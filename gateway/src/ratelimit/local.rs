@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 
-use super::gcra::{self, Decision, LimitState};
+use super::gcra::{self, Decision, LimitState, Rate};
 use super::{LimitCheck, Limiter, LimiterUnavailable};
 
 const SHARDS: usize = 64;
@@ -104,6 +104,42 @@ impl LocalLimiter {
     }
 }
 
+/// A per-client-address limit on one of the gateway's own endpoints, kept in process (per
+/// replica): it guards the store against writes, so it must not cost a store write itself.
+pub struct AddressThrottle {
+    limiter: LocalLimiter,
+    rate: Rate,
+}
+
+impl AddressThrottle {
+    /// `per_minute` requests per address per minute, as a burst, then evenly spaced.
+    pub fn per_minute(per_minute: u64) -> AddressThrottle {
+        AddressThrottle {
+            limiter: LocalLimiter::default(),
+            rate: Rate::new(per_minute, 60),
+        }
+    }
+
+    /// Counts a request from `address`; false when it is over the limit (nothing counted).
+    pub fn allow(&self, address: &str) -> bool {
+        self.allow_at(address, now_us())
+    }
+
+    pub fn allow_at(&self, address: &str, now: u64) -> bool {
+        let check = LimitCheck {
+            key: address.to_string(),
+            rate: self.rate,
+        };
+        self.limiter
+            .check_at(std::slice::from_ref(&check), now)
+            .allowed
+    }
+
+    pub fn purge_idle(&self, now: u64) -> usize {
+        self.limiter.purge_idle(now)
+    }
+}
+
 #[async_trait]
 impl Limiter for LocalLimiter {
     async fn check(&self, checks: Vec<LimitCheck>) -> Result<Decision, LimiterUnavailable> {
@@ -133,6 +169,28 @@ mod tests {
         // Only the two allowed requests were counted against `wide`.
         let d = l.check_at(&[wide], now);
         assert_eq!(d.remaining, 97);
+    }
+
+    #[test]
+    fn an_address_gets_its_burst_then_one_request_per_interval() {
+        let t = AddressThrottle::per_minute(3);
+        let now = 1_000_000_000;
+        for _ in 0..3 {
+            assert!(t.allow_at("203.0.113.7", now));
+        }
+        assert!(!t.allow_at("203.0.113.7", now));
+        assert!(!t.allow_at("203.0.113.7", now + 19_000_000));
+        // Another address has its own budget.
+        assert!(t.allow_at("2001:db8::/64", now));
+        // 60 s / 3 later one more request is allowed, and only one.
+        assert!(t.allow_at("203.0.113.7", now + 20_000_000));
+        assert!(!t.allow_at("203.0.113.7", now + 20_000_001));
+        assert_eq!(
+            t.purge_idle(now + 61_000_000),
+            1,
+            "the other address is idle"
+        );
+        assert_eq!(t.purge_idle(now + 80_000_000), 1);
     }
 
     #[test]

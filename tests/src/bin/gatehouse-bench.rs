@@ -558,8 +558,9 @@ async fn main() -> anyhow::Result<()> {
                 &format!("127.0.0.1:{admin}"),
             ])
             .args(&extra)
-            // The benchmark signs up every user from one address.
+            // The benchmark signs up and signs in every user from one address.
             .env("GATEHOUSE_MAX_SIGNUPS_PER_IP", "100000000")
+            .env("GATEHOUSE_MAX_SIGN_IN_STARTS_PER_MINUTE", "100000000")
             .env("GATEHOUSE_LOG", "warn")
             .stderr(Stdio::null())
             .spawn()?;
