@@ -95,6 +95,8 @@ const EXTERNAL_VALUES: &[&str] = &[
     "gateway.service.nodePort=30080",
     "--set-string",
     "gateway.trustedProxies=10.244.0.0/16",
+    "--set",
+    "gateway.maxSignInStartsPerMinute=600",
 ];
 
 #[test]
@@ -201,6 +203,8 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
     // The ingress's addresses reach the gateway's throttles only when set.
     assert!(ext.contains("- --trusted-proxies=10.244.0.0/16"));
     assert!(!default.contains("--trusted-proxies"));
+    assert!(ext.contains("- --max-sign-in-starts-per-minute=600"));
+    assert!(default.contains("- --max-sign-in-starts-per-minute=120"));
     assert!(ext.contains("nodePort: 30080"));
     // The NodePort Service carries only the proxy port; the admin port (metrics, readiness
     // with store errors) is on a ClusterIP Service of its own.
