@@ -185,6 +185,13 @@ impl Gateway {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// The admin port's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let resp = reqwest::get(self.admin_url("/metrics")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap()
+    }
+
     /// Peak resident memory of the running gateway (VmHWM), in KiB. Linux only.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         self.status_kib("VmHWM:")

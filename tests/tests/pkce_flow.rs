@@ -1625,12 +1625,7 @@ async fn one_address_cannot_park_sign_in_requests_without_limit() {
     let after = sign_up(&mut user, &login, "nora@example.com", PASSWORD).await;
     assert_eq!(after.status, StatusCode::OK, "{}", after.body);
     assert!(after.body.contains("action=\"/consent\""), "{}", after.body);
-    let metrics = reqwest::get(env.gw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = env.gw.metrics().await;
     assert!(
         metrics.contains("gatehouse_authorize_throttled_total 1"),
         "{metrics}"

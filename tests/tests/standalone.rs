@@ -123,15 +123,7 @@ async fn client_credentials_token_reaches_the_upstream_with_identity_headers() {
     // admin endpoints
     let health = s.http.get(s.gw.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    let metrics = s
-        .http
-        .get(s.gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.gw.metrics().await;
     assert!(
         metrics.contains("gatehouse_proxy_responses_total"),
         "{metrics}"
