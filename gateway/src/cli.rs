@@ -72,8 +72,9 @@ pub struct Args {
 
     /// Proxies in front of the gateway (ingress, load balancer) as comma-separated CIDRs or
     /// addresses. Requests from them are attributed to the client named in X-Forwarded-For for
-    /// the login and signup throttles; without this, behind an ingress, every client shares
-    /// the ingress's address and one attacker's failed logins lock everybody out.
+    /// the login, signup and sign-in throttles; without this, behind an ingress, every client
+    /// shares the ingress's address: one attacker's failed logins lock everybody out, and one
+    /// script's sign-in requests use up everybody's.
     #[arg(long, env = "GATEHOUSE_TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: crate::client_ip::TrustedProxies,
 

@@ -37,6 +37,11 @@ impl FromStr for TrustedProxies {
 }
 
 impl TrustedProxies {
+    /// No proxy is trusted: every request counts as its socket's address.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     fn trusts(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.0.iter().any(|n| n.contains(&ip))

@@ -86,6 +86,12 @@ async fn main() -> anyhow::Result<()> {
     state.max_signups_per_ip = args.max_signups_per_ip;
     state.sign_in_starts = AddressThrottle::per_minute(args.max_sign_in_starts_per_minute);
     state.trusted_proxies = args.trusted_proxies.clone();
+    if args.kube && args.trusted_proxies.is_empty() {
+        // In a cluster the gateway usually sits behind an ingress; said once, at start.
+        tracing::warn!(
+            "no --trusted-proxies: behind an ingress or load balancer every client counts as its address for the login, signup and sign-in throttles"
+        );
+    }
     let state = Arc::new(state);
 
     let _watch = if args.kube {

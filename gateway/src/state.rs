@@ -23,7 +23,8 @@ pub struct AppState {
     pub password_min_len: usize,
     /// Signups allowed per client IP per hour.
     pub max_signups_per_ip: u64,
-    /// Proxies whose X-Forwarded-For names the client for the login and signup throttles.
+    /// Proxies whose X-Forwarded-For names the client for the login, signup and sign-in
+    /// throttles.
     pub trusted_proxies: TrustedProxies,
     /// Sign-in requests (`/oauth2/authorize`) per client address, on this replica.
     pub sign_in_starts: AddressThrottle,

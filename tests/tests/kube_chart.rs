@@ -205,6 +205,24 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
     assert!(!default.contains("--trusted-proxies"));
     assert!(ext.contains("- --max-sign-in-starts-per-minute=600"));
     assert!(default.contains("- --max-sign-in-starts-per-minute=120"));
+    // From a values file Helm reads 1000000 as a float and would print 1e+06, which the
+    // gateway refuses.
+    let big = std::env::temp_dir().join(format!("gatehouse-big-{}.yaml", std::process::id()));
+    std::fs::write(&big, "gateway:\n  maxSignInStartsPerMinute: 1000000\n").unwrap();
+    let big_render = helm_offline_ok(&[
+        "template",
+        RELEASE,
+        &chart,
+        "--namespace",
+        NAMESPACE,
+        "-f",
+        &big.display().to_string(),
+    ]);
+    let _ = std::fs::remove_file(&big);
+    assert!(
+        big_render.contains("- --max-sign-in-starts-per-minute=1000000\n"),
+        "{big_render}"
+    );
     assert!(ext.contains("nodePort: 30080"));
     // The NodePort Service carries only the proxy port; the admin port (metrics, readiness
     // with store errors) is on a ClusterIP Service of its own.

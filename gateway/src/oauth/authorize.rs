@@ -235,7 +235,8 @@ pub async fn handle(
     };
 
     // 3. Remember the request on the server, bound to this browser's session. Anyone holding
-    // a public client id could otherwise fill the store with parked requests.
+    // a public client id could otherwise fill the store with parked requests. Counted before
+    // the writes, so a request that then fails on the store still used its share.
     if !state.sign_in_starts.allow(&ip) {
         metrics::counter!("gatehouse_authorize_throttled_total").increment(1);
         return fail(

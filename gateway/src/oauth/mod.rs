@@ -36,7 +36,7 @@ pub fn no_store(h: &mut http::HeaderMap) {
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
 }
 
-/// The login and signup throttles' key for the client: its address (behind a trusted proxy,
+/// The login, signup and sign-in throttles' key for the client: its address (behind a trusted proxy,
 /// the one in X-Forwarded-For; an IPv6 client's /64), "unknown" when served without connect
 /// info, as in router tests.
 pub struct PeerIp(pub String);

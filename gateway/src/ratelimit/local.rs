@@ -16,8 +16,10 @@ const SHARDS: usize = 64;
 type Small<T> = smallvec::SmallVec<[T; 4]>;
 
 pub struct LocalLimiter {
-    // foldhash, not SipHash: each check hashes every key three times (shard, read, update), and
-    // the keys come from the gateway's own records (subscription, user id), not from clients.
+    // foldhash, not SipHash: each check hashes every key three times (shard, read, update). The
+    // proxy's keys come from the gateway's own records (subscription, user id); the address
+    // throttle's from client addresses, which a client varies only within its own prefixes,
+    // and foldhash is seeded at random per process, so colliding keys cannot be chosen.
     shards: Vec<Mutex<foldhash::HashMap<String, u64>>>,
     hasher: RandomState,
 }
