@@ -1607,9 +1607,13 @@ async fn one_address_cannot_park_sign_in_requests_without_limit() {
     ])
     .await;
     let phone = app(&env, PHONE_APP, "myapp://callback");
+    // Someone on that network signs up (one of the address's three).
+    let mut neighbour = Browser::behind_proxy_as(&env, "203.0.113.9");
+    let login = open_login(&mut neighbour, &phone.authorize(&[PROFILE])).await;
+    sign_up(&mut neighbour, &login, "otto@example.com", PASSWORD).await;
     // A script with the app's public client id, no cookies: each request would store a new
     // session and a pending request for ten minutes.
-    for _ in 0..3 {
+    for _ in 0..2 {
         let mut b = Browser::behind_proxy_as(&env, "203.0.113.9");
         open_login(&mut b, &phone.authorize(&[PROFILE])).await;
     }
@@ -1619,6 +1623,14 @@ async fn one_address_cannot_park_sign_in_requests_without_limit() {
     assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
     callback(&page, "myapp://callback").error(&env, "st-9", "temporarily_unavailable");
     assert!(page.session_cookie().is_none(), "no session was created");
+    // The signed-in neighbour counts as its user, not as the exhausted address.
+    let again = neighbour.get(&phone.authorize(&[PROFILE]).url).await;
+    assert!(
+        again.location().starts_with("/consent?req="),
+        "{} {}",
+        again.status,
+        again.location()
+    );
     // Someone else, behind the same proxy, signs up and in as usual.
     let mut user = Browser::behind_proxy_as(&env, "198.51.100.8");
     let login = open_login(&mut user, &phone.authorize(&[PROFILE])).await;

@@ -235,18 +235,32 @@ pub async fn handle(
     };
 
     // 3. Remember the request on the server, bound to this browser's session. Anyone holding
-    // a public client id could otherwise fill the store with parked requests. Counted before
-    // the writes, so a request that then fails on the store still used its share.
-    if !state.sign_in_starts.allow(&ip) {
+    // a public client id could otherwise fill the store with parked requests: each address
+    // has a share per minute. A browser signed in here counts as its user instead, so a flood
+    // from its network (or from everyone, behind an ingress not listed in --trusted-proxies)
+    // does not lock it out; signed-in sessions only come from throttled logins. Counted
+    // before the writes, so a request that then fails on the store still used its share.
+    let existing = match session::load(&*state.store, &headers).await {
+        Ok(s) => s,
+        Err(e) => return store_error_page(e),
+    };
+    let counted_as = match existing.as_ref().and_then(|(_, s)| s.user_id.as_deref()) {
+        Some(user) => format!("user:{user}"),
+        None => ip,
+    };
+    if !state.sign_in_starts.allow(&counted_as) {
         metrics::counter!("gatehouse_authorize_throttled_total").increment(1);
         return fail(
             "temporarily_unavailable",
             "too many sign-in requests from this network; try again in a minute",
         );
     }
-    let (sid, sess, new_cookie) = match session::load_or_create(&*state.store, &headers).await {
-        Ok(s) => s,
-        Err(e) => return store_error_page(e),
+    let (sid, sess, new_cookie) = match existing {
+        Some((sid, s)) => (sid, s, false),
+        None => match session::create(&*state.store, None).await {
+            Ok((sid, s)) => (sid, s, true),
+            Err(e) => return store_error_page(e),
+        },
     };
     let pending = Pending {
         session: session::session_binding(&sid),

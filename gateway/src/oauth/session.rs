@@ -109,20 +109,6 @@ pub async fn destroy(store: &dyn Store, sid: &str) -> StoreResult<()> {
     store.kv_delete(&session_key(sid)).await
 }
 
-/// The existing session, or a new one (then `true`: the caller must set the cookie).
-pub async fn load_or_create(
-    store: &dyn Store,
-    headers: &HeaderMap,
-) -> StoreResult<(String, Session, bool)> {
-    match load(store, headers).await? {
-        Some((sid, s)) => Ok((sid, s, false)),
-        None => {
-            let (sid, s) = create(store, None).await?;
-            Ok((sid, s, true))
-        }
-    }
-}
-
 /// Tells the browser to forget the session cookie.
 pub fn clear_cookie(secure: bool) -> HeaderValue {
     let secure = if secure { "; Secure" } else { "" };
