@@ -26,7 +26,8 @@ pub struct AppState {
     /// Proxies whose X-Forwarded-For names the client for the login, signup and sign-in
     /// throttles.
     pub trusted_proxies: TrustedProxies,
-    /// Sign-in requests (`/oauth2/authorize`) per client address, on this replica.
+    /// Sign-in requests (`/oauth2/authorize`) per client address (per user once signed in),
+    /// on this replica.
     pub sign_in_starts: AddressThrottle,
 }
 

@@ -106,15 +106,16 @@ impl LocalLimiter {
     }
 }
 
-/// A per-client-address limit on one of the gateway's own endpoints, kept in process (per
-/// replica): it guards the store against writes, so it must not cost a store write itself.
+/// A per-client limit (a client address, or a signed-in user) on one of the gateway's own
+/// endpoints, kept in process (per replica): it guards the store against writes, so it must
+/// not cost a store write itself.
 pub struct AddressThrottle {
     limiter: LocalLimiter,
     rate: Rate,
 }
 
 impl AddressThrottle {
-    /// `per_minute` requests per address per minute, as a burst, then evenly spaced.
+    /// `per_minute` requests per client per minute, as a burst, then evenly spaced.
     pub fn per_minute(per_minute: u64) -> AddressThrottle {
         AddressThrottle {
             limiter: LocalLimiter::default(),
@@ -122,14 +123,14 @@ impl AddressThrottle {
         }
     }
 
-    /// Counts a request from `address`; false when it is over the limit (nothing counted).
-    pub fn allow(&self, address: &str) -> bool {
-        self.allow_at(address, now_us())
+    /// Counts a request from `client`; false when it is over the limit (nothing counted).
+    pub fn allow(&self, client: &str) -> bool {
+        self.allow_at(client, now_us())
     }
 
-    pub fn allow_at(&self, address: &str, now: u64) -> bool {
+    pub fn allow_at(&self, client: &str, now: u64) -> bool {
         let check = LimitCheck {
-            key: address.to_string(),
+            key: client.to_string(),
             rate: self.rate,
         };
         self.limiter
