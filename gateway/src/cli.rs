@@ -65,8 +65,9 @@ pub struct Args {
     pub max_signups_per_ip: u64,
 
     /// Sign-in requests (`/oauth2/authorize`) one client IP may start per minute on each
-    /// replica, as a burst, then evenly spaced. Each parks a pending request in the store for
-    /// 10 minutes; over the limit the app gets `error=temporarily_unavailable`.
+    /// replica, as a burst, then evenly spaced (a browser signed in at the gateway counts as
+    /// its user). Each parks a pending request in the store for 10 minutes; over the limit the
+    /// app gets `error=temporarily_unavailable`.
     #[arg(long, env = "GATEHOUSE_MAX_SIGN_IN_STARTS_PER_MINUTE", default_value_t = crate::oauth::authorize::MAX_SIGN_IN_STARTS_PER_MINUTE, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_sign_in_starts_per_minute: u64,
 
