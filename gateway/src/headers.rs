@@ -35,18 +35,9 @@ pub fn number(n: u64) -> HeaderValue {
 }
 
 /// Digits written on the stack and copied once (`HeaderValue::from(u64)` allocates twice).
-fn large_number(mut n: u64) -> HeaderValue {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    HeaderValue::from_bytes(&buf[i..]).expect("digits are a valid header value")
+fn large_number(n: u64) -> HeaderValue {
+    let mut buf = itoa::Buffer::new();
+    HeaderValue::from_str(buf.format(n)).expect("digits are a valid header value")
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
