@@ -141,58 +141,41 @@ mod tests {
     #[test]
     fn a_trusted_proxy_is_looked_through_an_untrusted_peer_is_not() {
         let t: TrustedProxies = "10.0.0.0/8, 192.168.1.7".parse().unwrap();
-        // The ingress (10.x) appended the client's address.
-        assert_eq!(
-            t.client_ip(ip("10.1.2.3"), &xff(&["203.0.113.9"])),
-            ip("203.0.113.9")
-        );
-        // A client that talks to the gateway directly cannot pick its address.
-        assert_eq!(
-            t.client_ip(ip("198.51.100.1"), &xff(&["203.0.113.9"])),
-            ip("198.51.100.1")
-        );
-        // A forged entry in front of what the ingress appended is not believed.
-        assert_eq!(
-            t.client_ip(ip("10.1.2.3"), &xff(&["1.1.1.1, 203.0.113.9"])),
-            ip("203.0.113.9")
-        );
-        // Two trusted hops (load balancer 192.168.1.7, then the ingress), two header lines.
-        assert_eq!(
-            t.client_ip(
-                ip("10.1.2.3"),
-                &xff(&["6.6.6.6, 203.0.113.9", "192.168.1.7"])
+        // (socket peer, X-Forwarded-For lines, the client it counts as)
+        let cases: [(&str, &[&str], &str); 11] = [
+            // The ingress (10.x) appended the client's address.
+            ("10.1.2.3", &["203.0.113.9"], "203.0.113.9"),
+            // A client that talks to the gateway directly cannot pick its address.
+            ("198.51.100.1", &["203.0.113.9"], "198.51.100.1"),
+            // A forged entry in front of what the ingress appended is not believed.
+            ("10.1.2.3", &["1.1.1.1, 203.0.113.9"], "203.0.113.9"),
+            // Two trusted hops (load balancer 192.168.1.7, then the ingress), two header lines.
+            (
+                "10.1.2.3",
+                &["6.6.6.6, 203.0.113.9", "192.168.1.7"],
+                "203.0.113.9",
             ),
-            ip("203.0.113.9")
-        );
-        // No header: the proxy itself.
-        assert_eq!(
-            t.client_ip(ip("10.1.2.3"), &HeaderMap::new()),
-            ip("10.1.2.3")
-        );
-        // Every entry trusted: the first one.
-        assert_eq!(
-            t.client_ip(ip("10.1.2.3"), &xff(&["10.9.9.9"])),
-            ip("10.9.9.9")
-        );
-        // Garbage ends the walk at the proxy that passed it on.
-        assert_eq!(
-            t.client_ip(ip("10.1.2.3"), &xff(&["203.0.113.9, nonsense"])),
-            ip("10.1.2.3")
-        );
-        // Ports and brackets as some proxies write them.
-        assert_eq!(
-            t.client_ip(ip("10.1.2.3"), &xff(&["203.0.113.9:4711"])),
-            ip("203.0.113.9")
-        );
-        assert_eq!(
-            t.client_ip(ip("10.1.2.3"), &xff(&["[2001:db8::1]:4711"])),
-            ip("2001:db8::1")
-        );
-        // A dual-stack socket's IPv4-mapped peer is the IPv4 proxy.
-        assert_eq!(
-            t.client_ip(ip("::ffff:10.1.2.3"), &xff(&["203.0.113.9"])),
-            ip("203.0.113.9")
-        );
+            // No header: the proxy itself.
+            ("10.1.2.3", &[], "10.1.2.3"),
+            // Every entry trusted: the first one.
+            ("10.1.2.3", &["10.9.9.9"], "10.9.9.9"),
+            // Garbage ends the walk at the proxy that passed it on.
+            ("10.1.2.3", &["203.0.113.9, nonsense"], "10.1.2.3"),
+            // Ports and brackets as some proxies write them.
+            ("10.1.2.3", &["203.0.113.9:4711"], "203.0.113.9"),
+            ("10.1.2.3", &["[2001:db8::1]:4711"], "2001:db8::1"),
+            // A dual-stack socket's IPv4-mapped peer is the IPv4 proxy.
+            ("::ffff:10.1.2.3", &["203.0.113.9"], "203.0.113.9"),
+            // An untrusted IPv6 peer counts as itself.
+            ("2001:db8::7", &["203.0.113.9"], "2001:db8::7"),
+        ];
+        for (peer, lines, want) in cases {
+            assert_eq!(
+                t.client_ip(ip(peer), &xff(lines)),
+                ip(want),
+                "{peer} {lines:?}"
+            );
+        }
     }
 
     #[test]
