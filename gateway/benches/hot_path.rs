@@ -113,6 +113,7 @@ fn bench(c: &mut Criterion) {
                 peer_ip: &HeaderValue::from_static("10.1.2.3"),
                 proto: "http",
                 request_id: &rid,
+                upstream_host: &HeaderValue::from_static("backend:8080"),
             };
             headers::rewrite_request(&mut h, &id, &fwd);
             h

@@ -95,7 +95,7 @@ fn client_may_not_send(name: &str) -> bool {
 
 /// Removes every header whose name `drop` selects, plus any the Connection header names.
 /// One pass over the (few) names present instead of a hash lookup per name that might be.
-fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&str) -> bool) {
+fn remove_where(headers: &mut HeaderMap, mut drop: impl FnMut(&str) -> bool) {
     // Usually one or two names (Authorization, a hop-by-hop header): on the stack.
     let mut doomed: smallvec::SmallVec<[HeaderName; 4]> = smallvec::SmallVec::new();
     for name in headers.keys() {
@@ -188,16 +188,24 @@ pub struct Forwarded<'a> {
     pub peer_ip: &'a HeaderValue,
     pub proto: &'static str,
     pub request_id: &'a HeaderValue,
+    /// The Host the upstream gets (its own authority).
+    pub upstream_host: &'a HeaderValue,
 }
 
 /// Turns the client's request headers into the upstream's: hop-by-hop headers, the bearer token
 /// and every client-supplied identity header (any case, any `X-Authenticated-*`) removed, then
 /// the gateway's identity and forwarding headers set.
 pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forwarded<'_>) {
-    // Taken out before Connection can name it for removal; the upstream gets its own Host.
-    let host = headers.remove(header::HOST);
+    // The upstream gets its own Host; the client's is taken out (for X-Forwarded-Host) before
+    // Connection can name it for removal. Replaced in place: one map operation, not two.
+    let host = headers.insert(header::HOST, fwd.upstream_host.clone());
     // HeaderMap names are lowercase already, so this catches every spelling a client used.
-    remove_where(headers, client_may_not_send);
+    // The same pass notes X-Forwarded-For, so most requests skip hashing its name to look.
+    let mut has_xff = false;
+    remove_where(headers, |name| {
+        has_xff |= name == "x-forwarded-for";
+        client_may_not_send(name)
+    });
     // The gateway's browser session is not the backend's to see (it would let a backend sign
     // in as the user at the gateway). Only requests that carry cookies pay for the scan.
     if headers
@@ -230,7 +238,12 @@ pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forward
     if let Some(host) = host {
         headers.insert(FORWARDED_HOST, host);
     }
-    let xff = match headers.get(&FORWARDED_FOR).map(HeaderValue::as_bytes) {
+    let prev = if has_xff {
+        headers.get(&FORWARDED_FOR)
+    } else {
+        None
+    };
+    let xff = match prev.map(HeaderValue::as_bytes) {
         Some(prev) if !prev.is_empty() => {
             let mut v = Vec::with_capacity(prev.len() + 2 + fwd.peer_ip.len());
             v.extend_from_slice(prev);
@@ -282,10 +295,11 @@ pub fn bearer(headers: &HeaderMap) -> Bearer<'_> {
     let Ok(value) = value.to_str() else {
         return Bearer::Malformed;
     };
-    match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
-            let token = token.trim();
-            if token.is_empty() || token.contains(' ') {
+    // Byte comparisons: `split_once` and `contains` set up a char searcher per request.
+    match value.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => {
+            let token = value[7..].trim();
+            if token.is_empty() || token.as_bytes().contains(&b' ') {
                 Bearer::Malformed
             } else {
                 Bearer::Token(token)
@@ -367,6 +381,7 @@ mod tests {
             peer_ip: &hv("127.0.0.1"),
             proto: "http",
             request_id: &rid,
+            upstream_host: &hv("backend:8080"),
         };
         rewrite_request(&mut h, &id, &fwd);
 
@@ -378,7 +393,7 @@ mod tests {
         assert_eq!(h["x-application-id"], "demo/app");
         assert_eq!(h["x-api-plan"], "basic");
         assert!(!h.contains_key(header::AUTHORIZATION));
-        assert!(!h.contains_key(header::HOST));
+        assert_eq!(h[header::HOST], "backend:8080");
         assert!(!h.contains_key(header::CONNECTION));
         assert!(!h.contains_key("x-drop-me"));
         assert!(!h.contains_key("keep-alive"));
@@ -403,6 +418,7 @@ mod tests {
             peer_ip: &hv(peer),
             proto: "http",
             request_id: &rid,
+            upstream_host: &hv("backend:8080"),
         };
         rewrite_request(h, &id, &fwd);
     }
@@ -464,6 +480,7 @@ mod tests {
         rewrite_without_user(&mut h, "10.0.0.3");
         assert_eq!(h["x-forwarded-host"], "api.example");
         assert_eq!(h["my_header"], "kept");
+        // Connection took the upstream's Host out too; `upstream::send` puts it back.
         assert!(!h.contains_key(header::HOST));
         for (name, value) in &h {
             assert_ne!(value, "spoof", "{name} forwarded");
@@ -548,6 +565,14 @@ mod tests {
         assert!(matches!(bearer(&h), Bearer::Malformed));
         h.insert(header::AUTHORIZATION, hv("Bearer "));
         assert!(matches!(bearer(&h), Bearer::Malformed));
+        h.insert(header::AUTHORIZATION, hv("Bearer"));
+        assert!(matches!(bearer(&h), Bearer::Malformed));
+        h.insert(header::AUTHORIZATION, hv("Bearer a b"));
+        assert!(matches!(bearer(&h), Bearer::Malformed));
+        h.insert(header::AUTHORIZATION, hv("Bearerx abc"));
+        assert!(matches!(bearer(&h), Bearer::Malformed));
+        h.insert(header::AUTHORIZATION, hv("BEARER  xyz "));
+        assert!(matches!(bearer(&h), Bearer::Token("xyz")));
         h.insert(header::AUTHORIZATION, hv("Bearer a"));
         h.append(header::AUTHORIZATION, hv("Bearer b"));
         assert!(matches!(bearer(&h), Bearer::Malformed));

@@ -182,18 +182,19 @@ async fn forward(
         return Err(GatewayError::RateLimited(decision));
     }
 
-    let (mut parts, body) = req.into_parts();
+    // Changed in place: taking the request apart and back together copies its head twice.
+    let mut req = req;
     let path = routing::upstream_path(
         &api.base_path,
         &api.cfg.path_prefix,
-        parts.uri.path(),
+        req.uri().path(),
         api.cfg.upstream.strip_prefix,
-        parts.uri.query(),
+        req.uri().query(),
     );
-    parts.uri = PathAndQuery::from_maybe_shared(bytes::Bytes::from(path))
+    *req.uri_mut() = PathAndQuery::from_maybe_shared(bytes::Bytes::from(path))
         .map(Uri::from)
         .map_err(|_| GatewayError::InvalidRequest("the request path cannot be forwarded"))?;
-    parts.version = Version::HTTP_11;
+    *req.version_mut() = Version::HTTP_11;
 
     let user_header = match &record.user_id {
         Some(u) => Some(HeaderValue::from_str(u).map_err(|_| GatewayError::InvalidToken)?),
@@ -210,14 +211,14 @@ async fn forward(
         peer_ip: peer,
         proto: state.forwarded_proto,
         request_id,
+        upstream_host: api.target.host(),
     };
-    headers::rewrite_request(&mut parts.headers, &identity, &fwd);
+    headers::rewrite_request(req.headers_mut(), &identity, &fwd);
 
-    let upstream_req = http::Request::from_parts(parts, body);
     // Boxed: the exchange's state is large, and this future is moved whole several times.
     let resp = match tokio::time::timeout(
         api.timeout,
-        Box::pin(upstream::send(&api.target, upstream_req, api.timeout)),
+        Box::pin(upstream::send(&api.target, req, api.timeout)),
     )
     .await
     {
@@ -232,11 +233,10 @@ async fn forward(
         }
         Ok(Ok(resp)) => resp,
     };
-    let (mut parts, body) = resp.into_parts();
-    headers::rewrite_response(&mut parts.headers);
-    set_rate_limit_headers(&mut parts.headers, &decision);
-    parts
-        .headers
-        .insert(headers::REQUEST_ID, request_id.clone());
-    Ok(Response::from_parts(parts, body))
+    let mut resp = resp;
+    let out = resp.headers_mut();
+    headers::rewrite_response(out);
+    set_rate_limit_headers(out, &decision);
+    out.insert(headers::REQUEST_ID, request_id.clone());
+    Ok(resp)
 }

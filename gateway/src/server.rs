@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use http::{HeaderValue, Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 
 use crate::deadline::{Count, Deadline, WriteDeadline};
@@ -122,9 +122,7 @@ async fn serve_until(
             break;
         };
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = builder
-            .serve_connection(client_io(tcp.0, client_timeout), svc)
-            .into_owned();
+        let conn = builder.serve_connection(client_io(tcp.0, client_timeout), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
@@ -137,13 +135,12 @@ async fn serve_until(
 
 /// HTTP/1.1 with a deadline for each request's headers, which also covers a connection that
 /// never sends anything and idle keep-alive connections.
-fn http1_builder(
-    client_timeout: Duration,
-) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+/// hyper's own HTTP/1 server, not hyper-util's auto builder: that one wraps every connection's
+/// reads (to sniff for HTTP/2) and adds a layer of polling per request, for a protocol the
+/// gateway does not serve.
+fn http1_builder(client_timeout: Duration) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(client_timeout);
     builder
@@ -247,10 +244,13 @@ impl Public {
 
 /// True for paths under the prefixes no Api may use (the router's routes live there).
 fn served_by_gateway(path: &str) -> bool {
-    let first = path
-        .strip_prefix('/')
-        .and_then(|p| p.split('/').next())
-        .unwrap_or("");
+    let first = path.strip_prefix('/').map_or("", |p| {
+        // A byte scan: `split` sets up a char searcher on every proxied request.
+        p.as_bytes()
+            .iter()
+            .position(|&b| b == b'/')
+            .map_or(p, |end| &p[..end])
+    });
     gatehouse_crds::compile::RESERVED_PREFIXES
         .iter()
         .any(|r| r[1..] == *first)
@@ -356,7 +356,7 @@ async fn serve_public(
                 Ok::<_, Infallible>(app.call(req, *peer, peer_ip).await)
             }
         });
-        let conn = builder.serve_connection(io, svc).into_owned();
+        let conn = builder.serve_connection(io, svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

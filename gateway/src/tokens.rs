@@ -39,11 +39,21 @@ pub fn secret_matches(presented: &str, expected_sha256_hex: &str) -> bool {
 
 /// Shape check before touching the store: a token we issued is exactly 43 base64url chars.
 pub fn looks_like_token(token: &str) -> bool {
-    token.len() == 43
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    token.len() == 43 && token.bytes().all(|b| BASE64URL[usize::from(b)])
 }
+
+/// The base64url alphabet as a table: one load per byte on every proxied request, where the
+/// range comparisons took about four times the instructions.
+static BASE64URL: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+        b += 1;
+    }
+    t
+};
 
 #[cfg(test)]
 mod tests {
@@ -81,5 +91,11 @@ mod tests {
         assert!(!looks_like_token("short"));
         assert!(!looks_like_token(&"a".repeat(44)));
         assert!(!looks_like_token(&format!("{}+", "a".repeat(42))));
+        let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        for c in (0u8..128).map(char::from) {
+            let token = format!("{}{c}{}", "a".repeat(21), "a".repeat(21));
+            assert_eq!(looks_like_token(&token), alphabet.contains(c), "{c:?}");
+        }
+        assert!(!looks_like_token(&format!("{}é", "a".repeat(41))));
     }
 }

@@ -6,7 +6,6 @@
 //! read to the end, request body sent: `UpstreamBody`), so the next request on the same thread
 //! reuses it without a task switch.
 
-use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,39 +41,27 @@ pub enum UpstreamError {
     Scheme,
 }
 
-/// An upstream's pool key. `Authority` hashes byte by byte (lowercasing each), so the hash is
-/// computed once, with the target, rather than twice per request.
-#[derive(Clone)]
-struct Key {
-    https: bool,
-    authority: Authority,
-    hash: u64,
-}
+/// An upstream's pool key: a number per distinct (scheme, authority), assigned when a
+/// configuration is compiled. Per request the pool then hashes and compares one integer, and
+/// the key is copied, not an `Authority` (shared bytes) cloned and dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key(u64);
 
 impl Key {
-    fn new(https: bool, authority: Authority) -> Key {
+    /// The same upstream spelled differently (host letter case) gets the same key. Keys are
+    /// never freed: there is one per upstream authority a configuration ever named.
+    fn new(https: bool, authority: &Authority) -> Key {
+        static KEYS: Mutex<Vec<(bool, String)>> = Mutex::new(Vec::new());
         let lower = authority.as_str().to_ascii_lowercase();
-        let hash = foldhash::fast::FixedState::default().hash_one((https, lower));
-        Key {
-            https,
-            authority,
-            hash,
-        }
-    }
-}
-
-impl PartialEq for Key {
-    fn eq(&self, other: &Key) -> bool {
-        // Authority compares case-insensitively, as the hash does.
-        self.https == other.https && self.authority == other.authority
-    }
-}
-
-impl Eq for Key {}
-
-impl std::hash::Hash for Key {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
+        let mut keys = KEYS.lock().unwrap_or_else(|p| p.into_inner());
+        let i = match keys.iter().position(|(h, a)| *h == https && *a == lower) {
+            Some(i) => i,
+            None => {
+                keys.push((https, lower));
+                keys.len() - 1
+            }
+        };
+        Key(i as u64)
     }
 }
 
@@ -173,6 +160,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// The Host header the upstream expects (its authority).
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
+    }
+
     /// From an absolute http(s) URL; its path is ignored here (see `ApiRuntime::base_path`).
     pub fn new(url: &Uri) -> Result<Target, UpstreamError> {
         let (Some(scheme), Some(authority)) = (url.scheme(), url.authority()) else {
@@ -188,7 +180,7 @@ impl Target {
             .build()
             .map_err(|_| UpstreamError::NoAuthority)?;
         Ok(Target {
-            key: Key::new(*scheme == Scheme::HTTPS, authority.clone()),
+            key: Key::new(*scheme == Scheme::HTTPS, authority),
             dial,
             host: HeaderValue::from_str(authority.as_str())
                 .map_err(|_| UpstreamError::NoAuthority)?,
@@ -260,7 +252,7 @@ pub async fn send(
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(
         parts,
-        upstream_body(body, body_idle, sent, pool, target.key.clone(), sender),
+        upstream_body(body, body_idle, sent, pool, target.key, sender),
     ))
 }
 
@@ -566,7 +558,6 @@ mod tests {
             Err(UpstreamError::Scheme)
         ));
         let ok = t("https://api.example:8443/base").unwrap();
-        assert!(ok.key.https);
         assert_eq!(ok.host, "api.example:8443");
         assert_eq!(ok.dial, "https://api.example:8443/");
     }
@@ -578,7 +569,7 @@ mod tests {
             key("http://API.example:8080/"),
             key("http://api.example:8080/x"),
         );
-        assert!(a == b && a.hash == b.hash);
+        assert_eq!(a, b);
         // Scheme and port still tell upstreams apart.
         assert!(a != key("https://api.example:8080/"));
         assert!(a != key("http://api.example:8081/"));

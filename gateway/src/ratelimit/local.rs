@@ -5,6 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use foldhash::fast::RandomState;
+use hashbrown::HashTable;
 use parking_lot::Mutex;
 
 use super::gcra::{self, Decision, LimitState, Rate};
@@ -20,7 +21,9 @@ pub struct LocalLimiter {
     // proxy's keys come from the gateway's own records (subscription, user id); the address
     // throttle's from client addresses, which a client varies only within its own prefixes,
     // and foldhash is seeded at random per process, so colliding keys cannot be chosen.
-    shards: Vec<Mutex<foldhash::HashMap<String, u64>>>,
+    // Each key is hashed once per check: the hash picks the shard and finds the entry, for the
+    // read and for the update (a HashTable takes the hash from its caller).
+    shards: Vec<Mutex<HashTable<(String, u64)>>>,
     hasher: RandomState,
 }
 
@@ -43,8 +46,14 @@ pub fn now_us() -> u64 {
 }
 
 impl LocalLimiter {
-    fn shard_of(&self, key: &str) -> usize {
-        (self.hasher.hash_one(key) as usize) % SHARDS
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The shard from bits the table does not use for its buckets (low bits) or its control
+    /// bytes (top seven), so the keys of one shard still spread over its table.
+    fn shard_of(hash: u64) -> usize {
+        ((hash >> 32) as usize) % SHARDS
     }
 
     /// Decides at an explicit instant (tests replay sequences with it).
@@ -53,31 +62,33 @@ impl LocalLimiter {
             return Decision::unlimited();
         }
         // Lock every shard involved, in index order (no deadlock between requests), so the
-        // check-then-consume of all limits is atomic with respect to other requests. Each key
-        // is hashed once. Plans have a few limits: the lists stay on the stack.
-        let shard: Small<usize> = checks.iter().map(|c| self.shard_of(&c.key)).collect();
-        let mut idx = shard.clone();
+        // check-then-consume of all limits is atomic with respect to other requests. Plans have
+        // a few limits: the lists stay on the stack.
+        let hashes: Small<u64> = checks.iter().map(|c| self.hash(&c.key)).collect();
+        let mut idx: Small<usize> = hashes.iter().map(|&h| Self::shard_of(h)).collect();
         idx.sort_unstable();
         idx.dedup();
-        let mut guards: Small<_> = idx.iter().map(|&i| (i, self.shards[i].lock())).collect();
-        let pos = |s: usize| idx.binary_search(&s).expect("locked");
+        let mut guards: Small<_> = idx.iter().map(|&i| self.shards[i].lock()).collect();
+        let pos = |h: u64| idx.binary_search(&Self::shard_of(h)).expect("locked");
         let states: Small<LimitState> = checks
             .iter()
-            .zip(&shard)
-            .map(|(c, &s)| {
-                let tat = guards[pos(s)].1.get(&c.key).copied().unwrap_or(0);
+            .zip(&hashes)
+            .map(|(c, &h)| {
+                let tat = guards[pos(h)]
+                    .find(h, |(k, _)| *k == c.key)
+                    .map_or(0, |(_, tat)| *tat);
                 gcra::check(c.rate, tat, now)
             })
             .collect();
         let decision = gcra::combine(&states);
         if decision.allowed {
-            for ((c, st), &s) in checks.iter().zip(&states).zip(&shard) {
-                let map = &mut guards[pos(s)].1;
+            for ((c, st), &h) in checks.iter().zip(&states).zip(&hashes) {
+                let table = &mut guards[pos(h)];
                 // An existing key is updated in place: no new String per request.
-                match map.get_mut(&c.key) {
-                    Some(tat) => *tat = st.new_tat,
+                match table.find_mut(h, |(k, _)| *k == c.key) {
+                    Some((_, tat)) => *tat = st.new_tat,
                     None => {
-                        map.insert(c.key.clone(), st.new_tat);
+                        table.insert_unique(h, (c.key.clone(), st.new_tat), |(k, _)| self.hash(k));
                     }
                 }
             }
@@ -91,7 +102,7 @@ impl LocalLimiter {
         for shard in &self.shards {
             let mut map = shard.lock();
             let before = map.len();
-            map.retain(|_, tat| *tat > now);
+            map.retain(|(_, tat)| *tat > now);
             removed += before - map.len();
         }
         removed
