@@ -1,7 +1,7 @@
 //! The benchmark driver behind `bench/run.sh`: starts a tiny upstream, nginx (plain reverse
-//! proxy, no checks), gatehouse embedded and gatehouse with Redis; gets real tokens through the
-//! real endpoints; drives each target with wrk in alternating rounds; prints a table and writes
-//! bench/results.json.
+//! proxy, no checks), a bare hyper proxy (no checks either), gatehouse embedded and gatehouse
+//! with Redis; gets real tokens through the real endpoints; drives each target with wrk in
+//! alternating rounds; prints a table and writes bench/results.json.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -52,6 +52,9 @@ impl Drop for Proc {
         let _ = self.0.wait();
     }
 }
+
+/// The throughput target for `gatehouse-bare-proxy`.
+const BARE: &str = "bare hyper proxy (no checks)";
 
 /// nginx's master stops its workers on SIGTERM; SIGKILL would leave them running behind.
 struct Nginx(Child);
@@ -491,7 +494,7 @@ async fn main() -> anyhow::Result<()> {
         Ok(p)
     };
 
-    // Upstream, nginx, redis, two gateways.
+    // Upstream, nginx, the bare hyper proxy, redis, two gateways.
     let up_port = free_port();
     let _up = Proc(
         Command::new(bin("gatehouse-upstream"))
@@ -530,6 +533,20 @@ async fn main() -> anyhow::Result<()> {
     );
     wait_port(ng_port)?;
     let ng_pid = _ng.0.id();
+    // hyper and tokio with nothing else (no checks, no added headers): what the framework
+    // itself costs next to nginx, in the same run.
+    let bare_port = free_port();
+    let _bare = Proc(
+        Command::new(bin("gatehouse-bare-proxy"))
+            .args([
+                format!("127.0.0.1:{bare_port}"),
+                format!("127.0.0.1:{up_port}"),
+            ])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_port(bare_port)?;
+    let bare_pid = _bare.0.id();
     let mdir = dir.path().join("manifests");
     std::fs::create_dir_all(&mdir)?;
     std::fs::write(mdir.join("bench.yaml"), manifests(up_port))?;
@@ -732,6 +749,12 @@ async fn main() -> anyhow::Result<()> {
                 Some(same_requests.0.clone()),
                 watch(children(ng_pid), None),
             ),
+            (
+                BARE.into(),
+                format!("http://127.0.0.1:{bare_port}/api/x"),
+                Some(same_requests.0.clone()),
+                watch(vec![bare_pid], None),
+            ),
         ];
         for (name, port, pid, _) in &gws {
             let (one, many, limited) = &tok[name];
@@ -884,9 +907,19 @@ async fn main() -> anyhow::Result<()> {
     // Table.
     let nginx_rps = median(runs["nginx"].iter().map(|r| r.rps).collect());
     let direct_rps = median(runs["direct"].iter().map(|r| r.rps).collect());
+    let bare_rps = median(runs[BARE].iter().map(|r| r.rps).collect());
     println!(
-        "\n{:<34} {:>10} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8}",
-        "target", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "errors", "cpu %", "/nginx", "/direct"
+        "\n{:<34} {:>10} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8}",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "errors",
+        "cpu %",
+        "/nginx",
+        "/bare",
+        "/direct"
     );
     for (label, rs) in &runs {
         let rps = median(rs.iter().map(|r| r.rps).collect());
@@ -904,11 +937,12 @@ async fn main() -> anyhow::Result<()> {
             .next_back()
             .unwrap_or_else(|| "-".into());
         println!(
-            "{label:<34} {rps:>10.0} {p50:>8.2} {p99:>8.2} {p999:>9.2} {errors:>7} {cpu:>7} {:>8.2} {:>8.2}",
+            "{label:<34} {rps:>10.0} {p50:>8.2} {p99:>8.2} {p999:>9.2} {errors:>7} {cpu:>7} {:>8.2} {:>8.2} {:>8.2}",
             rps / nginx_rps,
+            rps / bare_rps,
             rps / direct_rps
         );
-        results["throughput"][label] = json!({"rps": rps, "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "errors": errors, "cpu_pct": cpu, "ratio_nginx": rps / nginx_rps, "ratio_direct": rps / direct_rps, "rounds": rs.len()});
+        results["throughput"][label] = json!({"rps": rps, "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "errors": errors, "cpu_pct": cpu, "ratio_nginx": rps / nginx_rps, "ratio_bare": rps / bare_rps, "ratio_direct": rps / direct_rps, "rounds": rs.len()});
     }
     // Where each request's CPU went. On a machine where everything shares the cores, req/s
     // follows the whole sum; a proxy's own cost is its column (plus Redis's, in Redis mode).
