@@ -206,6 +206,10 @@ pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forward
         has_xff |= name == "x-forwarded-for";
         client_may_not_send(name)
     });
+    // Connection may have named Host: the upstream still gets its own.
+    if !headers.contains_key(header::HOST) {
+        headers.insert(header::HOST, fwd.upstream_host.clone());
+    }
     // The gateway's browser session is not the backend's to see (it would let a backend sign
     // in as the user at the gateway). Only requests that carry cookies pay for the scan.
     if headers
@@ -238,20 +242,21 @@ pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forward
     if let Some(host) = host {
         headers.insert(FORWARDED_HOST, host);
     }
-    let prev = if has_xff {
-        headers.get(&FORWARDED_FOR)
-    } else {
-        None
-    };
-    let xff = match prev.map(HeaderValue::as_bytes) {
-        Some(prev) if !prev.is_empty() => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + fwd.peer_ip.len());
-            v.extend_from_slice(prev);
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(fwd.peer_ip.as_bytes());
-            HeaderValue::from_bytes(&v).ok()
+    // Several X-Forwarded-For headers are one list (RFC 9110 5.3): all of them, then the peer.
+    let mut prev: Vec<u8> = Vec::new();
+    if has_xff {
+        for v in headers.get_all(&FORWARDED_FOR) {
+            if !v.is_empty() {
+                prev.extend_from_slice(v.as_bytes());
+                prev.extend_from_slice(b", ");
+            }
         }
-        _ => Some(fwd.peer_ip.clone()),
+    }
+    let xff = if prev.is_empty() {
+        Some(fwd.peer_ip.clone())
+    } else {
+        prev.extend_from_slice(fwd.peer_ip.as_bytes());
+        HeaderValue::from_bytes(&prev).ok()
     };
     if let Some(v) = xff {
         headers.insert(FORWARDED_FOR, v);
@@ -480,8 +485,7 @@ mod tests {
         rewrite_without_user(&mut h, "10.0.0.3");
         assert_eq!(h["x-forwarded-host"], "api.example");
         assert_eq!(h["my_header"], "kept");
-        // Connection took the upstream's Host out too; `upstream::send` puts it back.
-        assert!(!h.contains_key(header::HOST));
+        assert_eq!(h[header::HOST], "backend:8080");
         for (name, value) in &h {
             assert_ne!(value, "spoof", "{name} forwarded");
         }
@@ -490,6 +494,26 @@ mod tests {
         h.insert("x-forwarded-host", hv("evil.example"));
         rewrite_without_user(&mut h, "10.0.0.3");
         assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(h[header::HOST], "backend:8080");
+    }
+
+    #[test]
+    fn every_forwarded_for_header_is_kept_in_order_before_the_peer() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", hv("10.0.0.1"));
+        h.append("x-forwarded-for", hv(""));
+        h.append("x-forwarded-for", hv("10.0.0.2, 10.0.0.3"));
+        rewrite_without_user(&mut h, "10.0.0.9");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(
+            h["x-forwarded-for"],
+            "10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.9"
+        );
+        // Only empty ones: the peer alone.
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", hv(""));
+        rewrite_without_user(&mut h, "10.0.0.9");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
     }
 
     #[test]

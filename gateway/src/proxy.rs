@@ -83,7 +83,7 @@ fn status_class(s: http::StatusCode) -> usize {
 
 async fn forward(
     state: &AppState,
-    req: Request,
+    mut req: Request,
     request_id: &HeaderValue,
     peer: &HeaderValue,
 ) -> Result<Response<UpstreamBody>, GatewayError> {
@@ -182,8 +182,7 @@ async fn forward(
         return Err(GatewayError::RateLimited(decision));
     }
 
-    // Changed in place: taking the request apart and back together copies its head twice.
-    let mut req = req;
+    // Changed in place rather than taken apart and rebuilt (each moves the whole head).
     let path = routing::upstream_path(
         &api.base_path,
         &api.cfg.path_prefix,
@@ -216,7 +215,7 @@ async fn forward(
     headers::rewrite_request(req.headers_mut(), &identity, &fwd);
 
     // Boxed: the exchange's state is large, and this future is moved whole several times.
-    let resp = match tokio::time::timeout(
+    let mut resp = match tokio::time::timeout(
         api.timeout,
         Box::pin(upstream::send(&api.target, req, api.timeout)),
     )
@@ -233,7 +232,6 @@ async fn forward(
         }
         Ok(Ok(resp)) => resp,
     };
-    let mut resp = resp;
     let out = resp.headers_mut();
     headers::rewrite_response(out);
     set_rate_limit_headers(out, &decision);

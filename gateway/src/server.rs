@@ -135,9 +135,8 @@ async fn serve_until(
 
 /// HTTP/1.1 with a deadline for each request's headers, which also covers a connection that
 /// never sends anything and idle keep-alive connections.
-/// hyper's own HTTP/1 server, not hyper-util's auto builder: that one wraps every connection's
-/// reads (to sniff for HTTP/2) and adds a layer of polling per request, for a protocol the
-/// gateway does not serve.
+/// hyper's own HTTP/1 server, not hyper-util's auto builder: even limited to HTTP/1 that one
+/// wraps every connection's reads (`Rewind`) and adds its own state machine per poll.
 fn http1_builder(client_timeout: Duration) -> hyper::server::conn::http1::Builder {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

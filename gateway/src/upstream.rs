@@ -49,19 +49,15 @@ struct Key(u64);
 
 impl Key {
     /// The same upstream spelled differently (host letter case) gets the same key. Keys are
-    /// never freed: there is one per upstream authority a configuration ever named.
+    /// never freed: one entry (its authority and a number) per upstream any configuration of
+    /// this process named, which stays small unless upstream names change all the time.
     fn new(https: bool, authority: &Authority) -> Key {
-        static KEYS: Mutex<Vec<(bool, String)>> = Mutex::new(Vec::new());
+        static KEYS: std::sync::LazyLock<Mutex<std::collections::HashMap<(bool, String), u64>>> =
+            std::sync::LazyLock::new(Default::default);
         let lower = authority.as_str().to_ascii_lowercase();
         let mut keys = KEYS.lock().unwrap_or_else(|p| p.into_inner());
-        let i = match keys.iter().position(|(h, a)| *h == https && *a == lower) {
-            Some(i) => i,
-            None => {
-                keys.push((https, lower));
-                keys.len() - 1
-            }
-        };
-        Key(i as u64)
+        let next = keys.len() as u64;
+        Key(*keys.entry((https, lower)).or_insert(next))
     }
 }
 

@@ -61,6 +61,33 @@ async fn identity_headers_reach_the_upstream_and_spoofs_do_not() {
     assert!(seen(&echo, "x-forwarded-for").is_some());
     assert_eq!(seen(&echo, "x-request-id"), Some("trace-123"));
     assert_eq!(seen(&echo, "x-custom"), Some("kept"));
+    let upstream = h.upstream.to_string();
+    assert_eq!(seen(&echo, "host"), Some(upstream.as_str()));
+}
+
+#[tokio::test]
+async fn the_upstream_gets_its_own_host_and_every_forwarded_for_hop() {
+    let h = Harness::new(100).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    // Connection naming Host must neither leave the upstream without one nor hide the client's.
+    let req = get("/mobile/items", Some(&token))
+        .header("host", "gw.test")
+        .header("connection", "host")
+        .header("x-forwarded-for", "198.51.100.1")
+        .header("x-forwarded-for", "198.51.100.2")
+        .body(Body::empty())
+        .unwrap();
+    let resp = h.call(req).await;
+    assert_eq!(resp.status(), 200);
+    let echo = json(resp).await;
+    let upstream = h.upstream.to_string();
+    assert_eq!(seen(&echo, "host"), Some(upstream.as_str()));
+    assert_eq!(seen(&echo, "x-forwarded-host"), Some("gw.test"));
+    assert_eq!(
+        echo["headers"]["x-forwarded-for"],
+        serde_json::json!(["198.51.100.1, 198.51.100.2, unknown"]),
+        "both hops, then the peer (none in this in-process harness)"
+    );
 }
 
 #[tokio::test]

@@ -17,8 +17,7 @@ const SHARDS: usize = 64;
 type Small<T> = smallvec::SmallVec<[T; 4]>;
 
 pub struct LocalLimiter {
-    // foldhash, not SipHash: each check hashes every key three times (shard, read, update). The
-    // proxy's keys come from the gateway's own records (subscription, user id); the address
+    // foldhash, not SipHash: it is hashed on every proxied request. The proxy's keys come from the gateway's own records (subscription, user id); the address
     // throttle's from client addresses, which a client varies only within its own prefixes,
     // and foldhash is seeded at random per process, so colliding keys cannot be chosen.
     // Each key is hashed once per check: the hash picks the shard and finds the entry, for the
@@ -217,5 +216,28 @@ mod tests {
         assert_eq!(l.len(), 2);
         assert_eq!(l.purge_idle(now + 2_000_000), 2);
         assert!(l.is_empty());
+    }
+
+    #[test]
+    fn many_keys_survive_their_tables_growing_and_each_keeps_its_own_count() {
+        // 20,000 keys over 64 shards: every table grows (rehashing its entries) many times.
+        let l = LocalLimiter::default();
+        let now = 7_000_000;
+        let key = |i: u32| LimitCheck::new(format!("rl:{{sub}}:plan:0:user-{i}"), 2, 3600);
+        for i in 0..20_000 {
+            assert!(l.check_at(&[key(i)], now).allowed);
+        }
+        assert_eq!(l.len(), 20_000);
+        for i in 0..20_000 {
+            let d = l.check_at(&[key(i)], now);
+            assert!(
+                d.allowed && d.remaining == 0,
+                "key {i} lost its first request"
+            );
+        }
+        for i in (0..20_000).step_by(97) {
+            assert!(!l.check_at(&[key(i)], now).allowed, "key {i}");
+        }
+        assert_eq!(l.len(), 20_000);
     }
 }
