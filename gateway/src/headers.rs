@@ -197,7 +197,8 @@ pub struct Forwarded<'a> {
 /// the gateway's identity and forwarding headers set.
 pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forwarded<'_>) {
     // The upstream gets its own Host; the client's is taken out (for X-Forwarded-Host) before
-    // Connection can name it for removal. Replaced in place: one map operation, not two.
+    // Connection can name it for removal. Replaced in place: one map operation, not two. If
+    // Connection names Host, `upstream::send` gives the upstream its Host (tests/proxy.rs).
     let host = headers.insert(header::HOST, fwd.upstream_host.clone());
     // HeaderMap names are lowercase already, so this catches every spelling a client used.
     // The same pass notes X-Forwarded-For, so most requests skip hashing its name to look.
@@ -206,10 +207,6 @@ pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forward
         has_xff |= name == "x-forwarded-for";
         client_may_not_send(name)
     });
-    // Connection may have named Host: the upstream still gets its own.
-    if !headers.contains_key(header::HOST) {
-        headers.insert(header::HOST, fwd.upstream_host.clone());
-    }
     // The gateway's browser session is not the backend's to see (it would let a backend sign
     // in as the user at the gateway). Only requests that carry cookies pay for the scan.
     if headers
@@ -485,7 +482,8 @@ mod tests {
         rewrite_without_user(&mut h, "10.0.0.3");
         assert_eq!(h["x-forwarded-host"], "api.example");
         assert_eq!(h["my_header"], "kept");
-        assert_eq!(h[header::HOST], "backend:8080");
+        // Connection named Host: gone here, set again by `upstream::send` (tests/proxy.rs).
+        assert!(!h.contains_key(header::HOST));
         for (name, value) in &h {
             assert_ne!(value, "spoof", "{name} forwarded");
         }

@@ -68,12 +68,16 @@ impl LocalLimiter {
         idx.sort_unstable();
         idx.dedup();
         let mut guards: Small<_> = idx.iter().map(|&i| self.shards[i].lock()).collect();
-        let pos = |h: u64| idx.binary_search(&Self::shard_of(h)).expect("locked");
+        // Each check's guard, found once for the read and the update.
+        let at: Small<usize> = hashes
+            .iter()
+            .map(|&h| idx.binary_search(&Self::shard_of(h)).expect("locked"))
+            .collect();
         let states: Small<LimitState> = checks
             .iter()
-            .zip(&hashes)
-            .map(|(c, &h)| {
-                let tat = guards[pos(h)]
+            .zip(hashes.iter().zip(&at))
+            .map(|(c, (&h, &g))| {
+                let tat = guards[g]
                     .find(h, |(k, _)| *k == c.key)
                     .map_or(0, |(_, tat)| *tat);
                 gcra::check(c.rate, tat, now)
@@ -81,8 +85,8 @@ impl LocalLimiter {
             .collect();
         let decision = gcra::combine(&states);
         if decision.allowed {
-            for ((c, st), &h) in checks.iter().zip(&states).zip(&hashes) {
-                let table = &mut guards[pos(h)];
+            for ((c, st), (&h, &g)) in checks.iter().zip(&states).zip(hashes.iter().zip(&at)) {
+                let table = &mut guards[g];
                 // An existing key is updated in place: no new String per request.
                 match table.find_mut(h, |(k, _)| *k == c.key) {
                     Some((_, tat)) => *tat = st.new_tat,
