@@ -40,7 +40,7 @@ pub fn peer_header(peer: Option<IpAddr>) -> HeaderValue {
 pub async fn serve(state: &AppState, req: Request, peer: &HeaderValue) -> Response<ProxyBody> {
     let request_id = headers::request_id(req.headers());
     let started = std::time::Instant::now();
-    let resp = match forward(state, req, &request_id, peer).await {
+    let resp = match forward(state, req, &request_id, peer, started).await {
         Ok(resp) => resp.map(Either::Left),
         Err(e) => e.to_response(Some(&request_id)).map(Either::Right),
     };
@@ -86,11 +86,13 @@ async fn forward(
     mut req: Request,
     request_id: &HeaderValue,
     peer: &HeaderValue,
+    // When the request arrived: the one clock read the checks, the pool and the deadline share.
+    arrived: std::time::Instant,
 ) -> Result<Response<UpstreamBody>, GatewayError> {
     if req.method() == Method::TRACE || req.method() == Method::CONNECT {
         return Err(GatewayError::MethodNotAllowed);
     }
-    let snap = state.config.load_full();
+    let snap = state.local_config();
     // RFC 9112 3.2: more than one Host is refused; a proxy in front may have routed by the
     // other one than the gateway would.
     let mut hosts = req.headers().get_all(header::HOST).iter();
@@ -163,7 +165,7 @@ async fn forward(
 
     let plan = &snap.plans[client.plan];
     let checks = limit_checks(plan, &client.cfg.subscription, record.user_id.as_deref());
-    let checked = match state.limiter.check_now(&checks) {
+    let checked = match state.limiter.check_now(&checks, arrived) {
         Some(d) => Ok(d),
         None => state.limiter.check(checks).await,
     };
@@ -215,9 +217,9 @@ async fn forward(
     headers::rewrite_request(req.headers_mut(), &identity, &fwd);
 
     // Boxed: the exchange's state is large, and this future is moved whole several times.
-    let mut resp = match tokio::time::timeout(
-        api.timeout,
-        Box::pin(upstream::send(&api.target, req, api.timeout)),
+    let mut resp = match tokio::time::timeout_at(
+        tokio::time::Instant::from_std(arrived) + api.timeout,
+        Box::pin(upstream::send(&api.target, req, api.timeout, arrived)),
     )
     .await
     {

@@ -133,6 +133,16 @@ impl Snapshot {
         (snap, problems)
     }
 
+    /// The same configuration built again, sharing no allocation with `self` (its header
+    /// values included): a worker thread's own copy (`AppState::local_config`).
+    pub fn copy(&self) -> Snapshot {
+        if !self.loaded {
+            return Snapshot::default();
+        }
+        // `build` left out what it could not use, so building again leaves nothing out.
+        Snapshot::build(self.config.clone()).0
+    }
+
     pub fn client(&self, client_id: &str) -> Option<&ClientRuntime> {
         self.clients.get(client_id)
     }
@@ -179,6 +189,66 @@ mod tests {
             trusted: false,
             grants: vec![GrantType::ClientCredentials],
         }
+    }
+
+    fn one_client_config(hash: &str, client_id: &str) -> GatewayConfig {
+        GatewayConfig {
+            hash: hash.into(),
+            apis: vec![api("demo/good", "/good", "http://backend:8080/v1")],
+            plans: vec![PlanConfig {
+                id: "demo/basic".into(),
+                name: "basic".into(),
+                display_name: "Basic".into(),
+                rate_limits: vec![],
+                fail_open: false,
+            }],
+            clients: vec![client(client_id, "demo/good", "demo/basic", "demo/app")],
+        }
+    }
+
+    /// Where a snapshot's client-id header value keeps its bytes.
+    fn header_bytes(snap: &Snapshot, client_id: &str) -> usize {
+        snap.client(client_id)
+            .unwrap()
+            .client_id_header
+            .as_bytes()
+            .as_ptr() as usize
+    }
+
+    #[test]
+    fn each_thread_proxies_with_its_own_copy_of_the_current_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::state::AppState::new(
+            std::sync::Arc::new(crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap()),
+            std::sync::Arc::new(crate::ratelimit::local::LocalLimiter::default()),
+            "http://gw",
+        );
+        assert!(!state.local_config().loaded, "nothing loaded yet");
+        state.swap_config(Snapshot::build(one_client_config("h1", "first")).0);
+        let shared = header_bytes(&state.config.load(), "first");
+        let here = state.local_config();
+        assert!(here.loaded);
+        assert_eq!(here.hash(), "h1");
+        assert_eq!(here.apis[0].base_path, "/v1");
+        assert_eq!(here.client("first").unwrap().client_id_header, "first");
+        // Asked again on the same thread: the same copy, not a new build per request.
+        assert!(std::sync::Arc::ptr_eq(&here, &state.local_config()));
+        let there = std::thread::scope(|s| {
+            s.spawn(|| header_bytes(&state.local_config(), "first"))
+                .join()
+                .unwrap()
+        });
+        let mine = header_bytes(&here, "first");
+        assert!(
+            mine != shared && there != shared && mine != there,
+            "each thread's header values have their own bytes"
+        );
+        // A new configuration reaches this thread's next request.
+        state.swap_config(Snapshot::build(one_client_config("h2", "second")).0);
+        let now = state.local_config();
+        assert_eq!(now.hash(), "h2");
+        assert!(now.client("first").is_none());
+        assert!(now.client("second").is_some());
     }
 
     #[test]

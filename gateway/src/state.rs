@@ -1,5 +1,6 @@
 //! Shared state of one gateway process.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -9,6 +10,11 @@ use crate::ratelimit::Limiter;
 use crate::ratelimit::local::AddressThrottle;
 use crate::snapshot::Snapshot;
 use crate::store::Store;
+
+thread_local! {
+    /// The shared configuration this thread saw last, and this thread's copy of it.
+    static LOCAL_CONFIG: RefCell<Option<(Arc<Snapshot>, Arc<Snapshot>)>> = const { RefCell::new(None) };
+}
 
 pub struct AppState {
     pub config: ArcSwap<Snapshot>,
@@ -51,6 +57,27 @@ impl AppState {
     /// Session cookies get `Secure` when the public URL is https.
     pub fn secure_cookies(&self) -> bool {
         is_https(&self.issuer)
+    }
+
+    /// The current configuration as this thread's own copy, for the proxy path. Every proxied
+    /// request clones the snapshot's `Arc` and four of its header values (reference counts):
+    /// shared by all workers, those counters' cache lines moved between cores on each request
+    /// (perf: the `Bytes` clone and drop ran 6-9 times slower per instruction than the rest).
+    /// A copy per thread keeps each worker's counters in its own cache. Building it costs one
+    /// `Snapshot::build` per thread per configuration change.
+    pub fn local_config(&self) -> Arc<Snapshot> {
+        let shared = self.config.load();
+        LOCAL_CONFIG.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if let Some((seen, copy)) = &*cell
+                && Arc::ptr_eq(seen, &shared)
+            {
+                return copy.clone();
+            }
+            let copy = Arc::new(shared.copy());
+            *cell = Some((Arc::clone(&shared), copy.clone()));
+            copy
+        })
     }
 
     /// Installs a new configuration; requests in flight keep the one they started with.

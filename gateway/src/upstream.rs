@@ -204,10 +204,12 @@ async fn connect(target: &Target) -> Result<SendRequest<RequestBody>, UpstreamEr
 /// connection could not take (closed under us) is retried once on a new connection; nothing of
 /// it was sent. The response body fails (and the connection is dropped) when the upstream
 /// sends nothing of it for `body_idle`.
+/// `now`: about now (the proxy passes the instant the request arrived, not a new clock read).
 pub async fn send(
     target: &Target,
     req: Request<Body>,
     body_idle: Duration,
+    now: Instant,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
     let (mut parts, body) = req.into_parts();
     if !parts.headers.contains_key(http::header::HOST) {
@@ -224,7 +226,7 @@ pub async fn send(
         },
     );
     let pool = POOL.with(Arc::clone);
-    let pooled = pool.checkout(&target.key, Instant::now());
+    let pooled = pool.checkout(&target.key, now);
     let reused = pooled.is_some();
     // connect's future is large (dialer, TLS, handshake: 2.4 KB) and rarely runs; boxed, it no
     // longer sizes this future, which every request moves several times.
@@ -441,18 +443,27 @@ mod tests {
     async fn sequential_requests_reuse_one_connection() {
         let (addr, accepted) = upstream().await;
         for i in 0..5 {
-            let resp = send(&target(addr), get(&format!("/r{i}?q=1")), IDLE)
-                .await
-                .unwrap();
+            let resp = send(
+                &target(addr),
+                get(&format!("/r{i}?q=1")),
+                IDLE,
+                Instant::now(),
+            )
+            .await
+            .unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, format!("path=/r{i}"));
         }
-        let resp = send(&target(addr), get("/host"), IDLE).await.unwrap();
+        let resp = send(&target(addr), get("/host"), IDLE, Instant::now())
+            .await
+            .unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, format!("host=Some(\"{addr}\")"));
         // Empty bodies are never polled by a server: the connection must come back anyway.
         for _ in 0..3 {
-            let resp = send(&target(addr), get("/empty"), IDLE).await.unwrap();
+            let resp = send(&target(addr), get("/empty"), IDLE, Instant::now())
+                .await
+                .unwrap();
             assert!(hyper::body::Body::is_end_stream(resp.body()));
             drop(resp);
         }
@@ -462,15 +473,21 @@ mod tests {
     #[tokio::test]
     async fn a_body_still_being_read_is_not_shared_and_a_dropped_one_is_not_reused() {
         let (addr, accepted) = upstream().await;
-        let first = send(&target(addr), get("/a"), IDLE).await.unwrap();
+        let first = send(&target(addr), get("/a"), IDLE, Instant::now())
+            .await
+            .unwrap();
         // `first`'s body is unread: the second request needs its own connection.
-        let second = send(&target(addr), get("/b"), IDLE).await.unwrap();
+        let second = send(&target(addr), get("/b"), IDLE, Instant::now())
+            .await
+            .unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         let body = second.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "path=/b");
         drop(first);
         // The connection of the finished body is reused; the dropped one is gone.
-        let third = send(&target(addr), get("/c"), IDLE).await.unwrap();
+        let third = send(&target(addr), get("/c"), IDLE, Instant::now())
+            .await
+            .unwrap();
         let body = third.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "path=/c");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -481,7 +498,9 @@ mod tests {
         // An upstream that answers one request per connection, then closes it.
         let (addr, accepted) = hyper_upstream(false).await;
         for _ in 0..4 {
-            let resp = send(&target(addr), get("/"), IDLE).await.unwrap();
+            let resp = send(&target(addr), get("/"), IDLE, Instant::now())
+                .await
+                .unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, "path=/");
         }
@@ -518,14 +537,18 @@ mod tests {
             .header(http::header::CONTENT_LENGTH, "10")
             .body(Body::from_stream(stream))
             .unwrap();
-        let resp = send(&target(addr), upload, IDLE).await.unwrap();
+        let resp = send(&target(addr), upload, IDLE, Instant::now())
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         drop(resp);
         // The first connection is still owed 5 bytes: the next request must not wait for it.
-        let next =
-            tokio::time::timeout(Duration::from_secs(5), send(&target(addr), get("/"), IDLE))
-                .await
-                .expect("a request waited behind an unfinished upload");
+        let next = tokio::time::timeout(
+            Duration::from_secs(5),
+            send(&target(addr), get("/"), IDLE, Instant::now()),
+        )
+        .await
+        .expect("a request waited behind an unfinished upload");
         assert_eq!(next.unwrap().status(), 200);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         drop(tx);
@@ -534,7 +557,9 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_swept() {
         let (addr, _) = upstream().await;
-        let resp = send(&target(addr), get("/x"), IDLE).await.unwrap();
+        let resp = send(&target(addr), get("/x"), IDLE, Instant::now())
+            .await
+            .unwrap();
         resp.into_body().collect().await.unwrap();
         let pool = POOL.with(Arc::clone);
         let key = target(addr).key;
@@ -582,7 +607,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         assert!(matches!(
-            send(&target(addr), get("/"), IDLE).await,
+            send(&target(addr), get("/"), IDLE, Instant::now()).await,
             Err(UpstreamError::Connect(_))
         ));
     }

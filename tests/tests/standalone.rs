@@ -137,12 +137,31 @@ async fn client_credentials_token_reaches_the_upstream_with_identity_headers() {
         metrics.contains("gatehouse_proxy_duration_seconds_bucket{le=\"+Inf\"}"),
         "{metrics}"
     );
-    let count: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("gatehouse_proxy_duration_seconds_count "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no duration count in {metrics}"));
+    let count = metric(&metrics, "gatehouse_proxy_duration_seconds_count ");
     assert!(count >= 1, "{metrics}");
+    // Workers count on their own and hand over when /metrics is read: every response is in.
+    let ok = metric(&metrics, "gatehouse_proxy_responses_total{class=\"2xx\"} ");
+    for _ in 0..3 {
+        assert_eq!(call(&s, &t).await.status(), 200);
+    }
+    let metrics = s.gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "gatehouse_proxy_duration_seconds_count "),
+        count + 3
+    );
+    assert_eq!(
+        metric(&metrics, "gatehouse_proxy_responses_total{class=\"2xx\"} "),
+        ok + 3
+    );
+}
+
+/// The value on the line of `metrics` that starts with `prefix`.
+fn metric(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix:?} in {metrics}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,8 @@
 //! In-process limiter for a single gateway: GCRA state in sharded maps.
 
 use std::hash::BuildHasher;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::LazyLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use foldhash::fast::RandomState;
@@ -37,11 +38,28 @@ impl Default for LocalLimiter {
     }
 }
 
+/// The in-process limiters' clock, in microseconds since the Unix epoch.
 pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    micros_at(Instant::now())
+}
+
+/// `at` on the limiters' clock: the monotonic clock, anchored to the wall clock once per
+/// process. A wall-clock step cannot hand out or take back allowance, and the proxy converts
+/// the instant it read when the request arrived instead of reading the clock again (22 ns
+/// each here).
+pub fn micros_at(at: Instant) -> u64 {
+    static ANCHOR: LazyLock<(Instant, u64)> = LazyLock::new(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        (Instant::now(), wall)
+    });
+    let (base, base_us) = *ANCHOR;
+    // `at` may precede the anchor (read before the first call set it).
+    match at.checked_duration_since(base) {
+        Some(after) => base_us + after.as_micros() as u64,
+        None => base_us.saturating_sub(base.duration_since(at).as_micros() as u64),
+    }
 }
 
 impl LocalLimiter {
@@ -163,14 +181,32 @@ impl Limiter for LocalLimiter {
         Ok(self.check_at(&checks, now_us()))
     }
 
-    fn check_now(&self, checks: &[LimitCheck]) -> Option<Decision> {
-        Some(self.check_at(checks, now_us()))
+    fn check_now(&self, checks: &[LimitCheck], at: Instant) -> Option<Decision> {
+        Some(self.check_at(checks, micros_at(at)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_is_monotonic_time_on_the_wall_clock_scale() {
+        let at = Instant::now();
+        let later = at + std::time::Duration::from_millis(1_500);
+        // Whole microseconds on each side: at most one apart from the exact difference.
+        assert!((micros_at(later) - micros_at(at)).abs_diff(1_500_000) <= 1);
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        assert!(
+            now_us().abs_diff(wall) < 1_000_000,
+            "{} vs {wall}",
+            now_us()
+        );
+        assert!(now_us() >= micros_at(at));
+    }
 
     #[test]
     fn refusal_by_one_limit_consumes_none_of_the_others() {

@@ -37,8 +37,9 @@ pub trait Limiter: Send + Sync {
     /// Checks every limit of one request together; consumes all of them or none.
     async fn check(&self, checks: Vec<LimitCheck>) -> Result<Decision, LimiterUnavailable>;
     /// `check`'s answer when it needs no I/O (`None`: call `check`). The proxy asks this first
-    /// and skips a boxed future per request.
-    fn check_now(&self, _checks: &[LimitCheck]) -> Option<Decision> {
+    /// and skips a boxed future per request. `at`: when the request arrived (a clock read the
+    /// caller made anyway).
+    fn check_now(&self, _checks: &[LimitCheck], _at: std::time::Instant) -> Option<Decision> {
         None
     }
 }
