@@ -191,17 +191,21 @@ mod tests {
         }
     }
 
+    fn basic_plan() -> PlanConfig {
+        PlanConfig {
+            id: "demo/basic".into(),
+            name: "basic".into(),
+            display_name: "Basic".into(),
+            rate_limits: vec![],
+            fail_open: false,
+        }
+    }
+
     fn one_client_config(hash: &str, client_id: &str) -> GatewayConfig {
         GatewayConfig {
             hash: hash.into(),
             apis: vec![api("demo/good", "/good", "http://backend:8080/v1")],
-            plans: vec![PlanConfig {
-                id: "demo/basic".into(),
-                name: "basic".into(),
-                display_name: "Basic".into(),
-                rate_limits: vec![],
-                fail_open: false,
-            }],
+            plans: vec![basic_plan()],
             clients: vec![client(client_id, "demo/good", "demo/basic", "demo/app")],
         }
     }
@@ -259,13 +263,7 @@ mod tests {
                 api("demo/good", "/good", "http://backend:8080/v1"),
                 api("demo/bad", "/bad", "http://backend{x}:8080"),
             ],
-            plans: vec![PlanConfig {
-                id: "demo/basic".into(),
-                name: "basic".into(),
-                display_name: "Basic".into(),
-                rate_limits: vec![],
-                fail_open: false,
-            }],
+            plans: vec![basic_plan()],
             clients: vec![
                 client("ok", "demo/good", "demo/basic", "demo/app"),
                 client("on-bad-api", "demo/bad", "demo/basic", "demo/app"),
