@@ -386,6 +386,14 @@ mod tests {
 
     const IDLE: Duration = Duration::from_secs(30);
 
+    /// `send` to the test upstream at `addr`, now.
+    async fn send_to(
+        addr: std::net::SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        send(&target(addr), req, IDLE, Instant::now()).await
+    }
+
     /// A test upstream: `handle` runs for every accepted connection; the counter says how many.
     async fn serve_each<F, Fut>(handle: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
     where
@@ -443,27 +451,16 @@ mod tests {
     async fn sequential_requests_reuse_one_connection() {
         let (addr, accepted) = upstream().await;
         for i in 0..5 {
-            let resp = send(
-                &target(addr),
-                get(&format!("/r{i}?q=1")),
-                IDLE,
-                Instant::now(),
-            )
-            .await
-            .unwrap();
+            let resp = send_to(addr, get(&format!("/r{i}?q=1"))).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, format!("path=/r{i}"));
         }
-        let resp = send(&target(addr), get("/host"), IDLE, Instant::now())
-            .await
-            .unwrap();
+        let resp = send_to(addr, get("/host")).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, format!("host=Some(\"{addr}\")"));
         // Empty bodies are never polled by a server: the connection must come back anyway.
         for _ in 0..3 {
-            let resp = send(&target(addr), get("/empty"), IDLE, Instant::now())
-                .await
-                .unwrap();
+            let resp = send_to(addr, get("/empty")).await.unwrap();
             assert!(hyper::body::Body::is_end_stream(resp.body()));
             drop(resp);
         }
@@ -473,21 +470,15 @@ mod tests {
     #[tokio::test]
     async fn a_body_still_being_read_is_not_shared_and_a_dropped_one_is_not_reused() {
         let (addr, accepted) = upstream().await;
-        let first = send(&target(addr), get("/a"), IDLE, Instant::now())
-            .await
-            .unwrap();
+        let first = send_to(addr, get("/a")).await.unwrap();
         // `first`'s body is unread: the second request needs its own connection.
-        let second = send(&target(addr), get("/b"), IDLE, Instant::now())
-            .await
-            .unwrap();
+        let second = send_to(addr, get("/b")).await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         let body = second.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "path=/b");
         drop(first);
         // The connection of the finished body is reused; the dropped one is gone.
-        let third = send(&target(addr), get("/c"), IDLE, Instant::now())
-            .await
-            .unwrap();
+        let third = send_to(addr, get("/c")).await.unwrap();
         let body = third.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "path=/c");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -498,9 +489,7 @@ mod tests {
         // An upstream that answers one request per connection, then closes it.
         let (addr, accepted) = hyper_upstream(false).await;
         for _ in 0..4 {
-            let resp = send(&target(addr), get("/"), IDLE, Instant::now())
-                .await
-                .unwrap();
+            let resp = send_to(addr, get("/")).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, "path=/");
         }
@@ -537,18 +526,13 @@ mod tests {
             .header(http::header::CONTENT_LENGTH, "10")
             .body(Body::from_stream(stream))
             .unwrap();
-        let resp = send(&target(addr), upload, IDLE, Instant::now())
-            .await
-            .unwrap();
+        let resp = send_to(addr, upload).await.unwrap();
         assert_eq!(resp.status(), 200);
         drop(resp);
         // The first connection is still owed 5 bytes: the next request must not wait for it.
-        let next = tokio::time::timeout(
-            Duration::from_secs(5),
-            send(&target(addr), get("/"), IDLE, Instant::now()),
-        )
-        .await
-        .expect("a request waited behind an unfinished upload");
+        let next = tokio::time::timeout(Duration::from_secs(5), send_to(addr, get("/")))
+            .await
+            .expect("a request waited behind an unfinished upload");
         assert_eq!(next.unwrap().status(), 200);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         drop(tx);
@@ -557,9 +541,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_swept() {
         let (addr, _) = upstream().await;
-        let resp = send(&target(addr), get("/x"), IDLE, Instant::now())
-            .await
-            .unwrap();
+        let resp = send_to(addr, get("/x")).await.unwrap();
         resp.into_body().collect().await.unwrap();
         let pool = POOL.with(Arc::clone);
         let key = target(addr).key;
@@ -607,7 +589,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         assert!(matches!(
-            send(&target(addr), get("/"), IDLE, Instant::now()).await,
+            send_to(addr, get("/")).await,
             Err(UpstreamError::Connect(_))
         ));
     }

@@ -758,9 +758,9 @@ async fn main() -> anyhow::Result<()> {
             ),
         ];
         // The same three with the many-users stream. wrk pays for cycling through 10,000
-        // tokens (measured against nginx: 2.9 -> 4.7 µs of wrk's user CPU per request, and
-        // 10-20% fewer req/s), so each gateway scenario is compared with the references that
-        // received the same stream.
+        // tokens (measured against nginx: 2.8-3.1 -> 4.5-4.9 µs of wrk's user CPU per request,
+        // and 10-19% fewer req/s), so each gateway scenario is compared with the references
+        // that received the same stream.
         for (name, url, _, w) in targets.clone() {
             targets.push((
                 format!("{name} {} users", args.users),
