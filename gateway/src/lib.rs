@@ -6,6 +6,7 @@ pub mod admin;
 pub mod cli;
 pub mod client_ip;
 pub mod deadline;
+pub mod drain;
 pub mod error;
 pub mod headers;
 pub mod kube_source;
