@@ -17,6 +17,9 @@ pub struct User {
 
 /// Trims and lowercases an email; `None` when it is not plausibly an address. Deliverability is
 /// not checked here (there is no email verification in the built-in IdP).
+/// The longest address SMTP allows (RFC 5321 4.5.3.1 path limits).
+pub const MAX_EMAIL_LEN: usize = 254;
+
 pub fn normalize_email(raw: &str) -> Option<String> {
     let e = raw.trim().to_lowercase();
     let (local, domain) = e.split_once('@')?;
@@ -26,7 +29,7 @@ pub fn normalize_email(raw: &str) -> Option<String> {
         && domain.contains('.')
         && !domain.starts_with('.')
         && !domain.ends_with('.')
-        && e.len() <= 254
+        && e.len() <= MAX_EMAIL_LEN
         && !e.chars().any(|c| c.is_whitespace() || c.is_control());
     plausible.then_some(e)
 }

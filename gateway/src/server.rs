@@ -29,6 +29,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// once, new ones wait, so it can never use up the process's file descriptors.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
+/// The largest body the gateway's own endpoints read (forms, token requests).
+pub const FORM_BODY_LIMIT: usize = 16 * 1024;
+
 /// The public router: OAuth endpoints first, everything else is proxied by pathPrefix.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -58,6 +61,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(oauth::login::logout_page).post(oauth::login::logout_post),
         )
         .fallback(proxy::handle)
+        // The gateway's own forms and token requests are a few hundred bytes (axum's default
+        // allows 2 MB). Proxied bodies are not read through extractors: no limit applies.
+        .layer(axum::extract::DefaultBodyLimit::max(FORM_BODY_LIMIT))
         .with_state(state)
 }
 

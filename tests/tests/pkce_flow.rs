@@ -595,6 +595,43 @@ async fn an_oversized_state_is_refused_before_anything_is_stored() {
     assert_page_headers(&page);
 }
 
+/// The value of the sign-in form's email field.
+fn email_shown(page: &Page) -> String {
+    let field = &page.body[page.body.find("name=\"email\"").expect("email field")..];
+    let value = &field[field.find("value=\"").expect("value") + 7..];
+    flow::unescape(&value[..value.find('"').expect("end of value")])
+}
+
+/// A refused email is shown again in the form (it rides in the stored session) only when it
+/// could be an address; the gateway's forms take at most 16 KiB.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_email_is_kept_only_when_address_sized_and_forms_are_bounded() {
+    let env = env().await;
+    let app = app(&env, PHONE_APP, "myapp://callback");
+    let mut b = Browser::new(&env);
+    let login = open_login(&mut b, &app.authorize(&[PROFILE])).await;
+
+    let typo = "nina.example.com";
+    let r = log_in(&mut b, &login, typo, PASSWORD).await;
+    let again = b.follow(&r).await;
+    assert_eq!(email_shown(&again), typo, "a typo is shown for correction");
+
+    for junk in [
+        "\u{1}".repeat(300),
+        format!("{}@example.com", "a".repeat(250)),
+    ] {
+        let r = log_in(&mut b, &again, &junk, PASSWORD).await;
+        let page = b.follow(&r).await;
+        assert_eq!(email_shown(&page), "", "not kept: {:?}", &junk[..20]);
+    }
+
+    let big = "a".repeat(20 * 1024);
+    let r = b
+        .submit(&again, "/login", &[("email", &big), ("password", PASSWORD)])
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn signup_consent_code_exchange_and_identity_headers_at_the_upstream() {
     let env = env().await;

@@ -447,7 +447,11 @@ pub async fn flash(
     email: Option<&str>,
 ) {
     sess.flash = Some(msg.to_string());
-    sess.flash_email = email.map(str::to_string);
+    // Shown again only when it could be an address: any other text (a megabyte of control
+    // characters) would be stored in the session as sent.
+    sess.flash_email = email
+        .filter(|e| e.len() <= crate::accounts::MAX_EMAIL_LEN && !e.chars().any(char::is_control))
+        .map(str::to_string);
     if let Err(e) = session::save(&*state.store, sid, sess).await {
         tracing::warn!(error = %e, "cannot save flash message");
     }
