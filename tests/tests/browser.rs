@@ -605,12 +605,11 @@ async fn flow(client: &Client, env: &Env) -> Result<()> {
     ensure!(me["sub"] == user_id && me["email"] == EMAIL, "{me}");
 
     // 7. The same app with its custom-scheme redirect. Signed in and consent remembered, the
-    // browser goes straight back to the app: authorize -> 303 /consent -> 303 myapp://callback.
-    // Headless Chromium has no app for that scheme: it aborts that navigation (ERR_ABORTED) and
-    // stays on the page it was on, so the current URL cannot show it. The proof is in its
-    // network log: the request it started for the redirect target.
-    let before = client.current_url().await?;
-    network_events(client).await?; // forget what came before
+    // browser still stops on the consent page, which lists nothing new: nobody typed a password
+    // for this request, and any app could have opened it (RFC 8252 8.6). Allow, then
+    // 303 myapp://callback. Headless Chromium has no app for that scheme: it aborts that
+    // navigation (ERR_ABORTED) and stays on the page it was on, so the current URL cannot show
+    // it. The proof is in its network log: the request it started for the redirect target.
     let (challenge, verifier) = oauth2::PkceCodeChallenge::new_random_sha256();
     client
         .goto(&authorize_url(
@@ -619,6 +618,19 @@ async fn flow(client: &Client, env: &Env) -> Result<()> {
             "xyz-app",
             challenge.as_str(),
         ))
+        .await?;
+    wait_for_url(client, "the confirmation page", |u| u.path() == "/consent").await?;
+    let text = body_text(client).await?;
+    ensure!(
+        text.contains(&format!("Signed in as {EMAIL}")) && !text.contains("Read your profile"),
+        "confirmation page: {text}"
+    );
+    let before = client.current_url().await?;
+    network_events(client).await?; // forget what came before
+    client
+        .find(Locator::Css("button[name=decision][value=allow]"))
+        .await?
+        .click()
         .await?;
     let deadline = Instant::now() + PAGE_TIMEOUT;
     let mut seen = Vec::new();

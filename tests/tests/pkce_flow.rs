@@ -205,6 +205,8 @@ type TokenResult = Result<
 /// The app's OAuth client: a public client with one redirect URI.
 struct App {
     redirect: String,
+    /// A trusted subscription's client: never asked to confirm.
+    trusted: bool,
     oauth: BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>,
 }
 
@@ -231,6 +233,7 @@ fn app_without_redirect_uri(env: &Env, client_id: &'static str, registered: &str
         .set_token_uri(TokenUrl::new(env.gw.url("/oauth2/token")).unwrap());
     App {
         redirect: registered.to_string(),
+        trusted: [FIRST_PARTY_APP, LIMITED_APP].contains(&client_id),
         oauth,
     }
 }
@@ -427,13 +430,17 @@ async fn new_user<'e>(
     (b, code, authz.verifier)
 }
 
-/// A signed-in browser whose user already granted `scopes`: authorize goes straight through
-/// /consent to the app. Returns the code and the verifier.
+/// A signed-in browser whose user already granted `scopes`: authorize goes on to /consent,
+/// which sends a trusted client's code straight to the app and asks the user to confirm an
+/// untrusted (public) one's. Returns the code and the verifier.
 async fn code_again(b: &mut Browser<'_>, app: &App, scopes: &[&str]) -> (String, String) {
     let authz = app.authorize(scopes);
     let first = b.get(&authz.url).await;
     assert!(first.location().starts_with("/consent?req="));
-    let done = b.follow(&first).await;
+    let mut done = b.follow(&first).await;
+    if !app.trusted {
+        done = decide(b, &done, "allow").await;
+    }
     let code = callback(&done, &app.redirect).code(b.env, &authz.state);
     (code, authz.verifier)
 }
@@ -772,7 +779,7 @@ async fn returning_user_logs_in_and_is_asked_only_for_new_scopes_and_can_deny() 
         .unwrap();
     assert_eq!(scopes_of(&t), [PROFILE, ORDERS]);
 
-    // Now both are granted: straight to the app.
+    // Now both are granted: nothing new to list, but the signed-in browser still confirms.
     let (code, verifier) = code_again(&mut b, &app, &[ORDERS]).await;
     let t = app.exchange(&env, &code, Some(&verifier)).await.unwrap();
     assert_eq!(scopes_of(&t), [ORDERS]);
@@ -783,6 +790,64 @@ async fn returning_user_logs_in_and_is_asked_only_for_new_scopes_and_can_deny() 
     let page = sign_up(&mut other, &login, "carol@example.com", PASSWORD).await;
     assert_eq!(page.status, StatusCode::OK, "consent page for a new user");
     assert!(page.body.contains(PROFILE_TEXT));
+}
+
+/// RFC 8252 8.6: any app on the phone can claim an untrusted public client's redirect URI and
+/// open its authorization link in the user's signed-in browser. Such a request gets its code
+/// only after the user clicks Allow, even for scopes granted before or for none. Having typed
+/// the password for the request counts as that interaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signed_in_browser_confirms_each_request_of_an_untrusted_public_app() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (mut b, _, _) = new_user(&env, &phone, "iris@example.com", &[PROFILE]).await;
+
+    for scopes in [&[PROFILE][..], &[]] {
+        let authz = phone.authorize(scopes);
+        let first = b.get(&authz.url).await;
+        assert!(first.location().starts_with("/consent?req="));
+        let page = b.follow(&first).await;
+        assert_eq!(
+            page.status,
+            StatusCode::OK,
+            "{scopes:?}: no code without a click"
+        );
+        assert!(page.body.contains("Phone App wants to access Mobile API"));
+        assert!(page.body.contains("Signed in as iris@example.com"));
+        assert!(
+            !page.body.contains(PROFILE_TEXT),
+            "granted before: not listed"
+        );
+        assert_page_headers(&page);
+        let done = decide(&mut b, &page, "allow").await;
+        let code = callback(&done, "myapp://callback").code(&env, &authz.state);
+        let t = phone.exchange(&env, &code, Some(&authz.verifier)).await;
+        let granted: Vec<String> = scopes_of(&t.unwrap())
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect();
+        assert_eq!(granted, scopes);
+    }
+    let authz = phone.authorize(&[PROFILE]);
+    let first = b.get(&authz.url).await;
+    let page = b.follow(&first).await;
+    let denied = decide(&mut b, &page, "deny").await;
+    callback(&denied, "myapp://callback").error(&env, &authz.state, "access_denied");
+
+    // Signing in for the request is the interaction: granted scopes go straight to the app.
+    let mut fresh = Browser::new(&env);
+    let authz = phone.authorize(&[PROFILE]);
+    let login = open_login(&mut fresh, &authz).await;
+    let r = log_in(&mut fresh, &login, "iris@example.com", PASSWORD).await;
+    let done = fresh.follow(&r).await;
+    callback(&done, "myapp://callback").code(&env, &authz.state);
+
+    // A trusted (first-party) app's request goes straight through, as designed.
+    let trusted = app(&env, FIRST_PARTY_APP, "myapp://callback");
+    let authz = trusted.authorize(&[PROFILE]);
+    let first = b.get(&authz.url).await;
+    let done = b.follow(&first).await;
+    callback(&done, "myapp://callback").code(&env, &authz.state);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -876,7 +941,8 @@ async fn codes_are_single_use_and_bound_to_verifier_client_and_redirect() {
         .1
         .to_string();
     let first = b.get(&authz.url).await;
-    let done = b.follow(&first).await;
+    let confirm = b.follow(&first).await;
+    let done = decide(&mut b, &confirm, "allow").await;
     let code = callback(&done, "myapp://callback").code(&env, &authz.state);
     let r = phone.exchange(&env, &code, Some(&challenge)).await;
     assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);

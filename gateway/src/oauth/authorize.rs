@@ -271,6 +271,9 @@ pub async fn handle(
         scope,
         code_challenge: challenge.to_string(),
         created_at: unix_now(),
+        confirm: sess.user_id.is_some()
+            && !client.cfg.trusted
+            && client.cfg.client_type == gatehouse_crds::ClientType::Public,
     };
     let req_id = match session::put_pending(&*state.store, &pending).await {
         Ok(id) => id,
@@ -339,13 +342,14 @@ pub async fn proceed(
             "This application is no longer registered.",
         )
     })?;
-    if !client.cfg.trusted && !pending.scope.is_empty() {
+    if !client.cfg.trusted && (pending.confirm || !pending.scope.is_empty()) {
         let granted: Vec<String> = kv::get(&*state.store, &consent_key(user_id, client))
             .await
             .map_err(store_error_page)?
             .unwrap_or_default();
         let missing = new_scopes(&pending.scope, &granted);
-        if !missing.is_empty() {
+        // With `confirm` the page is shown even when it lists nothing new.
+        if !missing.is_empty() || pending.confirm {
             return Ok(Next::Consent(
                 missing.into_iter().map(str::to_string).collect(),
             ));

@@ -40,6 +40,12 @@ pub struct Pending {
     pub scope: String,
     pub code_challenge: String,
     pub created_at: u64,
+    /// The user must click Allow even for scopes granted before (or none): the browser was
+    /// already signed in when the request came, so nobody typed a password for it, and the
+    /// client is an untrusted public one, whose identity nothing proves (RFC 8252 8.6: another
+    /// app can claim its redirect URI and start the request).
+    #[serde(default)]
+    pub confirm: bool,
 }
 
 fn session_key(sid: &str) -> String {
