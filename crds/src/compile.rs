@@ -820,7 +820,10 @@ fn compile_apis(
 ) -> BTreeMap<Key, State<ApiOk>> {
     let mut out = BTreeMap::new();
     let mut seen = BTreeSet::new();
-    // pathPrefix -> the Api (namespace/name) holding it; the oldest syntactically valid claim wins.
+    // pathPrefix (lower-cased) -> the Api (namespace/name) holding it; the oldest syntactically
+    // valid claim wins. Lower-cased: the gateway refuses a path two prefixes claim ignoring case
+    // (a case-insensitive backend would read it as either), so a newer `/Shop` would otherwise
+    // make every request to an older `/shop` fail.
     let mut prefixes: HashMap<String, String> = HashMap::new();
     for e in by_age(apis) {
         if let Some(v) = identity_problem(Kind::Api, &e, &mut seen) {
@@ -833,7 +836,7 @@ fn compile_apis(
 
         match check_path_prefix(&spec.path_prefix) {
             Err(m) => issues.push(reasons::INVALID_PATH_PREFIX, m),
-            Ok(()) => match prefixes.get(&spec.path_prefix) {
+            Ok(()) => match prefixes.get(&spec.path_prefix.to_ascii_lowercase()) {
                 Some(holder) => issues.push(
                     reasons::PATH_PREFIX_CONFLICT,
                     format!(
@@ -842,7 +845,7 @@ fn compile_apis(
                     ),
                 ),
                 None => {
-                    prefixes.insert(spec.path_prefix.clone(), id.clone());
+                    prefixes.insert(spec.path_prefix.to_ascii_lowercase(), id.clone());
                 }
             },
         }

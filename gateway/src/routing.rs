@@ -110,7 +110,8 @@ pub fn route(
     {
         return Err(PathRefusal::OtherApi);
     }
-    if (upper_case_prefix || path.bytes().any(|c| c.is_ascii_uppercase()))
+    // `canon`, not `path`: an escaped capital (`%41`) is one too once the backend decodes it.
+    if (upper_case_prefix || canon.bytes().any(|c| c.is_ascii_uppercase()))
         && match_api_by(apis, host, &canon, prefix_matches_ignoring_case) != chosen
     {
         return Err(PathRefusal::OtherApi);
@@ -282,6 +283,9 @@ mod tests {
             "/%73hop/admin",
             "//shop/admin",
             "/shop/ADMIN%2Fx",
+            "/shop/%41dmin/users",
+            "/shop/%41%44MIN",
+            "/%53hop/admin",
         ] {
             assert_eq!(
                 route(&apis, None, p, false),

@@ -550,15 +550,22 @@ fn path_prefix_conflict_older_wins() {
         "api mobile is Invalid",
     );
 
-    // Across namespaces too; other prefixes are not normalized ("/Mobile" is different).
+    // Across namespaces too, and in any letter case: the gateway would refuse every path the
+    // two claim ignoring case, so a newer "/Mobile" would take the older "/mobile" down.
     let mut r = fixture();
     second_api(&mut r, "other", "mobile", "/mobile");
     second_api(&mut r, "other", "upper", "/Mobile");
+    second_api(&mut r, "other", "v2", "/MOBILE/v2");
     let c = compile(&r);
-    let v = c.verdict(Kind::Api, "other", "mobile").unwrap();
-    assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT);
+    assert_active(&c, Kind::Api, "mobile");
+    for name in ["mobile", "upper"] {
+        let v = c.verdict(Kind::Api, "other", name).unwrap();
+        assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT, "{name}");
+        assert!(v.message.contains("demo/mobile"), "{}", v.message);
+    }
+    // A longer prefix is another prefix, whatever its case.
     assert_eq!(
-        c.verdict(Kind::Api, "other", "upper").unwrap().phase,
+        c.verdict(Kind::Api, "other", "v2").unwrap().phase,
         Phase::Active
     );
 }
