@@ -58,11 +58,13 @@ impl TrustedProxies {
         let mut client = peer;
         // Several X-Forwarded-For lines are one list, in order (RFC 9110 5.3).
         for line in headers.get_all(FORWARDED_FOR).iter().rev() {
-            let Ok(line) = line.to_str() else {
-                return client;
-            };
-            for entry in line.rsplit(',') {
-                let Some(ip) = parse_entry(entry.trim()) else {
+            // Bytes, entry by entry: a proxy that merges the client's value into its own line
+            // keeps the client's bytes, and a non-ASCII one must not cost the entries after it.
+            for entry in line.as_bytes().rsplit(|&b| b == b',') {
+                let Some(ip) = std::str::from_utf8(entry)
+                    .ok()
+                    .and_then(|e| parse_entry(e.trim()))
+                else {
                     return client;
                 };
                 client = ip;
@@ -142,6 +144,13 @@ mod tests {
     fn a_trusted_proxy_is_looked_through_an_untrusted_peer_is_not() {
         let t: TrustedProxies = "10.0.0.0/8, 192.168.1.7".parse().unwrap();
         // (socket peer, X-Forwarded-For lines, the client it counts as)
+        let merged = {
+            let mut h = HeaderMap::new();
+            let v = http::HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.9").unwrap();
+            h.insert(FORWARDED_FOR, v);
+            h
+        };
+        assert_eq!(t.client_ip(ip("10.1.2.3"), &merged), ip("203.0.113.9"));
         let cases: [(&str, &[&str], &str); 11] = [
             // The ingress (10.x) appended the client's address.
             ("10.1.2.3", &["203.0.113.9"], "203.0.113.9"),

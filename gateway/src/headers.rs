@@ -72,7 +72,12 @@ fn is_forwarding(name: &str) -> bool {
             | "x-forwarded-port"
             | "x-forwarded-prefix"
             | "x-forwarded-server"
+            | "x-forwarded-uri"
             | "x-real-ip"
+            // Some frameworks and IIS route by these instead of the request line.
+            | "x-original-url"
+            | "x-original-uri"
+            | "x-rewrite-url"
     )
 }
 
@@ -128,8 +133,7 @@ pub fn rewrite_response(headers: &mut HeaderMap) {
     remove_where(headers, |name| {
         is_hop_by_hop(name) || name.starts_with("ratelimit")
     });
-    let sets_session =
-        |v: &HeaderValue| cookie_name(v.as_bytes()) == Some(SESSION_COOKIE.as_bytes());
+    let sets_session = |v: &HeaderValue| set_cookie_name(v.as_bytes()) == SESSION_COOKIE.as_bytes();
     if headers.get_all(header::SET_COOKIE).iter().any(sets_session) {
         let kept: Vec<HeaderValue> = headers
             .get_all(header::SET_COOKIE)
@@ -151,6 +155,21 @@ const SESSION_COOKIE: &str = crate::oauth::session::COOKIE;
 fn cookie_name(v: &[u8]) -> Option<&[u8]> {
     let end = v.iter().position(|&b| b == b'=')?;
     Some(v[..end].trim_ascii())
+}
+
+/// The name a browser sends a Set-Cookie's cookie back under: its name, or for a nameless
+/// cookie (`=a=b` or `a`, RFC 6265bis 5.6) its value, which a `Cookie` header then reads as
+/// `a=b` or `a`.
+fn set_cookie_name(v: &[u8]) -> &[u8] {
+    let pair = v.split(|&b| b == b';').next().unwrap_or(v).trim_ascii();
+    match cookie_name(pair) {
+        Some(name) if !name.is_empty() => name,
+        Some(_) => {
+            let value = &pair[pair.iter().position(|&b| b == b'=').map_or(0, |e| e + 1)..];
+            cookie_name(value).unwrap_or(value).trim_ascii()
+        }
+        None => pair,
+    }
 }
 
 fn mentions_session(v: &[u8]) -> bool {
@@ -465,6 +484,8 @@ mod tests {
             "x-forwarded-port",
             "x-forwarded-prefix",
             "x-real-ip",
+            "x-original-url",
+            "x-rewrite-url",
             "x_authenticated_userid",
             "x_client_id",
             "x_forwarded_host",
@@ -529,6 +550,11 @@ mod tests {
             hv(" gatehouse_session=fixed; Path=/; HttpOnly"),
         );
         h.append(header::SET_COOKIE, hv("gatehouse_session_x=2"));
+        // Nameless cookies come back as `gatehouse_session=fixed` / `gatehouse_session`.
+        h.append(header::SET_COOKIE, hv("=gatehouse_session=fixed; Path=/"));
+        h.append(header::SET_COOKIE, hv(" = gatehouse_session =fixed"));
+        h.append(header::SET_COOKIE, hv("gatehouse_session"));
+        h.append(header::SET_COOKIE, hv("=other=1"));
         rewrite_response(&mut h);
         assert!(!h.contains_key(header::CONTENT_LENGTH), "{h:?}");
         assert!(!h.contains_key(header::TRANSFER_ENCODING));
@@ -537,7 +563,14 @@ mod tests {
             "{h:?}"
         );
         let cookies: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
-        assert_eq!(cookies, [hv("app=1; Path=/"), hv("gatehouse_session_x=2")]);
+        assert_eq!(
+            cookies,
+            [
+                hv("app=1; Path=/"),
+                hv("gatehouse_session_x=2"),
+                hv("=other=1")
+            ]
+        );
         // A plain response keeps its length.
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_LENGTH, hv("5"));
