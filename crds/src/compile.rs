@@ -813,6 +813,12 @@ pub fn normalize_host(raw: &str) -> Result<String, String> {
     Ok(host.to_string())
 }
 
+/// The longest token lifetime an Api may set: expiry times stay far from overflowing, and
+/// Redis takes them as `EX` seconds.
+pub const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 86_400;
+/// The longest upstream timeout: the gateway adds it to the instant a request arrived.
+pub const MAX_UPSTREAM_TIMEOUT_SECS: u64 = 86_400;
+
 fn compile_apis(
     apis: &[Api],
     plans: &BTreeMap<Key, State<PlanOk>>,
@@ -866,10 +872,12 @@ fn compile_apis(
                 String::new()
             }
         };
-        if spec.upstream.timeout_seconds < 1 {
+        if !(1..=MAX_UPSTREAM_TIMEOUT_SECS).contains(&spec.upstream.timeout_seconds) {
             issues.push(
                 reasons::INVALID_UPSTREAM,
-                "spec.upstream.timeoutSeconds must be at least 1",
+                format!(
+                    "spec.upstream.timeoutSeconds must be between 1 and {MAX_UPSTREAM_TIMEOUT_SECS} (one day)"
+                ),
             );
         }
 
@@ -933,17 +941,22 @@ fn compile_apis(
             }
         }
 
-        if auth.access_token_ttl_seconds < 1 {
-            issues.push(
-                reasons::INVALID_TTL,
-                "spec.auth.accessTokenTtlSeconds must be at least 1 (default 3600)",
-            );
-        }
-        if auth.refresh_token_ttl_seconds < 1 {
-            issues.push(
-                reasons::INVALID_TTL,
-                "spec.auth.refreshTokenTtlSeconds must be at least 1 (default 2592000)",
-            );
+        for (field, ttl, default) in [
+            ("accessTokenTtlSeconds", auth.access_token_ttl_seconds, 3600),
+            (
+                "refreshTokenTtlSeconds",
+                auth.refresh_token_ttl_seconds,
+                2_592_000,
+            ),
+        ] {
+            if !(1..=MAX_TOKEN_TTL_SECS).contains(&ttl) {
+                issues.push(
+                    reasons::INVALID_TTL,
+                    format!(
+                        "spec.auth.{field} must be between 1 and {MAX_TOKEN_TTL_SECS} (ten years; default {default})"
+                    ),
+                );
+            }
         }
 
         let v = if issues.is_empty() {

@@ -653,15 +653,20 @@ fn upstream_url_rules() {
         "spec.upstream.url",
     );
 
+    for timeout in [0, 86_401, u64::MAX] {
+        let mut r = fixture();
+        api(&mut r, "mobile").spec.upstream.timeout_seconds = timeout;
+        assert_invalid(
+            &compile(&r),
+            Kind::Api,
+            "mobile",
+            reasons::INVALID_UPSTREAM,
+            "timeoutSeconds",
+        );
+    }
     let mut r = fixture();
-    api(&mut r, "mobile").spec.upstream.timeout_seconds = 0;
-    assert_invalid(
-        &compile(&r),
-        Kind::Api,
-        "mobile",
-        reasons::INVALID_UPSTREAM,
-        "timeoutSeconds",
-    );
+    api(&mut r, "mobile").spec.upstream.timeout_seconds = 86_400;
+    assert_active(&compile(&r), Kind::Api, "mobile");
 }
 
 #[test]
@@ -814,24 +819,32 @@ fn host_rules() {
 
 #[test]
 fn ttl_rules() {
+    // Zero, and beyond ten years (u64::MAX overflowed `now + ttl` when a token was issued).
+    for ttl in [0, MAX_TOKEN_TTL_SECS + 1, u64::MAX] {
+        let mut r = fixture();
+        api(&mut r, "mobile").spec.auth.access_token_ttl_seconds = ttl;
+        assert_invalid(
+            &compile(&r),
+            Kind::Api,
+            "mobile",
+            reasons::INVALID_TTL,
+            "accessTokenTtlSeconds",
+        );
+        let mut r = fixture();
+        api(&mut r, "mobile").spec.auth.refresh_token_ttl_seconds = ttl;
+        assert_invalid(
+            &compile(&r),
+            Kind::Api,
+            "mobile",
+            reasons::INVALID_TTL,
+            "refreshTokenTtlSeconds",
+        );
+    }
     let mut r = fixture();
-    api(&mut r, "mobile").spec.auth.access_token_ttl_seconds = 0;
-    assert_invalid(
-        &compile(&r),
-        Kind::Api,
-        "mobile",
-        reasons::INVALID_TTL,
-        "accessTokenTtlSeconds",
-    );
-    let mut r = fixture();
-    api(&mut r, "mobile").spec.auth.refresh_token_ttl_seconds = 0;
-    assert_invalid(
-        &compile(&r),
-        Kind::Api,
-        "mobile",
-        reasons::INVALID_TTL,
-        "refreshTokenTtlSeconds",
-    );
+    let auth = &mut api(&mut r, "mobile").spec.auth;
+    auth.access_token_ttl_seconds = MAX_TOKEN_TTL_SECS;
+    auth.refresh_token_ttl_seconds = MAX_TOKEN_TTL_SECS;
+    assert_active(&compile(&r), Kind::Api, "mobile");
 }
 
 #[test]
