@@ -1174,13 +1174,15 @@ async fn logout_ends_the_browser_session() {
 
     let csrf = page.hidden("csrf");
     let done = b.post("/logout", &[("csrf", csrf.as_str())]).await;
-    assert_eq!(done.status, StatusCode::OK);
-    assert!(done.body.contains("Signed out"), "{}", done.body);
+    assert_eq!(done.location(), "/logout", "303 after the POST");
     assert!(done.header("set-cookie").contains("Max-Age=0"));
+    let page = b.follow(&done).await;
+    assert!(page.body.contains("Signed out"), "{}", page.body);
+    assert_page_headers(&page);
     // The next sign-in link shows the sign-in page again.
     open_login(&mut b, &phone.authorize(&[PROFILE])).await;
     let page = b.get("/logout").await;
-    assert!(page.body.contains("Not signed in"), "{}", page.body);
+    assert!(page.body.contains("This browser is not signed in"), "{}", page.body);
 }
 
 /// A redirect URI removed from the Application while a user was signing in gets no code: the

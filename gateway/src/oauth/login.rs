@@ -560,7 +560,10 @@ pub async fn logout_page(State(state): State<Arc<AppState>>, headers: HeaderMap)
         }
         Err(_) => pages::respond(
             StatusCode::OK,
-            pages::error("Not signed in", "This browser is not signed in."),
+            pages::error(
+                "Signed out",
+                "This browser is not signed in. You can close this window.",
+            ),
         ),
     }
 }
@@ -580,13 +583,8 @@ pub async fn logout_post(
     if let Err(e) = session::destroy(&*state.store, &sid).await {
         return store_error_page(e);
     }
-    let mut resp = pages::respond(
-        StatusCode::OK,
-        pages::error(
-            "Signed out",
-            "You are signed out. You can close this window.",
-        ),
-    );
+    // 303 after the POST (a reload must not post again); GET /logout then says signed out.
+    let mut resp = see_other("/logout");
     resp.headers_mut().insert(
         header::SET_COOKIE,
         session::clear_cookie(state.secure_cookies()),
