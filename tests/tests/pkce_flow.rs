@@ -1182,7 +1182,11 @@ async fn logout_ends_the_browser_session() {
     // The next sign-in link shows the sign-in page again.
     open_login(&mut b, &phone.authorize(&[PROFILE])).await;
     let page = b.get("/logout").await;
-    assert!(page.body.contains("This browser is not signed in"), "{}", page.body);
+    assert!(
+        page.body.contains("This browser is not signed in"),
+        "{}",
+        page.body
+    );
 }
 
 /// A redirect URI removed from the Application while a user was signing in gets no code: the
@@ -1213,16 +1217,22 @@ async fn a_redirect_uri_removed_during_sign_in_gets_no_code() {
     assert!(r.headers.get(header::LOCATION).is_none());
 }
 
-/// Refreshing follows the configuration: a client id now used by another Subscription does not
-/// inherit the old one's refresh tokens, and a scope the Api stopped offering is left out.
+/// Refreshing and code exchange follow the configuration: a client id now used by another
+/// Subscription does not inherit the old one's refresh tokens or codes, and a scope the Api
+/// stopped offering is left out.
 #[tokio::test(flavor = "multi_thread")]
-async fn refresh_follows_the_subscription_and_the_apis_scopes() {
+async fn refresh_and_codes_follow_the_subscription_and_the_apis_scopes() {
     let env = env().await;
     let phone = app(&env, PHONE_APP, "myapp://callback");
     let first = app(&env, FIRST_PARTY_APP, "myapp://callback");
     let (_, phone_refresh) = user_tokens(&env, &phone, "ivy@example.com", &[PROFILE, ORDERS]).await;
     let (_, first_refresh) =
         user_tokens(&env, &first, "jack@example.com", &[PROFILE, ORDERS]).await;
+    // Codes issued before the change, redeemed after it (within their 60 s).
+    let (_, phone_code, phone_verifier) =
+        new_user(&env, &phone, "kim@example.com", &[PROFILE, ORDERS]).await;
+    let (_, first_code, first_verifier) =
+        new_user(&env, &first, "lee@example.com", &[PROFILE, ORDERS]).await;
 
     // A new Subscription takes over the phone app's clientId; the Api drops `orders`.
     let scope_line = format!("      - {{name: {ORDERS}, description: {ORDERS_TEXT}}}\n");
@@ -1244,6 +1254,15 @@ async fn refresh_follows_the_subscription_and_the_apis_scopes() {
     assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
     let t = first.refresh(&env, &first_refresh).await.expect("refresh");
     assert_eq!(scopes_of(&t), [PROFILE]);
+
+    let r = phone
+        .exchange(&env, &phone_code, Some(&phone_verifier))
+        .await;
+    assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+    let t = first
+        .exchange(&env, &first_code, Some(&first_verifier))
+        .await;
+    assert_eq!(scopes_of(&t.expect("exchange")), [PROFILE]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

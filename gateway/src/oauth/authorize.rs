@@ -34,6 +34,10 @@ pub struct CodeRecord {
     pub scope: String,
     pub grant_id: String,
     pub expires_at: u64,
+    /// The subscription that held `client_id` when the code was issued: a client id taken over
+    /// by another Subscription meanwhile (explicit spec.clientId) does not redeem it.
+    #[serde(default)]
+    pub subscription: String,
 }
 
 /// Serde default for records written before `redirect_uri_sent` existed: they always had one.
@@ -368,14 +372,16 @@ pub fn expired_request_page() -> Response {
     )
 }
 
-/// Whether the pending request's client still has its redirect URI: an administrator may have
-/// removed either (a leaked or hijacked URI) in the minutes since the request was checked.
-fn still_registered(state: &AppState, p: &Pending) -> bool {
+/// The subscription of the pending request's client if the client still has its redirect URI:
+/// an administrator may have removed either (a leaked or hijacked URI) in the minutes since
+/// the request was checked.
+fn still_registered(state: &AppState, p: &Pending) -> Option<String> {
     state
         .config
         .load()
         .client(&p.client_id)
-        .is_some_and(|c| super::redirect::matches(&c.cfg.redirect_uris, &p.redirect_uri))
+        .filter(|c| super::redirect::matches(&c.cfg.redirect_uris, &p.redirect_uri))
+        .map(|c| c.cfg.subscription.clone())
 }
 
 fn unregistered_page() -> Response {
@@ -398,9 +404,9 @@ pub async fn issue_code(
         .await
         .map_err(store_error_page)?
         .ok_or_else(expired_request_page)?;
-    if !still_registered(state, &pending) {
+    let Some(subscription) = still_registered(state, &pending) else {
         return Err(unregistered_page());
-    }
+    };
     let code = tokens::generate();
     let record = CodeRecord {
         client_id: pending.client_id.clone(),
@@ -411,6 +417,7 @@ pub async fn issue_code(
         scope: pending.scope.clone(),
         grant_id: uuid::Uuid::new_v4().to_string(),
         expires_at: unix_now() + CODE_TTL,
+        subscription,
     };
     kv::put(store, &code_key(&code), &record, CODE_TTL)
         .await
@@ -427,7 +434,7 @@ pub async fn issue_code(
 /// Denied consent: access_denied to the app, pending request consumed.
 pub async fn deny(state: &AppState, req_id: &str, sid: &str) -> Response {
     match session::take_pending(&*state.store, req_id, sid).await {
-        Ok(Some(p)) if !still_registered(state, &p) => unregistered_page(),
+        Ok(Some(p)) if still_registered(state, &p).is_none() => unregistered_page(),
         Ok(Some(p)) => redirect_to_app(
             &state.issuer,
             &p.redirect_uri,

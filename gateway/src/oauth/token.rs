@@ -301,6 +301,19 @@ async fn authorization_code(
             "code_verifier does not match the code_challenge",
         ));
     }
+    // As on refresh: the code's subscription must still hold this client id, and scopes the Api
+    // stopped offering since the user consented are not granted.
+    if record.subscription != client.cfg.subscription {
+        return Err(invalid_grant(
+            "the code belongs to a subscription that no longer holds this client",
+        ));
+    }
+    let scope = record
+        .scope
+        .split(' ')
+        .filter(|s| offers(snap, client, s))
+        .collect::<Vec<_>>()
+        .join(" ");
     kv::put(
         store,
         &marker,
@@ -328,8 +341,8 @@ async fn authorization_code(
         snap,
         client,
         &record.user_id,
-        &record.scope,
-        &record.scope,
+        &scope,
+        &scope,
         &record.grant_id,
     )
     .await
