@@ -133,7 +133,7 @@ pub fn rewrite_response(headers: &mut HeaderMap) {
     remove_where(headers, |name| {
         is_hop_by_hop(name) || name.starts_with("ratelimit")
     });
-    let sets_session = |v: &HeaderValue| set_cookie_name(v.as_bytes()) == SESSION_COOKIE.as_bytes();
+    let sets_session = |v: &HeaderValue| session::is_cookie_name(set_cookie_name(v.as_bytes()));
     if headers.get_all(header::SET_COOKIE).iter().any(sets_session) {
         let kept: Vec<HeaderValue> = headers
             .get_all(header::SET_COOKIE)
@@ -148,8 +148,8 @@ pub fn rewrite_response(headers: &mut HeaderMap) {
     }
 }
 
-/// The gateway's browser session cookie: backends never see it nor set it.
-const SESSION_COOKIE: &str = crate::oauth::session::COOKIE;
+/// The gateway's browser session cookie (either name): backends never see it nor set it.
+use crate::oauth::session::{self, COOKIE as SESSION_COOKIE};
 
 /// The name of a Set-Cookie value (`name=value; attributes`), trimmed.
 fn cookie_name(v: &[u8]) -> Option<&[u8]> {
@@ -182,7 +182,7 @@ fn without_session_cookie(v: &HeaderValue) -> Option<HeaderValue> {
     let kept: Vec<&[u8]> = v
         .as_bytes()
         .split(|&b| b == b';')
-        .filter(|pair| cookie_name(pair) != Some(SESSION_COOKIE.as_bytes()))
+        .filter(|pair| !cookie_name(pair).is_some_and(session::is_cookie_name))
         .map(<[u8]>::trim_ascii)
         .filter(|pair| !pair.is_empty())
         .collect();
@@ -555,6 +555,10 @@ mod tests {
         h.append(header::SET_COOKIE, hv(" = gatehouse_session =fixed"));
         h.append(header::SET_COOKIE, hv("gatehouse_session"));
         h.append(header::SET_COOKIE, hv("=other=1"));
+        h.append(
+            header::SET_COOKIE,
+            hv("__Host-gatehouse_session=x; Path=/; Secure"),
+        );
         rewrite_response(&mut h);
         assert!(!h.contains_key(header::CONTENT_LENGTH), "{h:?}");
         assert!(!h.contains_key(header::TRANSFER_ENCODING));
@@ -584,6 +588,7 @@ mod tests {
             ("a=1; gatehouse_session=s3cr3t; b=2", Some("a=1; b=2")),
             ("gatehouse_session=s3cr3t", None),
             ("gatehouse_session=s3cr3t;a=1", Some("a=1")),
+            ("__Host-gatehouse_session=s3cr3t; a=1", Some("a=1")),
             (
                 "a=1; my_gatehouse_session=x",
                 Some("a=1; my_gatehouse_session=x"),

@@ -24,7 +24,9 @@ use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
 use serde_json::{Value, json};
 
+/// The session cookie's name: `__Host-` prefixed when the issuer is https.
 const SESSION_COOKIE: &str = "gatehouse_session";
+const SECURE_SESSION_COOKIE: &str = "__Host-gatehouse_session";
 const BAD_CREDENTIALS: &str = "The email or password is not correct.";
 const THROTTLED: &str = "Too many failed attempts";
 const ACCESS_TTL: u64 = 300;
@@ -39,6 +41,8 @@ struct Env {
     issuer: String,
     /// Follows no redirects (the `oauth2` crate requires that of its HTTP client).
     http: reqwest::Client,
+    /// The session cookie's name for this issuer.
+    cookie: &'static str,
 }
 
 fn no_redirects() -> reqwest::Client {
@@ -67,11 +71,17 @@ async fn env_with(flags: &[&str]) -> Env {
         Some(i) => flags[i + 1].trim_end_matches('/').to_string(),
         None => format!("http://localhost:{}", gw.addr.port()),
     };
+    let cookie = if issuer.starts_with("https://") {
+        SECURE_SESSION_COOKIE
+    } else {
+        SESSION_COOKIE
+    };
     Env {
         _dir: dir,
         gw,
         issuer,
         http: no_redirects(),
+        cookie,
     }
 }
 
@@ -82,6 +92,8 @@ struct Page {
     status: StatusCode,
     headers: HeaderMap,
     body: String,
+    /// The session cookie's name.
+    cookie: &'static str,
 }
 
 impl Page {
@@ -111,7 +123,7 @@ impl Page {
             .get_all(header::SET_COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .find(|c| flow::set_cookie_value(c, SESSION_COOKIE).is_some())
+            .find(|c| flow::set_cookie_value(c, self.cookie).is_some())
     }
 }
 
@@ -152,7 +164,7 @@ impl<'e> Browser<'e> {
 
     async fn send(&mut self, mut req: reqwest::RequestBuilder) -> Page {
         if let Some(sid) = &self.session {
-            req = req.header(header::COOKIE, format!("{SESSION_COOKIE}={sid}"));
+            req = req.header(header::COOKIE, format!("{}={sid}", self.env.cookie));
         }
         if let Some(ip) = self.forwarded_for {
             req = req.header("x-forwarded-for", ip);
@@ -162,9 +174,10 @@ impl<'e> Browser<'e> {
             status: resp.status(),
             headers: resp.headers().clone(),
             body: resp.text().await.expect("body"),
+            cookie: self.env.cookie,
         };
         if let Some(c) = page.session_cookie() {
-            self.session = flow::set_cookie_value(c, SESSION_COOKIE).map(str::to_string);
+            self.session = flow::set_cookie_value(c, self.env.cookie).map(str::to_string);
         }
         page
     }
@@ -1503,9 +1516,46 @@ async fn the_issuer_flag_sets_iss_metadata_and_secure_cookies() {
         flow::set_cookie_attributes(cookie).contains(&"Secure"),
         "{cookie}"
     );
+    // __Host-: only this origin, over https, can set it (no sibling domain, no other Path).
+    assert!(cookie.starts_with("__Host-gatehouse_session="), "{cookie}");
+    assert!(flow::set_cookie_attributes(cookie).contains(&"Path=/"));
     // An error response carries this iss too.
     let page = b.get(&authz.url.replace("S256", "plain")).await;
     callback(&page, "myapp://callback").error(&env, &authz.state, "invalid_request");
+
+    // Signed in, the session answers to its __Host- name only, and only when it comes once.
+    sign_up(&mut b, &login, "ursula@example.com", PASSWORD).await;
+    let sid = b.session.clone().unwrap();
+    let planted = tokens_like_sid();
+    for (cookie, signed_in) in [
+        (format!("__Host-gatehouse_session={sid}"), true),
+        (format!("gatehouse_session={sid}"), false),
+        (
+            format!("__Host-gatehouse_session={planted}; __Host-gatehouse_session={sid}"),
+            false,
+        ),
+    ] {
+        let page = env
+            .http
+            .get(env.gw.url("/logout"))
+            .header(header::COOKIE, &cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            page.contains("Signed in as ursula@example.com"),
+            signed_in,
+            "{cookie}"
+        );
+    }
+}
+
+/// A well-formed session id that names no session.
+fn tokens_like_sid() -> String {
+    "A".repeat(43)
 }
 
 #[tokio::test(flavor = "multi_thread")]

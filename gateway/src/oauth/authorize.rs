@@ -244,7 +244,7 @@ pub async fn handle(
     // from its network (or from everyone, behind an ingress not listed in --trusted-proxies)
     // does not lock it out; signed-in sessions only come from throttled logins. Counted
     // before the writes, so a request that then fails on the store still used its share.
-    let existing = match session::load(&*state.store, &headers).await {
+    let existing = match session::load(&*state.store, &headers, state.secure_cookies()).await {
         Ok(s) => s,
         Err(e) => return store_error_page(e),
     };

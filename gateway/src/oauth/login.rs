@@ -70,7 +70,7 @@ async fn posted_session(
     headers: &HeaderMap,
     fields: &HashMap<String, String>,
 ) -> Result<(String, Session), Response> {
-    let (sid, sess) = session::load(&*state.store, headers)
+    let (sid, sess) = session::load(&*state.store, headers, state.secure_cookies())
         .await
         .map_err(store_error_page)?
         .ok_or_else(session_expired)?;
@@ -97,7 +97,8 @@ pub struct ReqParam {
 
 /// GET /login and GET /signup: render the form for a pending request of this session.
 async fn show(state: &AppState, headers: &HeaderMap, req: &str, signup: bool) -> Response {
-    let (sid, mut sess) = match session::load(&*state.store, headers).await {
+    let (sid, mut sess) = match session::load(&*state.store, headers, state.secure_cookies()).await
+    {
         Ok(Some(s)) => s,
         Ok(None) => return session_expired(),
         Err(e) => return store_error_page(e),
@@ -420,7 +421,7 @@ async fn signed_in_user(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<(String, Session, accounts::User), Response> {
-    let (sid, sess) = session::load(&*state.store, headers)
+    let (sid, sess) = session::load(&*state.store, headers, state.secure_cookies())
         .await
         .map_err(store_error_page)?
         .ok_or_else(session_expired)?;

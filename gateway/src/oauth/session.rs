@@ -9,6 +9,20 @@ use crate::store::{Store, StoreResult, kv, unix_now};
 use crate::tokens;
 
 pub const COOKIE: &str = "gatehouse_session";
+/// The name on https issuers: browsers accept a `__Host-` cookie only when Secure, with Path=/
+/// and no Domain, so a sibling subdomain or a plain-http page cannot plant one (login CSRF by
+/// a cookie with a longer Path, which the browser would send first).
+pub const SECURE_COOKIE: &str = "__Host-gatehouse_session";
+
+/// The session cookie's name for an issuer with (`secure`) or without https.
+pub fn cookie_name(secure: bool) -> &'static str {
+    if secure { SECURE_COOKIE } else { COOKIE }
+}
+
+/// Either spelling: what the proxy keeps from backends in both directions.
+pub fn is_cookie_name(name: &[u8]) -> bool {
+    name == COOKIE.as_bytes() || name == SECURE_COOKIE.as_bytes()
+}
 /// A browser session lasts 8 hours; a pending authorization 10 minutes.
 pub const SESSION_TTL: u64 = 8 * 3_600;
 pub const PENDING_TTL: u64 = 600;
@@ -60,23 +74,30 @@ fn pending_key(id: &str) -> String {
     format!("authreq:{id}")
 }
 
-/// The session id from the Cookie header(s).
-pub fn cookie_sid(headers: &HeaderMap) -> Option<String> {
-    headers
+/// The session id from the Cookie header(s). Two cookies of the name mean none: the second
+/// one came from somewhere else than the gateway (a sibling domain, another Path).
+pub fn cookie_sid(headers: &HeaderMap, secure: bool) -> Option<String> {
+    let name = cookie_name(secure);
+    let mut values = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, v)| *k == COOKIE && tokens::looks_like_token(v))
-        .map(|(_, v)| v.to_string())
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v);
+    match (values.next(), values.next()) {
+        (Some(v), None) if tokens::looks_like_token(v) => Some(v.to_string()),
+        _ => None,
+    }
 }
 
 pub async fn load(
     store: &dyn Store,
     headers: &HeaderMap,
+    secure: bool,
 ) -> StoreResult<Option<(String, Session)>> {
-    let Some(sid) = cookie_sid(headers) else {
+    let Some(sid) = cookie_sid(headers, secure) else {
         return Ok(None);
     };
     Ok(kv::get::<Session>(store, &session_key(&sid))
@@ -117,17 +138,17 @@ pub async fn destroy(store: &dyn Store, sid: &str) -> StoreResult<()> {
 
 /// Tells the browser to forget the session cookie.
 pub fn clear_cookie(secure: bool) -> HeaderValue {
-    let secure = if secure { "; Secure" } else { "" };
+    let (name, secure) = (cookie_name(secure), if secure { "; Secure" } else { "" });
     HeaderValue::from_str(&format!(
-        "{COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{secure}"
+        "{name}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{secure}"
     ))
     .expect("static cookie is header-safe")
 }
 
 pub fn set_cookie(sid: &str, secure: bool) -> HeaderValue {
-    let secure = if secure { "; Secure" } else { "" };
+    let (name, secure) = (cookie_name(secure), if secure { "; Secure" } else { "" });
     HeaderValue::from_str(&format!(
-        "{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Lax; Max-Age={SESSION_TTL}{secure}"
+        "{name}={sid}; Path=/; HttpOnly; SameSite=Lax; Max-Age={SESSION_TTL}{secure}"
     ))
     .expect("token is header-safe")
 }
@@ -180,9 +201,22 @@ mod tests {
             header::COOKIE,
             format!("a=b; {COOKIE}={sid}; c=d").parse().unwrap(),
         );
-        assert_eq!(cookie_sid(&h), Some(sid));
+        assert_eq!(cookie_sid(&h, false), Some(sid.clone()));
+        // On an https issuer only the __Host- name counts.
+        assert_eq!(cookie_sid(&h, true), None);
+        let secure = format!("{COOKIE}=x; {SECURE_COOKIE}={sid}");
+        h.insert(header::COOKIE, secure.parse().unwrap());
+        assert_eq!(cookie_sid(&h, true), Some(sid.clone()));
         h.insert(header::COOKIE, format!("{COOKIE}=short").parse().unwrap());
-        assert_eq!(cookie_sid(&h), None);
+        assert_eq!(cookie_sid(&h, false), None);
+        // Two of the name (one planted for a longer Path): no session at all.
+        let other = tokens::generate();
+        let two = format!("{COOKIE}={other}; {COOKIE}={sid}");
+        h.insert(header::COOKIE, two.parse().unwrap());
+        assert_eq!(cookie_sid(&h, false), None);
+        h.insert(header::COOKIE, format!("{COOKIE}={sid}").parse().unwrap());
+        h.append(header::COOKIE, format!("{COOKIE}={other}").parse().unwrap());
+        assert_eq!(cookie_sid(&h, false), None);
     }
 
     #[test]
@@ -201,7 +235,17 @@ mod tests {
         let c = set_cookie("x", true);
         let c = c.to_str().unwrap();
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.contains("Secure"));
-        assert!(!set_cookie("x", false).to_str().unwrap().contains("Secure"));
+        assert!(c.starts_with("__Host-gatehouse_session=x;") && c.contains("; Path=/;"));
+        assert!(!c.contains("Domain"));
+        let plain = set_cookie("x", false);
+        assert!(plain.to_str().unwrap().starts_with("gatehouse_session=x;"));
+        assert!(!plain.to_str().unwrap().contains("Secure"));
+        assert!(
+            clear_cookie(true)
+                .to_str()
+                .unwrap()
+                .starts_with("__Host-gatehouse_session=;")
+        );
     }
 
     #[test]
