@@ -29,6 +29,8 @@ pub struct TokenResponse {
     pub expires_in: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<String>,
+    /// Left out when nothing was granted: a scope value has at least one token (RFC 6749 3.3).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub scope: String,
 }
 
