@@ -54,8 +54,12 @@ fn bench(c: &mut Criterion) {
 
     let limiter = LocalLimiter::default();
     let checks = vec![
-        LimitCheck::new("rl:{demo/app}:demo/basic:0:user-1", 1_000_000, 1),
-        LimitCheck::new("rl:{demo/app}:demo/basic:1:-", 1_000_000_000, 86_400),
+        LimitCheck::new("rl:{demo/app}:demo/basic:0:1000000/1:user-1", 1_000_000, 1),
+        LimitCheck::new(
+            "rl:{demo/app}:demo/basic:1:1000000000/86400:-",
+            1_000_000_000,
+            86_400,
+        ),
     ];
     let mut now = 1_000_000_000u64;
     c.bench_function("local_limiter_two_limits", |b| {

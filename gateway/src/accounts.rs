@@ -15,11 +15,11 @@ pub struct User {
     pub created_at: u64,
 }
 
-/// Trims and lowercases an email; `None` when it is not plausibly an address. Deliverability is
-/// not checked here (there is no email verification in the built-in IdP).
 /// The longest address SMTP allows (RFC 5321 4.5.3.1 path limits).
 pub const MAX_EMAIL_LEN: usize = 254;
 
+/// Trims and lowercases an email; `None` when it is not plausibly an address. Deliverability is
+/// not checked here (there is no email verification in the built-in IdP).
 pub fn normalize_email(raw: &str) -> Option<String> {
     let e = raw.trim().to_lowercase();
     let (local, domain) = e.split_once('@')?;

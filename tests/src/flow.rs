@@ -208,14 +208,18 @@ pub fn set_cookie_value<'a>(set_cookie: &'a str, name: &str) -> Option<&'a str> 
     (k == name).then_some(v)
 }
 
-/// `gatehouse_session=<id>` from a response's `Set-Cookie` headers, ready for a `Cookie` header.
+/// The session cookie from a response's `Set-Cookie` headers, ready for a `Cookie` header:
+/// `gatehouse_session=<id>`, or `__Host-gatehouse_session=<id>` from an https issuer.
 pub fn session_cookie(resp: &reqwest::Response) -> Option<String> {
     resp.headers()
         .get_all(reqwest::header::SET_COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find_map(|v| set_cookie_value(v, "gatehouse_session"))
-        .map(|id| format!("gatehouse_session={id}"))
+        .find_map(|v| {
+            ["gatehouse_session", "__Host-gatehouse_session"]
+                .into_iter()
+                .find_map(|name| set_cookie_value(v, name).map(|id| format!("{name}={id}")))
+        })
 }
 
 /// The attributes of a `Set-Cookie` header value (`HttpOnly`, `SameSite=Lax`, ...), trimmed.

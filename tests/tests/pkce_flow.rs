@@ -303,6 +303,20 @@ impl App {
 }
 
 /// The OAuth error code of a refused token request.
+/// The error code and description of a refused token request.
+fn token_error_text(r: TokenResult) -> (BasicErrorResponseType, String) {
+    match r {
+        Err(RequestTokenError::ServerResponse(e)) => (
+            e.error().clone(),
+            e.error_description().cloned().unwrap_or_default(),
+        ),
+        other => panic!(
+            "expected an OAuth error response, got {:?}",
+            other.map(|t| t.scopes().cloned())
+        ),
+    }
+}
+
 fn token_error(r: TokenResult) -> BasicErrorResponseType {
     match r {
         Err(RequestTokenError::ServerResponse(e)) => e.error().clone(),
@@ -650,6 +664,13 @@ async fn a_refused_email_is_kept_only_when_address_sized_and_forms_are_bounded()
         .submit(&again, "/login", &[("email", &big), ("password", PASSWORD)])
         .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_page_headers(&r);
+    // At the token endpoint the same is an RFC 6749 error, not cached.
+    let form = [("grant_type", "authorization_code"), ("code", big.as_str())];
+    let (status, headers, body) = post_form(&env, "/oauth2/token", None, &form).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"], "invalid_request", "{body}");
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1267,7 +1288,12 @@ async fn refresh_and_codes_follow_the_subscription_and_the_apis_scopes() {
     let r = phone
         .exchange(&env, &phone_code, Some(&phone_verifier))
         .await;
-    assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
+    let (code, text) = token_error_text(r);
+    assert_eq!(code, BasicErrorResponseType::InvalidGrant);
+    assert!(
+        text.contains("no longer holds this client"),
+        "not for its age: {text}"
+    );
     let t = first
         .exchange(&env, &first_code, Some(&first_verifier))
         .await;
@@ -1526,8 +1552,13 @@ async fn the_issuer_flag_sets_iss_metadata_and_secure_cookies() {
     for (cookie, signed_in) in [
         (format!("__Host-gatehouse_session={sid}"), true),
         (format!("gatehouse_session={sid}"), false),
+        // Either order: the browser sends the one with the longer Path first.
         (
             format!("__Host-gatehouse_session={planted}; __Host-gatehouse_session={sid}"),
+            false,
+        ),
+        (
+            format!("__Host-gatehouse_session={sid}; __Host-gatehouse_session={planted}"),
             false,
         ),
     ] {

@@ -34,10 +34,13 @@ pub struct CodeRecord {
     pub scope: String,
     pub grant_id: String,
     pub expires_at: u64,
-    /// The subscription that held `client_id` when the code was issued: a client id taken over
-    /// by another Subscription meanwhile (explicit spec.clientId) does not redeem it.
+    /// The subscription that held `client_id` and its Api when the code was issued: a client
+    /// id taken over by another Subscription meanwhile (explicit spec.clientId), or moved to
+    /// another Api, does not redeem it. Empty in codes issued before these were recorded.
     #[serde(default)]
     pub subscription: String,
+    #[serde(default)]
+    pub api: String,
 }
 
 /// Serde default for records written before `redirect_uri_sent` existed: they always had one.
@@ -372,16 +375,16 @@ pub fn expired_request_page() -> Response {
     )
 }
 
-/// The subscription of the pending request's client if the client still has its redirect URI:
-/// an administrator may have removed either (a leaked or hijacked URI) in the minutes since
-/// the request was checked.
-fn still_registered(state: &AppState, p: &Pending) -> Option<String> {
+/// The subscription and Api of the pending request's client if the client still has its
+/// redirect URI: an administrator may have removed either (a leaked or hijacked URI) in the
+/// minutes since the request was checked.
+fn still_registered(state: &AppState, p: &Pending) -> Option<(String, String)> {
     state
         .config
         .load()
         .client(&p.client_id)
         .filter(|c| super::redirect::matches(&c.cfg.redirect_uris, &p.redirect_uri))
-        .map(|c| c.cfg.subscription.clone())
+        .map(|c| (c.cfg.subscription.clone(), c.cfg.api.clone()))
 }
 
 fn unregistered_page() -> Response {
@@ -404,7 +407,7 @@ pub async fn issue_code(
         .await
         .map_err(store_error_page)?
         .ok_or_else(expired_request_page)?;
-    let Some(subscription) = still_registered(state, &pending) else {
+    let Some((subscription, api)) = still_registered(state, &pending) else {
         return Err(unregistered_page());
     };
     let code = tokens::generate();
@@ -418,6 +421,7 @@ pub async fn issue_code(
         grant_id: uuid::Uuid::new_v4().to_string(),
         expires_at: unix_now() + CODE_TTL,
         subscription,
+        api,
     };
     kv::put(store, &code_key(&code), &record, CODE_TTL)
         .await

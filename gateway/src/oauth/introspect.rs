@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use super::OAuthBody;
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use gatehouse_crds::ClientType;
@@ -22,7 +22,7 @@ use crate::tokens;
 pub async fn handle(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    OAuthBody(body): OAuthBody,
 ) -> Response {
     match introspect(&state, &headers, &body).await {
         Ok(v) => {

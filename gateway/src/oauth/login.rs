@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use super::PageBody;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use http::{HeaderMap, StatusCode, header};
@@ -283,7 +283,7 @@ pub async fn login_post(
     State(state): State<Arc<AppState>>,
     PeerIp(ip): PeerIp,
     headers: HeaderMap,
-    body: Bytes,
+    PageBody(body): PageBody,
 ) -> Response {
     let Posted {
         sid,
@@ -327,7 +327,7 @@ pub async fn signup_post(
     State(state): State<Arc<AppState>>,
     PeerIp(ip): PeerIp,
     headers: HeaderMap,
-    body: Bytes,
+    PageBody(body): PageBody,
 ) -> Response {
     let Posted {
         sid,
@@ -502,7 +502,7 @@ pub async fn consent_page(
 pub async fn consent_post(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    PageBody(body): PageBody,
 ) -> Response {
     let fields = form_fields(&body);
     let (sid, sess, user) = match signed_in_user(&state, &headers).await {
@@ -574,7 +574,7 @@ pub async fn logout_page(State(state): State<Arc<AppState>>, headers: HeaderMap)
 pub async fn logout_post(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    PageBody(body): PageBody,
 ) -> Response {
     let fields = form_fields(&body);
     let (sid, _) = match posted_session(&state, &headers, &fields).await {

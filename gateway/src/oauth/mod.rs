@@ -15,9 +15,54 @@ pub mod userinfo;
 
 use std::sync::Arc;
 
+use axum::extract::FromRequest;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::{HeaderValue, header};
 
+use crate::error::{OAuthErrorCode, oauth};
 use crate::state::AppState;
+
+/// The body of a request to an OAuth endpoint (at most `server::FORM_BODY_LIMIT`). One too
+/// large, or one that stops arriving, is answered as an RFC 6749 `invalid_request` (JSON,
+/// no-store) with the rejection's status, not with axum's plain-text rejection.
+pub struct OAuthBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for OAuthBody {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        Bytes::from_request(req, state)
+            .await
+            .map(OAuthBody)
+            .map_err(|e| {
+                let mut r = oauth(OAuthErrorCode::InvalidRequest, e.body_text()).into_response();
+                *r.status_mut() = e.status();
+                r
+            })
+    }
+}
+
+/// The body of a form the sign-in pages post. Rejected as a page (with the pages' security
+/// headers), not as axum's plain text.
+pub struct PageBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for PageBody {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        Bytes::from_request(req, state)
+            .await
+            .map(PageBody)
+            .map_err(|e| {
+                authorize::error_page(
+                    e.status(),
+                    "Form not accepted",
+                    "The form was too large or did not arrive whole. Please go back and try again.",
+                )
+            })
+    }
+}
 
 /// A value the client sent, as it may appear in an `error_description`: RFC 6749 5.2 allows
 /// only printable ASCII without `"` and `\`, so anything else, or anything long, is not shown.

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use super::OAuthBody;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
@@ -19,7 +19,7 @@ use crate::tokens;
 pub async fn handle(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    OAuthBody(body): OAuthBody,
 ) -> Response {
     match revoke(&state, &headers, &body).await {
         Ok(()) => {

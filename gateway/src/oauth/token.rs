@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
+use super::OAuthBody;
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use gatehouse_crds::{ClientType, GrantType};
@@ -37,7 +37,7 @@ pub struct TokenResponse {
 pub async fn handle(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    OAuthBody(body): OAuthBody,
 ) -> Response {
     match token(&state, &headers, &body).await {
         Ok(resp) => {
@@ -99,6 +99,26 @@ fn offers(snap: &Snapshot, client: &ClientRuntime, scope: &str) -> bool {
         .scopes
         .iter()
         .any(|known| known.name == scope)
+}
+
+/// `granted` less the scopes the Api no longer offers. When that leaves none of a non-empty
+/// grant, `invalid_scope`: a token response without `scope` says "all you asked for".
+fn still_offered(
+    snap: &Snapshot,
+    client: &ClientRuntime,
+    granted: &str,
+) -> Result<String, GatewayError> {
+    let kept: Vec<&str> = granted
+        .split(' ')
+        .filter(|s| !s.is_empty() && offers(snap, client, s))
+        .collect();
+    if kept.is_empty() && !granted.trim().is_empty() {
+        return Err(oauth(
+            OAuthErrorCode::InvalidScope,
+            "the Api offers none of the granted scopes any more; authorize again",
+        ));
+    }
+    Ok(kept.join(" "))
 }
 
 fn require_grant(client: &ClientRuntime, grant: GrantType) -> Result<(), GatewayError> {
@@ -303,19 +323,17 @@ async fn authorization_code(
             "code_verifier does not match the code_challenge",
         ));
     }
-    // As on refresh: the code's subscription must still hold this client id, and scopes the Api
-    // stopped offering since the user consented are not granted.
-    if record.subscription != client.cfg.subscription {
+    // As on refresh: the code's subscription must still hold this client id for the same Api,
+    // and scopes the Api stopped offering since the user consented are not granted. (Codes
+    // from before these were recorded, at most 60 s old at an upgrade, carry neither.)
+    let moved = !record.subscription.is_empty()
+        && (record.subscription != client.cfg.subscription || record.api != client.cfg.api);
+    if moved {
         return Err(invalid_grant(
             "the code belongs to a subscription that no longer holds this client",
         ));
     }
-    let scope = record
-        .scope
-        .split(' ')
-        .filter(|s| offers(snap, client, s))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let scope = still_offered(snap, client, &record.scope)?;
     kv::put(
         store,
         &marker,
@@ -461,14 +479,7 @@ async fn refresh_token(
     // make the client's next, correct refresh look like reuse and revoke the whole family).
     let scope = match form.get("scope") {
         // What was granted, less any scope the Api no longer offers.
-        None => {
-            let kept: Vec<&str> = record
-                .scope
-                .split(' ')
-                .filter(|s| offers(snap, client, s))
-                .collect();
-            kept.join(" ")
-        }
+        None => still_offered(snap, client, &record.scope)?,
         Some(req) => {
             let have: Vec<&str> = record.scope.split(' ').collect();
             if let Some(extra) = req.split(' ').find(|s| !s.is_empty() && !have.contains(s)) {
