@@ -1297,7 +1297,26 @@ async fn refresh_and_codes_follow_the_subscription_and_the_apis_scopes() {
     let t = first
         .exchange(&env, &first_code, Some(&first_verifier))
         .await;
-    assert_eq!(scopes_of(&t.expect("exchange")), [PROFILE]);
+    let t = t.expect("exchange");
+    assert_eq!(scopes_of(&t), [PROFILE]);
+
+    // The Api drops its last scope the grant had: no token whose response would leave `scope`
+    // out (which reads as "all you asked for"), and the refresh token is not spent.
+    let scope_line = format!("      - {{name: {PROFILE}, description: {PROFILE_TEXT}}}\n");
+    let renamed = format!("      - {{name: account, description: {PROFILE_TEXT}}}\n");
+    edit_manifests(&env, |m| m.replace(&scope_line, &renamed));
+    wait_reloaded(|| async {
+        let form = [("grant_type", "client_credentials"), ("scope", PROFILE)];
+        let creds = Some((flow::BACKEND_APP, flow::BACKEND_SECRET));
+        let (status, _, _) = post_form(&env, "/oauth2/token", creds, &form).await;
+        status == StatusCode::BAD_REQUEST
+    })
+    .await;
+    let refresh = t.refresh_token().expect("a refresh token").secret().clone();
+    for _ in 0..2 {
+        let r = first.refresh(&env, &refresh).await;
+        assert_eq!(token_error(r), BasicErrorResponseType::InvalidScope);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
