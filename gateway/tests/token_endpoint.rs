@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use common::*;
 
 #[tokio::test]
@@ -188,4 +190,148 @@ async fn malformed_requests_are_invalid_request() {
     let resp = h.call(req).await;
     assert_eq!(resp.status(), 400);
     assert_eq!(json(resp).await["error"], "invalid_request");
+}
+
+/// The embedded store, except that `put_token` fails while `fail_puts` is set.
+struct FlakyStore {
+    inner: gatehouse_gateway::store::embedded::EmbeddedStore,
+    fail_puts: std::sync::atomic::AtomicBool,
+}
+
+mod flaky {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use gatehouse_gateway::store::{Store, StoreError, StoreResult, TokenRecord};
+    use gatehouse_gateway::tokens::TokenHash;
+
+    #[async_trait::async_trait]
+    impl Store for super::FlakyStore {
+        async fn put_token(&self, hash: TokenHash, record: TokenRecord) -> StoreResult<()> {
+            if self.fail_puts.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("injected".into()));
+            }
+            self.inner.put_token(hash, record).await
+        }
+        async fn get_token(&self, hash: &TokenHash) -> StoreResult<Option<Arc<TokenRecord>>> {
+            self.inner.get_token(hash).await
+        }
+        async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
+            self.inner.revoke_token(hash).await
+        }
+        async fn revoke_grant(&self, grant_id: &str) -> StoreResult<usize> {
+            self.inner.revoke_grant(grant_id).await
+        }
+        async fn purge_expired(&self, now: u64) -> StoreResult<usize> {
+            self.inner.purge_expired(now).await
+        }
+        async fn ready(&self) -> StoreResult<()> {
+            self.inner.ready().await
+        }
+        async fn kv_put(&self, key: &str, value: &[u8], ttl: u64) -> StoreResult<()> {
+            self.inner.kv_put(key, value, ttl).await
+        }
+        async fn kv_put_new(&self, key: &str, value: &[u8], ttl: u64) -> StoreResult<bool> {
+            self.inner.kv_put_new(key, value, ttl).await
+        }
+        async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            self.inner.kv_get(key).await
+        }
+        async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            self.inner.kv_take(key).await
+        }
+        async fn kv_delete(&self, key: &str) -> StoreResult<()> {
+            self.inner.kv_delete(key).await
+        }
+        async fn counter_incr(&self, key: &str, window_secs: u64) -> StoreResult<u64> {
+            self.inner.counter_incr(key, window_secs).await
+        }
+        async fn counter_get(&self, key: &str) -> StoreResult<u64> {
+            self.inner.counter_get(key).await
+        }
+        async fn counter_decr(&self, key: &str) -> StoreResult<()> {
+            self.inner.counter_decr(key).await
+        }
+    }
+}
+
+/// A refresh that cannot store its new pair answers 503 and spends nothing: the client's retry
+/// with the same refresh token works, and the access token it holds keeps working. (Spending
+/// first made that retry look like reuse, which revoked the whole family.)
+#[tokio::test]
+async fn a_refresh_that_cannot_store_its_tokens_spends_nothing() {
+    use gatehouse_gateway::store::{TokenKind, TokenRecord};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let upstream = gatehouse_tests::echo::spawn().await;
+    let flaky = Arc::new(std::sync::OnceLock::<Arc<FlakyStore>>::new());
+    let keep = flaky.clone();
+    let h = Harness::with_store(
+        manifests(&format!("http://{upstream}"), 100),
+        upstream,
+        "http://gw.test",
+        move |inner| {
+            let s = Arc::new(FlakyStore {
+                inner,
+                fail_puts: AtomicBool::new(false),
+            });
+            keep.set(s.clone()).ok();
+            s
+        },
+    )
+    .await;
+    let flaky = flaky.get().unwrap().clone();
+    // A user's access and refresh token of app-mobile, as a code exchange leaves them.
+    let now = gatehouse_gateway::store::unix_now();
+    let record = |kind| TokenRecord {
+        kind,
+        client_id: "app-mobile".into(),
+        subscription: "t/app-mobile".into(),
+        api: "t/mobile".into(),
+        user_id: Some("u-1".into()),
+        scope: "profile".into(),
+        grant_id: "g-1".into(),
+        issued_at: now,
+        expires_at: now + 3600,
+    };
+    let (access, refresh) = (
+        gatehouse_gateway::tokens::generate(),
+        gatehouse_gateway::tokens::generate(),
+    );
+    let store = h.state.store.clone();
+    store
+        .put_token(
+            gatehouse_gateway::tokens::hash(&access),
+            record(TokenKind::Access),
+        )
+        .await
+        .unwrap();
+    store
+        .put_token(
+            gatehouse_gateway::tokens::hash(&refresh),
+            record(TokenKind::Refresh),
+        )
+        .await
+        .unwrap();
+    let body = format!("grant_type=refresh_token&client_id=app-mobile&refresh_token={refresh}");
+
+    flaky.fail_puts.store(true, Ordering::SeqCst);
+    let resp = h.call(token_request(&body, None)).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(json(resp).await["error"], "temporarily_unavailable");
+    flaky.fail_puts.store(false, Ordering::SeqCst);
+
+    let resp = h.call(token_request(&body, None)).await;
+    assert_eq!(resp.status(), 200, "the retry is not reuse");
+    let v = json(resp).await;
+    assert!(v["refresh_token"].is_string());
+    let old = store
+        .get_token(&gatehouse_gateway::tokens::hash(&access))
+        .await
+        .unwrap();
+    assert!(old.is_some(), "the family was not revoked");
+    // The token it presented is spent now: a third use is reuse.
+    let resp = h.call(token_request(&body, None)).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(json(resp).await["error"], "invalid_grant");
 }

@@ -494,22 +494,10 @@ async fn refresh_token(
             check_scopes(snap, client, Some(req))?
         }
     };
-    // Rotation. The reuse marker is written before the token is spent, so a second use finds
-    // the token or the marker, never neither. Of concurrent refreshes with one token only the
-    // one that removes it proceeds; the others are reuse.
-    let remember = record.expires_at.saturating_sub(unix_now()).max(1);
-    let owner = marker_value(&record.client_id, &record.grant_id);
-    kv::put(store, &rotated_key(&hash), &owner, remember)
-        .await
-        .map_err(unavailable)?;
-    let Some(record) = state.store.revoke_token(&hash).await.map_err(unavailable)? else {
-        let n = revoke_family(state, &record.grant_id)
-            .await
-            .map_err(unavailable)?;
-        return Err(reused(n));
-    };
+    // The new pair first: when storing it fails, the presented token is still unspent and the
+    // client's retry works (spent first, that retry looked like reuse and revoked the family).
     let user_id = record.user_id.clone().unwrap_or_default();
-    token_pair(
+    let pair = token_pair(
         state,
         snap,
         client,
@@ -518,7 +506,40 @@ async fn refresh_token(
         &record.scope,
         &record.grant_id,
     )
-    .await
+    .await?;
+    // Rotation. The reuse marker is written before the token is spent, so a second use finds
+    // the token or the marker, never neither. Of concurrent refreshes with one token only the
+    // one that removes it answers; for the others it is reuse, which revokes the family, the
+    // pairs they issued included.
+    let remember = record.expires_at.saturating_sub(unix_now()).max(1);
+    let owner = marker_value(&record.client_id, &record.grant_id);
+    let spent = match kv::put(store, &rotated_key(&hash), &owner, remember).await {
+        Ok(()) => state.store.revoke_token(&hash).await,
+        Err(e) => Err(e),
+    };
+    match spent {
+        Ok(Some(_)) => Ok(pair),
+        Ok(None) => {
+            let n = revoke_family(state, &record.grant_id)
+                .await
+                .map_err(unavailable)?;
+            Err(reused(n))
+        }
+        Err(e) => {
+            // Whether the token was spent is unknown (a lost reply); the pair nobody will get
+            // is not left behind.
+            discard(state, &pair).await;
+            Err(unavailable(e))
+        }
+    }
+}
+
+/// Best effort: removes the tokens of a response that is not sent.
+async fn discard(state: &AppState, pair: &TokenResponse) {
+    let tokens = std::iter::once(&pair.access_token).chain(pair.refresh_token.as_ref());
+    for t in tokens {
+        let _ = state.store.revoke_token(&tokens::hash(t)).await;
+    }
 }
 
 /// Creates and stores one token; returns the token itself (the store keeps only its hash).

@@ -10,6 +10,7 @@ use axum::body::Body;
 use base64::Engine;
 use gatehouse_gateway::ratelimit::local::LocalLimiter;
 use gatehouse_gateway::state::AppState;
+use gatehouse_gateway::store::Store;
 use gatehouse_gateway::store::embedded::EmbeddedStore;
 use gatehouse_gateway::{server, source};
 use http::{Request, Response};
@@ -141,13 +142,23 @@ impl Harness {
 
     /// With the public URL `issuer` (https behind a TLS-terminating ingress).
     pub async fn with_issuer(yaml: String, upstream: SocketAddr, issuer: &str) -> Harness {
+        Harness::with_store(yaml, upstream, issuer, |s| Arc::new(s)).await
+    }
+
+    /// With the embedded store as `wrap` makes it (e.g. one that fails on demand).
+    pub async fn with_store(
+        yaml: String,
+        upstream: SocketAddr,
+        issuer: &str,
+        wrap: impl FnOnce(EmbeddedStore) -> Arc<dyn Store>,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let mdir = dir.path().join("manifests");
         std::fs::create_dir_all(&mdir).unwrap();
         std::fs::write(mdir.join("all.yaml"), yaml).unwrap();
         let store = EmbeddedStore::open(&dir.path().join("data")).unwrap();
         let state = Arc::new(AppState::new(
-            Arc::new(store),
+            wrap(store),
             Arc::new(LocalLimiter::default()),
             issuer,
         ));
