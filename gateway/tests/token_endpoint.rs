@@ -255,11 +255,12 @@ mod flaky {
     }
 }
 
-/// A refresh that cannot store its new pair answers 503 and spends nothing: the client's retry
-/// with the same refresh token works, and the access token it holds keeps working. (Spending
-/// first made that retry look like reuse, which revoked the whole family.)
+/// A refresh or code exchange that cannot store its new pair answers 503 and spends nothing:
+/// the client's retry with the same refresh token or code works, and the access token it holds
+/// keeps working. (Spending first made that retry look like reuse or a replay, which revoked
+/// the whole family.)
 #[tokio::test]
-async fn a_refresh_that_cannot_store_its_tokens_spends_nothing() {
+async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing() {
     use gatehouse_gateway::store::{TokenKind, TokenRecord};
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -334,4 +335,43 @@ async fn a_refresh_that_cannot_store_its_tokens_spends_nothing() {
     let resp = h.call(token_request(&body, None)).await;
     assert_eq!(resp.status(), 400);
     assert_eq!(json(resp).await["error"], "invalid_grant");
+
+    // The same for a code: not spent by an exchange whose tokens cannot be stored.
+    use gatehouse_gateway::oauth::authorize::{CodeRecord, code_key};
+    let user = gatehouse_gateway::accounts::create(&*store, "c@example.com", "x".into())
+        .await
+        .unwrap()
+        .unwrap();
+    let (code, verifier) = (gatehouse_gateway::tokens::generate(), "v".repeat(43));
+    let challenge = {
+        use base64::Engine;
+        use sha2::Digest;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(&verifier))
+    };
+    let code_record = CodeRecord {
+        client_id: "app-mobile".into(),
+        redirect_uri: "myapp://cb".into(),
+        redirect_uri_sent: true,
+        code_challenge: challenge,
+        user_id: user.id,
+        scope: "profile".into(),
+        grant_id: "g-2".into(),
+        expires_at: now + 60,
+        subscription: "t/app-mobile".into(),
+        api: "t/mobile".into(),
+    };
+    gatehouse_gateway::store::kv::put(&*store, &code_key(&code), &code_record, 60)
+        .await
+        .unwrap();
+    let body = format!(
+        "grant_type=authorization_code&client_id=app-mobile&redirect_uri=myapp%3A%2F%2Fcb&code={code}&code_verifier={verifier}"
+    );
+    flaky.fail_puts.store(true, Ordering::SeqCst);
+    let resp = h.call(token_request(&body, None)).await;
+    assert_eq!(resp.status(), 503);
+    flaky.fail_puts.store(false, Ordering::SeqCst);
+    let resp = h.call(token_request(&body, None)).await;
+    assert_eq!(resp.status(), 200, "the retry is not a replay");
+    let resp = h.call(token_request(&body, None)).await;
+    assert_eq!(json(resp).await["error"], "invalid_grant", "single use");
 }

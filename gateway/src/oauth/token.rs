@@ -334,21 +334,6 @@ async fn authorization_code(
         ));
     }
     let scope = still_offered(snap, client, &record.scope)?;
-    kv::put(
-        store,
-        &marker,
-        &marker_value(&record.client_id, &record.grant_id),
-        USED_CODE_MEMORY,
-    )
-    .await
-    .map_err(unavailable)?;
-    // Only whether this request took it matters: the record was read above.
-    if store.kv_take(&key).await.map_err(unavailable)?.is_none() {
-        let n = revoke_family(state, &record.grant_id)
-            .await
-            .map_err(unavailable)?;
-        return Err(replayed(n));
-    }
     if accounts::get(store, &record.user_id)
         .await
         .map_err(unavailable)?
@@ -356,7 +341,8 @@ async fn authorization_code(
     {
         return Err(invalid_grant("the user no longer exists"));
     }
-    token_pair(
+    // The pair first, then the code is spent (see `answer_once`).
+    let pair = token_pair(
         state,
         snap,
         client,
@@ -365,7 +351,41 @@ async fn authorization_code(
         &scope,
         &record.grant_id,
     )
-    .await
+    .await?;
+    let owner = marker_value(&record.client_id, &record.grant_id);
+    let spent = match kv::put(store, &marker, &owner, USED_CODE_MEMORY).await {
+        // Only whether this request took it matters: the record was read above.
+        Ok(()) => store.kv_take(&key).await.map(|taken| taken.is_some()),
+        Err(e) => Err(e),
+    };
+    answer_once(state, pair, spent, &record.grant_id, replayed).await
+}
+
+/// Answers a code exchange or refresh whose new `pair` is stored, once the presented code or
+/// token was spent (`spent`: whether this request took it). Issuing first means a pair that
+/// cannot be stored leaves the code or token unspent for the client's retry (spent first, the
+/// retry looked like a replay and revoked the family). Of concurrent uses only the one that
+/// took it answers; for the others it is a replay, which revokes the family, the pairs they
+/// issued included. When spending failed, whether it happened is unknown (a lost reply): the
+/// pair nobody will get is removed.
+async fn answer_once(
+    state: &AppState,
+    pair: TokenResponse,
+    spent: Result<bool, crate::store::StoreError>,
+    grant_id: &str,
+    replayed: impl FnOnce(usize) -> GatewayError,
+) -> Result<TokenResponse, GatewayError> {
+    match spent {
+        Ok(true) => Ok(pair),
+        Ok(false) => {
+            let n = revoke_family(state, grant_id).await.map_err(unavailable)?;
+            Err(replayed(n))
+        }
+        Err(e) => {
+            discard(state, &pair).await;
+            Err(unavailable(e))
+        }
+    }
 }
 
 /// Access token plus (when the client may refresh) a refresh token, in one grant family. The
@@ -494,8 +514,7 @@ async fn refresh_token(
             check_scopes(snap, client, Some(req))?
         }
     };
-    // The new pair first: when storing it fails, the presented token is still unspent and the
-    // client's retry works (spent first, that retry looked like reuse and revoked the family).
+    // The pair first, then the token is spent (see `answer_once`).
     let user_id = record.user_id.clone().unwrap_or_default();
     let pair = token_pair(
         state,
@@ -508,30 +527,14 @@ async fn refresh_token(
     )
     .await?;
     // Rotation. The reuse marker is written before the token is spent, so a second use finds
-    // the token or the marker, never neither. Of concurrent refreshes with one token only the
-    // one that removes it answers; for the others it is reuse, which revokes the family, the
-    // pairs they issued included.
+    // the token or the marker, never neither.
     let remember = record.expires_at.saturating_sub(unix_now()).max(1);
     let owner = marker_value(&record.client_id, &record.grant_id);
     let spent = match kv::put(store, &rotated_key(&hash), &owner, remember).await {
-        Ok(()) => state.store.revoke_token(&hash).await,
+        Ok(()) => state.store.revoke_token(&hash).await.map(|r| r.is_some()),
         Err(e) => Err(e),
     };
-    match spent {
-        Ok(Some(_)) => Ok(pair),
-        Ok(None) => {
-            let n = revoke_family(state, &record.grant_id)
-                .await
-                .map_err(unavailable)?;
-            Err(reused(n))
-        }
-        Err(e) => {
-            // Whether the token was spent is unknown (a lost reply); the pair nobody will get
-            // is not left behind.
-            discard(state, &pair).await;
-            Err(unavailable(e))
-        }
-    }
+    answer_once(state, pair, spent, &record.grant_id, reused).await
 }
 
 /// Best effort: removes the tokens of a response that is not sent.
