@@ -135,6 +135,8 @@ pub mod reasons {
     pub const MISSING_NAME: &str = "MissingName";
     /// The same kind/namespace/name appears twice in the input (standalone manifests only).
     pub const DUPLICATE_RESOURCE: &str = "DuplicateResource";
+    /// The spec is larger than `MAX_SPEC_BYTES`.
+    pub const TOO_LARGE: &str = "TooLarge";
     /// A referenced resource does not exist in the same namespace.
     pub const DANGLING_REFERENCE: &str = "DanglingReference";
     /// A referenced resource exists but is Invalid itself.
@@ -453,7 +455,11 @@ impl Issues {
 
 /// Checks the identity of an entry; returns a verdict when it cannot be compiled at all
 /// (no name, or the same kind/namespace/name was already seen).
-fn identity_problem<T>(kind: Kind, e: &Entry<'_, T>, seen: &mut BTreeSet<Key>) -> Option<Verdict> {
+fn identity_problem<T>(kind: Kind, e: &Entry<'_, T>, seen: &mut BTreeSet<Key>) -> Option<Verdict>
+where
+    T: kube::core::object::HasSpec,
+    T::Spec: serde::Serialize,
+{
     if e.name.is_empty() {
         return Some(verdict(
             kind,
@@ -480,8 +486,27 @@ fn identity_problem<T>(kind: Kind, e: &Entry<'_, T>, seen: &mut BTreeSet<Key>) -
             ),
         ));
     }
+    let size = serde_json::to_vec(e.item.spec()).map_or(usize::MAX, |v| v.len());
+    if size > MAX_SPEC_BYTES {
+        return Some(verdict(
+            kind,
+            e.namespace,
+            e.name,
+            Phase::Invalid,
+            reasons::TOO_LARGE,
+            format!(
+                "{kind} {}/{}: spec is {size} bytes as JSON, at most {MAX_SPEC_BYTES} are accepted; shorten its descriptions, names or lists",
+                e.namespace, e.name
+            ),
+        ));
+    }
     None
 }
+
+/// The largest spec a resource may have (as JSON). Every gateway gets the whole configuration
+/// in one ConfigMap (at most 900 KiB compressed): unbounded, one tenant's Api with megabytes of
+/// scope descriptions would stop publishing for every tenant.
+pub const MAX_SPEC_BYTES: usize = 32 * 1024;
 
 fn display_or_name(display: &str, name: &str) -> String {
     if display.trim().is_empty() {

@@ -1549,3 +1549,28 @@ fn rate_limit_key_and_period_reach_the_config() {
         }]
     );
 }
+
+/// One resource cannot make the published configuration too large for everybody: a spec over
+/// 32 KiB (as JSON) is Invalid, and what refers to it with it; the rest is compiled.
+#[test]
+fn oversized_specs_are_invalid_alone() {
+    let mut r = fixture();
+    second_api(&mut r, "other", "small", "/small");
+    api(&mut r, "mobile").spec.auth.scopes[0].description = "x".repeat(MAX_SPEC_BYTES);
+    let c = compile(&r);
+    assert_invalid(&c, Kind::Api, "mobile", reasons::TOO_LARGE, "at most 32768");
+    assert_eq!(
+        c.verdict(Kind::Api, "other", "small").unwrap().phase,
+        Phase::Active
+    );
+    assert_eq!(
+        c.verdict(Kind::Subscription, "demo", "demo-app-mobile")
+            .unwrap()
+            .phase,
+        Phase::Invalid
+    );
+    // Just under the bound is fine.
+    let mut r = fixture();
+    api(&mut r, "mobile").spec.auth.scopes[0].description = "x".repeat(MAX_SPEC_BYTES - 1_024);
+    assert_active(&compile(&r), Kind::Api, "mobile");
+}
