@@ -232,9 +232,12 @@ fn desired_status(
         conditions: vec![cond],
     };
     if v.kind == Kind::Subscription {
-        status.client_id = prepared
-            .and_then(|p| p.client_id.clone())
-            .or_else(|| v.client_id.clone());
+        // The id the gateways accept (the compiled one: spec.clientId first), else the one
+        // prepared for it (a generated id kept in the status).
+        status.client_id = v
+            .client_id
+            .clone()
+            .or_else(|| prepared.and_then(|p| p.client_id.clone()));
         // Name the Secret only when it exists or is being created now.
         status.credentials_secret =
             prepared

@@ -234,3 +234,36 @@ fn transition_time_changes_only_when_readiness_changes() {
         p2.statuses
     );
 }
+
+/// After a generated client id, setting spec.clientId: the status shows the id the gateways
+/// accept now.
+#[test]
+fn the_status_names_the_client_id_in_use() {
+    let mut g = Seq(0);
+    let r = resources("");
+    let p1 = plan(r.clone(), &mut g, "2026-01-01T00:00:00Z");
+    assert_eq!(
+        status_of(&p1, "app-mobile").client_id.as_deref(),
+        Some("app-mobile-g1")
+    );
+    let mut r2 = apply(r, &p1);
+    for s in r2
+        .subscriptions
+        .iter_mut()
+        .filter(|s| s.name_any() == "app-mobile")
+    {
+        s.spec.client_id = Some("custom-id".into());
+    }
+    let p2 = plan(r2, &mut g, "2026-01-01T00:01:00Z");
+    assert!(
+        p2.compiled
+            .config
+            .clients
+            .iter()
+            .any(|c| c.client_id == "custom-id")
+    );
+    assert_eq!(
+        status_of(&p2, "app-mobile").client_id.as_deref(),
+        Some("custom-id")
+    );
+}
