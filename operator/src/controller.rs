@@ -356,7 +356,7 @@ impl Controller {
     }
 
     async fn patch_status(&self, u: &StatusUpdate) -> Result<(), kube_client::Error> {
-        let patch = Patch::Merge(json!({ "status": u.status }));
+        let patch = Patch::Merge(reconcile::status_patch(&u.status));
         let pp = PatchParams::default();
         let c = self.client.clone();
         match u.kind {

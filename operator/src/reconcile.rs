@@ -255,5 +255,24 @@ fn desired_status(
     status
 }
 
+/// The body of a status merge patch (RFC 7396) that leaves the status exactly `status`: fields
+/// it does not have are sent as null, which removes them (left out, the server would keep an
+/// old `credentialsSecret` or `clientId` for ever, and the status would never converge).
+pub fn status_patch(status: &ResourceStatus) -> serde_json::Value {
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        for name in [
+            "phase",
+            "observedGeneration",
+            "clientId",
+            "credentialsSecret",
+            "conditions",
+        ] {
+            fields.entry(name).or_insert(serde_json::Value::Null);
+        }
+    }
+    serde_json::json!({ "status": value })
+}
+
 #[cfg(test)]
 mod tests;

@@ -267,3 +267,42 @@ fn the_status_names_the_client_id_in_use() {
         Some("custom-id")
     );
 }
+
+/// RFC 7396 merge, as the API server applies a status patch.
+fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+/// A status patch leaves exactly the new status, also when it has fewer fields than the old one
+/// (a confidential subscription that moved from the generated Secret to clientSecretRef).
+#[test]
+fn a_status_patch_removes_what_the_new_status_lacks() {
+    let old = ResourceStatus {
+        phase: Some("Active".into()),
+        observed_generation: Some(1),
+        client_id: Some("svc-mobile-g1".into()),
+        credentials_secret: Some("svc-mobile-credentials".into()),
+        conditions: vec![],
+    };
+    let new = ResourceStatus {
+        credentials_secret: None,
+        observed_generation: Some(2),
+        ..old.clone()
+    };
+    let mut object = serde_json::json!({ "spec": {}, "status": old });
+    merge(&mut object, &status_patch(&new));
+    let after: ResourceStatus = serde_json::from_value(object["status"].clone()).unwrap();
+    assert_eq!(after, new);
+    assert!(object["status"].get("credentialsSecret").is_none());
+}
