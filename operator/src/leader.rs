@@ -12,6 +12,21 @@ use kube_client::api::{Api, PostParams};
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 pub const RETRY_EVERY: Duration = Duration::from_secs(2);
+/// A leader that has not renewed for this long stops (client-go's renewDeadline): a standby
+/// may take over LEASE_DURATION after the last renewal, and the two must never overlap, also
+/// when a renewal hangs (the API client's own timeout is minutes).
+pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long the next lease round may take: for a leader, what is left of RENEW_DEADLINE since
+/// the start of its last successful round (None: it must stop now); a standby has no hurry.
+pub fn round_budget(leading: bool, since_last_renewal: Duration) -> Option<Duration> {
+    if !leading {
+        return Some(LEASE_DURATION);
+    }
+    RENEW_DEADLINE
+        .checked_sub(since_last_renewal)
+        .filter(|left| !left.is_zero())
+}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
@@ -114,6 +129,23 @@ impl Elector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leader_stops_before_a_standby_may_take_over() {
+        assert_eq!(
+            round_budget(false, Duration::from_secs(60)),
+            Some(LEASE_DURATION)
+        );
+        assert_eq!(
+            round_budget(true, Duration::from_secs(4)),
+            Some(Duration::from_secs(6))
+        );
+        assert_eq!(round_budget(true, RENEW_DEADLINE), None);
+        assert_eq!(round_budget(true, Duration::from_secs(11)), None);
+        // Renewing every RENEW_EVERY leaves room for a failed round before the deadline, and
+        // the deadline comes before the lease can be taken over.
+        assert!(RENEW_EVERY * 2 <= RENEW_DEADLINE && RENEW_DEADLINE < LEASE_DURATION);
+    }
 
     fn spec(holder: &str, renewed_secs_ago: i64) -> LeaseSpec {
         let now = Timestamp::now();

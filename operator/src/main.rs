@@ -148,12 +148,22 @@ async fn main() -> anyhow::Result<()> {
             let mut last_renew = std::time::Instant::now();
             loop {
                 let was = is_leader.load(Ordering::SeqCst);
-                match elector.try_lead().await {
+                let Some(budget) = leader::round_budget(was, last_renew.elapsed()) else {
+                    tracing::error!("could not renew the lease in time; exiting");
+                    std::process::exit(1);
+                };
+                // The server stamps the renewal during the round: count from its start.
+                let started = std::time::Instant::now();
+                let round = match tokio::time::timeout(budget, elector.try_lead()).await {
+                    Ok(r) => r.map_err(anyhow::Error::from),
+                    Err(_) => Err(anyhow::anyhow!("the lease round took over {budget:?}")),
+                };
+                match round {
                     Ok(true) => {
                         if !was {
                             tracing::info!(identity = %elector.identity(), "became the leader");
                         }
-                        last_renew = std::time::Instant::now();
+                        last_renew = started;
                         is_leader.store(true, Ordering::SeqCst);
                         if !was {
                             controller.kick();
@@ -166,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
                     Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "lease round failed");
-                        if was && last_renew.elapsed() > leader::LEASE_DURATION {
+                        if was && leader::round_budget(true, last_renew.elapsed()).is_none() {
                             tracing::error!("could not renew the lease in time; exiting");
                             std::process::exit(1);
                         }
