@@ -493,6 +493,18 @@ async fn wait_reloaded<F: Future<Output = bool>>(mut reloaded: impl FnMut() -> F
     }
 }
 
+/// Waits until the reloaded configuration no longer offers `scope` (a client_credentials
+/// request for it is refused).
+async fn wait_scope_dropped(env: &Env, scope: &str) {
+    wait_reloaded(|| async {
+        let form = [("grant_type", "client_credentials"), ("scope", scope)];
+        let creds = Some((flow::BACKEND_APP, flow::BACKEND_SECRET));
+        let (status, _, _) = post_form(env, "/oauth2/token", creds, &form).await;
+        status == StatusCode::BAD_REQUEST
+    })
+    .await;
+}
+
 /// A signed-up user's tokens for `app`: (access, refresh).
 async fn user_tokens(env: &Env, app: &App, email: &str, scopes: &[&str]) -> (String, String) {
     let (_, code, verifier) = new_user(env, app, email, scopes).await;
@@ -1272,13 +1284,7 @@ async fn refresh_and_codes_follow_the_subscription_and_the_apis_scopes() {
             .replace(&scope_line, "")
     });
     // Reloaded once `orders` is no longer offered.
-    wait_reloaded(|| async {
-        let form = [("grant_type", "client_credentials"), ("scope", ORDERS)];
-        let creds = Some((flow::BACKEND_APP, flow::BACKEND_SECRET));
-        let (status, _, _) = post_form(&env, "/oauth2/token", creds, &form).await;
-        status == StatusCode::BAD_REQUEST
-    })
-    .await;
+    wait_scope_dropped(&env, ORDERS).await;
 
     let r = phone.refresh(&env, &phone_refresh).await;
     assert_eq!(token_error(r), BasicErrorResponseType::InvalidGrant);
@@ -1305,13 +1311,7 @@ async fn refresh_and_codes_follow_the_subscription_and_the_apis_scopes() {
     let scope_line = format!("      - {{name: {PROFILE}, description: {PROFILE_TEXT}}}\n");
     let renamed = format!("      - {{name: account, description: {PROFILE_TEXT}}}\n");
     edit_manifests(&env, |m| m.replace(&scope_line, &renamed));
-    wait_reloaded(|| async {
-        let form = [("grant_type", "client_credentials"), ("scope", PROFILE)];
-        let creds = Some((flow::BACKEND_APP, flow::BACKEND_SECRET));
-        let (status, _, _) = post_form(&env, "/oauth2/token", creds, &form).await;
-        status == StatusCode::BAD_REQUEST
-    })
-    .await;
+    wait_scope_dropped(&env, PROFILE).await;
     let refresh = t.refresh_token().expect("a refresh token").secret().clone();
     for _ in 0..2 {
         let r = first.refresh(&env, &refresh).await;
