@@ -350,7 +350,15 @@ impl Controller {
                 tracing::info!(secret = %format!("{}/{}", s.namespace, s.name), "created client credentials");
                 Ok(())
             }
-            Err(kube_client::Error::Api(e)) if e.code == 409 => Ok(()),
+            // A Secret of that name exists but is not in this pass's view: not yet seen by the
+            // watch, or not of type Opaque (the watch's selector). The configuration was
+            // compiled with the secret just generated, which nobody holds: the subscription
+            // waits for the next pass instead (a wrong hash published on every pass before).
+            Err(kube_client::Error::Api(e)) if e.code == 409 => Err(anyhow::anyhow!(
+                "a Secret {}/{} exists that the operator does not see yet, or not of type Opaque",
+                s.namespace,
+                s.name
+            )),
             Err(e) => Err(e.into()),
         }
     }

@@ -1030,6 +1030,42 @@ spec:
         env.get("secret", "refused-credentials", "demo").is_none(),
         "the policy let the Secret through"
     );
+    // A Secret of the generated name that is not Opaque (invisible to the operator's watch):
+    // creating the generated one is a conflict, and the subscription stays out rather than
+    // being published with a secret nobody holds.
+    env.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "typed-credentials",
+        "-n",
+        "demo",
+        "--type=kubernetes.io/basic-auth",
+        "--from-literal=username=u",
+        "--from-literal=password=p",
+    ]);
+    env.kube.apply(
+        "apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {name: typed-app, namespace: demo}
+spec: {owner: dev@example.com, clientType: confidential, redirectUris: []}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: typed, namespace: demo}
+spec: {application: typed-app, api: mobile, plan: basic, clientId: typed-client, grants: [client_credentials]}
+",
+    );
+    env.wait_phase("applications.gatehouse.dev", "typed-app", "Active");
+    std::thread::sleep(Duration::from_millis(1500));
+    let typed = env
+        .get("subscriptions.gatehouse.dev", "typed", "demo")
+        .unwrap();
+    assert!(
+        typed["status"]["phase"] != "Active",
+        "a subscription whose Secret could not be created is reported Active: {}",
+        typed["status"]
+    );
 
     // --- 7. leader hand-over -------------------------------------------------------------------
     eprintln!("7. leader hand-over");
