@@ -162,14 +162,14 @@ fn cookie_name(v: &[u8]) -> Option<&[u8]> {
 /// `a=b` or `a`.
 fn set_cookie_name(v: &[u8]) -> &[u8] {
     let pair = v.split(|&b| b == b';').next().unwrap_or(v).trim_ascii();
-    match cookie_name(pair) {
-        Some(name) if !name.is_empty() => name,
-        Some(_) => {
-            let value = &pair[pair.iter().position(|&b| b == b'=').map_or(0, |e| e + 1)..];
-            cookie_name(value).unwrap_or(value).trim_ascii()
-        }
-        None => pair,
+    let (name, value) = match pair.iter().position(|&b| b == b'=') {
+        Some(eq) => (pair[..eq].trim_ascii(), &pair[eq + 1..]),
+        None => (&b""[..], pair),
+    };
+    if !name.is_empty() {
+        return name;
     }
+    cookie_name(value).unwrap_or(value).trim_ascii()
 }
 
 fn mentions_session(v: &[u8]) -> bool {

@@ -300,20 +300,10 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
         gatehouse_gateway::tokens::generate(),
     );
     let store = h.state.store.clone();
-    store
-        .put_token(
-            gatehouse_gateway::tokens::hash(&access),
-            record(TokenKind::Access),
-        )
-        .await
-        .unwrap();
-    store
-        .put_token(
-            gatehouse_gateway::tokens::hash(&refresh),
-            record(TokenKind::Refresh),
-        )
-        .await
-        .unwrap();
+    for (token, kind) in [(&access, TokenKind::Access), (&refresh, TokenKind::Refresh)] {
+        let hash = gatehouse_gateway::tokens::hash(token);
+        store.put_token(hash, record(kind)).await.unwrap();
+    }
     let body = format!("grant_type=refresh_token&client_id=app-mobile&refresh_token={refresh}");
 
     flaky.fail_puts.store(true, Ordering::SeqCst);

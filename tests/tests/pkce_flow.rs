@@ -310,22 +310,16 @@ fn token_error_text(r: TokenResult) -> (BasicErrorResponseType, String) {
             e.error().clone(),
             e.error_description().cloned().unwrap_or_default(),
         ),
-        other => panic!(
-            "expected an OAuth error response, got {:?}",
-            other.map(|t| t.scopes().cloned())
-        ),
-    }
-}
-
-fn token_error(r: TokenResult) -> BasicErrorResponseType {
-    match r {
-        Err(RequestTokenError::ServerResponse(e)) => e.error().clone(),
         Err(other) => panic!("expected an OAuth error response, got {other:?}"),
         Ok(t) => panic!(
             "expected an OAuth error, got tokens with scope {:?}",
             t.scopes()
         ),
     }
+}
+
+fn token_error(r: TokenResult) -> BasicErrorResponseType {
+    token_error_text(r).0
 }
 
 fn scopes_of(t: &BasicTokenResponse) -> Vec<String> {
