@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # One command for the benchmark: installs nginx, wrk, redis-server (and make, gcc) when missing, builds in
-# release mode, then runs every scenario and writes bench/results.json (see README, Performance).
-# Options are passed to the driver: --users N (default 10000), --seconds S, --warmup S, --connections C,
-# --rounds R.
+# release mode, builds the gateway with profile-guided optimization as the Dockerfile ships it
+# (scripts/pgo-build.sh), then runs every scenario and writes bench/results.json (see README,
+# Performance). The plain release build is measured too, with one token in both modes.
+# Options are passed to the driver: --users N (default 10000), --seconds S, --warmup S,
+# --connections C, --rounds R. PGO=0 measures the plain build alone (no PGO build, faster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/need.sh make:make gcc:cc nginx:nginx wrk:wrk redis-server:redis-server
 cargo build --release --quiet -p gatehouse-gateway -p gatehouse-tests --bins
-exec ./target/release/gatehouse-bench "$@"
+if [ "${PGO:-1}" = 0 ]; then
+  exec ./target/release/gatehouse-bench "$@"
+fi
+scripts/pgo-build.sh
+exec ./target/release/gatehouse-bench --gateway target/pgo/gatehouse-gateway \
+  --plain-gateway target/release/gatehouse-gateway "$@"

@@ -7,6 +7,7 @@
 #   tests/kind/e2e.sh                    # from anywhere; needs docker, kind, kubectl, helm, curl, openssl
 #   KEEP_CLUSTER=0 tests/kind/e2e.sh     # delete the cluster at the end (default: keep it)
 #   CLUSTER=mine TAG=test tests/kind/e2e.sh
+#   PGO=0 tests/kind/e2e.sh              # plain gateway build (skips the ~15 min PGO training)
 #
 # An existing cluster with the same name is reused (its port mapping must be the one of
 # kind-config.yaml: host 127.0.0.1:8080 -> node port 30080).
@@ -79,7 +80,7 @@ fi
 say "building images (first build compiles the workspace; takes a while)"
 export DOCKER_BUILDKIT=1
 for target in operator gateway echo; do
-  docker build --target "$target" -t "gatehouse-${target}:${TAG}" "$ROOT"
+  docker build --target "$target" --build-arg PGO="${PGO:-1}" -t "gatehouse-${target}:${TAG}" "$ROOT"
 done
 say "loading images into kind"
 kind load docker-image --name "$CLUSTER" \

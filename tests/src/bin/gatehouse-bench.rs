@@ -39,10 +39,30 @@ struct Args {
     memory_tokens: usize,
     #[arg(long, default_value = "bench/results.json")]
     out: PathBuf,
+    /// The gatehouse-gateway binary to measure (default: the one next to this program).
+    /// bench/run.sh passes the profile-guided build (scripts/pgo-build.sh).
+    #[arg(long)]
+    gateway: Option<PathBuf>,
+    /// Another build of the gateway, measured with one token in both modes next to the first
+    /// (bench/run.sh passes the plain release build, to show what the profile-guided one gains).
+    #[arg(long)]
+    plain_gateway: Option<PathBuf>,
     /// Print the bench's manifests for an upstream on this port, and exit (used by
     /// bench/instructions.sh).
     #[arg(long, value_name = "UPSTREAM_PORT")]
     print_manifests: Option<u16>,
+}
+
+/// A gateway stops on SIGTERM, so an instrumented build writes its profile
+/// (scripts/pgo-build.sh trains on this program's load).
+struct GatewayProc(Child);
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        if gatehouse_tests::procs::terminate(&mut self.0, Duration::from_secs(10)).is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 struct Proc(Child);
@@ -73,6 +93,46 @@ fn bin(name: &str) -> PathBuf {
         .parent()
         .unwrap()
         .join(name)
+}
+
+/// Starts a gateway on the bench's manifests; returns its port once it is ready.
+fn start_gateway(
+    binary: &Path,
+    manifests: &Path,
+    extra: &[String],
+) -> anyhow::Result<(u16, GatewayProc)> {
+    let port = free_port();
+    let admin = free_port();
+    let child = GatewayProc(
+        Command::new(binary)
+            .args([
+                "--manifests",
+                &manifests.display().to_string(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .args(extra)
+            // The benchmark signs up and signs in every user from one address.
+            .env("GATEHOUSE_MAX_SIGNUPS_PER_IP", "100000000")
+            .env("GATEHOUSE_MAX_SIGN_IN_STARTS_PER_MINUTE", "100000000")
+            .env("GATEHOUSE_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?,
+    );
+    wait_port(port)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gatehouse_tests::procs::http_status(format!("127.0.0.1:{admin}").parse()?, "/readyz")
+        != Some(200)
+    {
+        if Instant::now() > deadline {
+            bail!("the gateway {} is not ready", binary.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((port, child))
 }
 
 fn wait_port(port: u16) -> anyhow::Result<()> {
@@ -553,47 +613,35 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(mdir.join("bench.yaml"), manifests(up_port))?;
     let redis = gatehouse_tests::redis::RedisServer::start();
     let redis_server_pid = redis.pid();
+    let gateway = args
+        .gateway
+        .clone()
+        .unwrap_or_else(|| bin("gatehouse-gateway"));
+    let stores = |data: &str| {
+        [
+            (
+                "embedded",
+                vec![
+                    "--data-dir".to_string(),
+                    dir.path().join(data).display().to_string(),
+                ],
+            ),
+            ("redis", vec!["--redis".to_string(), redis.url()]),
+        ]
+    };
     let mut gws = vec![];
-    for (name, extra) in [
-        (
-            "embedded",
-            vec![
-                "--data-dir".to_string(),
-                dir.path().join("data").display().to_string(),
-            ],
-        ),
-        ("redis", vec!["--redis".to_string(), redis.url()]),
-    ] {
-        let port = free_port();
-        let admin = free_port();
-        let child = Command::new(bin("gatehouse-gateway"))
-            .args([
-                "--manifests",
-                &mdir.display().to_string(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--admin-listen",
-                &format!("127.0.0.1:{admin}"),
-            ])
-            .args(&extra)
-            // The benchmark signs up and signs in every user from one address.
-            .env("GATEHOUSE_MAX_SIGNUPS_PER_IP", "100000000")
-            .env("GATEHOUSE_MAX_SIGN_IN_STARTS_PER_MINUTE", "100000000")
-            .env("GATEHOUSE_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()?;
-        wait_port(port)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while gatehouse_tests::procs::http_status(format!("127.0.0.1:{admin}").parse()?, "/readyz")
-            != Some(200)
-        {
-            if Instant::now() > deadline {
-                bail!("{name} gateway not ready");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+    for (name, extra) in stores("data") {
+        let (port, g) = start_gateway(&gateway, &mdir, &extra)?;
+        gws.push((name, port, g.0.id(), g));
+    }
+    // The other build: its own embedded store, the same Redis (so the Redis gateway's token
+    // works there too).
+    let mut plain = vec![];
+    if let Some(path) = &args.plain_gateway {
+        for (name, extra) in stores("data-plain") {
+            let (port, g) = start_gateway(path, &mdir, &extra)?;
+            plain.push((name, port, g.0.id(), g));
         }
-        let pid = child.id();
-        gws.push((name, port, pid, Proc(child)));
     }
 
     let machine = json!({
@@ -718,6 +766,29 @@ async fn main() -> anyhow::Result<()> {
         results["endpoints"][*name]["login_per_s"] = json!(200.0 / started.elapsed().as_secs_f64());
         eprintln!("{name}: endpoints {}", results["endpoints"][*name]);
     }
+    // One user's token for each gateway of the other build: its own signup on the embedded
+    // one; on the Redis one, the Redis gateway's token (one store).
+    let mut plain_tok: BTreeMap<&str, PathBuf> = BTreeMap::new();
+    for (name, port, _, _) in &plain {
+        let file = if *name == "redis" {
+            tok["redis"].0.clone()
+        } else {
+            let g = Gw {
+                base: format!("http://127.0.0.1:{port}"),
+                http: reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()?,
+            };
+            let session = g.sign("/signup", "plain@bench.example").await?;
+            let code = g.code(&session).await?;
+            let token = g.exchange(&code).await?["access_token"]
+                .as_str()
+                .context("token")?
+                .to_string();
+            write_tokens(&format!("{name}-plain-one"), &[token])?
+        };
+        plain_tok.insert(name, file);
+    }
     rss_phases.push((
         "after signups and endpoints",
         status_kib(redis_pid, "VmRSS:"),
@@ -788,6 +859,15 @@ async fn main() -> anyhow::Result<()> {
                 format!("{name} over limit (429)"),
                 format!("http://127.0.0.1:{port}/limited/x"),
                 Some(limited.clone()),
+                watch(vec![*pid], redis),
+            ));
+        }
+        for (name, port, pid, _) in &plain {
+            let redis = (*name == "redis").then_some(redis_server_pid).flatten();
+            targets.push((
+                format!("{name} 1 user, plain build"),
+                format!("http://127.0.0.1:{port}/api/x"),
+                Some(plain_tok[name].clone()),
                 watch(vec![*pid], redis),
             ));
         }
@@ -1019,6 +1099,7 @@ async fn main() -> anyhow::Result<()> {
     println!("wrote {}", args.out.display());
     // Gateways first: a Redis gone under a live gateway makes it log a lost connection.
     drop(gws);
+    drop(plain);
     drop(redis);
     Ok(())
 }
