@@ -12,6 +12,9 @@ cargo build --release --quiet -p gatehouse-gateway -p gatehouse-tests --bins
 if [ "${PGO:-1}" = 0 ]; then
   exec ./target/release/gatehouse-bench "$@"
 fi
-scripts/pgo-build.sh
+if ! scripts/pgo-build.sh; then
+  echo "bench/run.sh: the PGO build failed (above); measuring the plain build alone" >&2
+  exec ./target/release/gatehouse-bench "$@"
+fi
 exec ./target/release/gatehouse-bench --gateway target/pgo/gatehouse-gateway \
   --plain-gateway target/release/gatehouse-gateway "$@"

@@ -13,10 +13,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/need.sh make:make gcc:cc nginx:nginx wrk:wrk redis-server:redis-server
 
+# llvm-profdata of rustc's own LLVM (profile formats change between LLVM versions): rustup's
+# llvm-tools component, added when missing, or the distribution's llvm-profdata-<major>.
 host=$(rustc -vV | sed -n 's/^host: //p')
+llvm_major=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
+if [ ! -x "$profdata" ] && command -v rustup >/dev/null 2>&1; then
+  rustup component add llvm-tools || true
+fi
 if [ ! -x "$profdata" ]; then
-  rustup component add llvm-tools
+  profdata=$(command -v "llvm-profdata-$llvm_major" || true)
+fi
+if [ -z "$profdata" ]; then
+  echo "pgo-build: no llvm-profdata for LLVM $llvm_major (rustup component add llvm-tools)" >&2
+  exit 1
 fi
 
 # The benchmark driver and its upstream, plain release builds.
