@@ -53,10 +53,11 @@ struct Args {
     print_manifests: Option<u16>,
 }
 
-/// A gateway stops on SIGTERM, so an instrumented build writes its profile
+/// A process stopped with SIGTERM (SIGKILL after 10 s): nginx's master then stops its workers,
+/// which SIGKILL would leave running, and an instrumented gateway writes its profile
 /// (scripts/pgo-build.sh trains on this program's load).
-struct GatewayProc(Child);
-impl Drop for GatewayProc {
+struct Terminated(Child);
+impl Drop for Terminated {
     fn drop(&mut self) {
         if gatehouse_tests::procs::terminate(&mut self.0, Duration::from_secs(10)).is_none() {
             let _ = self.0.kill();
@@ -76,17 +77,6 @@ impl Drop for Proc {
 /// The throughput target for `gatehouse-bare-proxy`.
 const BARE: &str = "bare hyper proxy (no checks)";
 
-/// nginx's master stops its workers on SIGTERM; SIGKILL would leave them running behind.
-struct Nginx(Child);
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        if gatehouse_tests::procs::terminate(&mut self.0, Duration::from_secs(5)).is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 fn bin(name: &str) -> PathBuf {
     std::env::current_exe()
         .unwrap()
@@ -100,10 +90,10 @@ fn start_gateway(
     binary: &Path,
     manifests: &Path,
     extra: &[String],
-) -> anyhow::Result<(u16, GatewayProc)> {
+) -> anyhow::Result<(u16, Terminated)> {
     let port = free_port();
     let admin = free_port();
-    let child = GatewayProc(
+    let child = Terminated(
         Command::new(binary)
             .args([
                 "--manifests",
@@ -583,7 +573,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         "nginx"
     };
-    let _ng = Nginx(
+    let _ng = Terminated(
         Command::new(nginx)
             .args(["-p"])
             .arg(&ngdir)
