@@ -12,7 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/need.sh valgrind:valgrind wrk:wrk redis-server:redis-server python3:python3
-cargo build --release --quiet -p gatehouse-gateway -p gatehouse-tests --bins
+# Separately, as bench/run.sh builds them (one build would unify dependency features).
+cargo build --release --quiet -p gatehouse-gateway --bin gatehouse-gateway
+cargo build --release --quiet -p gatehouse-tests --bins
 BIN=$PWD/target/release
 GW=${GATEWAY:-$BIN/gatehouse-gateway}
 OUT=$(mktemp -d)

@@ -4,11 +4,16 @@
 # (scripts/pgo-build.sh), then runs every scenario and writes bench/results.json (see README,
 # Performance). The plain release build is measured too, with one token in both modes.
 # Options are passed to the driver: --users N (default 10000), --seconds S, --warmup S,
-# --connections C, --rounds R. PGO=0 measures the plain build alone (no PGO build, faster).
+# --connections C, --rounds R (--gateway and --plain-gateway are set here). PGO=0 measures the
+# plain build alone (no PGO build, faster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/need.sh make:make gcc:cc nginx:nginx wrk:wrk redis-server:redis-server
-cargo build --release --quiet -p gatehouse-gateway -p gatehouse-tests --bins
+export CARGO_TARGET_DIR=$PWD/target
+# The gateway on its own, as scripts/pgo-build.sh and Dockerfile.gateway build it: built with
+# the test crates, dependencies would get their features too.
+cargo build --release --quiet -p gatehouse-gateway --bin gatehouse-gateway
+cargo build --release --quiet -p gatehouse-tests --bins
 if [ "${PGO:-1}" = 0 ]; then
   exec ./target/release/gatehouse-bench "$@"
 fi

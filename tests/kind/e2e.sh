@@ -7,7 +7,7 @@
 #   tests/kind/e2e.sh                    # from anywhere; needs docker, kind, kubectl, helm, curl, openssl
 #   KEEP_CLUSTER=0 tests/kind/e2e.sh     # delete the cluster at the end (default: keep it)
 #   CLUSTER=mine TAG=test tests/kind/e2e.sh
-#   PGO=0 tests/kind/e2e.sh              # plain gateway build (skips the ~15 min PGO training)
+#   PGO=0 tests/kind/e2e.sh              # plain gateway build (skips the ~17 min PGO build)
 #
 # An existing cluster with the same name is reused (its port mapping must be the one of
 # kind-config.yaml: host 127.0.0.1:8080 -> node port 30080).

@@ -60,6 +60,10 @@ struct Terminated(Child);
 impl Drop for Terminated {
     fn drop(&mut self) {
         if gatehouse_tests::procs::terminate(&mut self.0, Duration::from_secs(10)).is_none() {
+            eprintln!(
+                "process {} did not stop within 10 s of SIGTERM; killed",
+                self.0.id()
+            );
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
