@@ -226,6 +226,26 @@ struct Gw {
 }
 
 impl Gw {
+    /// The gateway on `port`, with a client that does not follow redirects (the flow reads them).
+    fn on(port: u16) -> anyhow::Result<Gw> {
+        Ok(Gw {
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
+        })
+    }
+
+    /// Signs up a new user and returns the access token of one authorization for them.
+    async fn new_user_token(&self, email: &str) -> anyhow::Result<String> {
+        let session = self.sign("/signup", email).await?;
+        let code = self.code(&session).await?;
+        Ok(self.exchange(&code).await?["access_token"]
+            .as_str()
+            .context("token")?
+            .to_string())
+    }
+
     fn authorize_url(&self) -> String {
         format!(
             "{}/oauth2/authorize?response_type=code&client_id=app-api&redirect_uri=myapp%3A%2F%2Fcb&scope=profile&state=s&code_challenge={}&code_challenge_method=S256",
@@ -652,25 +672,13 @@ async fn main() -> anyhow::Result<()> {
     // Tokens through the real endpoints, per gateway.
     let mut tok: BTreeMap<&str, (PathBuf, PathBuf, PathBuf)> = BTreeMap::new();
     for (name, port, _, _) in &gws {
-        let gw = std::sync::Arc::new(Gw {
-            base: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?,
-        });
+        let gw = std::sync::Arc::new(Gw::on(*port)?);
         let started = Instant::now();
         let g = gw.clone();
         let users = args.users;
         let tokens: Vec<String> = parallel(users, 4, move |i| {
             let g = g.clone();
-            async move {
-                let session = g.sign("/signup", &format!("user{i}@bench.example")).await?;
-                let code = g.code(&session).await?;
-                Ok(g.exchange(&code).await?["access_token"]
-                    .as_str()
-                    .context("token")?
-                    .to_string())
-            }
+            async move { g.new_user_token(&format!("user{i}@bench.example")).await }
         })
         .await?;
         let secs = started.elapsed().as_secs_f64();
@@ -767,18 +775,7 @@ async fn main() -> anyhow::Result<()> {
         let file = if *name == "redis" {
             tok["redis"].0.clone()
         } else {
-            let g = Gw {
-                base: format!("http://127.0.0.1:{port}"),
-                http: reqwest::Client::builder()
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()?,
-            };
-            let session = g.sign("/signup", "plain@bench.example").await?;
-            let code = g.code(&session).await?;
-            let token = g.exchange(&code).await?["access_token"]
-                .as_str()
-                .context("token")?
-                .to_string();
+            let token = Gw::on(*port)?.new_user_token("plain@bench.example").await?;
             write_tokens(&format!("{name}-plain-one"), &[token])?
         };
         plain_tok.insert(name, file);
