@@ -844,6 +844,35 @@ pub const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 86_400;
 /// The longest upstream timeout: the gateway adds it to the instant a request arrived.
 pub const MAX_UPSTREAM_TIMEOUT_SECS: u64 = 86_400;
 
+/// An Api's hold on a path prefix (lower-cased), for `nested_claim`.
+struct Claim {
+    prefix: String,
+    namespace: String,
+    id: String,
+    /// Normalized; empty: every host.
+    hosts: Vec<String>,
+}
+
+/// Would one of two Apis in different namespaces take requests meant for the other? The gateway
+/// routes to the longest matching prefix, so an Api under `/shop/cart` in one namespace would
+/// receive (and answer, and rate-limit) requests the owner of `/shop` in another namespace
+/// expects. Refused either way round: a newer `/shop` would get a hole it did not ask for.
+/// Within one namespace nesting is the owner's choice; across namespaces only Apis on disjoint
+/// hosts may nest. Compared lower-cased, like the gateway's case check. Pure.
+fn nested_claim(older: &Claim, newer: &Claim) -> bool {
+    let nested = |outer: &str, inner: &str| {
+        inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    let hosts_overlap = older.hosts.is_empty()
+        || newer.hosts.is_empty()
+        || older.hosts.iter().any(|h| newer.hosts.contains(h));
+    older.namespace != newer.namespace
+        && hosts_overlap
+        && (nested(&older.prefix, &newer.prefix) || nested(&newer.prefix, &older.prefix))
+}
+
 fn compile_apis(
     apis: &[Api],
     plans: &BTreeMap<Key, State<PlanOk>>,
@@ -856,6 +885,8 @@ fn compile_apis(
     // (a case-insensitive backend would read it as either), so a newer `/Shop` would otherwise
     // make every request to an older `/shop` fail.
     let mut prefixes: HashMap<String, String> = HashMap::new();
+    // Every claim, for the nesting rule across namespaces (`nested_claim`).
+    let mut claims: Vec<Claim> = Vec::new();
     for e in by_age(apis) {
         if let Some(v) = identity_problem(Kind::Api, &e, &mut seen) {
             verdicts.push(v);
@@ -865,28 +896,44 @@ fn compile_apis(
         let id = format!("{}/{}", e.namespace, e.name);
         let mut issues = Issues::default();
 
-        match check_path_prefix(&spec.path_prefix) {
-            Err(m) => issues.push(reasons::INVALID_PATH_PREFIX, m),
-            Ok(()) => match prefixes.get(&spec.path_prefix.to_ascii_lowercase()) {
-                Some(holder) => issues.push(
-                    reasons::PATH_PREFIX_CONFLICT,
-                    format!(
-                        "spec.pathPrefix {} is already used by the older Api {holder}; choose another pathPrefix or delete one of the two Apis",
-                        spec.path_prefix
-                    ),
-                ),
-                None => {
-                    prefixes.insert(spec.path_prefix.to_ascii_lowercase(), id.clone());
-                }
-            },
-        }
-
         let mut hosts = Vec::new();
         for h in &spec.hosts {
             match normalize_host(h) {
                 Ok(h) if !hosts.contains(&h) => hosts.push(h),
                 Ok(_) => {}
                 Err(m) => issues.push(reasons::INVALID_HOST, m),
+            }
+        }
+
+        match check_path_prefix(&spec.path_prefix) {
+            Err(m) => issues.push(reasons::INVALID_PATH_PREFIX, m),
+            Ok(()) => {
+                let claim = Claim {
+                    prefix: spec.path_prefix.to_ascii_lowercase(),
+                    namespace: e.namespace.to_string(),
+                    id: id.clone(),
+                    hosts: hosts.clone(),
+                };
+                if let Some(holder) = prefixes.get(&claim.prefix) {
+                    issues.push(
+                        reasons::PATH_PREFIX_CONFLICT,
+                        format!(
+                            "spec.pathPrefix {} is already used by the older Api {holder}; choose another pathPrefix or delete one of the two Apis",
+                            spec.path_prefix
+                        ),
+                    );
+                } else if let Some(older) = claims.iter().find(|c| nested_claim(c, &claim)) {
+                    issues.push(
+                        reasons::PATH_PREFIX_CONFLICT,
+                        format!(
+                            "spec.pathPrefix {} and the pathPrefix {} of the older Api {} (another namespace) contain one another and their spec.hosts overlap, so one namespace's Api would receive requests meant for the other's; choose a pathPrefix outside {}, give both Apis spec.hosts that share no host, or put both Apis in one namespace",
+                            spec.path_prefix, older.prefix, older.id, older.prefix
+                        ),
+                    );
+                } else {
+                    prefixes.insert(claim.prefix.clone(), id.clone());
+                    claims.push(claim);
+                }
             }
         }
 

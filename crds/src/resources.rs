@@ -145,7 +145,9 @@ pub struct ApiSpec {
     pub display_name: String,
     #[serde(default)]
     pub description: String,
-    /// Unique across all Apis; requests under it are proxied. Starts with '/'.
+    /// Unique across all Apis in any letter case; requests under it are proxied. Starts with
+    /// '/'. An Api of another namespace may only nest under it or above it (/shop, /shop/cart)
+    /// when both list spec.hosts and share none.
     pub path_prefix: String,
     /// Optional Host header match (exact, case-insensitive, port ignored).
     #[serde(default)]

@@ -563,11 +563,73 @@ fn path_prefix_conflict_older_wins() {
         assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT, "{name}");
         assert!(v.message.contains("demo/mobile"), "{}", v.message);
     }
-    // A longer prefix is another prefix, whatever its case.
+    // A longer prefix in another namespace would take part of the older Api's paths.
+    let v = c.verdict(Kind::Api, "other", "v2").unwrap();
+    assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT);
+    assert!(v.message.contains("demo/mobile"), "{}", v.message);
+}
+
+#[test]
+fn nested_prefixes_across_namespaces_need_disjoint_hosts() {
+    // In one namespace a longer prefix is the owner's choice, whatever its case.
+    let mut r = fixture();
+    second_api(&mut r, "demo", "v2", "/MOBILE/v2");
+    let c = compile(&r);
+    assert_active(&c, Kind::Api, "mobile");
+    assert_active(&c, Kind::Api, "v2");
+
+    // Across namespaces, either way round: the older claim wins.
+    let mut r = fixture();
+    second_api(&mut r, "other", "deeper", "/mobile/orders");
+    second_api(&mut r, "zother", "outer", "/Mob");
+    second_api(&mut r, "aother", "sibling", "/mobiles");
+    created(&mut api(&mut r, "mobile").metadata, "2024-01-01T00:00:00Z");
+    let c = compile(&r);
+    assert_active(&c, Kind::Api, "mobile");
+    let deeper = c.verdict(Kind::Api, "other", "deeper").unwrap();
+    assert_eq!(deeper.reason, reasons::PATH_PREFIX_CONFLICT);
+    assert!(deeper.message.contains("demo/mobile"), "{}", deeper.message);
+    // "/mob" does not contain "/mobile" on a segment boundary, nor "/mobiles" "/mobile".
     assert_eq!(
-        c.verdict(Kind::Api, "other", "v2").unwrap().phase,
+        c.verdict(Kind::Api, "zother", "outer").unwrap().phase,
         Phase::Active
     );
+    assert_eq!(
+        c.verdict(Kind::Api, "aother", "sibling").unwrap().phase,
+        Phase::Active
+    );
+    // An older Api deeper down wins against a newer one above it.
+    let mut r = fixture();
+    second_api(&mut r, "other", "inner", "/Mobile/V1");
+    created(&mut api(&mut r, "inner").metadata, "2023-01-01T00:00:00Z");
+    created(&mut api(&mut r, "mobile").metadata, "2024-06-01T00:00:00Z");
+    let c = compile(&r);
+    assert_eq!(
+        c.verdict(Kind::Api, "other", "inner").unwrap().phase,
+        Phase::Active
+    );
+    let v = get(&c, Kind::Api, "mobile");
+    assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT);
+    assert!(v.message.contains("other/inner"), "{}", v.message);
+
+    // Disjoint hosts cannot take each other's requests; overlapping ones, or none, can.
+    let mut r = fixture();
+    api(&mut r, "mobile").spec.hosts = vec!["a.example.com".into()];
+    second_api(&mut r, "other", "b", "/mobile/v2");
+    api(&mut r, "b").spec.hosts = vec!["B.example.com:443".into()];
+    second_api(&mut r, "other", "both", "/mobile/v3");
+    api(&mut r, "both").spec.hosts = vec!["c.example.com".into(), "a.example.com".into()];
+    second_api(&mut r, "other", "any", "/mobile/v4");
+    let c = compile(&r);
+    assert_active(&c, Kind::Api, "mobile");
+    assert_eq!(
+        c.verdict(Kind::Api, "other", "b").unwrap().phase,
+        Phase::Active
+    );
+    for name in ["both", "any"] {
+        let v = c.verdict(Kind::Api, "other", name).unwrap();
+        assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT, "{name}");
+    }
 }
 
 #[test]
