@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -720,6 +720,30 @@ pub fn without_user_info(raw: &str) -> String {
     raw.to_string()
 }
 
+/// Link-local addresses and the clouds' instance-metadata endpoints: an upstream there would
+/// hand the node's or pod's cloud credentials (169.254.169.254 on AWS, GCP, Azure, OCI) to
+/// anyone holding a token for the Api. The gateway also refuses a host name that resolves to
+/// one. Loopback and private ranges stay allowed: cluster services and the standalone demo
+/// live there. Pure.
+pub fn is_metadata_ip(ip: IpAddr) -> bool {
+    let v4 = |ip: Ipv4Addr| ip.is_link_local() || ip == Ipv4Addr::new(100, 100, 100, 200);
+    match ip {
+        IpAddr::V4(ip) => v4(ip),
+        IpAddr::V6(ip) => {
+            // fe80::/10 link-local; fd00:ec2::254 is AWS's IPv6 metadata endpoint.
+            (ip.segments()[0] & 0xffc0) == 0xfe80
+                || ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                || ip.to_ipv4_mapped().is_some_and(v4)
+        }
+    }
+}
+
+fn metadata_refusal(shown: &str, ip: &str) -> String {
+    format!(
+        "spec.upstream.url {shown:?}: {ip} is a link-local or cloud instance-metadata address, which the gateway never proxies to (it would expose the node's cloud credentials); use the backend's Service name"
+    )
+}
+
 /// Longest upstream URL accepted; the gateway's HTTP stack refuses URIs over 64 KiB.
 const MAX_UPSTREAM_URL: usize = 2048;
 
@@ -760,6 +784,12 @@ pub fn normalize_upstream_url(raw: &str) -> Result<String, String> {
             return Err(format!(
                 "spec.upstream.url {shown:?}: the host {d:?} may only use letters, digits, '-', '.' and '_'"
             ));
+        }
+        Some(Host::Ipv4(ip)) if is_metadata_ip(IpAddr::V4(ip)) => {
+            return Err(metadata_refusal(&shown, &ip.to_string()));
+        }
+        Some(Host::Ipv6(ip)) if is_metadata_ip(IpAddr::V6(ip)) => {
+            return Err(metadata_refusal(&shown, &ip.to_string()));
         }
         Some(_) => {}
     }

@@ -23,3 +23,4 @@ pub mod state;
 pub mod store;
 pub mod tokens;
 pub mod upstream;
+pub mod upstream_dns;

@@ -22,6 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tower::ServiceExt;
 
 use crate::deadline::{Count, Deadline};
+use crate::upstream_dns::GuardedResolver;
 
 /// Idle connections older than this are closed instead of reused (upstreams commonly close
 /// idle keep-alive connections after 60 s or more; reusing one they are closing fails the request).
@@ -39,6 +40,10 @@ pub enum UpstreamError {
     NoAuthority,
     #[error("must be http or https")]
     Scheme,
+    #[error(
+        "is a link-local or cloud instance-metadata address, which the gateway never proxies to"
+    )]
+    MetadataAddress,
 }
 
 /// An upstream's pool key: a number per distinct (scheme, authority), assigned when a
@@ -118,7 +123,7 @@ impl Pool {
 
 thread_local! {
     static POOL: Arc<Pool> = Arc::new(Pool::default());
-    static CONNECTOR: HttpsConnector<HttpConnector> = connector();
+    static CONNECTOR: HttpsConnector<HttpConnector<GuardedResolver>> = connector();
 }
 
 /// Closes this thread's idle connections once they outlive the idle timeout, also when no
@@ -133,9 +138,9 @@ pub fn spawn_idle_sweeper() -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// TCP (no Nagle) or TLS with the webpki roots; HTTP/1.1 only.
-fn connector() -> HttpsConnector<HttpConnector> {
-    let mut http = HttpConnector::new();
+/// TCP (no Nagle) or TLS with the webpki roots; HTTP/1.1 only. Never to a metadata address.
+fn connector() -> HttpsConnector<HttpConnector<GuardedResolver>> {
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver::new());
     http.set_nodelay(true);
     http.enforce_http(false);
     hyper_rustls::HttpsConnectorBuilder::new()
@@ -168,6 +173,18 @@ impl Target {
         };
         if *scheme != Scheme::HTTP && *scheme != Scheme::HTTPS {
             return Err(UpstreamError::Scheme);
+        }
+        // The connector dials an address literal without asking the resolver; a configuration
+        // not compiled by this version (an older operator's) may still name one.
+        let literal = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if literal
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(gatehouse_crds::compile::is_metadata_ip)
+        {
+            return Err(UpstreamError::MetadataAddress);
         }
         let dial = Uri::builder()
             .scheme(scheme.clone())
@@ -563,6 +580,37 @@ mod tests {
         let ok = t("https://api.example:8443/base").unwrap();
         assert_eq!(ok.host, "api.example:8443");
         assert_eq!(ok.dial, "https://api.example:8443/");
+        for metadata in [
+            "http://169.254.169.254/latest",
+            "http://[fe80::1]:8080/",
+            "http://[::ffff:169.254.169.254]/",
+        ] {
+            assert!(
+                matches!(t(metadata), Err(UpstreamError::MetadataAddress)),
+                "{metadata}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_resolving_to_a_metadata_address_is_never_dialed() {
+        // Not an address literal to the connector, so it asks the resolver, whose getaddrinfo
+        // reads it as 169.254.169.254.
+        let target = Target::new(&"http://0xA9FEA9FE/".parse().unwrap()).unwrap();
+        let e = send(&target, get("/latest/meta-data"), IDLE, Instant::now())
+            .await
+            .err()
+            .expect("refused");
+        let UpstreamError::Connect(cause) = &e else {
+            panic!("{e}")
+        };
+        let mut text = cause.to_string();
+        let mut source = cause.source();
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        assert!(text.contains("metadata"), "{text}");
     }
 
     #[test]

@@ -684,6 +684,29 @@ fn upstream_url_rules() {
     ] {
         assert!(normalize_upstream_url(bad).is_err(), "{bad:?} accepted");
     }
+    // Cloud metadata and link-local addresses, in the spellings the URL standard reads as them.
+    for bad in [
+        "http://169.254.169.254/latest/meta-data",
+        "http://169.254.170.2",
+        "http://2852039166/",
+        "http://0xA9FEA9FE/",
+        "http://0251.0376.0251.0376/",
+        "http://[fe80::1]:8080",
+        "http://[::ffff:169.254.169.254]/",
+        "http://[fd00:ec2::254]/",
+        "http://100.100.100.200/",
+    ] {
+        let e = normalize_upstream_url(bad).expect_err(bad);
+        assert!(e.contains("metadata"), "{bad}: {e}");
+    }
+    for ok in [
+        "http://10.0.0.1",
+        "http://[fd00::1]",
+        "http://169.255.0.1",
+        "http://[::1]",
+    ] {
+        assert!(normalize_upstream_url(ok).is_ok(), "{ok}");
+    }
     let long = format!("http://b/{}", "x".repeat(2100));
     assert!(normalize_upstream_url(&long).is_err());
     for (raw, shown) in [
