@@ -310,10 +310,19 @@ pub fn is_valid_scope_token(name: &str) -> bool {
 
 /// Turns the resources into a gateway configuration and a verdict for every resource.
 pub fn compile(res: &Resources) -> Compiled {
+    compile_after(res, &[])
+}
+
+/// `compile`, keeping path prefixes with the Apis that served them in `previous` (the Apis of
+/// the configuration compiled or published before this one). Otherwise the oldest Api wins a
+/// conflict, and a tenant with an old Api could edit its prefix onto a newer Api's and take
+/// over its paths, or knock it out. An Api keeps its claim while its prefix is unchanged and
+/// its hosts are not widened.
+pub fn compile_after(res: &Resources, previous: &[ApiConfig]) -> Compiled {
     let mut verdicts = Vec::new();
 
     let plans = compile_plans(&res.plans, &mut verdicts);
-    let apis = compile_apis(&res.apis, &plans, &mut verdicts);
+    let apis = compile_apis(&res.apis, &plans, previous, &mut verdicts);
     let apps = compile_applications(&res.applications, &mut verdicts);
     let secrets = index_secrets(&res.secrets);
     let clients = compile_subscriptions(
@@ -720,20 +729,38 @@ pub fn without_user_info(raw: &str) -> String {
     raw.to_string()
 }
 
-/// Link-local addresses and the clouds' instance-metadata endpoints: an upstream there would
-/// hand the node's or pod's cloud credentials (169.254.169.254 on AWS, GCP, Azure, OCI) to
+/// Link-local addresses and the clouds' instance-metadata and platform endpoints: an upstream
+/// there would hand the node's or pod's cloud credentials (169.254.169.254 and others) to
 /// anyone holding a token for the Api. The gateway also refuses a host name that resolves to
 /// one. Loopback and private ranges stay allowed: cluster services and the standalone demo
 /// live there. Pure.
 pub fn is_metadata_ip(ip: IpAddr) -> bool {
-    let v4 = |ip: Ipv4Addr| ip.is_link_local() || ip == Ipv4Addr::new(100, 100, 100, 200);
+    let v4 = |ip: Ipv4Addr| {
+        ip.is_link_local()
+            || [
+                Ipv4Addr::new(100, 100, 100, 200), // Alibaba Cloud
+                Ipv4Addr::new(168, 63, 129, 16),   // Azure WireServer
+                Ipv4Addr::new(192, 0, 0, 192),     // Oracle Cloud
+            ]
+            .contains(&ip)
+    };
     match ip {
         IpAddr::V4(ip) => v4(ip),
         IpAddr::V6(ip) => {
-            // fe80::/10 link-local; fd00:ec2::254 is AWS's IPv6 metadata endpoint.
-            (ip.segments()[0] & 0xffc0) == 0xfe80
-                || ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
-                || ip.to_ipv4_mapped().is_some_and(v4)
+            let s = ip.segments();
+            // An IPv4 address inside: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d) or NAT64
+            // (64:ff9b::a.b.c.d, which DNS64 synthesizes from an A record).
+            let embedded = ip.to_ipv4().or_else(|| {
+                (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]).then(|| {
+                    let o = ip.octets();
+                    Ipv4Addr::new(o[12], o[13], o[14], o[15])
+                })
+            });
+            (s[0] & 0xffc0) == 0xfe80 // link-local
+                || s[..4] == [0xfd00, 0x0ec2, 0, 0] // AWS: instance metadata, EKS Pod Identity
+                || ip == Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254) // GCP
+                || ip == Ipv6Addr::new(0xfd00, 0xc1, 0, 0, 0, 0, 0xa9fe, 0xa9fe) // Oracle Cloud
+                || embedded.is_some_and(v4)
         }
     }
 }
@@ -890,10 +917,12 @@ struct Claim {
 /// Within one namespace nesting is the owner's choice; across namespaces only Apis on disjoint
 /// hosts may nest. Compared lower-cased, like the gateway's case check. Pure.
 fn nested_claim(older: &Claim, newer: &Claim) -> bool {
+    // As `routing::prefix_matches`: "/" covers every path.
     let nested = |outer: &str, inner: &str| {
-        inner
-            .strip_prefix(outer)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        outer == "/"
+            || inner
+                .strip_prefix(outer)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     };
     let hosts_overlap = older.hosts.is_empty()
         || newer.hosts.is_empty()
@@ -903,21 +932,45 @@ fn nested_claim(older: &Claim, newer: &Claim) -> bool {
         && (nested(&older.prefix, &newer.prefix) || nested(&newer.prefix, &older.prefix))
 }
 
+/// Did `previous` serve this Api's prefix on (at least) these hosts? Prefixes compared
+/// lower-cased; `hosts` normalized (lower-cased, no port); empty hosts mean every host.
+fn holds_claim(previous: &[ApiConfig], id: &str, prefix: &str, hosts: &[String]) -> bool {
+    previous.iter().any(|p| {
+        p.id == id
+            && p.path_prefix.eq_ignore_ascii_case(prefix)
+            && (p.hosts.is_empty()
+                || (!hosts.is_empty() && hosts.iter().all(|h| p.hosts.contains(h))))
+    })
+}
+
 fn compile_apis(
     apis: &[Api],
     plans: &BTreeMap<Key, State<PlanOk>>,
+    previous: &[ApiConfig],
     verdicts: &mut Vec<Verdict>,
 ) -> BTreeMap<Key, State<ApiOk>> {
     let mut out = BTreeMap::new();
     let mut seen = BTreeSet::new();
-    // pathPrefix (lower-cased) -> the Api (namespace/name) holding it; the oldest syntactically
-    // valid claim wins. Lower-cased: the gateway refuses a path two prefixes claim ignoring case
+    // pathPrefix (lower-cased) -> the Api (namespace/name) holding it; an Api that served it in
+    // `previous` keeps it, else the oldest syntactically valid claim wins. Lower-cased: the gateway refuses a path two prefixes claim ignoring case
     // (a case-insensitive backend would read it as either), so a newer `/Shop` would otherwise
     // make every request to an older `/shop` fail.
     let mut prefixes: HashMap<String, String> = HashMap::new();
     // Every claim, for the nesting rule across namespaces (`nested_claim`).
     let mut claims: Vec<Claim> = Vec::new();
-    for e in by_age(apis) {
+    let mut entries = by_age(apis);
+    // Stable: incumbents first, each group by age.
+    entries.sort_by_key(|e| {
+        let spec = &e.item.spec;
+        let hosts: Vec<String> = spec
+            .hosts
+            .iter()
+            .filter_map(|h| normalize_host(h).ok())
+            .collect();
+        let id = format!("{}/{}", e.namespace, e.name);
+        !holds_claim(previous, &id, &spec.path_prefix, &hosts)
+    });
+    for e in entries {
         if let Some(v) = identity_problem(Kind::Api, &e, &mut seen) {
             verdicts.push(v);
             continue;
@@ -948,16 +1001,16 @@ fn compile_apis(
                     issues.push(
                         reasons::PATH_PREFIX_CONFLICT,
                         format!(
-                            "spec.pathPrefix {} is already used by the older Api {holder}; choose another pathPrefix or delete one of the two Apis",
+                            "spec.pathPrefix {} is already used by the Api {holder}, which keeps it (it served it first, or is older); choose another pathPrefix or delete one of the two Apis",
                             spec.path_prefix
                         ),
                     );
-                } else if let Some(older) = claims.iter().find(|c| nested_claim(c, &claim)) {
+                } else if let Some(held) = claims.iter().find(|c| nested_claim(c, &claim)) {
                     issues.push(
                         reasons::PATH_PREFIX_CONFLICT,
                         format!(
-                            "spec.pathPrefix {} and the pathPrefix {} of the older Api {} (another namespace) contain one another and their spec.hosts overlap, so one namespace's Api would receive requests meant for the other's; choose a pathPrefix outside {}, give both Apis spec.hosts that share no host, or put both Apis in one namespace",
-                            spec.path_prefix, older.prefix, older.id, older.prefix
+                            "spec.pathPrefix {} and the pathPrefix {} of the Api {} (another namespace, which keeps it: it served it first, or is older) contain one another and their spec.hosts overlap, so one namespace's Api would receive requests meant for the other's; choose a pathPrefix outside {}, give both Apis spec.hosts that share no host, or put both Apis in one namespace",
+                            spec.path_prefix, held.prefix, held.id, held.prefix
                         ),
                     );
                 } else {

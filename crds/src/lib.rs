@@ -7,6 +7,8 @@ pub mod manifests;
 pub mod publish;
 pub mod resources;
 
-pub use compile::{Compiled, Kind, Phase, Resources, Verdict, compile, without_user_info};
+pub use compile::{
+    Compiled, Kind, Phase, Resources, Verdict, compile, compile_after, without_user_info,
+};
 pub use config::*;
 pub use resources::*;

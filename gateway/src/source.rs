@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use gatehouse_crds::{Phase, Resources, compile, manifests};
+use gatehouse_crds::{ApiConfig, Phase, Resources, compile_after, manifests};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
 use crate::snapshot::Snapshot;
@@ -31,6 +31,8 @@ pub enum LoadError {
 pub struct Manifests {
     paths: Vec<PathBuf>,
     last_good: HashMap<PathBuf, Resources>,
+    /// The Apis of the last load: they keep their path prefixes (`compile_after`).
+    served: Vec<ApiConfig>,
 }
 
 impl Manifests {
@@ -38,6 +40,7 @@ impl Manifests {
         Manifests {
             paths,
             last_good: HashMap::new(),
+            served: Vec::new(),
         }
     }
 
@@ -77,7 +80,8 @@ impl Manifests {
     /// Reads, compiles and checks the manifests; logs every resource that is not Active.
     pub fn load(&mut self) -> Result<Snapshot, LoadError> {
         let resources = self.read()?;
-        let compiled = compile(&resources);
+        let compiled = compile_after(&resources, &self.served);
+        self.served = compiled.config.apis.clone();
         for v in &compiled.verdicts {
             match v.phase {
                 Phase::Active => {

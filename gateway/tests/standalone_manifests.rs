@@ -351,3 +351,50 @@ async fn edits_after_the_folder_was_deleted_and_created_again_are_loaded() {
         limit(&st)
     );
 }
+
+/// An Api added later in another namespace cannot take the prefix (or part of it) of the Api
+/// being served, even when it would win by order (its namespace sorts first, and files carry no
+/// creation time): the served one keeps its prefix across reloads.
+#[test]
+fn a_served_prefix_stays_with_its_api_across_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("manifests");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(m.join("a.yaml"), base(10)).unwrap();
+    let st = state(&dir.path().join("data"));
+    let mut manifests = Manifests::new(vec![m.clone()]);
+    manifests.reload(&st).unwrap();
+    let served = |st: &AppState| -> Vec<(String, String)> {
+        st.config
+            .load()
+            .config
+            .apis
+            .iter()
+            .map(|a| (a.id.clone(), a.path_prefix.clone()))
+            .collect()
+    };
+    assert_eq!(served(&st), [("t/mobile".into(), "/mobile".into())]);
+
+    let other = |prefix: &str| {
+        format!(
+            "apiVersion: gatehouse.dev/v1alpha1\nkind: Plan\nmetadata: {{name: p, namespace: a}}\nspec: {{}}\n---\napiVersion: gatehouse.dev/v1alpha1\nkind: Api\nmetadata: {{name: grab, namespace: a}}\nspec:\n  pathPrefix: {prefix}\n  upstream: {{url: \"http://127.0.0.1:9\"}}\n  plans: [p]\n  auth: {{grants: [client_credentials]}}\n"
+        )
+    };
+    for prefix in ["/mobile", "/mobile/v2"] {
+        std::fs::write(m.join("b.yaml"), other(prefix)).unwrap();
+        manifests.reload(&st).unwrap();
+        assert_eq!(
+            served(&st),
+            [("t/mobile".into(), "/mobile".into())],
+            "{prefix}"
+        );
+        // A fresh start has no history: then namespace order decides (a/grab first).
+        let fresh = state(&dir.path().join(format!("fresh{}", prefix.len())));
+        Manifests::new(vec![m.clone()]).reload(&fresh).unwrap();
+        assert_eq!(
+            served(&fresh),
+            [("a/grab".into(), prefix.into())],
+            "{prefix}"
+        );
+    }
+}

@@ -285,7 +285,10 @@ impl Controller {
         let started = std::time::Instant::now();
         let res = self.snapshot().await?;
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let mut plan = reconcile::plan(res.clone(), &mut OsRandom, &now);
+        // Prefixes stay with the Apis the gateways serve them for (`compile_after`).
+        let current = self.published().await?;
+        let served = served_apis(current.as_ref());
+        let mut plan = reconcile::plan(res.clone(), &served, &mut OsRandom, &now);
         // A Secret that cannot be created (a name too long, a quota, a policy, a namespace being
         // deleted) keeps its subscription out of this pass, never the whole configuration: the
         // others' changes (revocations among them) still reach the gateways.
@@ -327,7 +330,8 @@ impl Controller {
             metrics::counter!("gatehouse_operator_reconciles_total", "kind" => kind.as_str())
                 .increment(1);
         }
-        self.publish(&plan.compiled.config).await?;
+        self.publish(&plan.compiled.config, current.as_ref())
+            .await?;
         metrics::histogram!("gatehouse_operator_reconcile_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(())
@@ -387,14 +391,22 @@ impl Controller {
         }
     }
 
-    /// Writes the ConfigMap only when the configuration's hash changed.
-    async fn publish(&self, config: &gatehouse_crds::GatewayConfig) -> anyhow::Result<()> {
+    /// The ConfigMap the gateways read, as published last (by this or an earlier leader).
+    async fn published(&self) -> anyhow::Result<Option<ConfigMap>> {
         let api: Api<ConfigMap> =
             Api::namespaced(self.client.clone(), &self.opts.config_map_namespace);
-        let current = api.get_opt(&self.opts.config_map_name).await?;
-        let published_hash = current
-            .as_ref()
-            .and_then(|cm| cm.annotations().get(HASH_ANNOTATION).cloned());
+        Ok(api.get_opt(&self.opts.config_map_name).await?)
+    }
+
+    /// Writes the ConfigMap only when the configuration's hash differs from `current`'s.
+    async fn publish(
+        &self,
+        config: &gatehouse_crds::GatewayConfig,
+        current: Option<&ConfigMap>,
+    ) -> anyhow::Result<()> {
+        let api: Api<ConfigMap> =
+            Api::namespaced(self.client.clone(), &self.opts.config_map_namespace);
+        let published_hash = current.and_then(|cm| cm.annotations().get(HASH_ANNOTATION).cloned());
         if published_hash.as_deref() == Some(config.hash.as_str()) {
             return Ok(());
         }
@@ -432,5 +444,20 @@ impl Controller {
             "published gateway configuration"
         );
         Ok(())
+    }
+}
+
+/// The Apis of a published configuration; none when there is none or it cannot be read (then
+/// conflicts go by age, as on a first start).
+fn served_apis(cm: Option<&ConfigMap>) -> Vec<gatehouse_crds::ApiConfig> {
+    let Some(bytes) = cm.and_then(|cm| cm.binary_data.as_ref()?.get(CONFIG_KEY)) else {
+        return Vec::new();
+    };
+    match publish::decode(&bytes.0) {
+        Ok(config) => config.apis,
+        Err(e) => {
+            tracing::warn!(error = %e, "the published configuration cannot be read; path prefix conflicts go by age");
+            Vec::new()
+        }
     }
 }

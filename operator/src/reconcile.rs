@@ -2,8 +2,8 @@
 //! client ids, credential Secrets, statuses, the compiled configuration). No Kubernetes I/O.
 
 use gatehouse_crds::{
-    ClientType, Compiled, Condition, Kind, Phase, ResourceStatus, Resources, Subscription, Verdict,
-    compile,
+    ApiConfig, ClientType, Compiled, Condition, Kind, Phase, ResourceStatus, Resources,
+    Subscription, Verdict, compile_after,
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube_client::ResourceExt;
@@ -63,8 +63,14 @@ fn is_confidential(res: &Resources, sub: &Subscription) -> bool {
     })
 }
 
-/// Decides everything for one pass. `now` is an RFC 3339 timestamp for new transitions.
-pub fn plan(mut res: Resources, generator: &mut dyn Generator, now: &str) -> Plan {
+/// Decides everything for one pass. `served`: the Apis of the configuration published last
+/// (they keep their path prefixes). `now` is an RFC 3339 timestamp for new transitions.
+pub fn plan(
+    mut res: Resources,
+    served: &[ApiConfig],
+    generator: &mut dyn Generator,
+    now: &str,
+) -> Plan {
     let original = res.clone();
     let mut tentative: Vec<NewSecret> = Vec::new();
     let secrets_snapshot = res.secrets.clone();
@@ -109,7 +115,7 @@ pub fn plan(mut res: Resources, generator: &mut dyn Generator, now: &str) -> Pla
     for s in &tentative {
         res.secrets.push(secret_object(s));
     }
-    let compiled = compile(&res);
+    let compiled = compile_after(&res, served);
     // Only subscriptions that came out Active (valid and approved) get a Secret created.
     let new_secrets: Vec<NewSecret> = tentative
         .into_iter()

@@ -200,6 +200,18 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
         ext.contains("rediss://:$(REDIS_PASSWORD)@redis.example.com:6380/0"),
         "external Redis URL not rendered"
     );
+    // The gateways cannot reach link-local addresses (cloud instance metadata), but DNS.
+    let gateway_policy = ext
+        .split("\n---")
+        .find(|d| {
+            d.contains("\nkind: NetworkPolicy\n") && d.contains("policyTypes: [Ingress, Egress]")
+        })
+        .unwrap_or_else(|| panic!("no gateway egress policy in {ext}"));
+    assert!(
+        gateway_policy.contains("except: [169.254.0.0/16]"),
+        "{gateway_policy}"
+    );
+    assert!(gateway_policy.contains("port: 53"), "{gateway_policy}");
     // The ingress's addresses reach the gateway's throttles only when set.
     assert!(ext.contains("- --trusted-proxies=10.244.0.0/16"));
     assert!(!default.contains("--trusted-proxies"));
@@ -567,6 +579,8 @@ spec: {application: demo-app, api: mobile, plan: premium}
         "gateway.service.nodePort=30080",
         "--set",
         "approvalGuard.adminUsers={carol}",
+        "--set",
+        "networkPolicy.enabled=true",
     ]);
     let status = kube.helm_ok(&["status", RELEASE, "--namespace", NAMESPACE, "-o", "json"]);
     let status: Value = serde_json::from_str(&status).expect("helm status JSON");
@@ -579,6 +593,13 @@ spec: {application: demo-app, api: mobile, plan: premium}
     let svc = kube.get_json(&["service", "gh-gatehouse-gateway", "-n", NAMESPACE]);
     assert_eq!(svc["spec"]["type"], "NodePort", "{svc}");
     assert_eq!(svc["spec"]["ports"][0]["nodePort"], 30080, "{svc}");
+    // The API server took the policies as written (its validation, e.g. of the IPv6 block).
+    let np = kube.get_json(&["networkpolicy", "gh-gatehouse-gateway", "-n", NAMESPACE]);
+    assert_eq!(np["spec"]["policyTypes"][1], "Egress", "{np}");
+    assert_eq!(
+        np["spec"]["egress"][1]["to"][0]["ipBlock"]["except"][0], "169.254.0.0/16",
+        "{np}"
+    );
     let hpa = kube.kubectl(&["get", "hpa", "gh-gatehouse-gateway", "-n", NAMESPACE]);
     assert!(
         !hpa.status.success(),

@@ -875,6 +875,66 @@ spec:
     std::thread::sleep(Duration::from_millis(600));
     env.assert_calls_ok("backend token with invalid neighbours", &backend_token);
 
+    // --- 5b. one namespace cannot take another's path prefix ------------------------------------
+    // tenant/first is older than demo/second; once demo/second serves /second, first moving onto
+    // /second/x must not take part of its paths, nor knock it out by being older.
+    eprintln!("5b. path prefixes across namespaces");
+    env.kubectl_ok(&["create", "namespace", "tenant"]);
+    let api_yaml = |ns: &str, name: &str, prefix: &str| {
+        format!(
+            "apiVersion: gatehouse.dev/v1alpha1
+kind: Plan
+metadata: {{name: {name}-plan, namespace: {ns}}}
+spec: {{}}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Api
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  pathPrefix: {prefix}
+  upstream: {{url: 'http://127.0.0.1:9'}}
+  plans: [{name}-plan]
+  auth: {{grants: [client_credentials]}}
+"
+        )
+    };
+    let tenant_phase = |phase: &str| {
+        env.wait(
+            &format!("apis.gatehouse.dev tenant/first phase {phase}"),
+            Duration::from_secs(15),
+            || {
+                let obj = env.get("apis.gatehouse.dev", "first", "tenant")?;
+                (obj["status"]["phase"] == phase
+                    && obj["status"]["observedGeneration"] == obj["metadata"]["generation"])
+                    .then_some(obj)
+            },
+        )
+    };
+    env.kube.apply(&api_yaml("tenant", "first", "/first"));
+    tenant_phase("Active");
+    // Creation times have one-second resolution: make demo/second clearly the newer.
+    std::thread::sleep(Duration::from_millis(1100));
+    env.kube.apply(&api_yaml("demo", "second", "/second"));
+    // A pass writes statuses, then publishes; the next pass (which sees the edit below) starts
+    // after that, so it finds demo/second in the published configuration.
+    env.wait_phase("apis.gatehouse.dev", "second", "Active");
+    env.kube.apply(&api_yaml("tenant", "first", "/second/x"));
+    let moved = tenant_phase("Invalid");
+    let msg = moved["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("  Api tenant/first: {msg}");
+    assert!(msg.contains("demo/second"), "{moved}");
+    assert_eq!(
+        moved["status"]["conditions"][0]["reason"], "PathPrefixConflict",
+        "{moved}"
+    );
+    env.wait_phase("apis.gatehouse.dev", "second", "Active");
+    env.kubectl_ok(&["delete", "apis.gatehouse.dev", "second", "-n", "demo"]);
+    tenant_phase("Active");
+    env.kubectl_ok(&["delete", "namespace", "tenant", "--wait=false"]);
+
     // --- approval ------------------------------------------------------------------------------
     eprintln!("approval");
     assert!(

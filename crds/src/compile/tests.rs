@@ -612,6 +612,15 @@ fn nested_prefixes_across_namespaces_need_disjoint_hosts() {
     assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT);
     assert!(v.message.contains("other/inner"), "{}", v.message);
 
+    // "/" contains every prefix.
+    let mut r = fixture();
+    second_api(&mut r, "other", "root", "/");
+    let c = compile(&r);
+    assert_active(&c, Kind::Api, "mobile");
+    let v = c.verdict(Kind::Api, "other", "root").unwrap();
+    assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT);
+    assert!(v.message.contains("contain one another"), "{}", v.message);
+
     // Disjoint hosts cannot take each other's requests; overlapping ones, or none, can.
     let mut r = fixture();
     api(&mut r, "mobile").spec.hosts = vec!["a.example.com".into()];
@@ -620,16 +629,78 @@ fn nested_prefixes_across_namespaces_need_disjoint_hosts() {
     second_api(&mut r, "other", "both", "/mobile/v3");
     api(&mut r, "both").spec.hosts = vec!["c.example.com".into(), "a.example.com".into()];
     second_api(&mut r, "other", "any", "/mobile/v4");
+    second_api(&mut r, "other", "spelled", "/mobile/v5");
+    api(&mut r, "spelled").spec.hosts = vec!["A.EXAMPLE.COM:8443".into()];
     let c = compile(&r);
     assert_active(&c, Kind::Api, "mobile");
     assert_eq!(
         c.verdict(Kind::Api, "other", "b").unwrap().phase,
         Phase::Active
     );
-    for name in ["both", "any"] {
+    for name in ["both", "any", "spelled"] {
         let v = c.verdict(Kind::Api, "other", name).unwrap();
         assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT, "{name}");
     }
+    // An older Api on every host against a newer one on some.
+    let mut r = fixture();
+    second_api(&mut r, "other", "hosted", "/mobile/v2");
+    api(&mut r, "hosted").spec.hosts = vec!["b.example.com".into()];
+    let c = compile(&r);
+    let v = c.verdict(Kind::Api, "other", "hosted").unwrap();
+    assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT);
+}
+
+#[test]
+fn an_api_keeps_the_prefix_it_served_when_an_older_one_moves_onto_it() {
+    // other/old is older, then edits its prefix under (or onto) demo/mobile's.
+    for moved in ["/mobile/orders", "/mobile", "/MOBILE"] {
+        let mut r = fixture();
+        second_api(&mut r, "other", "old", moved);
+        created(&mut api(&mut r, "old").metadata, "2020-01-01T00:00:00Z");
+        created(&mut api(&mut r, "mobile").metadata, "2024-01-01T00:00:00Z");
+        // Without history the older claim wins...
+        let c = compile(&r);
+        assert_eq!(
+            get(&c, Kind::Api, "mobile").reason,
+            reasons::PATH_PREFIX_CONFLICT
+        );
+        // ...with the configuration served before, the incumbent keeps its prefix.
+        let mut before = fixture();
+        second_api(&mut before, "other", "old", "/elsewhere");
+        let previous = compile(&before).config.apis;
+        let c = compile_after(&r, &previous);
+        assert_active(&c, Kind::Api, "mobile");
+        let v = c.verdict(Kind::Api, "other", "old").unwrap();
+        assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT, "{moved}");
+        assert!(v.message.contains("demo/mobile"), "{}", v.message);
+
+        // An incumbent that widens its hosts, or changes its prefix, claims anew by age.
+        let mut hosted = fixture();
+        api(&mut hosted, "mobile").spec.hosts = vec!["a.example.com".into()];
+        let previous = compile(&hosted).config.apis;
+        let c = compile_after(&r, &previous);
+        assert_eq!(
+            get(&c, Kind::Api, "mobile").reason,
+            reasons::PATH_PREFIX_CONFLICT
+        );
+        let mut renamed = fixture();
+        api(&mut renamed, "mobile").spec.path_prefix = "/m".into();
+        let previous = compile(&renamed).config.apis;
+        let c = compile_after(&r, &previous);
+        assert_eq!(
+            get(&c, Kind::Api, "mobile").reason,
+            reasons::PATH_PREFIX_CONFLICT
+        );
+    }
+    // Narrowing its hosts keeps the claim.
+    let mut r = fixture();
+    api(&mut r, "mobile").spec.hosts = vec!["A.example.com".into()];
+    created(&mut api(&mut r, "mobile").metadata, "2024-01-01T00:00:00Z");
+    second_api(&mut r, "other", "old", "/mobile/x");
+    created(&mut api(&mut r, "old").metadata, "2020-01-01T00:00:00Z");
+    let previous = compile(&fixture()).config.apis;
+    let c = compile_after(&r, &previous);
+    assert_active(&c, Kind::Api, "mobile");
 }
 
 #[test]

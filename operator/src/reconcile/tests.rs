@@ -114,7 +114,7 @@ fn status_of<'a>(p: &'a Plan, name: &str) -> &'a ResourceStatus {
 fn first_pass_generates_ids_and_secrets_and_second_pass_writes_nothing() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &mut g, "2026-01-01T00:00:00Z");
+    let p1 = plan(r.clone(), &[], &mut g, "2026-01-01T00:00:00Z");
     // every resource gets a status
     assert_eq!(p1.statuses.len(), 7);
     let app = status_of(&p1, "app-mobile");
@@ -147,7 +147,7 @@ fn first_pass_generates_ids_and_secrets_and_second_pass_writes_nothing() {
 
     // Second pass over the written state: no writes, same config.
     let r2 = apply(r, &p1);
-    let p2 = plan(r2, &mut g, "2026-01-01T00:01:00Z");
+    let p2 = plan(r2, &[], &mut g, "2026-01-01T00:01:00Z");
     assert!(p2.new_secrets.is_empty(), "{:?}", p2.new_secrets);
     assert!(p2.statuses.is_empty(), "{:?}", p2.statuses);
     assert_eq!(p2.compiled.config.hash, p1.compiled.config.hash);
@@ -161,7 +161,7 @@ metadata: {name: svc-gold, namespace: demo, uid: u-3}
 spec: {application: svc, api: mobile, plan: gold, clientId: svc-gold, grants: [client_credentials]}
 "#;
     let mut g = Seq(0);
-    let p = plan(resources(extra), &mut g, "t");
+    let p = plan(resources(extra), &[], &mut g, "t");
     let st = status_of(&p, "svc-gold");
     assert_eq!(st.phase.as_deref(), Some("PendingApproval"));
     assert_eq!(st.credentials_secret, None);
@@ -178,7 +178,7 @@ spec: {application: svc, api: mobile, plan: gold, clientId: svc-gold, grants: [c
         "uid: u-3}",
         "uid: u-3, annotations: {gatehouse.dev/approved: \"true\"}}",
     );
-    let p = plan(resources(&approved), &mut g, "t");
+    let p = plan(resources(&approved), &[], &mut g, "t");
     assert_eq!(status_of(&p, "svc-gold").phase.as_deref(), Some("Active"));
     assert!(p.new_secrets.iter().any(|s| s.subscription == "svc-gold"));
     assert!(
@@ -198,7 +198,7 @@ metadata: {name: broken, namespace: demo}
 spec: {application: nope, api: mobile, plan: basic}
 "#;
     let mut g = Seq(0);
-    let p = plan(resources(extra), &mut g, "t");
+    let p = plan(resources(extra), &[], &mut g, "t");
     let st = status_of(&p, "broken");
     assert_eq!(st.phase.as_deref(), Some("Invalid"));
     assert_eq!(st.conditions[0].status, "False");
@@ -214,11 +214,11 @@ spec: {application: nope, api: mobile, plan: basic}
 fn transition_time_changes_only_when_readiness_changes() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &mut g, "t1");
+    let p1 = plan(r.clone(), &[], &mut g, "t1");
     let mut r2 = apply(r, &p1);
     // the plan disappears: the subscriptions become Invalid, with a new transition time
     r2.plans.retain(|p| p.name_any() != "basic");
-    let p2 = plan(r2.clone(), &mut g, "t2");
+    let p2 = plan(r2.clone(), &[], &mut g, "t2");
     let st = status_of(&p2, "app-mobile");
     assert_eq!(st.phase.as_deref(), Some("Invalid"));
     assert_eq!(st.conditions[0].last_transition_time.as_deref(), Some("t2"));
@@ -241,7 +241,7 @@ fn transition_time_changes_only_when_readiness_changes() {
 fn the_status_names_the_client_id_in_use() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &mut g, "2026-01-01T00:00:00Z");
+    let p1 = plan(r.clone(), &[], &mut g, "2026-01-01T00:00:00Z");
     assert_eq!(
         status_of(&p1, "app-mobile").client_id.as_deref(),
         Some("app-mobile-g1")
@@ -254,7 +254,7 @@ fn the_status_names_the_client_id_in_use() {
     {
         s.spec.client_id = Some("custom-id".into());
     }
-    let p2 = plan(r2, &mut g, "2026-01-01T00:01:00Z");
+    let p2 = plan(r2, &[], &mut g, "2026-01-01T00:01:00Z");
     assert!(
         p2.compiled
             .config
