@@ -908,6 +908,8 @@ struct Claim {
     id: String,
     /// Normalized; empty: every host.
     hosts: Vec<String>,
+    /// Served like this in the previous configuration (`holds_claim`).
+    held: bool,
 }
 
 /// Would one of two Apis in different namespaces take requests meant for the other? The gateway
@@ -915,8 +917,10 @@ struct Claim {
 /// receive (and answer, and rate-limit) requests the owner of `/shop` in another namespace
 /// expects. Refused either way round: a newer `/shop` would get a hole it did not ask for.
 /// Within one namespace nesting is the owner's choice; across namespaces only Apis on disjoint
-/// hosts may nest. Compared lower-cased, like the gateway's case check. Pure.
-fn nested_claim(older: &Claim, newer: &Claim) -> bool {
+/// hosts may nest. Compared lower-cased, like the gateway's case check. Two Apis served together
+/// before (by a version without this rule) go on being served until one of them changes its
+/// prefix or widens its hosts: refusing one at an upgrade would take a working Api down. Pure.
+fn nested_claim(kept: &Claim, new: &Claim) -> bool {
     // As `routing::prefix_matches`: "/" covers every path.
     let nested = |outer: &str, inner: &str| {
         outer == "/"
@@ -924,12 +928,13 @@ fn nested_claim(older: &Claim, newer: &Claim) -> bool {
                 .strip_prefix(outer)
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     };
-    let hosts_overlap = older.hosts.is_empty()
-        || newer.hosts.is_empty()
-        || older.hosts.iter().any(|h| newer.hosts.contains(h));
-    older.namespace != newer.namespace
+    let hosts_overlap = kept.hosts.is_empty()
+        || new.hosts.is_empty()
+        || kept.hosts.iter().any(|h| new.hosts.contains(h));
+    kept.namespace != new.namespace
+        && !(kept.held && new.held)
         && hosts_overlap
-        && (nested(&older.prefix, &newer.prefix) || nested(&newer.prefix, &older.prefix))
+        && (nested(&kept.prefix, &new.prefix) || nested(&new.prefix, &kept.prefix))
 }
 
 /// Did `previous` serve this Api's prefix on (at least) these hosts? Prefixes compared
@@ -996,6 +1001,7 @@ fn compile_apis(
                     namespace: e.namespace.to_string(),
                     id: id.clone(),
                     hosts: hosts.clone(),
+                    held: holds_claim(previous, &id, &spec.path_prefix, &hosts),
                 };
                 if let Some(holder) = prefixes.get(&claim.prefix) {
                     issues.push(

@@ -692,6 +692,27 @@ fn an_api_keeps_the_prefix_it_served_when_an_older_one_moves_onto_it() {
             reasons::PATH_PREFIX_CONFLICT
         );
     }
+    // Two Apis served together before (nested across namespaces, by an older version) stay
+    // served until one of them moves.
+    let mut r = fixture();
+    second_api(&mut r, "other", "deeper", "/mobile/orders");
+    let mut previous = compile(&fixture()).config.apis;
+    let mut deeper = previous[0].clone();
+    deeper.id = "other/deeper".into();
+    deeper.path_prefix = "/mobile/orders".into();
+    previous.push(deeper);
+    let c = compile_after(&r, &previous);
+    assert_active(&c, Kind::Api, "mobile");
+    assert_eq!(
+        c.verdict(Kind::Api, "other", "deeper").unwrap().phase,
+        Phase::Active
+    );
+    api(&mut r, "deeper").spec.path_prefix = "/mobile/order".into();
+    let c = compile_after(&r, &previous);
+    assert_active(&c, Kind::Api, "mobile");
+    let v = c.verdict(Kind::Api, "other", "deeper").unwrap();
+    assert_eq!(v.reason, reasons::PATH_PREFIX_CONFLICT);
+
     // Narrowing its hosts keeps the claim.
     let mut r = fixture();
     api(&mut r, "mobile").spec.hosts = vec!["A.example.com".into()];
