@@ -957,40 +957,41 @@ fn compile_apis(
     let mut out = BTreeMap::new();
     let mut seen = BTreeSet::new();
     // pathPrefix (lower-cased) -> the Api (namespace/name) holding it; an Api that served it in
-    // `previous` keeps it, else the oldest syntactically valid claim wins. Lower-cased: the gateway refuses a path two prefixes claim ignoring case
-    // (a case-insensitive backend would read it as either), so a newer `/Shop` would otherwise
-    // make every request to an older `/shop` fail.
+    // `previous` keeps it, else the oldest syntactically valid claim wins. Lower-cased: the
+    // gateway refuses a path two prefixes claim ignoring case (a case-insensitive backend would
+    // read it as either), so a newer `/Shop` would otherwise make every request to an older
+    // `/shop` fail.
     let mut prefixes: HashMap<String, String> = HashMap::new();
     // Every claim, for the nesting rule across namespaces (`nested_claim`).
     let mut claims: Vec<Claim> = Vec::new();
-    let mut entries = by_age(apis);
+    let mut entries: Vec<_> = by_age(apis)
+        .into_iter()
+        .map(|e| {
+            let id = format!("{}/{}", e.namespace, e.name);
+            let mut hosts = Vec::new();
+            let mut bad_hosts = Vec::new();
+            for h in &e.item.spec.hosts {
+                match normalize_host(h) {
+                    Ok(h) if !hosts.contains(&h) => hosts.push(h),
+                    Ok(_) => {}
+                    Err(m) => bad_hosts.push(m),
+                }
+            }
+            let held = holds_claim(previous, &id, &e.item.spec.path_prefix, &hosts);
+            (e, id, hosts, bad_hosts, held)
+        })
+        .collect();
     // Stable: incumbents first, each group by age.
-    entries.sort_by_key(|e| {
-        let spec = &e.item.spec;
-        let hosts: Vec<String> = spec
-            .hosts
-            .iter()
-            .filter_map(|h| normalize_host(h).ok())
-            .collect();
-        let id = format!("{}/{}", e.namespace, e.name);
-        !holds_claim(previous, &id, &spec.path_prefix, &hosts)
-    });
-    for e in entries {
+    entries.sort_by_key(|(.., held)| !held);
+    for (e, id, hosts, bad_hosts, held) in entries {
         if let Some(v) = identity_problem(Kind::Api, &e, &mut seen) {
             verdicts.push(v);
             continue;
         }
         let spec = &e.item.spec;
-        let id = format!("{}/{}", e.namespace, e.name);
         let mut issues = Issues::default();
-
-        let mut hosts = Vec::new();
-        for h in &spec.hosts {
-            match normalize_host(h) {
-                Ok(h) if !hosts.contains(&h) => hosts.push(h),
-                Ok(_) => {}
-                Err(m) => issues.push(reasons::INVALID_HOST, m),
-            }
+        for m in bad_hosts {
+            issues.push(reasons::INVALID_HOST, m);
         }
 
         match check_path_prefix(&spec.path_prefix) {
@@ -1001,7 +1002,7 @@ fn compile_apis(
                     namespace: e.namespace.to_string(),
                     id: id.clone(),
                     hosts: hosts.clone(),
-                    held: holds_claim(previous, &id, &spec.path_prefix, &hosts),
+                    held,
                 };
                 if let Some(holder) = prefixes.get(&claim.prefix) {
                     issues.push(
@@ -1011,12 +1012,12 @@ fn compile_apis(
                             spec.path_prefix
                         ),
                     );
-                } else if let Some(held) = claims.iter().find(|c| nested_claim(c, &claim)) {
+                } else if let Some(kept) = claims.iter().find(|c| nested_claim(c, &claim)) {
                     issues.push(
                         reasons::PATH_PREFIX_CONFLICT,
                         format!(
                             "spec.pathPrefix {} and the pathPrefix {} of the Api {} (another namespace, which keeps it: it served it first, or is older) contain one another and their spec.hosts overlap, so one namespace's Api would receive requests meant for the other's; choose a pathPrefix outside {}, give both Apis spec.hosts that share no host, or put both Apis in one namespace",
-                            spec.path_prefix, held.prefix, held.id, held.prefix
+                            spec.path_prefix, kept.prefix, kept.id, kept.prefix
                         ),
                     );
                 } else {
