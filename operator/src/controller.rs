@@ -286,8 +286,7 @@ impl Controller {
         let res = self.snapshot().await?;
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         // Prefixes stay with the Apis the gateways serve them for (`compile_after`).
-        let current = self.published().await?;
-        let served = served_apis(current.as_ref());
+        let served = served_apis(self.published().await?.as_ref());
         let mut plan = reconcile::plan(res.clone(), &served, &mut OsRandom, &now);
         // A Secret that cannot be created (a name too long, a quota, a policy, a namespace being
         // deleted) keeps its subscription out of this pass, never the whole configuration: the
@@ -330,8 +329,7 @@ impl Controller {
             metrics::counter!("gatehouse_operator_reconciles_total", "kind" => kind.as_str())
                 .increment(1);
         }
-        self.publish(&plan.compiled.config, current.as_ref())
-            .await?;
+        self.publish(&plan.compiled.config).await?;
         metrics::histogram!("gatehouse_operator_reconcile_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(())
@@ -398,15 +396,15 @@ impl Controller {
         Ok(api.get_opt(&self.opts.config_map_name).await?)
     }
 
-    /// Writes the ConfigMap only when the configuration's hash differs from `current`'s.
-    async fn publish(
-        &self,
-        config: &gatehouse_crds::GatewayConfig,
-        current: Option<&ConfigMap>,
-    ) -> anyhow::Result<()> {
+    /// Writes the ConfigMap only when the configuration's hash changed. Read again here, not at
+    /// the start of the pass: one deleted meanwhile is written again.
+    async fn publish(&self, config: &gatehouse_crds::GatewayConfig) -> anyhow::Result<()> {
         let api: Api<ConfigMap> =
             Api::namespaced(self.client.clone(), &self.opts.config_map_namespace);
-        let published_hash = current.and_then(|cm| cm.annotations().get(HASH_ANNOTATION).cloned());
+        let current = self.published().await?;
+        let published_hash = current
+            .as_ref()
+            .and_then(|cm| cm.annotations().get(HASH_ANNOTATION).cloned());
         if published_hash.as_deref() == Some(config.hash.as_str()) {
             return Ok(());
         }
