@@ -225,14 +225,19 @@ impl Env {
     }
 
     /// Waits for `phase` with a Ready condition that matches it and observedGeneration equal to
-    /// the resource's generation; returns the resource.
+    /// the resource's generation; returns the resource. In namespace demo.
     fn wait_phase(&self, kind: &str, name: &str, phase: &str) -> Value {
+        self.wait_phase_in("demo", kind, name, phase)
+    }
+
+    /// `wait_phase` in namespace `ns`.
+    fn wait_phase_in(&self, ns: &str, kind: &str, name: &str, phase: &str) -> Value {
         let ready = if phase == "Active" { "True" } else { "False" };
         self.wait(
-            &format!("{kind} demo/{name} phase {phase}"),
+            &format!("{kind} {ns}/{name} phase {phase}"),
             Duration::from_secs(15),
             || {
-                let obj = self.get(kind, name, "demo")?;
+                let obj = self.get(kind, name, ns)?;
                 let status = &obj["status"];
                 let cond = status["conditions"]
                     .as_array()?
@@ -898,18 +903,8 @@ spec:
 "
         )
     };
-    let tenant_phase = |phase: &str| {
-        env.wait(
-            &format!("apis.gatehouse.dev tenant/first phase {phase}"),
-            Duration::from_secs(15),
-            || {
-                let obj = env.get("apis.gatehouse.dev", "first", "tenant")?;
-                (obj["status"]["phase"] == phase
-                    && obj["status"]["observedGeneration"] == obj["metadata"]["generation"])
-                    .then_some(obj)
-            },
-        )
-    };
+    let tenant_phase =
+        |phase: &str| env.wait_phase_in("tenant", "apis.gatehouse.dev", "first", phase);
     env.kube.apply(&api_yaml("tenant", "first", "/first"));
     tenant_phase("Active");
     // Creation times have one-second resolution: make demo/second clearly the newer.
