@@ -73,6 +73,15 @@ async fn main() -> anyhow::Result<()> {
             let store = RedisStore::connect(&RedisOptions::new(url)).context("--redis")?;
             spawn_redis_watch(store.clone(), gatehouse_crds::without_user_info(url));
             let limiter = Arc::new(RedisLimiter::new(store.connection()));
+            // Refusals of callers that never came back (the others end when next looked up).
+            let purged = limiter.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    purged.purge_refusals(std::time::Instant::now());
+                }
+            });
             (store, limiter)
         }
         None => {

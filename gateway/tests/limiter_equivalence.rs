@@ -6,6 +6,7 @@ use gatehouse_gateway::ratelimit::redis::RedisLimiter;
 use gatehouse_gateway::ratelimit::{LimitCheck, Limiter};
 use gatehouse_gateway::store::redis::{RedisOptions, RedisStore};
 use gatehouse_tests::redis::RedisServer;
+use std::time::{Duration, Instant};
 
 async fn redis_limiter() -> (RedisLimiter, RedisServer) {
     let server = tokio::task::spawn_blocking(RedisServer::start)
@@ -207,4 +208,93 @@ async fn a_flushed_script_is_loaded_again() {
         .unwrap();
     let second = redis.check(checks).await.unwrap();
     assert!(second.allowed && second.remaining == 8, "{second:?}");
+}
+
+/// The script's `EVALSHA` calls so far, from `INFO commandstats`.
+async fn script_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// On the server clock a refusal is remembered until its wait is over: a caller over its limit
+/// is answered without a round trip, with the wait Redis reported (less the time since), and
+/// the other callers of the subscription are not affected.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_is_answered_from_memory_until_its_wait_is_over() {
+    let (redis, server) = redis_limiter().await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let app = LimitCheck::new("rl:{s}:p:1:-", 1000, 3600);
+    let checks = vec![LimitCheck::new("rl:{s}:p:0:u", 2, 3600), app.clone()];
+    assert_eq!(redis.check_now(&checks, Instant::now()), None);
+    for _ in 0..2 {
+        assert!(redis.check(checks.clone()).await.unwrap().allowed);
+        assert_eq!(redis.check_now(&checks, Instant::now()), None);
+    }
+    let refused = redis.check(checks.clone()).await.unwrap();
+    assert!(!refused.allowed && refused.limit == 2, "{refused:?}");
+    let calls = script_calls(&mut conn).await;
+    let local = redis
+        .check_now(&checks, Instant::now())
+        .expect("the refusal is remembered");
+    assert!(!local.allowed && local.limit == 2 && local.remaining == 0);
+    assert!(
+        local.retry_after_us <= refused.retry_after_us
+            && local.retry_after_us + 1_000_000 > refused.retry_after_us,
+        "{local:?} vs {refused:?}"
+    );
+    assert!(local.reset_us <= refused.reset_us && local.reset_us > local.retry_after_us);
+    let other = [LimitCheck::new("rl:{s}:p:0:v", 2, 3600), app];
+    assert_eq!(redis.check_now(&other, Instant::now()), None);
+    assert_eq!(script_calls(&mut conn).await, calls);
+    // Once the wait is over the store decides again.
+    let later = Instant::now() + Duration::from_micros(refused.retry_after_us);
+    assert_eq!(redis.check_now(&checks, later), None);
+
+    // Refused by a request's second limit, shared by the subscription's users: every user's
+    // requests wait for it.
+    let daily = LimitCheck::new("rl:{t}:p:1:-", 1, 86_400);
+    let for_user = |u: &str| {
+        vec![
+            LimitCheck::new(format!("rl:{{t}}:p:0:{u}"), 100, 1),
+            daily.clone(),
+        ]
+    };
+    assert!(redis.check(for_user("a")).await.unwrap().allowed);
+    assert!(!redis.check(for_user("a")).await.unwrap().allowed);
+    let d = redis
+        .check_now(&for_user("b"), Instant::now())
+        .expect("the shared limit's refusal is remembered");
+    assert_eq!(d.limit, 1);
+}
+
+/// A remembered refusal ends no later than Redis's own: the moment it is over, Redis admits
+/// the caller again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remembered_refusal_ends_no_later_than_redis_refuses() {
+    let (redis, _server) = redis_limiter().await;
+    // 2 per second: a burst of 2, then one every 500 ms; the budget is whole 1 s after the
+    // burst, while a third request may pass 500 ms after it.
+    let checks = vec![LimitCheck::new("rl:{s}:p:0:w", 2, 1)];
+    for _ in 0..2 {
+        assert!(redis.check(checks.clone()).await.unwrap().allowed);
+    }
+    let refused = redis.check(checks.clone()).await.unwrap();
+    assert!(!refused.allowed && refused.retry_after_us < refused.reset_us);
+    assert!(
+        redis.check_now(&checks, Instant::now()).is_some(),
+        "remembered"
+    );
+    // Redis's wait, counted from after its answer: the remembered one is over by then.
+    tokio::time::sleep(Duration::from_micros(refused.retry_after_us)).await;
+    assert_eq!(redis.check_now(&checks, Instant::now()), None);
+    let again = redis.check(checks).await.unwrap();
+    assert!(again.allowed, "Redis still refuses: {again:?}");
 }

@@ -1,6 +1,6 @@
 //! One Api (`/mobile`) and a confidential service client of it (`svc-mobile`, client
-//! credentials) on a plan of N requests per second: the setup the multi-gateway Redis tests
-//! share.
+//! credentials) on a plan of N requests per second (or per another unit): the setup the
+//! multi-gateway Redis tests share.
 
 use std::time::Duration;
 
@@ -12,12 +12,17 @@ pub const CLIENT_ID: &str = "svc-mobile";
 pub const SECRET: &str = "service-secret-0123456789abcdef0123";
 
 pub fn manifests(upstream: &str, per_second: u32) -> String {
+    manifests_per(upstream, per_second, "second")
+}
+
+/// `manifests` with a plan of `requests` per `per` (second, minute, hour or day).
+pub fn manifests_per(upstream: &str, requests: u32, per: &str) -> String {
     format!(
         r#"apiVersion: gatehouse.dev/v1alpha1
 kind: Plan
 metadata: {{name: basic, namespace: r}}
 spec:
-  rateLimits: [{{requests: {per_second}, per: second}}]
+  rateLimits: [{{requests: {requests}, per: {per}}}]
 ---
 apiVersion: gatehouse.dev/v1alpha1
 kind: Api
@@ -49,13 +54,18 @@ spec: {{application: svc, api: mobile, plan: basic, clientId: {CLIENT_ID}, clien
 /// A temporary folder holding `manifests(per_second)` for a fresh echo upstream, as
 /// `<dir>/m/all.yaml`; returns the folder (dropped: deleted) and the manifests path.
 pub async fn folder(per_second: u32) -> (tempfile::TempDir, std::path::PathBuf) {
+    folder_per(per_second, "second").await
+}
+
+/// `folder` with a plan of `requests` per `per`.
+pub async fn folder_per(requests: u32, per: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let upstream = crate::echo::spawn().await;
     let dir = tempfile::tempdir().unwrap();
     let mdir = dir.path().join("m");
     std::fs::create_dir_all(&mdir).unwrap();
     std::fs::write(
         mdir.join("all.yaml"),
-        manifests(&format!("http://{upstream}"), per_second),
+        manifests_per(&format!("http://{upstream}"), requests, per),
     )
     .unwrap();
     (dir, mdir)

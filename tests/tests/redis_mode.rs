@@ -424,3 +424,64 @@ async fn a_redis_restarted_while_idle_costs_no_request() {
         gw.logs()
     );
 }
+
+/// A caller over its limit is refused by the gateway itself until its wait is over, with the
+/// wait Redis reported: its refused requests cost no Redis round trip (no script call), so a
+/// client hammering past its limit does not load Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_over_its_limit_is_refused_without_asking_redis_again() {
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let script_calls = || -> u64 {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "INFO", "commandstats"])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    let (dir, mdir) = service::folder_per(2, "minute").await;
+    let url = redis.url();
+    let gw = tokio::task::block_in_place(|| {
+        Gateway::start(&mdir, &dir.path().join("d"), &["--redis", &url])
+    });
+    let http = reqwest::Client::new();
+    let token = service::token(&http, &gw).await;
+    let get = || {
+        http.get(gw.url("/mobile/x"))
+            .bearer_auth(&token)
+            .timeout(Duration::from_secs(5))
+            .send()
+    };
+    let header = |r: &reqwest::Response, name: &str| -> u64 {
+        r.headers()[name].to_str().unwrap().parse().unwrap()
+    };
+    for _ in 0..2 {
+        assert_eq!(get().await.unwrap().status(), 200);
+    }
+    // 2 per minute: the next request may pass 30 s after the burst.
+    let refused = get().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let wait = header(&refused, "retry-after");
+    assert!((29..=30).contains(&wait), "Retry-After {wait}");
+    let calls = tokio::task::block_in_place(script_calls);
+    assert!(calls >= 3, "each checked request so far went to Redis ({calls} calls)");
+
+    for i in 0..20 {
+        let r = get().await.unwrap();
+        assert_eq!(r.status(), 429, "request {i}");
+        let again = header(&r, "retry-after");
+        assert!((1..=wait).contains(&again), "Retry-After {again} after {wait}");
+        assert_eq!(header(&r, "ratelimit-limit"), 2);
+        assert_eq!(header(&r, "ratelimit-remaining"), 0);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "rate_limited");
+    }
+    assert_eq!(
+        tokio::task::block_in_place(script_calls),
+        calls,
+        "refused requests were asked of Redis again"
+    );
+}

@@ -5,6 +5,7 @@ pub mod coalesce;
 pub mod gcra;
 pub mod local;
 pub mod redis;
+pub mod refusals;
 
 use async_trait::async_trait;
 use gatehouse_crds::{LimitKey, PlanConfig};

@@ -15,13 +15,15 @@ use async_trait::async_trait;
 
 use super::coalesce::{Coalescer, Runner};
 use super::gcra::Decision;
+use super::refusals::Refusals;
 use super::{LimitCheck, Limiter, LimiterUnavailable};
 use crate::store::redis_conn::Connections;
 
 /// KEYS: every distinct key of the batch. ARGV[1]: now in µs, or "" for the server clock.
 /// ARGV[2]: packed doubles (`pack`): per request its number of limits and, per limit, its key's
 /// index in KEYS (1-based), its emission interval (µs) and its limit. Returns packed doubles,
-/// five per request: allowed, limit, remaining, reset_us, retry_us. Lua numbers are doubles
+/// six per request: allowed, limit, remaining, reset_us, retry_us, and for a refusal which of
+/// the request's limits (1-based) reported its wait (0 when allowed). Lua numbers are doubles
 /// whichever way they arrive, so packing changes no arithmetic. Stack use stays far below Lua's
 /// 8,000 slots: at most `MAX_BATCH` (64) requests of at most 16 limits each (`compile`).
 /// Per request it mirrors `gcra::check` and `gcra::combine` (ties resolved the same way); a
@@ -51,7 +53,7 @@ local out, o = {}, 0
 local a = 1
 while a <= nv do
   local n = v[a]
-  local refused_limit, refused_reset, refused_retry = nil, 0, 0
+  local refused_limit, refused_reset, refused_retry, refused_by = nil, 0, 0, 0
   local best_limit, best_remaining, best_reset = nil, 0, 0
   for i = 1, n do
     local j = a + 3 * i - 2
@@ -63,7 +65,7 @@ while a <= nv do
     if tat - now > tolerance then
       local retry = tat - tolerance - now
       if refused_limit == nil or retry >= refused_retry then
-        refused_limit, refused_reset, refused_retry = limit, tat - now, retry
+        refused_limit, refused_reset, refused_retry, refused_by = limit, tat - now, retry, i
       end
     else
       local ahead = tat + interval - now
@@ -79,18 +81,18 @@ while a <= nv do
   end
   a = a + 3 * n + 1
   if refused_limit ~= nil then
-    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] =
-      0, refused_limit, 0, refused_reset, refused_retry
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] =
+      0, refused_limit, 0, refused_reset, refused_retry, refused_by
   else
     -- Allowed: consume every limit, each from the TAT read before this request.
     for i = 1, n do
       tats[ks[i]] = pending[i]
       changed[ks[i]] = true
     end
-    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] =
-      1, best_limit or 0, best_remaining, best_reset, 0
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] =
+      1, best_limit or 0, best_remaining, best_reset, 0, 0
   end
-  o = o + 5
+  o = o + 6
 end
 for k = 1, nkeys do
   if changed[k] then
@@ -138,10 +140,19 @@ pub fn pack(args: &[u64]) -> Vec<u8> {
         .collect()
 }
 
-/// Splits the script's packed reply into one decision per request. Doubles convert to integers
+/// The script's answer for one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub decision: Decision,
+    /// For a refusal: the position in the request's checks of the limit whose wait the
+    /// decision reports.
+    pub refused_by: Option<usize>,
+}
+
+/// Splits the script's packed reply into one answer per request. Doubles convert to integers
 /// by truncation, as Redis converts a Lua number to an integer reply. Pure.
-pub fn decode(reply: &[u8], requests: usize) -> Result<Vec<Decision>, LimiterUnavailable> {
-    const REQUEST: usize = 5 * 8;
+pub fn decode(reply: &[u8], requests: usize) -> Result<Vec<Answer>, LimiterUnavailable> {
+    const REQUEST: usize = 6 * 8;
     if reply.len() != REQUEST * requests {
         return Err(LimiterUnavailable(format!(
             "the rate-limit script answered {} bytes for {requests} requests",
@@ -154,12 +165,15 @@ pub fn decode(reply: &[u8], requests: usize) -> Result<Vec<Decision>, LimiterUna
     };
     Ok(reply
         .chunks_exact(REQUEST)
-        .map(|r| Decision {
-            allowed: n(r, 0) == 1,
-            limit: n(r, 1),
-            remaining: n(r, 2),
-            reset_us: n(r, 3),
-            retry_after_us: n(r, 4),
+        .map(|r| Answer {
+            decision: Decision {
+                allowed: n(r, 0) == 1,
+                limit: n(r, 1),
+                remaining: n(r, 2),
+                reset_us: n(r, 3),
+                retry_after_us: n(r, 4),
+            },
+            refused_by: (n(r, 5) as usize).checked_sub(1),
         })
         .collect())
 }
@@ -169,6 +183,8 @@ pub struct ScriptRunner {
     conns: Connections,
     script: redis::Script,
     prefix: &'static str,
+    /// What the script refused on the server clock, until each wait is over.
+    refusals: Refusals,
 }
 
 impl ScriptRunner {
@@ -178,6 +194,9 @@ impl ScriptRunner {
         batch: &[&[LimitCheck]],
         now: Option<u64>,
     ) -> Result<Vec<Decision>, LimiterUnavailable> {
+        // No later than the script's instant (on the server clock), so a refusal remembered
+        // from here ends no later than Redis's own.
+        let sent = std::time::Instant::now();
         let call = encode(self.prefix, batch);
         let packed = pack(&call.args);
         // The EVALSHA command built in place: a `ScriptInvocation` would copy every key and
@@ -207,7 +226,20 @@ impl ScriptRunner {
         }
         // A replica (READONLY) or a silent connection: the next batch goes on a new one.
         .map_err(|e| LimiterUnavailable(self.conns.check(e).to_string()))?;
-        decode(&reply, batch.len())
+        let answers = decode(&reply, batch.len())?;
+        Ok(answers
+            .iter()
+            .zip(batch)
+            .map(|(a, checks)| {
+                // Only the server clock is real time; an explicit `now` (tests) is not.
+                if now.is_none()
+                    && let Some(c) = a.refused_by.and_then(|i| checks.get(i))
+                {
+                    self.refusals.remember(&c.key, sent, &a.decision);
+                }
+                a.decision
+            })
+            .collect())
     }
 }
 
@@ -229,6 +261,7 @@ impl RedisLimiter {
             conns,
             script: redis::Script::new(GCRA_SCRIPT),
             prefix: "gatehouse:",
+            refusals: Refusals::default(),
         });
         RedisLimiter {
             coalescer: Coalescer::new(runner.clone()),
@@ -258,6 +291,12 @@ impl RedisLimiter {
     ) -> Result<Vec<Decision>, LimiterUnavailable> {
         self.runner.call(batch, now).await
     }
+
+    /// Forgets refusals that are over (a refused caller that never came back); returns how
+    /// many.
+    pub fn purge_refusals(&self, now: std::time::Instant) -> usize {
+        self.runner.refusals.purge(now)
+    }
 }
 
 #[async_trait]
@@ -267,6 +306,12 @@ impl Limiter for RedisLimiter {
             return Ok(Decision::unlimited());
         }
         self.coalescer.submit(checks).await
+    }
+
+    /// A caller whose limit Redis refused stays refused until its wait is over: answered
+    /// here, without a round trip (`refusals.rs`).
+    fn check_now(&self, checks: &[LimitCheck], at: std::time::Instant) -> Option<Decision> {
+        self.runner.refusals.check(checks, at)
     }
 }
 
@@ -306,15 +351,21 @@ mod tests {
 
     #[test]
     fn replies_split_per_request_and_bad_lengths_are_errors() {
-        let reply: Vec<u8> = [1.0, 5.0, 4.0, 200_000.9, 0.0, 0.0, 5.0, 0.0, 900_000.0, 1e5]
-            .iter()
-            .flat_map(|f: &f64| f.to_le_bytes())
-            .collect();
-        let d = decode(&reply, 2).unwrap();
+        let reply: Vec<u8> = [
+            1.0, 5.0, 4.0, 200_000.9, 0.0, 0.0, // allowed
+            0.0, 5.0, 0.0, 900_000.0, 1e5, 2.0, // refused by the second limit
+        ]
+        .iter()
+        .flat_map(|f: &f64| f.to_le_bytes())
+        .collect();
+        let a = decode(&reply, 2).unwrap();
+        let d: Vec<Decision> = a.iter().map(|a| a.decision).collect();
         assert!(d[0].allowed && d[0].remaining == 4 && d[0].reset_us == 200_000);
+        assert_eq!(a[0].refused_by, None);
         assert!(!d[1].allowed && d[1].retry_after_us == 100_000 && d[1].limit == 5);
-        assert!(decode(&reply[..40], 2).is_err());
-        assert!(decode(&reply[..39], 1).is_err());
+        assert_eq!(a[1].refused_by, Some(1));
+        assert!(decode(&reply[..48], 2).is_err());
+        assert!(decode(&reply[..47], 1).is_err());
         assert!(decode(&[], 1).is_err());
         assert!(decode(&[], 0).unwrap().is_empty());
     }
