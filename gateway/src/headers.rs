@@ -281,6 +281,44 @@ pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forward
     headers.insert(REQUEST_ID, fwd.request_id.clone());
 }
 
+/// Does this request ask to become a WebSocket (RFC 6455 4.1: an HTTP/1.1 GET with
+/// `Upgrade: websocket` and `Connection: upgrade`, any case)? Other upgrades (h2c, TLS) are
+/// never passed on: the request is forwarded as a plain one without them. Pure.
+pub fn wants_websocket(method: &http::Method, version: http::Version, headers: &HeaderMap) -> bool {
+    // Most requests have no Upgrade header: one lookup and out.
+    let Some(upgrade) = headers.get(header::UPGRADE) else {
+        return false;
+    };
+    *method == http::Method::GET
+        && version == http::Version::HTTP_11
+        && has_token(upgrade, "websocket")
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+/// Did the upstream switch to the WebSocket protocol (its 101 names it)? Pure.
+pub fn switched_to_websocket(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .is_some_and(|v| has_token(v, "websocket"))
+}
+
+/// Is `token` one of the comma-separated tokens of `value` (case-insensitive)?
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// Puts back the two hop-by-hop headers a WebSocket handshake needs on this hop, after the
+/// rewrite removed the client's (or the upstream's) copies.
+pub fn set_websocket_upgrade(headers: &mut HeaderMap) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+}
+
 /// A client-supplied request id is kept when it is short and plain, so traces join up;
 /// otherwise the gateway makes one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -442,6 +480,63 @@ mod tests {
             upstream_host: &hv("backend:8080"),
         };
         rewrite_request(h, &id, &fwd);
+    }
+
+    #[test]
+    fn websocket_handshakes_are_recognized_and_nothing_else() {
+        use http::{Method, Version};
+        let with = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), hv(v));
+            }
+            h
+        };
+        let ws = with(&[("upgrade", "websocket"), ("connection", "Upgrade")]);
+        assert!(wants_websocket(&Method::GET, Version::HTTP_11, &ws));
+        // Browsers send `keep-alive, Upgrade`; case does not matter.
+        let firefox = with(&[
+            ("upgrade", "WebSocket"),
+            ("connection", "keep-alive, Upgrade"),
+        ]);
+        assert!(wants_websocket(&Method::GET, Version::HTTP_11, &firefox));
+        let split = with(&[
+            ("upgrade", "websocket"),
+            ("connection", "keep-alive"),
+            ("connection", "upgrade"),
+        ]);
+        assert!(wants_websocket(&Method::GET, Version::HTTP_11, &split));
+        assert!(!wants_websocket(&Method::POST, Version::HTTP_11, &ws));
+        assert!(!wants_websocket(&Method::GET, Version::HTTP_10, &ws));
+        let no_connection = with(&[("upgrade", "websocket")]);
+        assert!(!wants_websocket(
+            &Method::GET,
+            Version::HTTP_11,
+            &no_connection
+        ));
+        let h2c = with(&[
+            ("upgrade", "h2c"),
+            ("connection", "Upgrade, HTTP2-Settings"),
+        ]);
+        assert!(!wants_websocket(&Method::GET, Version::HTTP_11, &h2c));
+        let prefixed = with(&[("upgrade", "websocketx"), ("connection", "upgrade")]);
+        assert!(!wants_websocket(&Method::GET, Version::HTTP_11, &prefixed));
+        assert!(!wants_websocket(
+            &Method::GET,
+            Version::HTTP_11,
+            &HeaderMap::new()
+        ));
+
+        assert!(switched_to_websocket(&with(&[("upgrade", "websocket")])));
+        assert!(!switched_to_websocket(&with(&[("upgrade", "h2c")])));
+        assert!(!switched_to_websocket(&HeaderMap::new()));
+
+        // The rewrite drops the handshake's hop-by-hop headers; they are put back for this hop.
+        let mut h = ws.clone();
+        remove_where(&mut h, is_hop_by_hop);
+        assert!(h.is_empty());
+        set_websocket_upgrade(&mut h);
+        assert!(wants_websocket(&Method::GET, Version::HTTP_11, &h));
     }
 
     #[test]

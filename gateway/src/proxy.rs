@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Method, Response, Uri, Version, header};
+use http::{HeaderValue, Method, Response, StatusCode, Uri, Version, header};
 use http_body_util::Either;
 
 use crate::error::{GatewayError, set_rate_limit_headers};
@@ -50,6 +50,25 @@ pub async fn serve(state: &AppState, req: Request, peer: &HeaderValue) -> Respon
     resp
 }
 
+/// Copies bytes both ways between the client's and the upstream's switched connections until
+/// either side closes. Rate limits and the token were checked once, at the handshake, as Kong
+/// and nginx do. The client side keeps its write deadline (a client that stops reading is
+/// dropped); a gateway that shuts down closes its tunnels when it exits.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "a WebSocket handshake did not complete");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "a WebSocket tunnel ended");
+    }
+}
+
 /// The proxy's request duration histogram and its buckets (seconds).
 pub const PROXY_DURATION: &str = "gatehouse_proxy_duration_seconds";
 pub const PROXY_DURATION_BUCKETS: [f64; 14] = [
@@ -58,7 +77,7 @@ pub const PROXY_DURATION_BUCKETS: [f64; 14] = [
 
 /// Metric handles registered once: the macros hash their name and labels on every call.
 struct ProxyMetrics {
-    responses: [metrics::Counter; 4],
+    responses: [metrics::Counter; 5],
     duration: metrics::Histogram,
 }
 
@@ -66,7 +85,7 @@ fn proxy_metrics() -> &'static ProxyMetrics {
     // First use happens on the first request, after main installed the recorder.
     static METRICS: std::sync::OnceLock<ProxyMetrics> = std::sync::OnceLock::new();
     METRICS.get_or_init(|| ProxyMetrics {
-        responses: ["2xx", "3xx", "4xx", "5xx"]
+        responses: ["1xx", "2xx", "3xx", "4xx", "5xx"]
             .map(|class| metrics::counter!("gatehouse_proxy_responses_total", "class" => class)),
         duration: metrics::histogram!(PROXY_DURATION),
     })
@@ -74,10 +93,11 @@ fn proxy_metrics() -> &'static ProxyMetrics {
 
 fn status_class(s: http::StatusCode) -> usize {
     match s.as_u16() {
-        200..=299 => 0,
-        300..=399 => 1,
-        400..=499 => 2,
-        _ => 3,
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
@@ -183,6 +203,14 @@ async fn forward(
     if !decision.allowed {
         return Err(GatewayError::RateLimited(decision));
     }
+    // A WebSocket handshake, checked like any request: its connection becomes a tunnel to the
+    // upstream's when both agree (`tunnel`). Without a connection to hand over (the in-process
+    // router) it goes on as a plain request.
+    let client_upgrade = if headers::wants_websocket(req.method(), req.version(), req.headers()) {
+        req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
 
     // Changed in place rather than taken apart and rebuilt (each moves the whole head).
     let path = routing::upstream_path(
@@ -216,13 +244,17 @@ async fn forward(
     };
     headers::rewrite_request(req.headers_mut(), &identity, &fwd);
 
+    let deadline = tokio::time::Instant::from_std(arrived) + api.timeout;
     // Boxed: the exchange's state is large, and this future is moved whole several times.
-    let mut resp = match tokio::time::timeout_at(
-        tokio::time::Instant::from_std(arrived) + api.timeout,
-        Box::pin(upstream::send(&api.target, req, api.timeout, arrived)),
-    )
-    .await
-    {
+    let sent = if client_upgrade.is_some() {
+        headers::set_websocket_upgrade(req.headers_mut());
+        let handshake = upstream::send_upgrade(&api.target, req, api.timeout);
+        tokio::time::timeout_at(deadline, Box::pin(handshake)).await
+    } else {
+        let exchange = upstream::send(&api.target, req, api.timeout, arrived);
+        tokio::time::timeout_at(deadline, Box::pin(exchange)).await
+    };
+    let mut resp = match sent {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
         // The client's request body stopped coming (server.rs puts a deadline on it).
         Ok(Err(e)) if crate::deadline::is_stalled(&e) => {
@@ -234,8 +266,25 @@ async fn forward(
         }
         Ok(Ok(resp)) => resp,
     };
+    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let Some(client_side) = client_upgrade
+        && switched
+    {
+        if !headers::switched_to_websocket(resp.headers()) {
+            tracing::warn!(api = %api.cfg.id, "the upstream answered a WebSocket handshake with another protocol");
+            return Err(GatewayError::UpstreamUnreachable);
+        }
+        tokio::spawn(tunnel(client_side, hyper::upgrade::on(&mut resp)));
+    } else if switched {
+        // Nothing asked for it (or the client's connection cannot be handed over).
+        tracing::warn!(api = %api.cfg.id, "the upstream switched protocols unasked");
+        return Err(GatewayError::UpstreamUnreachable);
+    }
     let out = resp.headers_mut();
     headers::rewrite_response(out);
+    if switched {
+        headers::set_websocket_upgrade(out);
+    }
     set_rate_limit_headers(out, &decision);
     out.insert(headers::REQUEST_ID, request_id.clone());
     Ok(resp)

@@ -364,7 +364,9 @@ async fn serve_public(
                 Ok::<_, Infallible>(app.call(req, *peer, peer_ip).await)
             }
         });
-        let conn = builder.serve_connection(io, svc);
+        // With upgrades: a WebSocket handshake the upstream accepts hands the connection over
+        // to `proxy::tunnel`. Requests without an Upgrade header cost nothing more.
+        let conn = builder.serve_connection(io, svc).with_upgrades();
         let conn = graceful.watch(conn, |c| c.graceful_shutdown());
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -201,7 +201,12 @@ impl Target {
     }
 }
 
-async fn connect(target: &Target) -> Result<SendRequest<RequestBody>, UpstreamError> {
+/// A new connection to `target`. With `upgrades`, a 101 answer hands the connection over
+/// (`hyper::upgrade::on` on the response) instead of ending it.
+async fn connect(
+    target: &Target,
+    upgrades: bool,
+) -> Result<SendRequest<RequestBody>, UpstreamError> {
     let connector = CONNECTOR.with(Clone::clone);
     let io = connector
         .oneshot(target.dial.clone())
@@ -209,11 +214,56 @@ async fn connect(target: &Target) -> Result<SendRequest<RequestBody>, UpstreamEr
         .map_err(UpstreamError::Connect)?;
     let (sender, conn) = http1::handshake(io).await?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let ended = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "upstream connection ended");
         }
     });
     Ok(sender)
+}
+
+/// Sends a WebSocket handshake (`headers::wants_websocket`) on a connection of its own. If the
+/// upstream switches protocols, that connection becomes the tunnel (`hyper::upgrade::on` on the
+/// response); if it answers otherwise, the connection is closed after the response, never
+/// pooled: the upstream may still take the rest of the stream as the new protocol.
+pub async fn send_upgrade(
+    target: &Target,
+    req: Request<Body>,
+    body_idle: Duration,
+) -> Result<Response<UpstreamBody>, UpstreamError> {
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(http::header::HOST) {
+        parts
+            .headers
+            .insert(http::header::HOST, target.host.clone());
+    }
+    let req = Request::from_parts(
+        parts,
+        Watched {
+            inner: body,
+            at_end: MarkSent(None),
+        },
+    );
+    let mut sender = Box::pin(connect(target, true)).await?;
+    let resp = ready_and_send(&mut sender, req)
+        .await
+        .map_err(|e| UpstreamError::Http(e.into_error()))?;
+    let (parts, body) = resp.into_parts();
+    let at_end = ReturnToPool {
+        request_sent: None,
+        back: None,
+    };
+    Ok(Response::from_parts(
+        parts,
+        Watched {
+            inner: Deadline::new(body, body_idle, Count::Idle),
+            at_end,
+        },
+    ))
 }
 
 /// Sends `req` (origin-form URI: path and query) to `target` on a pooled connection of this
@@ -249,13 +299,13 @@ pub async fn send(
     // longer sizes this future, which every request moves several times.
     let mut sender = match pooled {
         Some(s) => s,
-        None => Box::pin(connect(target)).await?,
+        None => Box::pin(connect(target, false)).await?,
     };
     let resp = match ready_and_send(&mut sender, req).await {
         Ok(resp) => resp,
         Err(mut e) if reused => match e.take_message() {
             Some(req) => {
-                sender = Box::pin(connect(target)).await?;
+                sender = Box::pin(connect(target, false)).await?;
                 ready_and_send(&mut sender, req)
                     .await
                     .map_err(|e| UpstreamError::Http(e.into_error()))?

@@ -467,13 +467,19 @@ async fn a_caller_over_its_limit_is_refused_without_asking_redis_again() {
     let wait = header(&refused, "retry-after");
     assert!((29..=30).contains(&wait), "Retry-After {wait}");
     let calls = tokio::task::block_in_place(script_calls);
-    assert!(calls >= 3, "each checked request so far went to Redis ({calls} calls)");
+    assert!(
+        calls >= 3,
+        "each checked request so far went to Redis ({calls} calls)"
+    );
 
     for i in 0..20 {
         let r = get().await.unwrap();
         assert_eq!(r.status(), 429, "request {i}");
         let again = header(&r, "retry-after");
-        assert!((1..=wait).contains(&again), "Retry-After {again} after {wait}");
+        assert!(
+            (1..=wait).contains(&again),
+            "Retry-After {again} after {wait}"
+        );
         assert_eq!(header(&r, "ratelimit-limit"), 2);
         assert_eq!(header(&r, "ratelimit-remaining"), 0);
         let v: Value = r.json().await.unwrap();

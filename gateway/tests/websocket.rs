@@ -1,0 +1,195 @@
+//! WebSocket handshakes through the gateway's real listener: checked like any request (token,
+//! rate limit, identity headers), then tunnelled byte for byte to an upstream that switched
+//! protocols; other upgrades are never passed on.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+use http::{HeaderMap, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// An upstream that switches to WebSocket when asked (then echoes every byte), answers 403 on
+/// paths ending in `/refuse`, and 200 `plain` to anything else. Reports each request's path
+/// and headers.
+async fn upstream() -> (SocketAddr, mpsc::UnboundedReceiver<(String, HeaderMap)>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let _ = tx.send((req.uri().path().to_string(), req.headers().clone()));
+                let reply = |status: u16, body: &'static str| {
+                    Response::builder()
+                        .status(status)
+                        .body(Full::new(Bytes::from_static(body.as_bytes())))
+                        .unwrap()
+                };
+                let asked = req
+                    .headers()
+                    .get("upgrade")
+                    .is_some_and(|v| v == "websocket");
+                let resp = if req.uri().path().ends_with("/refuse") {
+                    reply(403, "no")
+                } else if asked {
+                    let switched = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let mut io = TokioIo::new(switched.await.unwrap());
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = io.read(&mut buf).await
+                            && n > 0
+                        {
+                            io.write_all(&buf[..n]).await.unwrap();
+                        }
+                    });
+                    Response::builder()
+                        .status(101)
+                        .header("upgrade", "websocket")
+                        .header("connection", "Upgrade")
+                        .header("sec-websocket-accept", ACCEPT)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap()
+                } else {
+                    reply(200, "plain")
+                };
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Sends a handshake for `path` asking for `upgrade`; returns the connection and the response
+/// head (status line and headers, lowercased).
+async fn handshake(
+    gw: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    upgrade: &str,
+) -> (TcpStream, String) {
+    let mut tcp = TcpStream::connect(gw).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: gw.test\r\n{auth}Connection: Upgrade\r\nUpgrade: {upgrade}\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut byte))
+            .await
+            .expect("a response head")
+            .unwrap();
+        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    (tcp, String::from_utf8(head).unwrap().to_ascii_lowercase())
+}
+
+async fn echo(tcp: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    tcp.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut got))
+        .await
+        .expect("the echo")
+        .unwrap();
+    got
+}
+
+#[tokio::test]
+async fn a_checked_handshake_becomes_a_tunnel_and_nothing_else_does() {
+    let (up, mut seen) = upstream().await;
+    // 3 per minute: the fourth handshake is over the limit.
+    let yaml = manifests(&format!("http://{up}"), 3).replace("per: second", "per: minute");
+    let h = Harness::with_manifests(yaml, up).await;
+    let token = h.cc_token("svc-mobile", Some("profile")).await;
+    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let gw = listeners[0].local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(serve_workers(
+        listeners,
+        Public::new(h.state.clone()),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    // Without a token: 401, and the upstream hears nothing.
+    let (_, head) = handshake(gw, "/mobile/ws", None, "websocket").await;
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(seen.try_recv().is_err());
+
+    // With one: switched, with the upstream's accept key and the gateway's headers.
+    let (mut tunnel, head) = handshake(gw, "/mobile/ws", Some(&token), "websocket").await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(head.contains(&format!(
+        "sec-websocket-accept: {}",
+        ACCEPT.to_ascii_lowercase()
+    )));
+    assert!(head.contains("\r\nratelimit-limit: 3\r\n"), "{head}");
+    assert!(head.contains("\r\nx-request-id: "), "{head}");
+    let (path, headers) = seen.recv().await.unwrap();
+    assert_eq!(path, "/ws");
+    assert_eq!(headers["x-client-id"], "svc-mobile");
+    assert_eq!(headers["x-authenticated-scope"], "profile");
+    assert_eq!(headers["x-application-id"], "t/svc");
+    assert!(!headers.contains_key("authorization"), "the token stays");
+    assert_eq!(headers["upgrade"], "websocket");
+    assert_eq!(headers["connection"], "upgrade");
+    assert_eq!(headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+    assert_eq!(headers["sec-websocket-version"], "13");
+    // Bytes both ways, several times, on the switched connection.
+    assert_eq!(echo(&mut tunnel, b"hello").await, b"hello");
+    let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+    assert_eq!(echo(&mut tunnel, &big).await, big);
+
+    // An upstream that declines answers as usual, and nothing is switched.
+    let (mut declined, head) = handshake(gw, "/mobile/refuse", Some(&token), "websocket").await;
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert!(!head.contains("upgrade"), "{head}");
+    let mut body = [0u8; 2];
+    declined.read_exact(&mut body).await.unwrap();
+    assert_eq!(&body, b"no");
+    seen.recv().await.unwrap();
+
+    // Other protocols are not passed on: h2c arrives as a plain request.
+    let (_, head) = handshake(gw, "/mobile/h2c", Some(&token), "h2c").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (_, headers) = seen.recv().await.unwrap();
+    assert!(!headers.contains_key("upgrade") && !headers.contains_key("connection"));
+
+    // The handshake counts against the plan like any request.
+    let (_, head) = handshake(gw, "/mobile/ws", Some(&token), "websocket").await;
+    assert!(head.starts_with("http/1.1 429"), "{head}");
+    assert!(head.contains("\r\nretry-after: "), "{head}");
+    assert!(seen.try_recv().is_err());
+
+    // The first tunnel is still open.
+    assert_eq!(echo(&mut tunnel, b"still here").await, b"still here");
+    drop(tunnel);
+    stop_tx.send(()).unwrap();
+    served.await.unwrap().unwrap();
+}
