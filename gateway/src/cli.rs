@@ -79,6 +79,11 @@ pub struct Args {
     #[arg(long, env = "GATEHOUSE_TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: crate::client_ip::TrustedProxies,
 
+    /// WebSocket connections this gateway holds open at once (each takes two sockets); a
+    /// handshake over it gets 503.
+    #[arg(long, env = "GATEHOUSE_MAX_WEBSOCKETS", default_value_t = crate::tunnel::MAX_TUNNELS as u32, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_websockets: u32,
+
     /// Threads serving the public listener, each with its own runtime and SO_REUSEPORT socket
     /// (default: one per CPU).
     #[arg(long, env = "GATEHOUSE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]

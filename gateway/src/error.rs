@@ -26,6 +26,8 @@ pub enum GatewayError {
     LimiterUnavailable,
     #[error("the token store is unavailable")]
     StoreUnavailable,
+    #[error("this gateway holds as many WebSocket connections as it may; try again later")]
+    TooManyWebSockets,
     #[error("the upstream could not be reached")]
     UpstreamUnreachable,
     #[error("the upstream did not answer in time")]
@@ -88,9 +90,9 @@ impl GatewayError {
             GatewayError::MissingToken | GatewayError::InvalidToken => StatusCode::UNAUTHORIZED,
             GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::LimiterUnavailable | GatewayError::StoreUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::LimiterUnavailable
+            | GatewayError::StoreUnavailable
+            | GatewayError::TooManyWebSockets => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::ClientTooSlow => StatusCode::REQUEST_TIMEOUT,
@@ -106,9 +108,9 @@ impl GatewayError {
             GatewayError::InvalidRequest(_) => "invalid_request",
             GatewayError::InvalidToken => "invalid_token",
             GatewayError::RateLimited(_) => "rate_limited",
-            GatewayError::LimiterUnavailable | GatewayError::StoreUnavailable => {
-                "temporarily_unavailable"
-            }
+            GatewayError::LimiterUnavailable
+            | GatewayError::StoreUnavailable
+            | GatewayError::TooManyWebSockets => "temporarily_unavailable",
             GatewayError::UpstreamUnreachable => "bad_gateway",
             GatewayError::UpstreamTimeout => "gateway_timeout",
             GatewayError::ClientTooSlow => "request_timeout",

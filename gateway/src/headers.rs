@@ -1,5 +1,6 @@
 //! Header rewriting between client and upstream. Pure functions over `HeaderMap`.
 
+use base64::Engine as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub const USER_ID: HeaderName = HeaderName::from_static("x-authenticated-userid");
@@ -281,28 +282,54 @@ pub fn rewrite_request(headers: &mut HeaderMap, id: &Identity<'_>, fwd: &Forward
     headers.insert(REQUEST_ID, fwd.request_id.clone());
 }
 
-/// Does this request ask to become a WebSocket (RFC 6455 4.1: an HTTP/1.1 GET with
-/// `Upgrade: websocket` and `Connection: upgrade`, any case)? Other upgrades (h2c, TLS) are
-/// never passed on: the request is forwarded as a plain one without them. Pure.
-pub fn wants_websocket(method: &http::Method, version: http::Version, headers: &HeaderMap) -> bool {
+/// The Sec-WebSocket-Key of a WebSocket handshake (RFC 6455 4.1: an HTTP/1.1 GET with
+/// `Upgrade: websocket`, `Connection: upgrade`, any case, and one key of 16 bytes in base64),
+/// or `None`. Other upgrades (h2c, TLS) are never passed on: such a request is forwarded as a
+/// plain one without them. Pure.
+pub fn websocket_handshake(
+    method: &http::Method,
+    version: http::Version,
+    headers: &HeaderMap,
+) -> Option<HeaderValue> {
     // Most requests have no Upgrade header: one lookup and out.
-    let Some(upgrade) = headers.get(header::UPGRADE) else {
-        return false;
-    };
-    *method == http::Method::GET
-        && version == http::Version::HTTP_11
-        && has_token(upgrade, "websocket")
-        && headers
+    let upgrade = headers.get(header::UPGRADE)?;
+    if *method != http::Method::GET
+        || version != http::Version::HTTP_11
+        || !has_token(upgrade, "websocket")
+        || !headers
             .get_all(header::CONNECTION)
             .iter()
             .any(|v| has_token(v, "upgrade"))
+    {
+        return None;
+    }
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = keys.next()?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(key.as_bytes());
+    (keys.next().is_none() && decoded.is_ok_and(|k| k.len() == 16)).then(|| key.clone())
 }
 
-/// Did the upstream switch to the WebSocket protocol (its 101 names it)? Pure.
-pub fn switched_to_websocket(headers: &HeaderMap) -> bool {
+/// The Sec-WebSocket-Accept that proves a server read the handshake with `key` (RFC 6455
+/// 4.2.2). Pure.
+pub fn websocket_accept(key: &[u8]) -> String {
+    use sha1::Digest;
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut sha = sha1::Sha1::new();
+    sha.update(key);
+    sha.update(GUID);
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// Did the upstream switch to WebSocket for the handshake with `key`: its 101 names the
+/// protocol and proves it read the key? Without the proof, a 101 from something that goes on
+/// speaking HTTP would give the client a channel past the gateway's header checks. Pure.
+pub fn switched_to_websocket(headers: &HeaderMap, key: &HeaderValue) -> bool {
     headers
         .get(header::UPGRADE)
         .is_some_and(|v| has_token(v, "websocket"))
+        && headers
+            .get(header::SEC_WEBSOCKET_ACCEPT)
+            .is_some_and(|v| v.as_bytes() == websocket_accept(key.as_bytes()).as_bytes())
 }
 
 /// Is `token` one of the comma-separated tokens of `value` (case-insensitive)?
@@ -485,6 +512,7 @@ mod tests {
     #[test]
     fn websocket_handshakes_are_recognized_and_nothing_else() {
         use http::{Method, Version};
+        const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
         let with = |pairs: &[(&str, &str)]| {
             let mut h = HeaderMap::new();
             for (k, v) in pairs {
@@ -492,51 +520,88 @@ mod tests {
             }
             h
         };
-        let ws = with(&[("upgrade", "websocket"), ("connection", "Upgrade")]);
-        assert!(wants_websocket(&Method::GET, Version::HTTP_11, &ws));
+        let get = |h: &HeaderMap| websocket_handshake(&Method::GET, Version::HTTP_11, h);
+        let key = ("sec-websocket-key", KEY);
+        let ws = with(&[("upgrade", "websocket"), ("connection", "Upgrade"), key]);
+        assert_eq!(get(&ws), Some(hv(KEY)));
         // Browsers send `keep-alive, Upgrade`; case does not matter.
         let firefox = with(&[
             ("upgrade", "WebSocket"),
             ("connection", "keep-alive, Upgrade"),
+            key,
         ]);
-        assert!(wants_websocket(&Method::GET, Version::HTTP_11, &firefox));
+        assert!(get(&firefox).is_some());
         let split = with(&[
             ("upgrade", "websocket"),
             ("connection", "keep-alive"),
             ("connection", "upgrade"),
+            key,
         ]);
-        assert!(wants_websocket(&Method::GET, Version::HTTP_11, &split));
-        assert!(!wants_websocket(&Method::POST, Version::HTTP_11, &ws));
-        assert!(!wants_websocket(&Method::GET, Version::HTTP_10, &ws));
-        let no_connection = with(&[("upgrade", "websocket")]);
-        assert!(!wants_websocket(
-            &Method::GET,
-            Version::HTTP_11,
-            &no_connection
-        ));
-        let h2c = with(&[
-            ("upgrade", "h2c"),
-            ("connection", "Upgrade, HTTP2-Settings"),
-        ]);
-        assert!(!wants_websocket(&Method::GET, Version::HTTP_11, &h2c));
-        let prefixed = with(&[("upgrade", "websocketx"), ("connection", "upgrade")]);
-        assert!(!wants_websocket(&Method::GET, Version::HTTP_11, &prefixed));
-        assert!(!wants_websocket(
-            &Method::GET,
-            Version::HTTP_11,
-            &HeaderMap::new()
-        ));
+        assert!(get(&split).is_some());
+        assert!(websocket_handshake(&Method::POST, Version::HTTP_11, &ws).is_none());
+        assert!(websocket_handshake(&Method::GET, Version::HTTP_10, &ws).is_none());
+        let refused = [
+            vec![("upgrade", "websocket"), key],
+            vec![
+                ("upgrade", "h2c"),
+                ("connection", "Upgrade, HTTP2-Settings"),
+                key,
+            ],
+            vec![("upgrade", "websocketx"), ("connection", "upgrade"), key],
+            // The key: missing, not base64, not 16 bytes, twice.
+            vec![("upgrade", "websocket"), ("connection", "upgrade")],
+            vec![
+                ("upgrade", "websocket"),
+                ("connection", "upgrade"),
+                ("sec-websocket-key", "not base64!"),
+            ],
+            vec![
+                ("upgrade", "websocket"),
+                ("connection", "upgrade"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZQ=="),
+            ],
+            vec![
+                ("upgrade", "websocket"),
+                ("connection", "upgrade"),
+                key,
+                key,
+            ],
+            vec![],
+        ];
+        for pairs in refused {
+            assert!(get(&with(&pairs)).is_none(), "{pairs:?}");
+        }
 
-        assert!(switched_to_websocket(&with(&[("upgrade", "websocket")])));
-        assert!(!switched_to_websocket(&with(&[("upgrade", "h2c")])));
-        assert!(!switched_to_websocket(&HeaderMap::new()));
+        // RFC 6455 1.3's example.
+        assert_eq!(
+            websocket_accept(KEY.as_bytes()),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        let accept = ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert!(switched_to_websocket(
+            &with(&[("upgrade", "websocket"), accept]),
+            &hv(KEY)
+        ));
+        assert!(!switched_to_websocket(
+            &with(&[("upgrade", "h2c"), accept]),
+            &hv(KEY)
+        ));
+        assert!(!switched_to_websocket(
+            &with(&[("upgrade", "websocket")]),
+            &hv(KEY)
+        ));
+        let other_key = hv("AAAAAAAAAAAAAAAAAAAAAA==");
+        assert!(!switched_to_websocket(
+            &with(&[("upgrade", "websocket"), accept]),
+            &other_key
+        ));
 
         // The rewrite drops the handshake's hop-by-hop headers; they are put back for this hop.
         let mut h = ws.clone();
         remove_where(&mut h, is_hop_by_hop);
-        assert!(h.is_empty());
+        assert_eq!(h.len(), 1, "only the key is left");
         set_websocket_upgrade(&mut h);
-        assert!(wants_websocket(&Method::GET, Version::HTTP_11, &h));
+        assert!(get(&h).is_some());
     }
 
     #[test]

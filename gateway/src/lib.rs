@@ -22,5 +22,6 @@ pub mod source;
 pub mod state;
 pub mod store;
 pub mod tokens;
+pub mod tunnel;
 pub mod upstream;
 pub mod upstream_dns;

@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
     let mut state = AppState::new(store, limiter, &args.issuer());
     state.password_min_len = args.password_min_length as usize;
     state.max_signups_per_ip = args.max_signups_per_ip;
+    state.websocket_slots = Arc::new(tokio::sync::Semaphore::new(args.max_websockets as usize));
     state.sign_in_starts = AddressThrottle::per_minute(args.max_sign_in_starts_per_minute);
     state.trusted_proxies = args.trusted_proxies.clone();
     if args.kube && args.trusted_proxies.is_empty() {

@@ -14,8 +14,9 @@ use crate::headers::{self, Bearer, Forwarded, Identity};
 use crate::ratelimit::{Decision, limit_checks};
 use crate::routing::{self, PathRefusal};
 use crate::state::AppState;
-use crate::store::TokenKind;
+use crate::store::{TokenKind, unix_now};
 use crate::tokens;
+use crate::tunnel;
 use crate::upstream::{self, UpstreamBody};
 
 /// A proxied response: the upstream's body streamed through, or the gateway's own error.
@@ -48,25 +49,6 @@ pub async fn serve(state: &AppState, req: Request, peer: &HeaderValue) -> Respon
     m.responses[status_class(resp.status())].increment(1);
     m.duration.record(started.elapsed().as_secs_f64());
     resp
-}
-
-/// Copies bytes both ways between the client's and the upstream's switched connections until
-/// either side closes. Rate limits and the token were checked once, at the handshake, as Kong
-/// and nginx do. The client side keeps its write deadline (a client that stops reading is
-/// dropped); a gateway that shuts down closes its tunnels when it exits.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(both) => both,
-        Err(e) => {
-            tracing::debug!(error = %e, "a WebSocket handshake did not complete");
-            return;
-        }
-    };
-    let mut client = hyper_util::rt::TokioIo::new(client);
-    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "a WebSocket tunnel ended");
-    }
 }
 
 /// The proxy's request duration histogram and its buckets (seconds).
@@ -183,6 +165,26 @@ async fn forward(
         })
         .ok_or(GatewayError::InvalidToken)?;
 
+    // A WebSocket handshake, checked like any request: its connection becomes a tunnel to the
+    // upstream's when both agree (tunnel.rs). Its slot is taken before the limits count it, so
+    // a handshake refused for want of one spends no quota. Without a connection to hand over
+    // (the in-process router) it goes on as a plain request.
+    let websocket = match headers::websocket_handshake(req.method(), req.version(), req.headers()) {
+        Some(key) => match req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() {
+            Some(client_side) => {
+                // A slot first: no upstream connection for a tunnel that cannot be held.
+                let slot = state
+                    .websocket_slots
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| GatewayError::TooManyWebSockets)?;
+                Some((key, client_side, slot))
+            }
+            None => None,
+        },
+        None => None,
+    };
+
     let plan = &snap.plans[client.plan];
     let checks = limit_checks(plan, &client.cfg.subscription, record.user_id.as_deref());
     let checked = match state.limiter.check_now(&checks, arrived) {
@@ -203,14 +205,6 @@ async fn forward(
     if !decision.allowed {
         return Err(GatewayError::RateLimited(decision));
     }
-    // A WebSocket handshake, checked like any request: its connection becomes a tunnel to the
-    // upstream's when both agree (`tunnel`). Without a connection to hand over (the in-process
-    // router) it goes on as a plain request.
-    let client_upgrade = if headers::wants_websocket(req.method(), req.version(), req.headers()) {
-        req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()
-    } else {
-        None
-    };
 
     // Changed in place rather than taken apart and rebuilt (each moves the whole head).
     let path = routing::upstream_path(
@@ -246,7 +240,7 @@ async fn forward(
 
     let deadline = tokio::time::Instant::from_std(arrived) + api.timeout;
     // Boxed: the exchange's state is large, and this future is moved whole several times.
-    let sent = if client_upgrade.is_some() {
+    let sent = if websocket.is_some() {
         headers::set_websocket_upgrade(req.headers_mut());
         let handshake = upstream::send_upgrade(&api.target, req, api.timeout);
         tokio::time::timeout_at(deadline, Box::pin(handshake)).await
@@ -267,14 +261,20 @@ async fn forward(
         Ok(Ok(resp)) => resp,
     };
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if let Some(client_side) = client_upgrade
+    if let Some((key, client_side, slot)) = websocket
         && switched
     {
-        if !headers::switched_to_websocket(resp.headers()) {
-            tracing::warn!(api = %api.cfg.id, "the upstream answered a WebSocket handshake with another protocol");
+        if !headers::switched_to_websocket(resp.headers(), &key) {
+            tracing::warn!(api = %api.cfg.id, "the upstream answered a WebSocket handshake without switching to WebSocket for it (Upgrade, Sec-WebSocket-Accept)");
             return Err(GatewayError::UpstreamUnreachable);
         }
-        tokio::spawn(tunnel(client_side, hyper::upgrade::on(&mut resp)));
+        let limits = tunnel::Limits::new(api.timeout, record.expires_at, unix_now());
+        tokio::spawn(tunnel::run(
+            client_side,
+            hyper::upgrade::on(&mut resp),
+            limits,
+            slot,
+        ));
     } else if switched {
         // Nothing asked for it (or the client's connection cannot be handed over).
         tracing::warn!(api = %api.cfg.id, "the upstream switched protocols unasked");

@@ -35,6 +35,8 @@ pub struct AppState {
     /// Sign-in requests (`/oauth2/authorize`) per client address (per user once signed in),
     /// on this replica.
     pub sign_in_starts: AddressThrottle,
+    /// One permit per WebSocket tunnel this process may hold (`--max-websockets`).
+    pub websocket_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -51,6 +53,7 @@ impl AppState {
             sign_in_starts: AddressThrottle::per_minute(
                 crate::oauth::authorize::MAX_SIGN_IN_STARTS_PER_MINUTE,
             ),
+            websocket_slots: Arc::new(tokio::sync::Semaphore::new(crate::tunnel::MAX_TUNNELS)),
         }
     }
 

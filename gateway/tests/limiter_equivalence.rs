@@ -210,27 +210,13 @@ async fn a_flushed_script_is_loaded_again() {
     assert!(second.allowed && second.remaining == 8, "{second:?}");
 }
 
-/// The script's `EVALSHA` calls so far, from `INFO commandstats`.
-async fn script_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
-}
-
-/// On the server clock a refusal is remembered until its wait is over: a caller over its limit
-/// is answered without a round trip, with the wait Redis reported (less the time since), and
-/// the other callers of the subscription are not affected.
+/// On the server clock a refusal is remembered: a caller over its limit is answered without a
+/// round trip (`check_now`), with the wait Redis reported (less the time since), and the other
+/// callers of the subscription are not affected. (The proxy asks `check_now` first; that no
+/// script call is made is checked end to end in tests/tests/redis_mode.rs.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refusal_is_answered_from_memory_until_its_wait_is_over() {
-    let (redis, server) = redis_limiter().await;
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (redis, _server) = redis_limiter().await;
     let app = LimitCheck::new("rl:{s}:p:1:-", 1000, 3600);
     let checks = vec![LimitCheck::new("rl:{s}:p:0:u", 2, 3600), app.clone()];
     assert_eq!(redis.check_now(&checks, Instant::now()), None);
@@ -240,7 +226,6 @@ async fn a_refusal_is_answered_from_memory_until_its_wait_is_over() {
     }
     let refused = redis.check(checks.clone()).await.unwrap();
     assert!(!refused.allowed && refused.limit == 2, "{refused:?}");
-    let calls = script_calls(&mut conn).await;
     let local = redis
         .check_now(&checks, Instant::now())
         .expect("the refusal is remembered");
@@ -253,10 +238,6 @@ async fn a_refusal_is_answered_from_memory_until_its_wait_is_over() {
     assert!(local.reset_us <= refused.reset_us && local.reset_us > local.retry_after_us);
     let other = [LimitCheck::new("rl:{s}:p:0:v", 2, 3600), app];
     assert_eq!(redis.check_now(&other, Instant::now()), None);
-    assert_eq!(script_calls(&mut conn).await, calls);
-    // Once the wait is over the store decides again.
-    let later = Instant::now() + Duration::from_micros(refused.retry_after_us);
-    assert_eq!(redis.check_now(&checks, later), None);
 
     // Refused by a request's second limit, shared by the subscription's users: every user's
     // requests wait for it.
@@ -297,4 +278,31 @@ async fn a_remembered_refusal_ends_no_later_than_redis_refuses() {
     assert_eq!(redis.check_now(&checks, Instant::now()), None);
     let again = redis.check(checks).await.unwrap();
     assert!(again.allowed, "Redis still refuses: {again:?}");
+}
+
+/// Requests decided together in one script call on the server clock: the refusals among them
+/// are remembered under the key that refused, whichever request of the batch it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_inside_a_batch_are_remembered() {
+    let (redis, _server) = redis_limiter().await;
+    let for_user = |u: &str| {
+        vec![
+            LimitCheck::new("rl:{b}:p:1:-", 1000, 3600),
+            LimitCheck::new(format!("rl:{{b}}:p:0:{u}"), 2, 3600),
+        ]
+    };
+    // Submitted together: one batch (or a few), five requests of user a, one of user b.
+    let mut batch: Vec<_> = (0..5).map(|_| redis.check(for_user("a"))).collect();
+    batch.push(redis.check(for_user("b")));
+    let answers: Vec<bool> = futures_util::future::join_all(batch)
+        .await
+        .into_iter()
+        .map(|a| a.unwrap().allowed)
+        .collect();
+    assert_eq!(answers, [true, true, false, false, false, true]);
+    let d = redis
+        .check_now(&for_user("a"), Instant::now())
+        .expect("user a's refusal is remembered");
+    assert_eq!((d.limit, d.remaining), (2, 0));
+    assert_eq!(redis.check_now(&for_user("b"), Instant::now()), None);
 }

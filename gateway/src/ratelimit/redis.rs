@@ -308,10 +308,16 @@ impl Limiter for RedisLimiter {
         self.coalescer.submit(checks).await
     }
 
-    /// A caller whose limit Redis refused stays refused until its wait is over: answered
-    /// here, without a round trip (`refusals.rs`).
-    fn check_now(&self, checks: &[LimitCheck], at: std::time::Instant) -> Option<Decision> {
-        self.runner.refusals.check(checks, at)
+    /// A caller whose limit Redis refused is refused here, without a round trip, until its
+    /// wait is over (Redis is asked again every `refusals::MAX_TRUSTED` meanwhile). `at` is
+    /// not used: the token lookup before may have waited for Redis, and a refusal that ended
+    /// meanwhile must not refuse this request.
+    fn check_now(&self, checks: &[LimitCheck], _at: std::time::Instant) -> Option<Decision> {
+        let refusals = &self.runner.refusals;
+        if refusals.is_empty() {
+            return None;
+        }
+        refusals.check(checks, std::time::Instant::now())
     }
 }
 

@@ -2,14 +2,16 @@
 //! limit is answered 429 by the replica itself instead of costing a Redis round trip per
 //! request (a client hammering past its limit is exactly the traffic a limiter exists for).
 //!
-//! Exact, not an estimate: while one limit's key refuses, every request that names the key is
+//! The answers are Redis's: while one limit's key refuses, every request that names the key is
 //! refused, on every replica, and a refused request changes nothing. So the key's TAT stands
 //! still until the wait reported with the refusal is over (nobody can move it), and its Redis
 //! key cannot expire before (it lives until past its TAT). The wait is counted from when the
 //! batch was sent, which is no later than the script's instant: the remembered refusal ends no
 //! later than Redis's own. Keys name their rate, so an edited limit is a new key and is asked
-//! afresh. Only an operator deleting limiter keys in Redis by hand is not seen: such a caller
-//! stays refused until its reported Retry-After, as it was told.
+//! afresh. What this cannot see is Redis losing or changing the key behind the gateways' backs
+//! (a restart without persistence, a failover that lost writes, eviction, a quota reset by
+//! hand, a clock step on the Redis host): so Redis is asked again at least every
+//! `MAX_TRUSTED`, and such a caller is refused at most that much longer than Redis would.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -20,11 +22,16 @@ use super::{Decision, LimitCheck};
 
 /// At most this many keys are remembered; beyond it refusals go to Redis each time, as before.
 pub const MAX_REMEMBERED: usize = 100_000;
+/// How long a refusal is answered from memory before Redis is asked again (a caller refused
+/// for an hour costs one round trip per this much per replica, not one per request).
+pub const MAX_TRUSTED: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Copy, Debug)]
 struct Refusal {
     limit: u64,
-    /// The first instant a request under this key may pass.
+    /// Until then requests under this key are refused here; then Redis is asked again.
+    until: Instant,
+    /// The first instant a request under this key may pass (for Retry-After).
     retry_at: Instant,
     /// When the key's budget is whole again.
     reset_at: Instant,
@@ -35,8 +42,9 @@ pub struct Refusals {
     // Keys come from the gateway's own records (subscription, user id); foldhash is seeded per
     // process.
     entries: DashMap<String, Refusal, foldhash::fast::RandomState>,
-    /// Entries held: when 0 (a gateway whose callers stay within their limits) a check is one
-    /// atomic load, no hashing.
+    /// Entries held (never fewer: raised before an insert, lowered after a removal): when 0
+    /// (a gateway whose callers stay within their limits) a check is one atomic load, no
+    /// hashing.
     len: AtomicUsize,
 }
 
@@ -47,13 +55,22 @@ impl Refusals {
         if decision.allowed || decision.retry_after_us == 0 {
             return;
         }
+        let wait = Duration::from_micros(decision.retry_after_us);
+        // Numbers from Redis that no clock can reach are not remembered (no overflow panic).
+        let (Some(retry_at), Some(reset_at)) = (
+            sent.checked_add(wait),
+            sent.checked_add(Duration::from_micros(decision.reset_us)),
+        ) else {
+            return;
+        };
         let refusal = Refusal {
             limit: decision.limit,
-            retry_at: sent + Duration::from_micros(decision.retry_after_us),
-            reset_at: sent + Duration::from_micros(decision.reset_us),
+            until: sent + wait.min(MAX_TRUSTED),
+            retry_at,
+            reset_at,
         };
         if let Some(mut held) = self.entries.get_mut(key) {
-            if refusal.retry_at > held.retry_at {
+            if refusal.until > held.until {
                 *held = refusal;
             }
             return;
@@ -61,15 +78,17 @@ impl Refusals {
         if self.len.load(Ordering::Relaxed) >= MAX_REMEMBERED {
             return;
         }
-        if self.entries.insert(key.to_string(), refusal).is_none() {
-            self.len.fetch_add(1, Ordering::Relaxed);
+        self.len.fetch_add(1, Ordering::Relaxed);
+        if self.entries.insert(key.to_string(), refusal).is_some() {
+            // Another thread inserted it meanwhile: counted once.
+            self.len.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     /// The refusal of a request with these limits at `now`, when one of its keys is still
     /// refusing (the longest wait is reported, as the script does); `None`: ask the store.
     pub fn check(&self, checks: &[LimitCheck], now: Instant) -> Option<Decision> {
-        if self.len.load(Ordering::Relaxed) == 0 {
+        if self.is_empty() {
             return None;
         }
         let mut worst: Option<Refusal> = None;
@@ -77,11 +96,12 @@ impl Refusals {
             let Some(r) = self.entries.get(c.key.as_str()).map(|r| *r) else {
                 continue;
             };
-            if r.retry_at <= now {
-                // Over: forget it, unless a newer refusal replaced it meanwhile.
+            if r.until <= now {
+                // Over, or time to ask Redis again: forget it, unless a newer refusal replaced
+                // it meanwhile.
                 if self
                     .entries
-                    .remove_if(c.key.as_str(), |_, r| r.retry_at <= now)
+                    .remove_if(c.key.as_str(), |_, r| r.until <= now)
                     .is_some()
                 {
                     self.len.fetch_sub(1, Ordering::Relaxed);
@@ -103,10 +123,13 @@ impl Refusals {
 
     /// Drops refusals that are over; returns how many.
     pub fn purge(&self, now: Instant) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|_, r| r.retry_at > now);
-        let removed = before.saturating_sub(self.entries.len());
-        self.len.store(self.entries.len(), Ordering::Relaxed);
+        let mut removed = 0;
+        self.entries.retain(|_, r| {
+            let keep = r.until > now;
+            removed += usize::from(!keep);
+            keep
+        });
+        self.len.fetch_sub(removed, Ordering::Relaxed);
         removed
     }
 
@@ -151,6 +174,38 @@ mod tests {
         // At the instant the wait ends the store decides again, and the entry is gone.
         assert_eq!(r.check(&checks, t0 + ms(400)), None);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_long_wait_is_reported_whole_but_redis_is_asked_again_after_max_trusted() {
+        let r = Refusals::default();
+        let t0 = Instant::now();
+        let checks = [LimitCheck::new("k", 10, 86_400)];
+        r.remember("k", t0, &refused(10, 3_600_000, 7_200_000));
+        let just_before = MAX_TRUSTED - ms(1);
+        let d = r
+            .check(&checks, t0 + just_before)
+            .expect("refused from memory");
+        assert_eq!(
+            Duration::from_micros(d.retry_after_us),
+            Duration::from_secs(3600) - just_before
+        );
+        assert_eq!(
+            r.check(&checks, t0 + MAX_TRUSTED),
+            None,
+            "Redis decides again"
+        );
+        assert!(r.is_empty());
+        // The largest wait Redis could send does not panic (overflow is checked).
+        let huge = Decision {
+            retry_after_us: u64::MAX,
+            reset_us: u64::MAX,
+            ..refused(10, 0, 0)
+        };
+        r.remember("k", t0, &huge);
+        if let Some(d) = r.check(&checks, t0) {
+            assert_eq!(d.retry_after_us, u64::MAX);
+        }
     }
 
     #[test]
@@ -203,6 +258,9 @@ mod tests {
         r.remember("b", t0, &refused(1, 300, 300));
         assert_eq!(r.purge(t0 + ms(200)), 1);
         assert_eq!(r.len(), 1);
+        assert_eq!(r.purge(t0 + ms(300)), 1);
+        assert!(r.is_empty());
+        r.remember("b", t0, &refused(1, 300, 300));
         assert!(
             r.check(&[LimitCheck::new("b", 1, 1)], t0 + ms(200))
                 .is_some()

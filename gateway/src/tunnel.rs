@@ -1,0 +1,256 @@
+//! WebSocket tunnels: once the upstream accepted a checked handshake (proxy.rs), bytes are
+//! copied both ways until either side closes, within bounds, so tunnels cannot pile up:
+//! at most `--max-websockets` at once per gateway (each holds two sockets), closed after the
+//! Api's timeout (at least `MIN_IDLE`) with no byte either way, and closed when the access
+//! token of the handshake expires (the token and limits are checked once, at the handshake, as
+//! Kong and nginx do; expiry bounds how long a revoked token's tunnel lives).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
+// tokio's clock, which tests can pause and advance.
+use tokio::time::Instant;
+
+/// Default for `--max-websockets`.
+pub const MAX_TUNNELS: usize = 10_000;
+/// The shortest idle limit: nginx's `proxy_read_timeout` default. WebSocket clients usually
+/// ping every 20-30 s.
+pub const MIN_IDLE: Duration = Duration::from_secs(60);
+
+/// How long one tunnel may stay quiet, and live at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub idle: Duration,
+    pub lifetime: Duration,
+}
+
+impl Limits {
+    /// For an Api with upstream `timeout` and a token that expires at `expires_at`, at `now`
+    /// (Unix seconds). Pure.
+    pub fn new(timeout: Duration, expires_at: u64, now: u64) -> Limits {
+        Limits {
+            idle: timeout.max(MIN_IDLE),
+            lifetime: Duration::from_secs(expires_at.saturating_sub(now)),
+        }
+    }
+}
+
+/// Waits for both connections to switch, then copies bytes both ways until either side
+/// closes, the tunnel idles for `limits.idle`, or `limits.lifetime` is over. Holds `slot`
+/// (one of `--max-websockets`) until then.
+pub async fn run(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    limits: Limits,
+    slot: OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "a WebSocket handshake did not complete");
+            return;
+        }
+    };
+    let why = pipe(
+        TokioIo::new(client),
+        TokioIo::new(upstream),
+        limits,
+        started,
+    )
+    .await;
+    tracing::debug!(why, lasted = ?started.elapsed(), "WebSocket tunnel ended");
+    drop(slot);
+}
+
+/// Copies both ways between `client` and `upstream` within `limits` counted from `started`;
+/// returns why it stopped.
+async fn pipe<A, B>(client: A, upstream: B, limits: Limits, started: Instant) -> &'static str
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    // Milliseconds after `started` of the last byte read from either side.
+    let last = Arc::new(AtomicU64::new(0));
+    let mut client = Activity::new(client, &last, started);
+    let mut upstream = Activity::new(upstream, &last, started);
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    let ends = started + limits.lifetime;
+    let mut idle_check = started + limits.idle;
+    loop {
+        tokio::select! {
+            copied = &mut copy => match copied {
+                Ok(_) => break "closed",
+                Err(e) => {
+                    tracing::debug!(error = %e, "a WebSocket tunnel failed");
+                    break "failed";
+                }
+            },
+            () = tokio::time::sleep_until(ends) => break "the token expired",
+            () = tokio::time::sleep_until(idle_check) => {
+                let quiet_since = started + Duration::from_millis(last.load(Ordering::Relaxed));
+                let next = quiet_since + limits.idle;
+                if next <= Instant::now() {
+                    break "idle";
+                }
+                idle_check = next;
+            }
+        }
+    }
+}
+
+/// A connection that notes when it last read something.
+struct Activity<T> {
+    io: T,
+    last: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl<T> Activity<T> {
+    fn new(io: T, last: &Arc<AtomicU64>, started: Instant) -> Activity<T> {
+        Activity {
+            io,
+            last: last.clone(),
+            started,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let ms = self.started.elapsed().as_millis() as u64;
+            self.last.store(ms, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_follow_the_api_timeout_and_the_token() {
+        let l = Limits::new(Duration::from_secs(30), 10_003_600, 10_000_000);
+        assert_eq!(l.idle, MIN_IDLE, "never below a minute");
+        assert_eq!(l.lifetime, Duration::from_secs(3600));
+        let l = Limits::new(Duration::from_secs(600), 10, 20);
+        assert_eq!(l.idle, Duration::from_secs(600));
+        assert_eq!(
+            l.lifetime,
+            Duration::ZERO,
+            "an expired token gets no tunnel time"
+        );
+    }
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+    /// A tunnel between two in-memory connections; returns the far ends and the tunnel.
+    fn tunnel(
+        limits: Limits,
+    ) -> (
+        DuplexStream,
+        DuplexStream,
+        tokio::task::JoinHandle<&'static str>,
+    ) {
+        let (client, gw_client) = duplex(1024);
+        let (gw_upstream, upstream) = duplex(1024);
+        let t = tokio::spawn(pipe(gw_client, gw_upstream, limits, Instant::now()));
+        (client, upstream, t)
+    }
+
+    async fn pass(from: &mut DuplexStream, to: &mut DuplexStream, msg: &[u8]) {
+        from.write_all(msg).await.unwrap();
+        let mut got = vec![0; msg.len()];
+        to.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg);
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_tunnel_closes_after_its_idle_limit_and_traffic_keeps_it_open() {
+        let idle = Duration::from_secs(60);
+        let (mut client, mut upstream, t) = tunnel(Limits {
+            idle,
+            lifetime: HOUR,
+        });
+        for _ in 0..5 {
+            // Either direction counts.
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            pass(&mut client, &mut upstream, b"ping").await;
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            pass(&mut upstream, &mut client, b"pong").await;
+        }
+        assert!(!t.is_finished(), "500 s of traffic every 50 s");
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert!(!t.is_finished());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(t.await.unwrap(), "idle");
+        // Both far ends see the tunnel close.
+        assert_eq!(client.read(&mut [0; 8]).await.unwrap(), 0);
+        assert_eq!(upstream.read(&mut [0; 8]).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_ends_with_its_token_however_busy() {
+        let lifetime = Duration::from_secs(90);
+        let (mut client, mut upstream, t) = tunnel(Limits {
+            idle: HOUR,
+            lifetime,
+        });
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            pass(&mut client, &mut upstream, b"data").await;
+        }
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(t.await.unwrap(), "the token expired");
+    }
+
+    #[tokio::test]
+    async fn a_side_that_closes_ends_the_tunnel() {
+        let (mut client, mut upstream, t) = tunnel(Limits {
+            idle: HOUR,
+            lifetime: HOUR,
+        });
+        pass(&mut client, &mut upstream, b"bye").await;
+        drop(client);
+        // The upstream sees the close, and closing its side ends the copy.
+        assert_eq!(upstream.read(&mut [0; 8]).await.unwrap(), 0);
+        drop(upstream);
+        assert_eq!(t.await.unwrap(), "closed");
+    }
+}
