@@ -84,6 +84,11 @@ pub struct Args {
     #[arg(long, env = "GATEHOUSE_MAX_WEBSOCKETS", default_value_t = crate::tunnel::MAX_TUNNELS as u32, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_websockets: u32,
 
+    /// WebSocket connections one caller (a subscription's user, or its application for
+    /// client_credentials tokens) holds open at once on this gateway.
+    #[arg(long, env = "GATEHOUSE_MAX_WEBSOCKETS_PER_CALLER", default_value_t = crate::tunnel::MAX_PER_CALLER as u32, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_websockets_per_caller: u32,
+
     /// Threads serving the public listener, each with its own runtime and SO_REUSEPORT socket
     /// (default: one per CPU).
     #[arg(long, env = "GATEHOUSE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]

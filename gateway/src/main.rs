@@ -94,6 +94,9 @@ async fn main() -> anyhow::Result<()> {
     state.password_min_len = args.password_min_length as usize;
     state.max_signups_per_ip = args.max_signups_per_ip;
     state.websocket_slots = Arc::new(tokio::sync::Semaphore::new(args.max_websockets as usize));
+    state.websocket_callers = Arc::new(gatehouse_gateway::tunnel::PerCaller::new(
+        args.max_websockets_per_caller as usize,
+    ));
     state.sign_in_starts = AddressThrottle::per_minute(args.max_sign_in_starts_per_minute);
     state.trusted_proxies = args.trusted_proxies.clone();
     if args.kube && args.trusted_proxies.is_empty() {

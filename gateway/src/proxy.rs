@@ -173,11 +173,17 @@ async fn forward(
         Some(key) => match req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() {
             Some(client_side) => {
                 // A slot first: no upstream connection for a tunnel that cannot be held.
-                let slot = state
-                    .websocket_slots
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| GatewayError::TooManyWebSockets)?;
+                let caller = format!(
+                    "{}\n{}",
+                    client.cfg.subscription,
+                    record.user_id.as_deref().unwrap_or("-")
+                );
+                let Some(slot) =
+                    tunnel::slot(&state.websocket_slots, &state.websocket_callers, caller)
+                else {
+                    metrics::counter!("gatehouse_websocket_refused_total").increment(1);
+                    return Err(GatewayError::TooManyWebSockets);
+                };
                 Some((key, client_side, slot))
             }
             None => None,

@@ -365,7 +365,7 @@ async fn serve_public(
             }
         });
         // With upgrades: a WebSocket handshake the upstream accepts hands the connection over
-        // to `proxy::tunnel`. Requests without an Upgrade header cost nothing more.
+        // to `tunnel::run`. Requests without an Upgrade header cost nothing more.
         let conn = builder.serve_connection(io, svc).with_upgrades();
         let conn = graceful.watch(conn, |c| c.graceful_shutdown());
         tokio::spawn(async move {

@@ -37,6 +37,8 @@ pub struct AppState {
     pub sign_in_starts: AddressThrottle,
     /// One permit per WebSocket tunnel this process may hold (`--max-websockets`).
     pub websocket_slots: Arc<tokio::sync::Semaphore>,
+    /// Tunnels per caller (`--max-websockets-per-caller`).
+    pub websocket_callers: Arc<crate::tunnel::PerCaller>,
 }
 
 impl AppState {
@@ -54,6 +56,9 @@ impl AppState {
                 crate::oauth::authorize::MAX_SIGN_IN_STARTS_PER_MINUTE,
             ),
             websocket_slots: Arc::new(tokio::sync::Semaphore::new(crate::tunnel::MAX_TUNNELS)),
+            websocket_callers: Arc::new(crate::tunnel::PerCaller::new(
+                crate::tunnel::MAX_PER_CALLER,
+            )),
         }
     }
 

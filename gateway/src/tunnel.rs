@@ -1,9 +1,11 @@
 //! WebSocket tunnels: once the upstream accepted a checked handshake (proxy.rs), bytes are
-//! copied both ways until either side closes, within bounds, so tunnels cannot pile up:
-//! at most `--max-websockets` at once per gateway (each holds two sockets), closed after the
-//! Api's timeout (at least `MIN_IDLE`) with no byte either way, and closed when the access
-//! token of the handshake expires (the token and limits are checked once, at the handshake, as
-//! Kong and nginx do; expiry bounds how long a revoked token's tunnel lives).
+//! copied both ways until both sides close, within bounds, so tunnels cannot pile up: at most
+//! `--max-websockets` at once per gateway (each holds two sockets) and
+//! `--max-websockets-per-caller` per subscription and user (one caller cannot take every
+//! slot), closed after the Api's timeout (at least `MIN_IDLE`) with no byte either way, and
+//! closed when the access token of the handshake expires (the token and limits are checked
+//! once, at the handshake, as Kong and nginx do; expiry bounds how long a revoked token's
+//! tunnel lives).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,6 +22,9 @@ use tokio::time::Instant;
 
 /// Default for `--max-websockets`.
 pub const MAX_TUNNELS: usize = 10_000;
+/// Default for `--max-websockets-per-caller`.
+pub const MAX_PER_CALLER: usize = 100;
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
 /// The shortest idle limit: nginx's `proxy_read_timeout` default. WebSocket clients usually
 /// ping every 20-30 s.
 pub const MIN_IDLE: Duration = Duration::from_secs(60);
@@ -42,15 +47,80 @@ impl Limits {
     }
 }
 
-/// Waits for both connections to switch, then copies bytes both ways until either side
-/// closes, the tunnel idles for `limits.idle`, or `limits.lifetime` is over. Holds `slot`
-/// (one of `--max-websockets`) until then.
-pub async fn run(
-    client: OnUpgrade,
-    upstream: OnUpgrade,
-    limits: Limits,
-    slot: OwnedSemaphorePermit,
-) {
+/// Open tunnels per caller on this replica.
+pub struct PerCaller {
+    open: dashmap::DashMap<String, usize, foldhash::fast::RandomState>,
+    max: usize,
+}
+
+impl PerCaller {
+    pub fn new(max: usize) -> PerCaller {
+        PerCaller {
+            open: Default::default(),
+            max,
+        }
+    }
+
+    /// One more tunnel for `caller`, unless it holds the maximum already.
+    fn take(self: &Arc<Self>, caller: String) -> Option<CallerSlot> {
+        {
+            let mut n = self.open.entry(caller.clone()).or_insert(0);
+            if *n >= self.max {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(CallerSlot {
+            owner: self.clone(),
+            caller,
+        })
+    }
+
+    /// Tunnels `caller` holds.
+    pub fn held(&self, caller: &str) -> usize {
+        self.open.get(caller).map_or(0, |n| *n)
+    }
+}
+
+/// A caller's tunnel, counted until dropped.
+struct CallerSlot {
+    owner: Arc<PerCaller>,
+    caller: String,
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        self.owner.open.remove_if_mut(&self.caller, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
+    }
+}
+
+/// The right to one tunnel: one of the gateway's and one of its caller's.
+pub struct Slot {
+    _gateway: OwnedSemaphorePermit,
+    _caller: CallerSlot,
+}
+
+/// A slot for `caller` (subscription and user), or `None` when the gateway or the caller holds
+/// as many tunnels as it may.
+pub fn slot(
+    gateway: &Arc<tokio::sync::Semaphore>,
+    callers: &Arc<PerCaller>,
+    caller: String,
+) -> Option<Slot> {
+    let gateway = gateway.clone().try_acquire_owned().ok()?;
+    Some(Slot {
+        _gateway: gateway,
+        _caller: callers.take(caller)?,
+    })
+}
+
+/// Waits for both connections to switch, then copies bytes both ways until both sides have
+/// closed, the tunnel idles for `limits.idle`, or `limits.lifetime` is over. Holds `slot`
+/// until then.
+pub async fn run(client: OnUpgrade, upstream: OnUpgrade, limits: Limits, slot: Slot) {
     let started = Instant::now();
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
@@ -59,6 +129,8 @@ pub async fn run(
             return;
         }
     };
+    let open = metrics::gauge!("gatehouse_websocket_tunnels");
+    open.increment(1.0);
     let why = pipe(
         TokioIo::new(client),
         TokioIo::new(upstream),
@@ -66,6 +138,7 @@ pub async fn run(
         started,
     )
     .await;
+    open.decrement(1.0);
     tracing::debug!(why, lasted = ?started.elapsed(), "WebSocket tunnel ended");
     drop(slot);
 }
@@ -83,8 +156,10 @@ where
     let mut upstream = Activity::new(upstream, &last, started);
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
-    let ends = started + limits.lifetime;
-    let mut idle_check = started + limits.idle;
+    // `Instant + Duration` panics past the clock's range: no limit is longer than a century.
+    let idle = limits.idle.min(CENTURY);
+    let ends = started + limits.lifetime.min(CENTURY);
+    let mut idle_check = started + idle;
     loop {
         tokio::select! {
             copied = &mut copy => match copied {
@@ -97,7 +172,7 @@ where
             () = tokio::time::sleep_until(ends) => break "the token expired",
             () = tokio::time::sleep_until(idle_check) => {
                 let quiet_since = started + Duration::from_millis(last.load(Ordering::Relaxed));
-                let next = quiet_since + limits.idle;
+                let next = quiet_since + idle;
                 if next <= Instant::now() {
                     break "idle";
                 }
@@ -238,6 +313,47 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_secs(11)).await;
         assert_eq!(t.await.unwrap(), "the token expired");
+    }
+
+    #[test]
+    fn each_caller_holds_at_most_its_share_of_the_gateways_slots() {
+        let gateway = Arc::new(tokio::sync::Semaphore::new(3));
+        let callers = Arc::new(PerCaller::new(2));
+        let a1 = slot(&gateway, &callers, "s/a".into()).expect("a's first");
+        let a2 = slot(&gateway, &callers, "s/a".into()).expect("a's second");
+        assert!(
+            slot(&gateway, &callers, "s/a".into()).is_none(),
+            "a's third"
+        );
+        assert_eq!(
+            gateway.available_permits(),
+            1,
+            "the refusal took no gateway slot"
+        );
+        let b1 = slot(&gateway, &callers, "s/b".into()).expect("b's first");
+        assert!(
+            slot(&gateway, &callers, "s/c".into()).is_none(),
+            "the gateway is full"
+        );
+        assert_eq!(callers.held("s/c"), 0);
+        drop(a1);
+        assert_eq!(callers.held("s/a"), 1);
+        let a3 = slot(&gateway, &callers, "s/a".into()).expect("a's slot came back");
+        drop((a2, a3, b1));
+        assert_eq!(gateway.available_permits(), 3);
+        assert!(callers.open.is_empty(), "no entry left behind");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limits_beyond_any_clock_do_not_panic() {
+        let forever = Duration::from_secs(u64::MAX);
+        let (mut client, mut upstream, t) = tunnel(Limits {
+            idle: forever,
+            lifetime: forever,
+        });
+        pass(&mut client, &mut upstream, b"x").await;
+        drop((client, upstream));
+        assert_eq!(t.await.unwrap(), "closed");
     }
 
     #[tokio::test]

@@ -23,6 +23,16 @@ use tokio::sync::mpsc;
 
 const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
+/// Sec-WebSocket-Accept for `key` (RFC 6455 4.2.2), computed here, apart from the gateway's.
+fn accept_for(key: &[u8]) -> String {
+    use base64::Engine;
+    use sha1::Digest;
+    let mut sha = sha1::Sha1::new();
+    sha.update(key);
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
 /// What the test upstream saw: each request's path and headers, and how many connections it
 /// accepted.
 struct Seen {
@@ -73,6 +83,7 @@ async fn upstream() -> (SocketAddr, Seen) {
                 } else if asked && path.ends_with("/otherproto") {
                     switch("h2c", ACCEPT)
                 } else if asked {
+                    let key = req.headers()["sec-websocket-key"].as_bytes().to_vec();
                     let switched = hyper::upgrade::on(&mut req);
                     tokio::spawn(async move {
                         let mut io = TokioIo::new(switched.await.unwrap());
@@ -83,7 +94,7 @@ async fn upstream() -> (SocketAddr, Seen) {
                             io.write_all(&buf[..n]).await.unwrap();
                         }
                     });
-                    switch("websocket", ACCEPT)
+                    switch("websocket", &accept_for(&key))
                 } else {
                     reply(200, "plain")
                 };
@@ -179,15 +190,24 @@ async fn a_checked_handshake_becomes_a_tunnel_and_nothing_else_does() {
 
     // With one (1): switched, with the upstream's accept key and the gateway's headers; the
     // client's own identity headers do not pass.
-    let spoof = "Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Authenticated-UserId: admin\r\nX-Api-Plan: gold\r\n";
-    let (mut tunnel, head) = handshake_with(gw, "/mobile/ws", Some(&token), spoof).await;
+    assert_eq!(
+        accept_for(b"dGhlIHNhbXBsZSBub25jZQ=="),
+        ACCEPT,
+        "RFC 6455 1.3"
+    );
+    let key = "x3JJHMbDL1EzLkh9GBhXDw==";
+    let spoof = format!(
+        "Upgrade: websocket\r\nSec-WebSocket-Key: {key}\r\nX-Authenticated-UserId: admin\r\nX-Api-Plan: gold\r\n"
+    );
+    let (mut tunnel, head) = handshake_with(gw, "/mobile/ws", Some(&token), &spoof).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
     assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
-    assert!(head.contains(&format!(
-        "sec-websocket-accept: {}",
-        ACCEPT.to_ascii_lowercase()
-    )));
+    let accept = accept_for(key.as_bytes()).to_ascii_lowercase();
+    assert!(
+        head.contains(&format!("sec-websocket-accept: {accept}")),
+        "{head}"
+    );
     assert!(head.contains("\r\nratelimit-limit: 6\r\n"), "{head}");
     assert!(head.contains("\r\nx-request-id: "), "{head}");
     let (path, headers) = seen.requests.recv().await.unwrap();
@@ -200,7 +220,7 @@ async fn a_checked_handshake_becomes_a_tunnel_and_nothing_else_does() {
     assert!(!headers.contains_key("authorization"), "the token stays");
     assert_eq!(headers["upgrade"], "websocket");
     assert_eq!(headers["connection"], "upgrade");
-    assert_eq!(headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+    assert_eq!(headers["sec-websocket-key"], key);
     assert_eq!(headers["sec-websocket-version"], "13");
     // Bytes both ways, several times, on the switched connection.
     assert_eq!(echo(&mut tunnel, b"hello").await, b"hello");

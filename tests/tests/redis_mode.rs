@@ -425,9 +425,9 @@ async fn a_redis_restarted_while_idle_costs_no_request() {
     );
 }
 
-/// A caller over its limit is refused by the gateway itself until its wait is over, with the
-/// wait Redis reported: its refused requests cost no Redis round trip (no script call), so a
-/// client hammering past its limit does not load Redis.
+/// A caller over its limit is refused by the gateway itself, with the wait Redis reported: its
+/// refused requests cost no Redis round trip (no script call) but one every 5 s, so a client
+/// hammering past its limit does not load Redis.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_caller_over_its_limit_is_refused_without_asking_redis_again() {
     let redis = tokio::task::block_in_place(RedisServer::start);
@@ -462,6 +462,7 @@ async fn a_caller_over_its_limit_is_refused_without_asking_redis_again() {
         assert_eq!(get().await.unwrap().status(), 200);
     }
     // 2 per minute: the next request may pass 30 s after the burst.
+    let hammering = Instant::now();
     let refused = get().await.unwrap();
     assert_eq!(refused.status(), 429);
     let wait = header(&refused, "retry-after");
@@ -485,9 +486,13 @@ async fn a_caller_over_its_limit_is_refused_without_asking_redis_again() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["error"], "rate_limited");
     }
-    assert_eq!(
-        tokio::task::block_in_place(script_calls),
-        calls,
-        "refused requests were asked of Redis again"
+    // Redis is asked again every 5 s (refusals::MAX_TRUSTED): on a slow machine these 20
+    // requests may have taken that long.
+    let allowed_calls = hammering.elapsed().as_secs() / 5;
+    let extra = tokio::task::block_in_place(script_calls) - calls;
+    assert!(
+        extra <= allowed_calls,
+        "refused requests were asked of Redis again: {extra} script calls in {:?}",
+        hammering.elapsed()
     );
 }

@@ -203,9 +203,8 @@ mod tests {
             ..refused(10, 0, 0)
         };
         r.remember("k", t0, &huge);
-        if let Some(d) = r.check(&checks, t0) {
-            assert_eq!(d.retry_after_us, u64::MAX);
-        }
+        let d = r.check(&checks, t0).expect("remembered");
+        assert_eq!(d.retry_after_us, u64::MAX);
     }
 
     #[test]
