@@ -226,7 +226,18 @@ async fn connect(
     Ok(sender)
 }
 
-/// Sends a WebSocket handshake (`headers::wants_websocket`) on a connection of its own. If the
+/// `req` taken apart, with the upstream's own Host unless it names one.
+fn with_host(target: &Target, req: Request<Body>) -> (http::request::Parts, Body) {
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(http::header::HOST) {
+        parts
+            .headers
+            .insert(http::header::HOST, target.host.clone());
+    }
+    (parts, body)
+}
+
+/// Sends a WebSocket handshake (`headers::websocket_handshake`) on a connection of its own. If the
 /// upstream switches protocols, that connection becomes the tunnel (`hyper::upgrade::on` on the
 /// response); if it answers otherwise, the connection is closed after the response, never
 /// pooled: the upstream may still take the rest of the stream as the new protocol.
@@ -235,12 +246,7 @@ pub async fn send_upgrade(
     req: Request<Body>,
     body_idle: Duration,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
-    let (mut parts, body) = req.into_parts();
-    if !parts.headers.contains_key(http::header::HOST) {
-        parts
-            .headers
-            .insert(http::header::HOST, target.host.clone());
-    }
+    let (parts, body) = with_host(target, req);
     let req = Request::from_parts(
         parts,
         Watched {
@@ -278,12 +284,7 @@ pub async fn send(
     body_idle: Duration,
     now: Instant,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
-    let (mut parts, body) = req.into_parts();
-    if !parts.headers.contains_key(http::header::HOST) {
-        parts
-            .headers
-            .insert(http::header::HOST, target.host.clone());
-    }
+    let (parts, body) = with_host(target, req);
     let sent = (!hyper::body::Body::is_end_stream(&body)).then(|| Arc::new(AtomicBool::new(false)));
     let req = Request::from_parts(
         parts,
