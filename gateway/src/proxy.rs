@@ -38,7 +38,7 @@ pub fn peer_header(peer: Option<IpAddr>) -> HeaderValue {
 }
 
 /// Checks and forwards one request from the client at `peer`.
-pub async fn serve(state: &AppState, req: Request, peer: &HeaderValue) -> Response<ProxyBody> {
+pub async fn serve(state: &Arc<AppState>, req: Request, peer: &HeaderValue) -> Response<ProxyBody> {
     let request_id = headers::request_id(req.headers());
     let started = std::time::Instant::now();
     let resp = match forward(state, req, &request_id, peer, started).await {
@@ -49,6 +49,24 @@ pub async fn serve(state: &AppState, req: Request, peer: &HeaderValue) -> Respon
     m.responses[status_class(resp.status())].increment(1);
     m.duration.record(started.elapsed().as_secs_f64());
     resp
+}
+
+/// For an open tunnel: is the token behind `hash` still live (not revoked or expired) and its
+/// subscription still in the configuration for the same Api? A store that cannot answer keeps
+/// the tunnel (requests in flight are not cut for a Redis blip either).
+pub async fn token_still_opens(state: &AppState, hash: &tokens::TokenHash) -> bool {
+    let record = match state.store.get_token(hash).await {
+        Ok(Some(record)) => record,
+        Ok(None) => return false,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot recheck a WebSocket's token; keeping it");
+            return true;
+        }
+    };
+    let snap = state.config.load();
+    snap.client(&record.client_id).is_some_and(|c| {
+        c.cfg.subscription == record.subscription && snap.apis[c.api].cfg.id == record.api
+    })
 }
 
 /// The proxy's request duration histogram and its buckets (seconds).
@@ -84,7 +102,7 @@ fn status_class(s: http::StatusCode) -> usize {
 }
 
 async fn forward(
-    state: &AppState,
+    state: &Arc<AppState>,
     mut req: Request,
     request_id: &HeaderValue,
     peer: &HeaderValue,
@@ -275,11 +293,17 @@ async fn forward(
             return Err(GatewayError::UpstreamUnreachable);
         }
         let limits = tunnel::Limits::new(api.timeout, record.expires_at, unix_now());
+        let state = state.clone();
+        let still_valid = move || {
+            let state = state.clone();
+            async move { token_still_opens(&state, &hash).await }
+        };
         tokio::spawn(tunnel::run(
             client_side,
             hyper::upgrade::on(&mut resp),
             limits,
             slot,
+            still_valid,
         ));
     } else if switched {
         // Nothing asked for it (or the client's connection cannot be handed over).

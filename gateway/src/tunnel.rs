@@ -3,9 +3,9 @@
 //! `--max-websockets` at once per gateway (each holds two sockets) and
 //! `--max-websockets-per-caller` per subscription and user (one caller cannot take every
 //! slot), closed after the Api's timeout (at least `MIN_IDLE`) with no byte either way, and
-//! closed when the access token of the handshake expires (the token and limits are checked
-//! once, at the handshake, as Kong and nginx do; expiry bounds how long a revoked token's
-//! tunnel lives).
+//! closed when the access token of the handshake expires or, checked every `RECHECK`, is
+//! revoked or its subscription removed (the limits are checked once, at the handshake, as Kong
+//! and nginx do).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +24,8 @@ use tokio::time::Instant;
 pub const MAX_TUNNELS: usize = 10_000;
 /// Default for `--max-websockets-per-caller`.
 pub const MAX_PER_CALLER: usize = 100;
+/// How often an open tunnel asks whether its token still opens the Api.
+pub const RECHECK: Duration = Duration::from_secs(30);
 const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
 /// The shortest idle limit: nginx's `proxy_read_timeout` default. WebSocket clients usually
 /// ping every 20-30 s.
@@ -34,6 +36,7 @@ pub const MIN_IDLE: Duration = Duration::from_secs(60);
 pub struct Limits {
     pub idle: Duration,
     pub lifetime: Duration,
+    pub recheck: Duration,
 }
 
 impl Limits {
@@ -43,6 +46,7 @@ impl Limits {
         Limits {
             idle: timeout.max(MIN_IDLE),
             lifetime: Duration::from_secs(expires_at.saturating_sub(now)),
+            recheck: RECHECK,
         }
     }
 }
@@ -118,9 +122,18 @@ pub fn slot(
 }
 
 /// Waits for both connections to switch, then copies bytes both ways until both sides have
-/// closed, the tunnel idles for `limits.idle`, or `limits.lifetime` is over. Holds `slot`
-/// until then.
-pub async fn run(client: OnUpgrade, upstream: OnUpgrade, limits: Limits, slot: Slot) {
+/// closed, the tunnel idles for `limits.idle`, `limits.lifetime` is over, or `still_valid`
+/// (asked every `limits.recheck`) says no. Holds `slot` until then.
+pub async fn run<F, Fut>(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    limits: Limits,
+    slot: Slot,
+    still_valid: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
     let started = Instant::now();
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
@@ -136,6 +149,7 @@ pub async fn run(client: OnUpgrade, upstream: OnUpgrade, limits: Limits, slot: S
         TokioIo::new(upstream),
         limits,
         started,
+        still_valid,
     )
     .await;
     open.decrement(1.0);
@@ -145,10 +159,18 @@ pub async fn run(client: OnUpgrade, upstream: OnUpgrade, limits: Limits, slot: S
 
 /// Copies both ways between `client` and `upstream` within `limits` counted from `started`;
 /// returns why it stopped.
-async fn pipe<A, B>(client: A, upstream: B, limits: Limits, started: Instant) -> &'static str
+async fn pipe<A, B, F, Fut>(
+    client: A,
+    upstream: B,
+    limits: Limits,
+    started: Instant,
+    mut still_valid: F,
+) -> &'static str
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
 {
     // Milliseconds after `started` of the last byte read from either side.
     let last = Arc::new(AtomicU64::new(0));
@@ -160,6 +182,8 @@ where
     let idle = limits.idle.min(CENTURY);
     let ends = started + limits.lifetime.min(CENTURY);
     let mut idle_check = started + idle;
+    let recheck = limits.recheck.min(CENTURY);
+    let mut next_recheck = started + recheck;
     loop {
         tokio::select! {
             copied = &mut copy => match copied {
@@ -177,6 +201,12 @@ where
                     break "idle";
                 }
                 idle_check = next;
+            }
+            () = tokio::time::sleep_until(next_recheck) => {
+                if !still_valid().await {
+                    break "the token no longer opens the Api";
+                }
+                next_recheck += recheck;
             }
         }
     }
@@ -241,6 +271,7 @@ mod tests {
     fn limits_follow_the_api_timeout_and_the_token() {
         let l = Limits::new(Duration::from_secs(30), 10_003_600, 10_000_000);
         assert_eq!(l.idle, MIN_IDLE, "never below a minute");
+        assert_eq!(l.recheck, RECHECK);
         assert_eq!(l.lifetime, Duration::from_secs(3600));
         let l = Limits::new(Duration::from_secs(600), 10, 20);
         assert_eq!(l.idle, Duration::from_secs(600));
@@ -263,7 +294,13 @@ mod tests {
     ) {
         let (client, gw_client) = duplex(1024);
         let (gw_upstream, upstream) = duplex(1024);
-        let t = tokio::spawn(pipe(gw_client, gw_upstream, limits, Instant::now()));
+        let t = tokio::spawn(pipe(
+            gw_client,
+            gw_upstream,
+            limits,
+            Instant::now(),
+            || async { true },
+        ));
         (client, upstream, t)
     }
 
@@ -282,6 +319,7 @@ mod tests {
         let (mut client, mut upstream, t) = tunnel(Limits {
             idle,
             lifetime: HOUR,
+            recheck: HOUR,
         });
         for _ in 0..5 {
             // Either direction counts.
@@ -306,6 +344,7 @@ mod tests {
         let (mut client, mut upstream, t) = tunnel(Limits {
             idle: HOUR,
             lifetime,
+            recheck: HOUR,
         });
         for _ in 0..8 {
             tokio::time::sleep(Duration::from_secs(10)).await;
@@ -350,10 +389,43 @@ mod tests {
         let (mut client, mut upstream, t) = tunnel(Limits {
             idle: forever,
             lifetime: forever,
+            recheck: forever,
         });
         pass(&mut client, &mut upstream, b"x").await;
         drop((client, upstream));
         assert_eq!(t.await.unwrap(), "closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_ends_once_its_token_no_longer_opens_the_api() {
+        let valid = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let asked = Arc::new(AtomicU64::new(0));
+        let (client, gw_client) = duplex(1024);
+        let (gw_upstream, upstream) = duplex(1024);
+        let limits = Limits {
+            idle: HOUR,
+            lifetime: HOUR,
+            recheck: Duration::from_secs(30),
+        };
+        let (v, a) = (valid.clone(), asked.clone());
+        let t = tokio::spawn(pipe(
+            gw_client,
+            gw_upstream,
+            limits,
+            Instant::now(),
+            move || {
+                a.fetch_add(1, Ordering::SeqCst);
+                let ok = v.load(Ordering::SeqCst);
+                async move { ok }
+            },
+        ));
+        tokio::time::sleep(Duration::from_secs(95)).await;
+        assert_eq!(asked.load(Ordering::SeqCst), 3, "asked at 30, 60 and 90 s");
+        assert!(!t.is_finished());
+        valid.store(false, Ordering::SeqCst); // revoked
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(t.await.unwrap(), "the token no longer opens the Api");
+        drop((client, upstream));
     }
 
     #[tokio::test]
@@ -361,6 +433,7 @@ mod tests {
         let (mut client, mut upstream, t) = tunnel(Limits {
             idle: HOUR,
             lifetime: HOUR,
+            recheck: HOUR,
         });
         pass(&mut client, &mut upstream, b"bye").await;
         drop(client);

@@ -362,15 +362,7 @@ async fn revoked_subscription_tokens_stop_working_on_reload() {
         200
     );
     // Remove the subscription from the manifests and reload.
-    let path = h.manifest_dir().join("all.yaml");
-    let yaml = std::fs::read_to_string(&path).unwrap();
-    let cut = yaml
-        .find("kind: Subscription\nmetadata: {name: svc-mobile")
-        .unwrap();
-    let end = cut + yaml[cut..].find("---").unwrap();
-    let start = yaml[..cut].rfind("---").unwrap();
-    std::fs::write(&path, format!("{}{}", &yaml[..start], &yaml[end..])).unwrap();
-    assert!(gatehouse_gateway::source::reload(&h.state, &[h.manifest_dir()]).unwrap());
+    h.remove_subscription("svc-mobile");
     assert_eq!(
         h.call(get("/mobile/x", Some(&token)).body(Body::empty()).unwrap())
             .await

@@ -289,3 +289,32 @@ async fn a_checked_handshake_becomes_a_tunnel_and_nothing_else_does() {
     stop_tx.send(()).unwrap();
     served.await.unwrap().unwrap();
 }
+
+/// What an open tunnel asks every 30 s (`tunnel::RECHECK`): a live token of a subscription
+/// still configured for its Api keeps it; a revoked token, or a removed subscription, ends it.
+#[tokio::test]
+async fn a_tunnel_recheck_sees_revocations_and_removed_subscriptions() {
+    use gatehouse_gateway::proxy::token_still_opens;
+    use gatehouse_gateway::tokens;
+    let h = Harness::new(100).await;
+    let revoked = h.cc_token("svc-mobile", None).await;
+    let kept = h.cc_token("svc-mobile", None).await;
+    assert!(token_still_opens(&h.state, &tokens::hash(&revoked)).await);
+    let resp = h
+        .call(
+            Request::post("/oauth2/revoke")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("authorization", basic("svc-mobile", SECRET))
+                .body(axum::body::Body::from(format!("token={revoked}")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert!(!token_still_opens(&h.state, &tokens::hash(&revoked)).await);
+    assert!(token_still_opens(&h.state, &tokens::hash(&kept)).await);
+    assert!(!token_still_opens(&h.state, &tokens::hash("never-issued")).await);
+
+    // The subscription leaves the manifests: its tokens no longer open the Api.
+    h.remove_subscription("svc-mobile");
+    assert!(!token_still_opens(&h.state, &tokens::hash(&kept)).await);
+}

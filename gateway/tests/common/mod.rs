@@ -174,6 +174,19 @@ impl Harness {
         self.dir.path().join("manifests")
     }
 
+    /// Takes the Subscription `name` out of the manifests and reloads them.
+    pub fn remove_subscription(&self, name: &str) {
+        let path = self.manifest_dir().join("all.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let cut = yaml
+            .find(&format!("kind: Subscription\nmetadata: {{name: {name}"))
+            .unwrap();
+        let end = cut + yaml[cut..].find("---").unwrap();
+        let start = yaml[..cut].rfind("---").unwrap();
+        std::fs::write(&path, format!("{}{}", &yaml[..start], &yaml[end..])).unwrap();
+        assert!(gatehouse_gateway::source::reload(&self.state, &[self.manifest_dir()]).unwrap());
+    }
+
     pub async fn call(&self, req: Request<Body>) -> Response<Body> {
         server::router(self.state.clone())
             .oneshot(req)
