@@ -14,7 +14,7 @@ use crate::headers::{self, Bearer, Forwarded, Identity};
 use crate::ratelimit::{Decision, limit_checks};
 use crate::routing::{self, PathRefusal};
 use crate::state::AppState;
-use crate::store::{TokenKind, unix_now};
+use crate::store::unix_now;
 use crate::tokens;
 use crate::tunnel;
 use crate::upstream::{self, UpstreamBody};
@@ -63,10 +63,7 @@ pub async fn token_still_opens(state: &AppState, hash: &tokens::TokenHash) -> bo
             return true;
         }
     };
-    let snap = state.config.load();
-    snap.client(&record.client_id).is_some_and(|c| {
-        c.cfg.subscription == record.subscription && snap.apis[c.api].cfg.id == record.api
-    })
+    state.config.load().access_client(&record).is_some()
 }
 
 /// The proxy's request duration histogram and its buckets (seconds).
@@ -174,13 +171,8 @@ async fn forward(
     .ok_or(GatewayError::InvalidToken)?;
     // The token must be an access token of a subscription that still exists, for this Api.
     let client = snap
-        .client(&record.client_id)
-        .filter(|c| {
-            record.kind == TokenKind::Access
-                && c.api == api_idx
-                && record.api == api.cfg.id
-                && c.cfg.subscription == record.subscription
-        })
+        .access_client(&record)
+        .filter(|c| c.api == api_idx)
         .ok_or(GatewayError::InvalidToken)?;
 
     // A WebSocket handshake, checked like any request: its connection becomes a tunnel to the

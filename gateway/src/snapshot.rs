@@ -8,6 +8,7 @@ use gatehouse_crds::{ApiConfig, ClientConfig, GatewayConfig, PlanConfig};
 use http::HeaderValue;
 use http::uri::Uri;
 
+use crate::store::{TokenKind, TokenRecord};
 use crate::upstream::Target;
 
 pub struct ApiRuntime {
@@ -147,6 +148,17 @@ impl Snapshot {
         self.clients.get(client_id)
     }
 
+    /// The subscription an access token opens its Api through, while the configuration still
+    /// has it for that Api (a removed or re-pointed subscription's tokens open nothing). The
+    /// proxy asks this per request, an open WebSocket tunnel every 30 s.
+    pub fn access_client(&self, record: &TokenRecord) -> Option<&ClientRuntime> {
+        self.client(&record.client_id).filter(|c| {
+            record.kind == TokenKind::Access
+                && c.cfg.subscription == record.subscription
+                && self.apis[c.api].cfg.id == record.api
+        })
+    }
+
     pub fn hash(&self) -> &str {
         &self.config.hash
     }
@@ -207,6 +219,46 @@ mod tests {
             apis: vec![api("demo/good", "/good", "http://backend:8080/v1")],
             plans: vec![basic_plan()],
             clients: vec![client(client_id, "demo/good", "demo/basic", "demo/app")],
+        }
+    }
+
+    #[test]
+    fn an_access_token_opens_only_through_its_own_subscription_and_api() {
+        let (snap, _) = Snapshot::build(one_client_config("h", "ok"));
+        let token = TokenRecord {
+            kind: TokenKind::Access,
+            client_id: "ok".into(),
+            subscription: "demo/ok".into(),
+            api: "demo/good".into(),
+            user_id: None,
+            scope: String::new(),
+            grant_id: "g".into(),
+            issued_at: 0,
+            expires_at: u64::MAX,
+        };
+        assert!(snap.access_client(&token).is_some_and(|c| c.api == 0));
+        let refused = [
+            TokenRecord {
+                kind: TokenKind::Refresh,
+                ..token.clone()
+            },
+            // A subscription deleted and created again under the same client id.
+            TokenRecord {
+                subscription: "demo/other".into(),
+                ..token.clone()
+            },
+            // The subscription now points at another Api.
+            TokenRecord {
+                api: "demo/old".into(),
+                ..token.clone()
+            },
+            TokenRecord {
+                client_id: "gone".into(),
+                ..token.clone()
+            },
+        ];
+        for r in refused {
+            assert!(snap.access_client(&r).is_none(), "{r:?}");
         }
     }
 
