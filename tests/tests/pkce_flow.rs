@@ -1146,6 +1146,10 @@ async fn authorization_requests_are_validated() {
         vec![("redirect_uri", Some("myapp://callback/"))],
         vec![("redirect_uri", Some("http://127.0.0.1:5555/other"))],
         vec![("redirect_uri", Some("http://localhost:5555/callback"))],
+        // loopback spellings a URL parser would normalize to the registered one
+        vec![("redirect_uri", Some("http://127.0.0.1:5555/./callback"))],
+        vec![("redirect_uri", Some("http://127.0.0.1:5555/x/../callback"))],
+        vec![("redirect_uri", Some("http://127.1:5555/callback"))],
         // even with other errors that would otherwise be redirected
         vec![
             ("redirect_uri", Some("https://attacker.example/cb")),

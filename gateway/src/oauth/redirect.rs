@@ -3,14 +3,24 @@
 
 use url::Url;
 
-fn loopback_without_port(u: &Url) -> Option<Url> {
-    let is_loopback_ip = matches!(u.host_str(), Some("127.0.0.1") | Some("[::1]"));
-    if u.scheme() != "http" || !is_loopback_ip {
-        return None;
-    }
-    let mut u = u.clone();
-    u.set_port(None).ok()?;
-    Some(u)
+/// A loopback redirect URI split around its port: (scheme and IP literal, the rest), the port
+/// itself (digits, at most 65535) dropped. Textual, like the exact match: a URL parser would
+/// resolve dot segments, drop tabs and rewrite hosts such as `127.1`, so that spellings nobody
+/// registered would match (RFC 9700 2.1 asks for exact comparison; only the port may vary).
+fn loopback_parts(uri: &str) -> Option<(&'static str, &str)> {
+    let (ip, after) = ["http://127.0.0.1", "http://[::1]"]
+        .into_iter()
+        .find_map(|ip| uri.strip_prefix(ip).map(|after| (ip, after)))?;
+    let rest = match after.strip_prefix(':') {
+        Some(port) => {
+            let digits = port.bytes().take_while(u8::is_ascii_digit).count();
+            port[..digits].parse::<u16>().ok()?;
+            &port[digits..]
+        }
+        None => after,
+    };
+    // The authority ends here; anything else (`127.0.0.1.example.com`) is another host.
+    matches!(rest.bytes().next(), None | Some(b'/' | b'?' | b'#')).then_some((ip, rest))
 }
 
 /// Is `requested` one of the `registered` redirect URIs?
@@ -18,20 +28,14 @@ pub fn matches(registered: &[String], requested: &str) -> bool {
     if registered.iter().any(|r| r == requested) {
         return true;
     }
-    let Some(req) = Url::parse(requested)
-        .ok()
-        .and_then(|u| loopback_without_port(&u))
-    else {
+    // The requested URI, port removed, must equal a registered loopback URI with its port
+    // removed, character for character: no prefix, pattern or normalization.
+    let Some(req) = loopback_parts(requested) else {
         return false;
     };
-    // The requested URI, port removed, must equal a registered loopback URI with its port removed
-    // and be otherwise identical (path, query) - no prefix or pattern matching.
-    registered.iter().any(|r| {
-        Url::parse(r)
-            .ok()
-            .and_then(|u| loopback_without_port(&u))
-            .is_some_and(|u| u == req)
-    })
+    registered
+        .iter()
+        .any(|r| loopback_parts(r).is_some_and(|reg| reg == req))
 }
 
 /// `redirect_uri` with the response parameters appended to its query.
@@ -108,6 +112,33 @@ mod tests {
         assert!(!matches(&reg(), "https://127.0.0.1:51234/callback"));
         assert!(!matches(&reg(), "http://localhost:51234/callback"));
         assert!(!matches(&reg(), "http://127.0.0.2:51234/callback"));
+        assert!(matches(&reg(), "http://127.0.0.1:65535/callback"));
+        assert!(matches(&reg(), "http://[::1]/cb"));
+    }
+
+    #[test]
+    fn loopback_spellings_a_parser_would_normalize_do_not_match() {
+        for bad in [
+            "http://127.0.0.1:5/./callback",
+            "http://127.0.0.1:5/x/../callback",
+            "http://127.0.0.1:5/%2e/callback",
+            "http://127.0.0.1:5/call\tback",
+            "http://127.0.0.1:5/call\nback",
+            "http://127.0.0.1:5\\callback",
+            "http://127.1:5/callback",
+            "http://0x7f.1:5/callback",
+            "HTTP://127.0.0.1:5/callback",
+            "http://127.0.0.1:/callback",
+            "http://127.0.0.1:65536/callback",
+            "http://127.0.0.1:+5/callback",
+            "http://127.0.0.1.example.com/callback",
+            "http://127.0.0.1:5.example.com/callback",
+            "http://127.0.0.1:5@evil.example/callback",
+            "http://[::1]:5/cb/",
+            "http://[0:0:0:0:0:0:0:1]:5/cb",
+        ] {
+            assert!(!matches(&reg(), &bad), "{bad:?}");
+        }
     }
 
     #[test]
