@@ -365,3 +365,90 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
     let resp = h.call(token_request(&body, None)).await;
     assert_eq!(json(resp).await["error"], "invalid_grant", "single use");
 }
+
+/// A refresh token or code in its last 2 s is refused as expired before anything is issued or
+/// spent. It is spent only after the new pair is stored, and one that expired meanwhile would
+/// be gone from the store: that read as reuse and revoked the family of a legitimate client.
+#[tokio::test]
+async fn a_refresh_token_or_code_about_to_expire_is_refused_and_revokes_nothing() {
+    use gatehouse_gateway::oauth::authorize::{CodeRecord, code_key};
+    use gatehouse_gateway::store::{TokenKind, TokenRecord};
+
+    let h = Harness::new(100).await;
+    let store = h.state.store.clone();
+    let now = gatehouse_gateway::store::unix_now();
+    let record = |kind, expires_at| TokenRecord {
+        kind,
+        client_id: "app-mobile".into(),
+        subscription: "t/app-mobile".into(),
+        api: "t/mobile".into(),
+        user_id: Some("u-1".into()),
+        scope: "profile".into(),
+        grant_id: "g-1".into(),
+        issued_at: now,
+        expires_at,
+    };
+    let (access, refresh) = (
+        gatehouse_gateway::tokens::generate(),
+        gatehouse_gateway::tokens::generate(),
+    );
+    let hash = gatehouse_gateway::tokens::hash;
+    store
+        .put_token(hash(&access), record(TokenKind::Access, now + 3600))
+        .await
+        .unwrap();
+    store
+        .put_token(hash(&refresh), record(TokenKind::Refresh, now + 1))
+        .await
+        .unwrap();
+    let body = format!("grant_type=refresh_token&client_id=app-mobile&refresh_token={refresh}");
+    let resp = h.call(token_request(&body, None)).await;
+    assert_eq!(resp.status(), 400);
+    let v = json(resp).await;
+    assert_eq!(v["error"], "invalid_grant");
+    assert!(
+        v["error_description"].as_str().unwrap().contains("expired"),
+        "{v}"
+    );
+    assert!(
+        store.get_token(&hash(&access)).await.unwrap().is_some(),
+        "the family was not revoked"
+    );
+
+    let user = gatehouse_gateway::accounts::create(&*store, "d@example.com", "x".into())
+        .await
+        .unwrap()
+        .unwrap();
+    let (code, verifier) = (gatehouse_gateway::tokens::generate(), "v".repeat(43));
+    let challenge = {
+        use base64::Engine;
+        use sha2::Digest;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(&verifier))
+    };
+    let code_record = CodeRecord {
+        client_id: "app-mobile".into(),
+        redirect_uri: "myapp://cb".into(),
+        redirect_uri_sent: true,
+        code_challenge: challenge,
+        user_id: user.id,
+        scope: "profile".into(),
+        grant_id: "g-2".into(),
+        expires_at: now + 1,
+        subscription: "t/app-mobile".into(),
+        api: "t/mobile".into(),
+    };
+    gatehouse_gateway::store::kv::put(&*store, &code_key(&code), &code_record, 60)
+        .await
+        .unwrap();
+    let body = format!(
+        "grant_type=authorization_code&client_id=app-mobile&redirect_uri=myapp%3A%2F%2Fcb&code={code}&code_verifier={verifier}"
+    );
+    let resp = h.call(token_request(&body, None)).await;
+    assert_eq!(resp.status(), 400);
+    let v = json(resp).await;
+    assert_eq!(v["error"], "invalid_grant");
+    assert!(
+        v["error_description"].as_str().unwrap().contains("expired"),
+        "{v}"
+    );
+}

@@ -281,7 +281,7 @@ async fn authorization_code(
     };
     // Checked before the code is spent: a request with another client's id or a wrong verifier
     // (anyone who saw the code in a URL could send one) must not burn it for its owner.
-    if record.expires_at <= unix_now() {
+    if about_to_expire(record.expires_at) {
         return Err(invalid_grant("the authorization code has expired"));
     }
     if !tokens::constant_time_eq(record.client_id.as_bytes(), client.cfg.client_id.as_bytes()) {
@@ -359,6 +359,15 @@ async fn authorization_code(
         Err(e) => Err(e),
     };
     answer_once(state, pair, spent, &record.grant_id, replayed).await
+}
+
+/// Seconds a code or refresh token must have left to be redeemed. It is spent only after the
+/// new pair is stored (`answer_once`); one that expired meanwhile is gone from the store, which
+/// would read as a replay and revoke the family of a legitimate client.
+const SPEND_MARGIN_SECONDS: u64 = 2;
+
+fn about_to_expire(expires_at: u64) -> bool {
+    expires_at <= unix_now().saturating_add(SPEND_MARGIN_SECONDS)
 }
 
 /// Answers a code exchange or refresh whose new `pair` is stored, once the presented code or
@@ -481,6 +490,9 @@ async fn refresh_token(
             );
         }
     };
+    if about_to_expire(record.expires_at) {
+        return Err(invalid_grant("the refresh token has expired"));
+    }
     if record.client_id != client.cfg.client_id {
         return Err(invalid_grant(
             "the refresh token was issued to another client",
