@@ -148,15 +148,20 @@ impl Snapshot {
         self.clients.get(client_id)
     }
 
-    /// The subscription an access token opens its Api through, while the configuration still
-    /// has it for that Api (a removed or re-pointed subscription's tokens open nothing). The
-    /// proxy asks this per request, an open WebSocket tunnel every 30 s.
-    pub fn access_client(&self, record: &TokenRecord) -> Option<&ClientRuntime> {
+    /// The subscription a token was issued through, while the configuration still has it for
+    /// the token's Api: a removed or re-pointed subscription's tokens are dead (introspection
+    /// says inactive, refresh refuses them).
+    pub fn token_client(&self, record: &TokenRecord) -> Option<&ClientRuntime> {
         self.client(&record.client_id).filter(|c| {
-            record.kind == TokenKind::Access
-                && c.cfg.subscription == record.subscription
-                && self.apis[c.api].cfg.id == record.api
+            c.cfg.subscription == record.subscription && self.apis[c.api].cfg.id == record.api
         })
+    }
+
+    /// `token_client` for access tokens: the subscription an access token opens its Api
+    /// through. The proxy asks this per request, an open WebSocket tunnel every 30 s.
+    pub fn access_client(&self, record: &TokenRecord) -> Option<&ClientRuntime> {
+        self.token_client(record)
+            .filter(|_| record.kind == TokenKind::Access)
     }
 
     pub fn hash(&self) -> &str {
@@ -257,8 +262,13 @@ mod tests {
                 ..token.clone()
             },
         ];
+        let refresh = refused[0].clone();
+        assert!(snap.token_client(&refresh).is_some(), "any kind");
         for r in refused {
             assert!(snap.access_client(&r).is_none(), "{r:?}");
+            if r.kind == TokenKind::Access {
+                assert!(snap.token_client(&r).is_none(), "{r:?}");
+            }
         }
     }
 

@@ -64,11 +64,9 @@ async fn introspect(
     let Some(record) = record else {
         return Ok(inactive);
     };
-    // Only tokens of the caller's own API, and of a subscription that still exists.
-    let owner = snap.client(&record.client_id);
-    if record.api != client.cfg.api
-        || owner.is_none_or(|o| o.cfg.subscription != record.subscription)
-    {
+    // Only tokens of the caller's own API, of a subscription still configured for that API
+    // (the proxy and refresh refuse the others, so they are not active).
+    if record.api != client.cfg.api || snap.token_client(&record).is_none() {
         return Ok(inactive);
     }
     let mut v = json!({
