@@ -1815,6 +1815,53 @@ async fn behind_a_trusted_proxy_failed_logins_count_per_forwarded_client() {
     );
 }
 
+/// An address over its failure limit is refused before any account is counted, so a script
+/// cannot park a 15-minute counter per made-up email at full speed (no Argon2 runs for it).
+/// Redis mode, where the counters can be listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_throttled_address_counts_no_accounts() {
+    let redis = tokio::task::block_in_place(gatehouse_tests::redis::RedisServer::start);
+    let url = redis.url();
+    let env = env_with(&["--trusted-proxies", "127.0.0.0/8", "--redis", &url]).await;
+    let account_counters = || -> Vec<String> {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "--scan", "--pattern"])
+            .arg("*throttle:login:acct:*")
+            .output()
+            .expect("redis-cli");
+        let mut keys: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    };
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let mut attacker = Browser::behind_proxy_as(&env, "203.0.113.66");
+    let mut page = open_login(&mut attacker, &phone.authorize(&[PROFILE])).await;
+    for i in 0..20 {
+        let email = format!("guess{}@example.com", i % 5);
+        let r = log_in(&mut attacker, &page, &email, OTHER_PASSWORD).await;
+        page = attacker.follow(&r).await;
+        assert_eq!(page.alert().as_deref(), Some(BAD_CREDENTIALS), "{i}");
+    }
+    let counted = account_counters();
+    assert_eq!(counted.len(), 5, "{counted:?}");
+    for i in 0..10 {
+        let r = log_in(
+            &mut attacker,
+            &page,
+            &format!("new{i}@example.com"),
+            OTHER_PASSWORD,
+        )
+        .await;
+        page = attacker.follow(&r).await;
+        let alert = page.alert().unwrap_or_default();
+        assert!(alert.starts_with(THROTTLED), "{alert}");
+    }
+    assert_eq!(account_counters(), counted);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_address_cannot_park_sign_in_requests_without_limit() {
     let env = env_with(&[

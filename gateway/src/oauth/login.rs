@@ -195,33 +195,39 @@ async fn throttled(state: &AppState, email: &str, ip: &str) -> bool {
 /// Counts a password attempt as failed before it is verified; false (nothing kept) when the
 /// account or the address has no attempts left, or the store cannot count. Checking first and
 /// counting after the slow verification let parallel guesses all pass a check made before any
-/// of them was counted. A correct password takes its count back (`attempt_succeeded`). While
+/// of them was counted. A correct password takes its count back (`give_back_attempt`). While
 /// it is checked an attempt counts against the address too: at most 20 attempts per address are
-/// failed or under way in a window.
+/// failed or under way in a window. The address is counted first: one over its limit touches
+/// no account counter, so it cannot park a 15-minute key per made-up email at full speed.
 async fn reserve_attempt(state: &AppState, email: &str, ip: &str) -> bool {
     let (acct, by_ip) = (acct_key(email), ip_key(ip));
     let store = &state.store;
-    let a = store.counter_incr(&acct, THROTTLE_WINDOW_SECS).await;
-    let b = store.counter_incr(&by_ip, THROTTLE_WINDOW_SECS).await;
-    let allowed = matches!(a, Ok(n) if n <= MAX_FAILURES_PER_ACCOUNT)
-        && matches!(b, Ok(n) if n <= MAX_FAILURES_PER_IP);
-    if !allowed {
-        // A refused attempt is not a failure: take back what was counted.
-        if a.is_ok() {
-            let _ = store.counter_decr(&acct).await;
-        }
-        if b.is_ok() {
+    // A refused attempt is not a failure: what was counted is taken back.
+    match store.counter_incr(&by_ip, THROTTLE_WINDOW_SECS).await {
+        Ok(n) if n <= MAX_FAILURES_PER_IP => {}
+        Ok(_) => {
             let _ = store.counter_decr(&by_ip).await;
+            return false;
         }
+        Err(_) => return false,
     }
-    allowed
+    let a = store.counter_incr(&acct, THROTTLE_WINDOW_SECS).await;
+    if matches!(a, Ok(n) if n <= MAX_FAILURES_PER_ACCOUNT) {
+        return true;
+    }
+    if a.is_ok() {
+        let _ = store.counter_decr(&acct).await;
+    }
+    let _ = store.counter_decr(&by_ip).await;
+    false
 }
 
 fn attempt_failed() {
     metrics::counter!("gatehouse_login_failures_total").increment(1);
 }
 
-async fn attempt_succeeded(state: &AppState, email: &str, ip: &str) {
+/// Takes back a reserved attempt's counts: the password was correct, or it was never checked.
+async fn give_back_attempt(state: &AppState, email: &str, ip: &str) {
     let _ = state.store.counter_decr(&acct_key(email)).await;
     let _ = state.store.counter_decr(&ip_key(ip)).await;
 }
@@ -304,20 +310,25 @@ pub async fn login_post(
         Ok(p) => p,
         Err(r) => return r,
     };
-    let user = match accounts::find_by_email(&*state.store, &email).await {
-        Ok(u) => u,
-        Err(e) => return store_error_page(e),
-    };
+    // Looked up only for an attempt that goes on to Argon2: a refused one answers at once, and
+    // a lookup before it would time whether the email has an account.
     if !reserve_attempt(&state, &email, &ip).await {
         authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
         return see_other(&back);
     }
+    let user = match accounts::find_by_email(&*state.store, &email).await {
+        Ok(u) => u,
+        Err(e) => {
+            give_back_attempt(&state, &email, &ip).await;
+            return store_error_page(e);
+        }
+    };
     if !verify(pw, user.as_ref().map(|u| u.password_hash.clone())).await {
         attempt_failed();
         authorize::flash(&state, &sid, &mut sess, BAD_CREDENTIALS, Some(&email)).await;
         return see_other(&back);
     }
-    attempt_succeeded(&state, &email, &ip).await;
+    give_back_attempt(&state, &email, &ip).await;
     let user = user.expect("verified implies a user");
     metrics::counter!("gatehouse_logins_total").increment(1);
     signed_in(&state, &sid, &req, &user.id).await
@@ -398,7 +409,7 @@ pub async fn signup_post(
             if verify(pw, existing.as_ref().map(|u| u.password_hash.clone())).await
                 && let Some(user) = existing
             {
-                attempt_succeeded(&state, &email, &ip).await;
+                give_back_attempt(&state, &email, &ip).await;
                 return signed_in(&state, &sid, &req, &user.id).await;
             }
             attempt_failed();
