@@ -53,6 +53,8 @@ pub fn is_hop_by_hop(name: &str) -> bool {
             | "trailer"
             | "transfer-encoding"
             | "upgrade"
+            // Not standard, but sent by old clients; RFC 9110 7.6.1 asks intermediaries to drop it.
+            | "proxy-connection"
     )
 }
 
@@ -75,6 +77,20 @@ fn is_forwarding(name: &str) -> bool {
             | "x-forwarded-server"
             | "x-forwarded-uri"
             | "x-real-ip"
+            // Client address as other proxies and CDNs name it.
+            | "true-client-ip"
+            | "x-client-ip"
+            | "client-ip"
+            | "x-cluster-client-ip"
+            | "cf-connecting-ip"
+            | "fastly-client-ip"
+            // Scheme as frameworks read it besides X-Forwarded-Proto (Rack reads X-Forwarded-Ssl
+            // first): a client's `on` would make the upstream believe in https.
+            | "x-forwarded-ssl"
+            | "x-forwarded-scheme"
+            | "x-forwarded-protocol"
+            | "x-url-scheme"
+            | "front-end-https"
             // Some frameworks and IIS route by these instead of the request line.
             | "x-original-url"
             | "x-original-uri"
@@ -112,7 +128,17 @@ fn remove_where(headers: &mut HeaderMap, mut drop: impl FnMut(&str) -> bool) {
     for value in headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
         for token in value.split(',') {
-            if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+            // Only names present, once each: a Connection header of thousands of tokens costs
+            // a lookup each, not an allocation and a removal each.
+            let token = token.trim();
+            if !headers.contains_key(token)
+                || doomed
+                    .iter()
+                    .any(|d| d.as_str().eq_ignore_ascii_case(token))
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
                 doomed.push(name);
             }
         }
@@ -615,6 +641,7 @@ mod tests {
             "trailer",
             "transfer-encoding",
             "upgrade",
+            "proxy-connection",
         ];
         let mut h = HeaderMap::new();
         for n in names {
@@ -636,6 +663,29 @@ mod tests {
     }
 
     #[test]
+    fn a_long_connection_header_removes_each_named_header_once() {
+        let mut tokens = vec!["a"; 20_000];
+        tokens.extend([
+            "X-Other",
+            "x-other",
+            "X-OTHER",
+            "not a name",
+            "content-type",
+        ]);
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, hv(&tokens.join(",")));
+        h.insert("x-other", hv("1"));
+        h.insert("content-type", hv("text/plain"));
+        h.insert("x-kept", hv("1"));
+        let mut req = h.clone();
+        rewrite_response(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+        rewrite_without_user(&mut req, "10.0.0.2");
+        assert!(req.contains_key("x-kept"));
+        assert!(!req.contains_key("x-other") && !req.contains_key("content-type"));
+    }
+
+    #[test]
     fn clients_cannot_set_forwarding_or_underscored_identity_headers() {
         let mut h = HeaderMap::new();
         for n in [
@@ -648,6 +698,18 @@ mod tests {
             "x-original-uri",
             "x-rewrite-url",
             "x-forwarded-uri",
+            "true-client-ip",
+            "x-client-ip",
+            "client-ip",
+            "x-cluster-client-ip",
+            "cf-connecting-ip",
+            "fastly-client-ip",
+            "x-forwarded-ssl",
+            "x-forwarded-scheme",
+            "x-forwarded-protocol",
+            "x-url-scheme",
+            "front-end-https",
+            "x_forwarded_ssl",
             "x_authenticated_userid",
             "x_client_id",
             "x_forwarded_host",

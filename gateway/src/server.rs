@@ -148,9 +148,15 @@ fn http1_builder(client_timeout: Duration) -> hyper::server::conn::http1::Builde
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(client_timeout);
+        .header_read_timeout(client_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD_BYTES);
     builder
 }
+
+/// Request line plus headers: larger gets 431 (hyper checks between reads, so up to about twice
+/// this may pass). hyper's default (about 400 KB) let one request make the header rewrite walk
+/// 200,000 Connection tokens; nginx allows 32 KB.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
 
 /// The next connection, or None once `stop` fired.
 async fn accept(

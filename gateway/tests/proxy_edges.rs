@@ -357,3 +357,46 @@ async fn a_proxied_body_that_stalls_gets_408() {
     stop_tx.send(()).unwrap();
     served.await.unwrap().unwrap();
 }
+
+/// A request head well over 64 KiB gets 431 (hyper's default allowed about 400 KB; it checks
+/// the limit between reads, so a head up to about twice it may pass). One under it, with a
+/// Connection header of 30,000 tokens, is proxied without the header it names.
+#[tokio::test]
+async fn a_request_head_far_over_64_kib_gets_431() {
+    use gatehouse_gateway::server::{MAX_REQUEST_HEAD_BYTES, Public, bind_workers, serve_workers};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::new(100).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = listeners[0].local_addr().unwrap();
+    let app = Public::new(h.state.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(serve_workers(listeners, app, async move {
+        let _ = stop_rx.await;
+    }));
+    let answer = |tokens: usize| {
+        let head = format!(
+            "GET /mobile/hello HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\nConnection: {}x-other\r\nX-Other: 1\r\n\r\n",
+            "a,".repeat(tokens)
+        );
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            (head.len(), String::from_utf8_lossy(&buf[..n]).into_owned())
+        }
+    };
+    let (len, text) = answer(30_000).await;
+    assert!(len < MAX_REQUEST_HEAD_BYTES, "{len}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.to_ascii_lowercase().contains("x-other"), "{text}");
+    let (len, text) = answer(100_000).await;
+    assert!(len > 3 * MAX_REQUEST_HEAD_BYTES, "{len}");
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    stop_tx.send(()).unwrap();
+    served.await.unwrap().unwrap();
+}
