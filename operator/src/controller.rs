@@ -14,7 +14,6 @@ use gatehouse_crds::publish::{self, CONFIG_KEY, HASH_ANNOTATION};
 use gatehouse_crds::{Api as GhApi, Application, Kind, Plan as GhPlan, Resources, Subscription};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube_client::api::{Api, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube_client::runtime::reflector::{self, Store};
 use kube_client::runtime::watcher;
@@ -36,6 +35,77 @@ pub struct Options {
 }
 
 pub const FIELD_MANAGER: &str = "gatehouse-operator";
+
+/// One Api per watched namespace, or one for all of them.
+fn apis_of<K>(client: &Client, namespaces: &[String]) -> Vec<Api<K>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    if namespaces.is_empty() {
+        vec![Api::all(client.clone())]
+    } else {
+        namespaces
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect()
+    }
+}
+
+/// Runs a reflector's stream: every event triggers a pass; errors are retried after 1 s.
+fn drive<S, T, E>(stream: S, trigger: Arc<Notify>, kind: String)
+where
+    S: futures_util::Stream<Item = Result<T, E>> + Send + 'static,
+    T: Send,
+    E: std::fmt::Display + Send,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => trigger.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = %kind, "watch error (retrying)");
+                    metrics::counter!("gatehouse_operator_watch_errors_total").increment(1);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+}
+
+impl Watched<PartialObjectMeta<Secret>> {
+    /// Secrets' metadata (kube asks the API server for PartialObjectMetadata: no data on the
+    /// wire), kept without annotations and managedFields: kubectl's last-applied-configuration
+    /// annotation holds a whole Secret, data included.
+    fn start_metadata(
+        client: &Client,
+        namespaces: &[String],
+        trigger: Arc<Notify>,
+        config: watcher::Config,
+    ) -> Self {
+        use kube_client::runtime::WatchStreamExt;
+        let mut stores = Vec::new();
+        for api in apis_of::<PartialObjectMeta<Secret>>(client, namespaces) {
+            let (reader, writer) = reflector::store::<PartialObjectMeta<Secret>>();
+            let stream = watcher(api, config.clone()).modify(strip_secret_metadata);
+            drive(
+                reflector::reflector(writer, stream),
+                trigger.clone(),
+                "Secret".to_string(),
+            );
+            stores.push(reader);
+        }
+        Watched { stores }
+    }
+}
+
+/// What the operator keeps of a Secret it watches: name, namespace, resourceVersion, labels,
+/// owners; not annotations or managedFields, where copies of the data can live.
+fn strip_secret_metadata(m: &mut PartialObjectMeta<Secret>) {
+    m.metadata.annotations = None;
+    m.metadata.managed_fields = None;
+}
 
 /// Watches of one kind across the configured namespaces.
 struct Watched<K: Resource + Clone + 'static>
@@ -59,32 +129,15 @@ where
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
     {
-        let apis: Vec<Api<K>> = if namespaces.is_empty() {
-            vec![Api::all(client.clone())]
-        } else {
-            namespaces
-                .iter()
-                .map(|ns| Api::namespaced(client.clone(), ns))
-                .collect()
-        };
         let mut stores = Vec::new();
-        for api in apis {
+        for api in apis_of::<K>(client, namespaces) {
             let (reader, writer) = reflector::store::<K>();
-            let trigger = trigger.clone();
             let stream = reflector::reflector(writer, watcher(api, config.clone()));
-            tokio::spawn(async move {
-                let mut stream = std::pin::pin!(stream);
-                while let Some(ev) = stream.next().await {
-                    match ev {
-                        Ok(_) => trigger.notify_one(),
-                        Err(e) => {
-                            tracing::warn!(error = %e, kind = %K::kind(&Default::default()), "watch error (retrying)");
-                            metrics::counter!("gatehouse_operator_watch_errors_total").increment(1);
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    }
-                }
-            });
+            drive(
+                stream,
+                trigger.clone(),
+                K::kind(&Default::default()).to_string(),
+            );
             stores.push(reader);
         }
         Watched { stores }
@@ -108,11 +161,6 @@ where
 struct OsRandom;
 
 impl Generator for OsRandom {
-    fn suffix(&mut self) -> String {
-        let mut b = [0u8; 4];
-        rand::rng().fill_bytes(&mut b);
-        hex::encode(b)
-    }
     fn secret(&mut self) -> String {
         let mut b = [0u8; 32];
         rand::rng().fill_bytes(&mut b);
@@ -146,7 +194,7 @@ impl Controller {
             subscriptions: Watched::start(&client, &ns, trigger.clone(), Default::default()),
             // Client secrets are Opaque (the default type): service-account tokens, TLS keys,
             // Helm release records and the like are neither read into memory nor reconciled on.
-            secrets: Watched::start(
+            secrets: Watched::start_metadata(
                 &client,
                 &ns,
                 trigger.clone(),
@@ -291,25 +339,55 @@ impl Controller {
         // A Secret that cannot be created (a name too long, a quota, a policy, a namespace being
         // deleted) keeps its subscription out of this pass, never the whole configuration: the
         // others' changes (revocations among them) still reach the gateways.
-        let mut failed: std::collections::BTreeSet<String> = Default::default();
+        // Failed subscription ("namespace/name") -> (namespace, name, error).
+        let mut failed: BTreeMap<String, (String, String, String)> = Default::default();
         for s in &plan.new_secrets {
             if let Err(e) = self.create_secret(s).await {
                 let sub = format!("{}/{}", s.namespace, s.subscription);
                 tracing::error!(subscription = %sub, secret = %s.name, error = %e, "cannot create client credentials; subscription left out until it can");
                 metrics::counter!("gatehouse_operator_errors_total", "kind" => Kind::Subscription.as_str()).increment(1);
-                failed.insert(sub);
+                failed.insert(
+                    sub,
+                    (
+                        s.namespace.clone(),
+                        s.subscription.clone(),
+                        format!("{e:#}"),
+                    ),
+                );
+            }
+        }
+        for u in &plan.client_id_updates {
+            // The gateways accept the new id either way; a client reading the Secret gets the
+            // old one until this succeeds (retried on the next pass, which finds it again).
+            if let Err(e) = self.update_client_id(u).await {
+                tracing::error!(secret = %format!("{}/{}", u.namespace, u.name), error = %e, "cannot update the clientId in client credentials");
+                metrics::counter!("gatehouse_operator_errors_total", "kind" => Kind::Subscription.as_str()).increment(1);
+                self.kick_later(10);
             }
         }
         if !failed.is_empty() {
             plan.compiled
                 .config
                 .clients
-                .retain(|c| !failed.contains(&c.subscription));
+                .retain(|c| !failed.contains_key(&c.subscription));
             plan.compiled.config.hash = gatehouse_crds::compile::config_hash(&plan.compiled.config);
-            plan.statuses.retain(|u| {
-                !(u.kind == Kind::Subscription
-                    && failed.contains(&format!("{}/{}", u.namespace, u.name)))
-            });
+            // Their status says why they are out, instead of what compile expected.
+            let (planned, mut statuses): (Vec<StatusUpdate>, Vec<StatusUpdate>) =
+                std::mem::take(&mut plan.statuses)
+                    .into_iter()
+                    .partition(|u| {
+                        u.kind == Kind::Subscription
+                            && failed.contains_key(&format!("{}/{}", u.namespace, u.name))
+                    });
+            for (namespace, name, error) in failed.values() {
+                let planned = planned
+                    .iter()
+                    .find(|u| &u.namespace == namespace && &u.name == name);
+                statuses.extend(reconcile::credentials_failed(
+                    &res, planned, namespace, name, error, &now,
+                ));
+            }
+            plan.statuses = statuses;
             self.kick_later(10);
         }
         for u in &plan.statuses {
@@ -336,15 +414,7 @@ impl Controller {
     }
 
     async fn create_secret(&self, s: &NewSecret) -> anyhow::Result<()> {
-        let mut secret = reconcile::secret_object(s);
-        secret.metadata.owner_references = Some(vec![OwnerReference {
-            api_version: Subscription::api_version(&()).to_string(),
-            kind: Subscription::kind(&()).to_string(),
-            name: s.subscription.clone(),
-            uid: s.subscription_uid.clone(),
-            controller: Some(true),
-            block_owner_deletion: Some(false),
-        }]);
+        let secret = reconcile::secret_object(s);
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &s.namespace);
         match api.create(&PostParams::default(), &secret).await {
             Ok(_) => {
@@ -363,6 +433,15 @@ impl Controller {
             )),
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn update_client_id(&self, u: &reconcile::ClientIdUpdate) -> anyhow::Result<()> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &u.namespace);
+        let patch = serde_json::json!({ "stringData": { reconcile::CLIENT_ID_KEY: u.client_id } });
+        api.patch(&u.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        tracing::info!(secret = %format!("{}/{}", u.namespace, u.name), client_id = %u.client_id, "updated the clientId in client credentials");
+        Ok(())
     }
 
     async fn patch_status(&self, u: &StatusUpdate) -> Result<(), kube_client::Error> {
@@ -457,5 +536,35 @@ fn served_apis(cm: Option<&ConfigMap>) -> Vec<gatehouse_crds::ApiConfig> {
             tracing::warn!(error = %e, "the published configuration cannot be read; path prefix conflicts go by age");
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `kubectl apply` leaves the whole Secret, data included, in an annotation.
+    #[test]
+    fn watched_secret_metadata_keeps_no_copy_of_the_data() {
+        let mut m: PartialObjectMeta<Secret> = serde_json::from_value(json!({
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadata",
+            "metadata": {
+                "name": "s", "namespace": "demo", "resourceVersion": "7",
+                "labels": {"a": "b"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration":
+                    "{\"data\":{\"clientSecret\":\"c2VjcmV0\"}}"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            }
+        }))
+        .unwrap();
+        strip_secret_metadata(&mut m);
+        let kept = serde_json::to_string(&m).unwrap();
+        assert!(
+            !kept.contains("c2VjcmV0") && !kept.contains("kubectl"),
+            "{kept}"
+        );
+        assert_eq!(m.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(m.labels().get("a").map(String::as_str), Some("b"));
     }
 }

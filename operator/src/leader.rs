@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube_client::api::{Api, PostParams};
 
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -40,8 +40,11 @@ pub enum Action {
     Wait,
 }
 
-/// Pure decision for one round.
-pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Action {
+/// Pure decision for one round. `unchanged_for`: how long this process has seen the Lease's
+/// holder and renewTime stay the same, by its own clock. The renewTime in the Lease is stamped
+/// by the holder's clock; comparing it with ours would let a standby whose clock runs ahead take
+/// over from a leader that is still acting (client-go judges expiry the same way).
+pub fn decide(spec: Option<&LeaseSpec>, me: &str, unchanged_for: Duration) -> Action {
     let Some(spec) = spec else {
         return Action::Create;
     };
@@ -49,18 +52,44 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Action {
         Some(h) if h == me => Action::Renew,
         None | Some("") => Action::TakeOver,
         Some(_) => {
-            let duration =
-                SignedDuration::from_secs(spec.lease_duration_seconds.unwrap_or(15) as i64);
-            let renewed = spec
-                .renew_time
-                .as_ref()
-                .or(spec.acquire_time.as_ref())
-                .map(|t| t.0);
-            match renewed {
-                Some(t) if t + duration > now => Action::Wait,
-                _ => Action::TakeOver,
+            let duration = Duration::from_secs(
+                u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15),
+            );
+            if unchanged_for >= duration {
+                Action::TakeOver
+            } else {
+                Action::Wait
             }
         }
+    }
+}
+
+/// When this process first saw the Lease's current holder and renewal.
+#[derive(Default)]
+pub struct Observer {
+    last: Option<(String, std::time::Instant)>,
+}
+
+impl Observer {
+    /// How long `record` has been unchanged as of `now` (zero when it just changed).
+    pub fn unchanged_for(&mut self, record: String, now: std::time::Instant) -> Duration {
+        match &self.last {
+            Some((seen, since)) if *seen == record => now.saturating_duration_since(*since),
+            _ => {
+                self.last = Some((record, now));
+                Duration::ZERO
+            }
+        }
+    }
+}
+
+/// The next lease round: a leader renews every RENEW_EVERY, but retries a failed round after
+/// RETRY_EVERY, so that one failed round leaves time for another before RENEW_DEADLINE.
+pub fn pause(leading: bool, round_ok: bool) -> Duration {
+    if leading && round_ok {
+        RENEW_EVERY
+    } else {
+        RETRY_EVERY
     }
 }
 
@@ -68,6 +97,7 @@ pub struct Elector {
     api: Api<Lease>,
     name: String,
     identity: String,
+    observer: std::sync::Mutex<Observer>,
 }
 
 impl Elector {
@@ -76,6 +106,7 @@ impl Elector {
             api,
             name: name.to_string(),
             identity: identity.to_string(),
+            observer: Default::default(),
         }
     }
 
@@ -87,11 +118,16 @@ impl Elector {
     pub async fn try_lead(&self) -> Result<bool, kube_client::Error> {
         let now = Timestamp::now();
         let current = self.api.get_opt(&self.name).await?;
-        let action = decide(
-            current.as_ref().and_then(|l| l.spec.as_ref()),
-            &self.identity,
-            now,
-        );
+        let spec = current.as_ref().and_then(|l| l.spec.as_ref());
+        let record = spec.map_or_else(String::new, |s| {
+            format!("{:?} {:?}", s.holder_identity, s.renew_time)
+        });
+        let unchanged_for = self
+            .observer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unchanged_for(record, std::time::Instant::now());
+        let action = decide(spec, &self.identity, unchanged_for);
         let mut lease = current.unwrap_or_default();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         match action {
@@ -124,6 +160,25 @@ impl Elector {
             Err(e) => Err(e),
         }
     }
+
+    /// Gives the Lease up when we hold it (shutdown), so a standby takes over at its next round
+    /// instead of waiting LEASE_DURATION.
+    pub async fn release(&self) -> Result<(), kube_client::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(());
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(());
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        self.api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+            .map(|_| ())
+    }
 }
 
 #[cfg(test)]
@@ -147,26 +202,52 @@ mod tests {
         assert!(RENEW_EVERY * 2 <= RENEW_DEADLINE && RENEW_DEADLINE < LEASE_DURATION);
     }
 
-    fn spec(holder: &str, renewed_secs_ago: i64) -> LeaseSpec {
-        let now = Timestamp::now();
+    fn spec(holder: &str) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(holder.into()),
             lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(now - SignedDuration::from_secs(renewed_secs_ago))),
+            renew_time: Some(MicroTime(Timestamp::now())),
             ..Default::default()
         }
     }
 
     #[test]
     fn decisions() {
-        let now = Timestamp::now();
-        assert_eq!(decide(None, "a", now), Action::Create);
-        assert_eq!(decide(Some(&spec("a", 3)), "a", now), Action::Renew);
-        assert_eq!(decide(Some(&spec("b", 3)), "a", now), Action::Wait);
-        assert_eq!(decide(Some(&spec("b", 16)), "a", now), Action::TakeOver);
+        let s = Duration::from_secs;
+        assert_eq!(decide(None, "a", s(0)), Action::Create);
+        assert_eq!(decide(Some(&spec("a")), "a", s(3)), Action::Renew);
+        assert_eq!(decide(Some(&spec("b")), "a", s(3)), Action::Wait);
+        assert_eq!(decide(Some(&spec("b")), "a", s(14)), Action::Wait);
+        assert_eq!(decide(Some(&spec("b")), "a", s(15)), Action::TakeOver);
         assert_eq!(
-            decide(Some(&LeaseSpec::default()), "a", now),
+            decide(Some(&LeaseSpec::default()), "a", s(0)),
             Action::TakeOver
         );
+    }
+
+    /// Expiry counts on the standby's own clock from when it saw the last change: a renewTime
+    /// stamped far in the past (a leader's clock running behind, or ours ahead) is no reason to
+    /// take over from a leader that keeps renewing.
+    #[test]
+    fn expiry_counts_from_when_a_change_was_seen() {
+        let t0 = std::time::Instant::now();
+        let s = Duration::from_secs;
+        let mut o = Observer::default();
+        assert_eq!(o.unchanged_for("b 1".into(), t0), s(0));
+        assert_eq!(o.unchanged_for("b 1".into(), t0 + s(10)), s(10));
+        // Renewed (whatever time it wrote): counting starts again.
+        assert_eq!(o.unchanged_for("b 2".into(), t0 + s(12)), s(0));
+        assert_eq!(o.unchanged_for("b 2".into(), t0 + s(26)), s(14));
+        assert_eq!(o.unchanged_for("b 2".into(), t0 + s(27)), s(15));
+    }
+
+    #[test]
+    fn a_failed_round_is_retried_well_before_the_deadline() {
+        assert_eq!(pause(true, true), RENEW_EVERY);
+        assert_eq!(pause(true, false), RETRY_EVERY);
+        assert_eq!(pause(false, true), RETRY_EVERY);
+        // Renewal due at RENEW_EVERY after the last success; if it fails, at least one more
+        // round fits before RENEW_DEADLINE.
+        assert!(RENEW_EVERY + RETRY_EVERY < RENEW_DEADLINE);
     }
 }

@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -134,11 +135,34 @@ async fn main() -> anyhow::Result<()> {
 
     // Leader election: only the holder of the Lease reconciles; losing it ends the process so
     // the Deployment restarts it as a standby (no split brain).
-    let elector = Elector::new(
+    let elector = Arc::new(Elector::new(
         Api::<Lease>::namespaced(client.clone(), &cm_ns),
         &args.lease_name,
         &identity,
-    );
+    ));
+    // SIGTERM (a rollout, a drain): stop reconciling and give the Lease up, so the standby takes
+    // over at its next round (2 s) instead of after LEASE_DURATION. As PID 1 in its container
+    // the process would otherwise ignore SIGTERM and wait for SIGKILL.
+    {
+        let elector = elector.clone();
+        let is_leader = is_leader.clone();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            if is_leader.swap(false, Ordering::SeqCst) {
+                match tokio::time::timeout(Duration::from_secs(3), elector.release()).await {
+                    Ok(Ok(())) => tracing::info!("released the leader lease"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not release the lease"),
+                    Err(_) => tracing::warn!("releasing the lease timed out"),
+                }
+            }
+            tracing::info!("stopping");
+            std::process::exit(0);
+        });
+    }
     {
         let is_leader = is_leader.clone();
         let ready = ready.clone();
@@ -158,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
                     Ok(r) => r.map_err(anyhow::Error::from),
                     Err(_) => Err(anyhow::anyhow!("the lease round took over {budget:?}")),
                 };
+                let round_ok = round.is_ok();
                 match round {
                     Ok(true) => {
                         if !was {
@@ -185,12 +210,7 @@ async fn main() -> anyhow::Result<()> {
                 // A standby is ready (it can take over); the leader once it has reconciled.
                 let leading = is_leader.load(Ordering::SeqCst);
                 ready.store(!leading || synced.load(Ordering::SeqCst), Ordering::SeqCst);
-                tokio::time::sleep(if leading {
-                    leader::RENEW_EVERY
-                } else {
-                    leader::RETRY_EVERY
-                })
-                .await;
+                tokio::time::sleep(leader::pause(leading, round_ok)).await;
             }
         });
     }

@@ -35,19 +35,61 @@ pub struct StatusUpdate {
     pub status: ResourceStatus,
 }
 
+/// A generated credentials Secret whose `clientId` no longer names the subscription's client
+/// (spec.clientId set or changed after the Secret was made): the key is rewritten, the secret
+/// kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdUpdate {
+    pub namespace: String,
+    pub name: String,
+    pub client_id: String,
+}
+
 #[derive(Debug)]
 pub struct Plan {
     pub compiled: Compiled,
     pub new_secrets: Vec<NewSecret>,
+    pub client_id_updates: Vec<ClientIdUpdate>,
     pub statuses: Vec<StatusUpdate>,
 }
 
 /// Random values the operator generates (injected so tests are deterministic).
 pub trait Generator {
-    /// A short random suffix for client ids.
-    fn suffix(&mut self) -> String;
     /// A client secret with 256 bits of entropy.
     fn secret(&mut self) -> String;
+}
+
+/// The client id of a subscription without spec.clientId: its name and 8 hex digits derived
+/// from its namespace, name and uid. Derived, not random, so that every pass and every operator
+/// replica arrives at the same id even when a status write has not reached them yet (a second
+/// random id used to replace the first in status while the Secret kept the first). A
+/// subscription deleted and created again gets a new uid, hence a new id: the old one's tokens
+/// stay dead.
+pub fn generated_client_id(namespace: &str, name: &str, uid: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"gatehouse client id\0")
+        .chain_update(namespace.as_bytes())
+        .chain_update(b"\0")
+        .chain_update(name.as_bytes())
+        .chain_update(b"\0")
+        .chain_update(uid.as_bytes())
+        .finalize();
+    format!("{name}-{}", hex::encode(&digest[..4]))
+}
+
+/// The `clientId` a generated credentials Secret of this subscription (by owner uid) holds.
+fn secret_client_id(secret: &Secret, uid: &str) -> Option<String> {
+    let owned = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| !uid.is_empty() && o.uid == uid);
+    let value = secret.data.as_ref()?.get(CLIENT_ID_KEY)?;
+    owned
+        .then(|| String::from_utf8(value.0.clone()).ok())
+        .flatten()
 }
 
 fn ns(obj: &impl ResourceExt) -> String {
@@ -73,15 +115,27 @@ pub fn plan(
 ) -> Plan {
     let original = res.clone();
     let mut tentative: Vec<NewSecret> = Vec::new();
+    let mut id_updates: Vec<(String, ClientIdUpdate)> = Vec::new();
     let secrets_snapshot = res.secrets.clone();
     let applications = res.clone();
     for sub in &mut res.subscriptions {
         let namespace = ns(sub);
         let name = sub.name_any();
+        let uid = sub.metadata.uid.clone().unwrap_or_default();
+        let secret_name = gatehouse_crds::compile::generated_secret_name(&name);
+        let existing = secrets_snapshot
+            .iter()
+            .find(|s| ns(*s) == namespace && s.name_any() == secret_name);
         let status = sub.status.get_or_insert_with(ResourceStatus::default);
-        // A client id is generated once and then lives in status.
+        // A generated id lives in status. Without one (a status lost in a backup and restore,
+        // or not seen yet) it is the one this subscription's credentials Secret holds, else
+        // derived again.
         if sub.spec.client_id.is_none() && status.client_id.is_none() {
-            status.client_id = Some(format!("{name}-{}", generator.suffix()));
+            status.client_id = Some(
+                existing
+                    .and_then(|s| secret_client_id(s, &uid))
+                    .unwrap_or_else(|| generated_client_id(&namespace, &name, &uid)),
+            );
         }
         let client_id = sub
             .spec
@@ -92,14 +146,21 @@ pub fn plan(
         if sub.spec.client_secret_ref.is_some() || !is_confidential(&applications, sub) {
             continue;
         }
-        let secret_name = gatehouse_crds::compile::generated_secret_name(&name);
         if secret_name.len() > gatehouse_crds::compile::MAX_OBJECT_NAME {
             continue; // compile reports it; the API server would refuse the Secret
         }
-        let exists = secrets_snapshot
-            .iter()
-            .any(|s| ns(s) == namespace && s.name_any() == secret_name);
-        if !exists {
+        if let Some(secret) = existing {
+            if secret_client_id(secret, &uid).is_some_and(|held| held != client_id) {
+                id_updates.push((
+                    name.clone(),
+                    ClientIdUpdate {
+                        namespace: namespace.clone(),
+                        name: secret_name.clone(),
+                        client_id: client_id.clone(),
+                    },
+                ));
+            }
+        } else {
             tentative.push(NewSecret {
                 namespace: namespace.clone(),
                 name: secret_name.clone(),
@@ -125,19 +186,42 @@ pub fn plan(
                 .is_some_and(|v| v.phase == Phase::Active)
         })
         .collect();
+    // Likewise only for Active ones: an id compile refused (a duplicate) is not handed out.
+    let client_id_updates = id_updates
+        .into_iter()
+        .filter(|(sub, u)| {
+            compiled
+                .verdict(Kind::Subscription, &u.namespace, sub)
+                .is_some_and(|v| v.phase == Phase::Active)
+        })
+        .map(|(_, u)| u)
+        .collect();
     let statuses = status_updates(&original, &res, &compiled, &new_secrets, now);
     Plan {
         compiled,
         new_secrets,
+        client_id_updates,
         statuses,
     }
 }
 
-/// The Secret object for a generated credential (owner reference added by the caller's I/O).
+/// The Secret object for a generated credential, owned by its Subscription (deleting that
+/// deletes it; no finalizer).
 pub fn secret_object(s: &NewSecret) -> Secret {
+    use kube_client::Resource;
     let mut secret = Secret::default();
     secret.metadata.name = Some(s.name.clone());
     secret.metadata.namespace = Some(s.namespace.clone());
+    secret.metadata.owner_references = Some(vec![
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: Subscription::api_version(&()).to_string(),
+            kind: Subscription::kind(&()).to_string(),
+            name: s.subscription.clone(),
+            uid: s.subscription_uid.clone(),
+            controller: Some(true),
+            block_owner_deletion: Some(false),
+        },
+    ]);
     secret.metadata.labels = Some([(MANAGED_LABEL.to_string(), MANAGED_VALUE.to_string())].into());
     secret.type_ = Some("Opaque".to_string());
     secret.string_data = Some(
@@ -259,6 +343,55 @@ fn desired_status(
                 });
     }
     status
+}
+
+/// Reason of a subscription whose credentials Secret the API server would not create.
+pub const CREDENTIALS_SECRET_FAILED: &str = "CredentialsSecretFailed";
+
+/// The status of a subscription left out because its credentials Secret could not be created
+/// (a quota, a policy, a name taken by a Secret of another type): Invalid, Ready=False, with the
+/// API server's answer. Replaces `planned`, the update compile's verdict asked for; None when
+/// the resource already says exactly this.
+pub fn credentials_failed(
+    res: &Resources,
+    planned: Option<&StatusUpdate>,
+    namespace: &str,
+    name: &str,
+    error: &str,
+    now: &str,
+) -> Option<StatusUpdate> {
+    let (old, generation) = current_status(res, Kind::Subscription, namespace, name);
+    let previous = old
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let status = ResourceStatus {
+        phase: Some(Phase::Invalid.as_str().to_string()),
+        observed_generation: generation,
+        client_id: planned
+            .and_then(|u| u.status.client_id.clone())
+            .or_else(|| old.as_ref().and_then(|s| s.client_id.clone())),
+        credentials_secret: None,
+        conditions: vec![Condition {
+            type_: "Ready".to_string(),
+            status: "False".to_string(),
+            reason: CREDENTIALS_SECRET_FAILED.to_string(),
+            message: format!(
+                "the credentials Secret {} cannot be created (retried every 10 s): {error}",
+                gatehouse_crds::compile::generated_secret_name(name)
+            ),
+            last_transition_time: match previous {
+                Some(p) if p.status == "False" => p.last_transition_time.clone(),
+                _ => Some(now.to_string()),
+            },
+            observed_generation: generation,
+        }],
+    };
+    (old.as_ref() != Some(&status)).then(|| StatusUpdate {
+        kind: Kind::Subscription,
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        status,
+    })
 }
 
 /// The body of a status merge patch (RFC 7396) that leaves the status exactly `status`: fields

@@ -395,6 +395,7 @@ fn kube_chart_installs_on_the_api_server_guards_approval_and_upgrades() {
         "demo"
     ]));
     assert!(can(&["create", "secrets", "-n", "demo"]));
+    assert!(can(&["patch", "secrets", "-n", "demo"]));
     assert!(can(&[
         "patch",
         "configmap/gh-gatehouse-gateway-config",

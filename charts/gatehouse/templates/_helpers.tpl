@@ -133,9 +133,9 @@ topologySpreadConstraints:
   verbs: [patch]
 # Client-secret Secrets of confidential subscriptions (owned by the Subscription). The operator
 # watches only Opaque Secrets' metadata and reads (get) only the Secrets subscriptions name, but
-# RBAC cannot say so: list/watch here also allow reading data. No events: it reports through
-# status.
+# RBAC cannot say so: list/watch here also allow reading data. It patches only the clientId of
+# the Secrets it generated, when spec.clientId changes. No events: it reports through status.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create]
+  verbs: [get, list, watch, create, patch]
 {{- end }}

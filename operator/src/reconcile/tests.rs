@@ -4,10 +4,6 @@ use gatehouse_crds::manifests::parse_documents;
 struct Seq(u32);
 
 impl Generator for Seq {
-    fn suffix(&mut self) -> String {
-        self.0 += 1;
-        format!("g{}", self.0)
-    }
     fn secret(&mut self) -> String {
         self.0 += 1;
         format!("secret-{:032}", self.0)
@@ -74,6 +70,17 @@ fn apply(mut r: Resources, p: &Plan) -> Resources {
         );
         r.secrets.push(secret);
     }
+    for u in &p.client_id_updates {
+        let secret = r
+            .secrets
+            .iter_mut()
+            .find(|s| s.name_any() == u.name)
+            .expect("the Secret to update");
+        secret.data.get_or_insert_default().insert(
+            CLIENT_ID_KEY.to_string(),
+            k8s_openapi::ByteString(u.client_id.clone().into_bytes()),
+        );
+    }
     for u in &p.statuses {
         let set = |st: &mut Option<ResourceStatus>| *st = Some(u.status.clone());
         match u.kind {
@@ -119,7 +126,10 @@ fn first_pass_generates_ids_and_secrets_and_second_pass_writes_nothing() {
     assert_eq!(p1.statuses.len(), 7);
     let app = status_of(&p1, "app-mobile");
     assert_eq!(app.phase.as_deref(), Some("Active"));
-    assert_eq!(app.client_id.as_deref(), Some("app-mobile-g1"));
+    assert_eq!(
+        app.client_id.as_deref(),
+        Some(generated_client_id("demo", "app-mobile", "u-1").as_str())
+    );
     assert_eq!(app.credentials_secret, None, "public clients get no secret");
     assert_eq!(app.observed_generation, Some(1));
     assert_eq!(app.conditions[0].type_, "Ready");
@@ -224,7 +234,7 @@ fn transition_time_changes_only_when_readiness_changes() {
     assert_eq!(st.conditions[0].last_transition_time.as_deref(), Some("t2"));
     assert_eq!(
         st.client_id.as_deref(),
-        Some("app-mobile-g1"),
+        Some(generated_client_id("demo", "app-mobile", "u-1").as_str()),
         "the client id is kept"
     );
     // The applications stay Ready: nothing is rewritten for them.
@@ -244,7 +254,7 @@ fn the_status_names_the_client_id_in_use() {
     let p1 = plan(r.clone(), &[], &mut g, "2026-01-01T00:00:00Z");
     assert_eq!(
         status_of(&p1, "app-mobile").client_id.as_deref(),
-        Some("app-mobile-g1")
+        Some(generated_client_id("demo", "app-mobile", "u-1").as_str())
     );
     let mut r2 = apply(r, &p1);
     for s in r2
@@ -305,4 +315,129 @@ fn a_status_patch_removes_what_the_new_status_lacks() {
     let after: ResourceStatus = serde_json::from_value(object["status"].clone()).unwrap();
     assert_eq!(after, new);
     assert!(object["status"].get("credentialsSecret").is_none());
+}
+
+/// A generated id is derived from namespace, name and uid: stable across passes and operator
+/// replicas, different for a subscription created again under the same name.
+#[test]
+fn generated_client_ids_are_derived_from_namespace_name_and_uid() {
+    let id = generated_client_id("demo", "app-mobile", "u-1");
+    assert!(
+        id.starts_with("app-mobile-") && id.len() == "app-mobile-".len() + 8,
+        "{id}"
+    );
+    assert_eq!(id, generated_client_id("demo", "app-mobile", "u-1"));
+    for other in [
+        generated_client_id("demo", "app-mobile", "u-9"),
+        generated_client_id("prod", "app-mobile", "u-1"),
+        generated_client_id("demo", "app-mobil", "u-1"),
+    ] {
+        assert_ne!(id, other);
+    }
+}
+
+/// A pass that does not see the status the previous one wrote (the watch lags, or another
+/// replica led) arrives at the same id; a status lost altogether (a restore) takes the id from
+/// the subscription's credentials Secret, which clients already hold.
+#[test]
+fn a_lost_status_does_not_change_the_client_id() {
+    let mut g = Seq(0);
+    let r = resources("");
+    let p1 = plan(r.clone(), &[], &mut g, "t1");
+    let svc_id = status_of(&p1, "svc-mobile").client_id.clone().unwrap();
+    let app_id = status_of(&p1, "app-mobile").client_id.clone().unwrap();
+    // The Secret exists, the statuses were not seen.
+    let mut r2 = apply(r.clone(), &p1);
+    for s in &mut r2.subscriptions {
+        s.status = None;
+    }
+    let p2 = plan(r2.clone(), &[], &mut g, "t2");
+    assert_eq!(
+        status_of(&p2, "svc-mobile").client_id.as_deref(),
+        Some(svc_id.as_str())
+    );
+    assert_eq!(
+        status_of(&p2, "app-mobile").client_id.as_deref(),
+        Some(app_id.as_str())
+    );
+    assert!(p2.new_secrets.is_empty() && p2.client_id_updates.is_empty());
+    // An id generated randomly by an older operator survives in the Secret.
+    let mut r3 = r2.clone();
+    r3.secrets[0].data.as_mut().unwrap().insert(
+        CLIENT_ID_KEY.to_string(),
+        k8s_openapi::ByteString(b"svc-mobile-0ld1d000".to_vec()),
+    );
+    let p3 = plan(r3, &[], &mut g, "t3");
+    assert_eq!(
+        status_of(&p3, "svc-mobile").client_id.as_deref(),
+        Some("svc-mobile-0ld1d000")
+    );
+    assert!(p3.client_id_updates.is_empty());
+}
+
+/// spec.clientId set after the Secret was made: the Secret's clientId follows (its secret
+/// stays), so a client reading the Secret gets the id the gateways accept.
+#[test]
+fn the_credentials_secret_follows_a_changed_client_id() {
+    let mut g = Seq(0);
+    let r = resources("");
+    let p1 = plan(r.clone(), &[], &mut g, "t1");
+    let mut r2 = apply(r, &p1);
+    let secret_before = r2.secrets[0].data.as_ref().unwrap()[SECRET_KEY].clone();
+    for s in r2
+        .subscriptions
+        .iter_mut()
+        .filter(|s| s.name_any() == "svc-mobile")
+    {
+        s.spec.client_id = Some("partner".into());
+    }
+    let p2 = plan(r2.clone(), &[], &mut g, "t2");
+    assert_eq!(
+        p2.client_id_updates,
+        [ClientIdUpdate {
+            namespace: "demo".into(),
+            name: "svc-mobile-credentials".into(),
+            client_id: "partner".into(),
+        }]
+    );
+    let r3 = apply(r2, &p2);
+    let data = r3.secrets[0].data.as_ref().unwrap();
+    assert_eq!(data[CLIENT_ID_KEY].0, b"partner");
+    assert_eq!(data[SECRET_KEY], secret_before);
+    let p3 = plan(r3, &[], &mut g, "t3");
+    assert!(p3.client_id_updates.is_empty() && p3.statuses.is_empty());
+}
+
+/// A Secret the API server refuses: the subscription says so in its status (and keeps its
+/// client id); the same failure again writes nothing new.
+#[test]
+fn a_refused_credentials_secret_is_reported_in_the_status() {
+    let mut g = Seq(0);
+    let r = resources("");
+    let p1 = plan(r.clone(), &[], &mut g, "t1");
+    let planned = p1.statuses.iter().find(|u| u.name == "svc-mobile");
+    let u = credentials_failed(&r, planned, "demo", "svc-mobile", "quota exceeded", "t1")
+        .expect("a status to write");
+    assert_eq!(u.status.phase.as_deref(), Some("Invalid"));
+    assert_eq!(u.status.client_id, planned.unwrap().status.client_id);
+    assert_eq!(u.status.credentials_secret, None);
+    let c = &u.status.conditions[0];
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", CREDENTIALS_SECRET_FAILED)
+    );
+    assert!(c.message.contains("svc-mobile-credentials") && c.message.contains("quota exceeded"));
+    // Written, then failing the same way: nothing to write.
+    let mut r2 = r.clone();
+    for s in r2
+        .subscriptions
+        .iter_mut()
+        .filter(|s| s.name_any() == "svc-mobile")
+    {
+        s.status = Some(u.status.clone());
+    }
+    assert_eq!(
+        credentials_failed(&r2, None, "demo", "svc-mobile", "quota exceeded", "t2"),
+        None
+    );
 }
