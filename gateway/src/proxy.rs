@@ -119,9 +119,28 @@ async fn forward(
             "the request has more than one Host header",
         ));
     }
-    let host = host
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host());
+    // RFC 9112 3.2.2: a proxy replaces Host with an absolute-form target's authority, so the
+    // route, X-Forwarded-Host and the upstream all see the one a front proxy would route by.
+    if let Some(authority) = req.uri().authority() {
+        let value = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| GatewayError::InvalidRequest("the request target has an invalid host"))?;
+        req.headers_mut().insert(header::HOST, value);
+    }
+    // RFC 9112 3.2: an HTTP/1.1 request without Host, or with an invalid one, is a 400.
+    let host = match req.headers().get(header::HOST) {
+        Some(h) if routing::valid_host(h.as_bytes()) => h.to_str().ok(),
+        Some(_) => {
+            return Err(GatewayError::InvalidRequest(
+                "the Host header is not a valid host",
+            ));
+        }
+        None if req.version() >= Version::HTTP_11 => {
+            return Err(GatewayError::InvalidRequest(
+                "the request has no Host header",
+            ));
+        }
+        None => None,
+    };
     let api_idx = match routing::route(
         &snap.config.apis,
         host,

@@ -132,6 +132,38 @@ fn prefix_matches_ignoring_case(prefix: &str, path: &str) -> bool {
     }
 }
 
+/// Is this a Host header value (RFC 9112 3.2, RFC 3986 3.2.2 host and port)? Registered names,
+/// IPv4 and bracketed IPv6 literals with an optional port: no user info, path, spaces or
+/// backslashes, which a backend might read differently from the gateway. A byte scan: it runs
+/// on every proxied request.
+pub fn valid_host(h: &[u8]) -> bool {
+    !h.is_empty()
+        && h.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'['
+                        | b']'
+                )
+        })
+}
+
 /// Host header value without port, for matching against an Api's `hosts` (already lowercase).
 pub fn host_without_port(host: &str) -> &str {
     if host.starts_with('[') {
@@ -397,6 +429,34 @@ mod tests {
             assert_eq!(got, want);
             // Exactly sized (the Bytes conversion in the proxy copies otherwise).
             assert_eq!(got.capacity(), got.len(), "{want}");
+        }
+    }
+
+    #[test]
+    fn host_header_values() {
+        for ok in [
+            "api.example.com",
+            "api.example.com:8443",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+            "[2001:db8::1]",
+            "xn--bcher-kva.example",
+            "gw.test",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "user@api.example.com",
+            "api.example.com/x",
+            "api.example.com?x",
+            "api.example.com#x",
+            "api.example.com\\x",
+            "a\"b",
+            "a<b>",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
         }
     }
 }

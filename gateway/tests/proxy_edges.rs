@@ -400,3 +400,69 @@ async fn a_request_head_far_over_64_kib_gets_431() {
     stop_tx.send(()).unwrap();
     served.await.unwrap().unwrap();
 }
+
+/// RFC 9112 3.2: an HTTP/1.1 request without Host, or with one that is not a host, is 400
+/// (HTTP/1.0 needed none). 3.2.2: an absolute-form target's authority replaces Host, so the
+/// route and X-Forwarded-Host follow the target a front proxy would route by.
+#[tokio::test]
+async fn host_is_required_valid_and_replaced_by_an_absolute_target() {
+    use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::new(100).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = listeners[0].local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(serve_workers(
+        listeners,
+        Public::new(h.state.clone()),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let send = |request_line: &str, host: Option<&str>| {
+        let mut head =
+            format!("{request_line}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n");
+        if let Some(host) = host {
+            head.push_str(&format!("Host: {host}\r\n"));
+        }
+        head.push_str("\r\n");
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut buf = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+    };
+    let ok = send("GET /mobile/hello HTTP/1.1", Some("gw.test")).await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains(r#""x-forwarded-host":["gw.test"]"#), "{ok}");
+    let none = send("GET /mobile/hello HTTP/1.1", None).await;
+    assert!(none.starts_with("HTTP/1.1 400"), "{none}");
+    assert!(none.contains("no Host header"), "{none}");
+    for bad in ["user@gw.test", "gw.test/x", "gw.test\\x"] {
+        let answer = send("GET /mobile/hello HTTP/1.1", Some(bad)).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{bad}: {answer}");
+    }
+    let old = send("GET /mobile/hello HTTP/1.0", None).await;
+    assert!(
+        old.starts_with("HTTP/1.0 200") || old.starts_with("HTTP/1.1 200"),
+        "{old}"
+    );
+    let absolute = send(
+        "GET http://target.example/mobile/hello HTTP/1.1",
+        Some("gw.test"),
+    )
+    .await;
+    assert!(absolute.starts_with("HTTP/1.1 200"), "{absolute}");
+    assert!(
+        absolute.contains(r#""x-forwarded-host":["target.example"]"#),
+        "{absolute}"
+    );
+    stop_tx.send(()).unwrap();
+    served.await.unwrap().unwrap();
+}

@@ -187,7 +187,14 @@ impl Harness {
         assert!(gatehouse_gateway::source::reload(&self.state, &[self.manifest_dir()]).unwrap());
     }
 
-    pub async fn call(&self, req: Request<Body>) -> Response<Body> {
+    /// Sends a request as a client would: with a Host header when it has none.
+    pub async fn call(&self, mut req: Request<Body>) -> Response<Body> {
+        if !req.headers().contains_key(http::header::HOST) {
+            req.headers_mut().insert(
+                http::header::HOST,
+                http::HeaderValue::from_static("gw.test"),
+            );
+        }
         server::router(self.state.clone())
             .oneshot(req)
             .await
