@@ -499,6 +499,21 @@ spec: {application: demo-app, api: mobile, plan: premium}
 ",
     );
     assert!(refused_by_guard(&created), "{}", describe(&created));
+    // So is a trusted one (no consent screen for its users), approved or not.
+    let trusted = kube.kubectl_stdin(
+        &["--as=alice", "--as-group=devs", "apply", "-f", "-"],
+        "apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: trusty, namespace: demo}
+spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
+",
+    );
+    assert!(
+        !trusted.status.success()
+            && String::from_utf8_lossy(&trusted.stderr).contains("may mark a Subscription trusted"),
+        "{}",
+        describe(&trusted)
+    );
 
     // The cluster admin (system:masters) approves.
     kube.kubectl_ok(&[
