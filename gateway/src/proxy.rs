@@ -98,6 +98,22 @@ fn status_class(s: http::StatusCode) -> usize {
     }
 }
 
+/// When the upstream's response head is due, once `timeout` from the request's arrival has
+/// passed: for a request body still being sent, not yet (`timeout` from now, asked again then);
+/// for one sent, `timeout` after its last byte went out, as nginx counts proxy_read_timeout
+/// from the end of sending. An upload is bounded by the client's own pace instead (at most 30 s
+/// between body pieces, `server.rs`). None: no body, so the first deadline stands. Pure.
+fn head_due(
+    body_sent: Option<Option<std::time::Instant>>,
+    now: std::time::Instant,
+    timeout: std::time::Duration,
+) -> Option<std::time::Instant> {
+    match body_sent? {
+        None => now.checked_add(timeout),
+        Some(at) => at.checked_add(timeout),
+    }
+}
+
 async fn forward(
     state: &Arc<AppState>,
     mut req: Request,
@@ -112,9 +128,7 @@ async fn forward(
     let snap = state.local_config();
     // RFC 9112 3.2: more than one Host is refused; a proxy in front may have routed by the
     // other one than the gateway would.
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
         return Err(GatewayError::InvalidRequest(
             "the request has more than one Host header",
         ));
@@ -280,8 +294,24 @@ async fn forward(
         let handshake = upstream::send_upgrade(&api.target, req, api.timeout);
         tokio::time::timeout_at(deadline, Box::pin(handshake)).await
     } else {
-        let exchange = upstream::send(&api.target, req, api.timeout, arrived);
-        tokio::time::timeout_at(deadline, Box::pin(exchange)).await
+        let body_sent = upstream::BodySent::for_body(req.body());
+        let exchange = upstream::send(&api.target, req, api.timeout, arrived, body_sent.clone());
+        let mut exchange = Box::pin(exchange);
+        let mut deadline = deadline;
+        loop {
+            match tokio::time::timeout_at(deadline, exchange.as_mut()).await {
+                Err(elapsed) => {
+                    let now = std::time::Instant::now();
+                    match head_due(body_sent.as_deref().map(|b| b.at()), now, api.timeout) {
+                        Some(later) if later > now => {
+                            deadline = tokio::time::Instant::from_std(later);
+                        }
+                        _ => break Err(elapsed),
+                    }
+                }
+                done => break done,
+            }
+        }
     };
     let mut resp = match sent {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
@@ -329,4 +359,33 @@ async fn forward(
     set_rate_limit_headers(out, &decision);
     out.insert(headers::REQUEST_ID, request_id.clone());
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_response_head_is_due_a_timeout_after_the_body_was_sent() {
+        use std::time::{Duration, Instant};
+        let (t0, timeout) = (Instant::now(), Duration::from_secs(30));
+        // No body: the deadline from arrival stands.
+        assert_eq!(head_due(None, t0 + timeout, timeout), None);
+        // Still uploading at the deadline: asked again a timeout later.
+        assert_eq!(
+            head_due(Some(None), t0 + timeout, timeout),
+            Some(t0 + timeout * 2)
+        );
+        // Sent at 50 s: due at 80 s, whenever asked.
+        let sent = t0 + Duration::from_secs(50);
+        assert_eq!(
+            head_due(Some(Some(sent)), t0 + timeout * 2, timeout),
+            Some(sent + timeout)
+        );
+        assert_eq!(
+            head_due(Some(Some(t0)), t0 + timeout, timeout),
+            Some(t0 + timeout),
+            "sent at once: no later than the first deadline"
+        );
+    }
 }

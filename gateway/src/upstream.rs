@@ -7,7 +7,6 @@
 //! reuses it without a task switch.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -278,14 +277,16 @@ pub async fn send_upgrade(
 /// it was sent. The response body fails (and the connection is dropped) when the upstream
 /// sends nothing of it for `body_idle`.
 /// `now`: about now (the proxy passes the instant the request arrived, not a new clock read).
+/// `sent`: for a request with a body, where the instant its last byte went out is recorded
+/// (`BodySent::for_body`).
 pub async fn send(
     target: &Target,
     req: Request<Body>,
     body_idle: Duration,
     now: Instant,
+    sent: Option<Arc<BodySent>>,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
     let (parts, body) = with_host(target, req);
-    let sent = (!hyper::body::Body::is_end_stream(&body)).then(|| Arc::new(AtomicBool::new(false)));
     let req = Request::from_parts(
         parts,
         Watched {
@@ -383,12 +384,27 @@ where
 /// the connection cannot take another request.
 pub type RequestBody = Watched<Body, MarkSent>;
 
-pub struct MarkSent(Option<Arc<AtomicBool>>);
+pub struct MarkSent(Option<Arc<BodySent>>);
+
+/// When hyper took the last frame of a request body, once it has.
+#[derive(Default)]
+pub struct BodySent(std::sync::OnceLock<Instant>);
+
+impl BodySent {
+    /// One for a request that has a body to send, None for one without (nothing to wait for).
+    pub fn for_body(body: &Body) -> Option<Arc<BodySent>> {
+        (!hyper::body::Body::is_end_stream(body)).then(Arc::default)
+    }
+
+    pub fn at(&self) -> Option<Instant> {
+        self.0.get().copied()
+    }
+}
 
 impl AtEnd for MarkSent {
     fn ended(&mut self) {
         if let Some(sent) = &self.0 {
-            sent.store(true, Ordering::Release);
+            let _ = sent.0.set(Instant::now());
         }
     }
 
@@ -401,16 +417,13 @@ impl AtEnd for MarkSent {
 pub type UpstreamBody = Watched<Deadline<Incoming>, ReturnToPool>;
 
 pub struct ReturnToPool {
-    request_sent: Option<Arc<AtomicBool>>,
+    request_sent: Option<Arc<BodySent>>,
     back: Option<(Arc<Pool>, Key, SendRequest<RequestBody>)>,
 }
 
 impl AtEnd for ReturnToPool {
     fn ended(&mut self) {
-        let request_done = self
-            .request_sent
-            .as_ref()
-            .is_none_or(|s| s.load(Ordering::Acquire));
+        let request_done = self.request_sent.as_ref().is_none_or(|s| s.at().is_some());
         if let Some((pool, key, sender)) = self.back.take()
             && request_done
         {
@@ -427,7 +440,7 @@ impl AtEnd for ReturnToPool {
 fn upstream_body(
     inner: Incoming,
     idle: Duration,
-    request_sent: Option<Arc<AtomicBool>>,
+    request_sent: Option<Arc<BodySent>>,
     pool: Arc<Pool>,
     key: Key,
     sender: SendRequest<RequestBody>,
@@ -450,7 +463,7 @@ fn upstream_body(
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     const IDLE: Duration = Duration::from_secs(30);
 
@@ -459,7 +472,8 @@ mod tests {
         addr: std::net::SocketAddr,
         req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        send(&target(addr), req, IDLE, Instant::now()).await
+        let sent = BodySent::for_body(req.body());
+        send(&target(addr), req, IDLE, Instant::now(), sent).await
     }
 
     /// A test upstream: `handle` runs for every accepted connection; the counter says how many.
@@ -648,10 +662,16 @@ mod tests {
         // Not an address literal to the connector, so it asks the resolver, whose getaddrinfo
         // reads it as 169.254.169.254.
         let target = Target::new(&"http://0xA9FEA9FE/".parse().unwrap()).unwrap();
-        let e = send(&target, get("/latest/meta-data"), IDLE, Instant::now())
-            .await
-            .err()
-            .expect("refused");
+        let e = send(
+            &target,
+            get("/latest/meta-data"),
+            IDLE,
+            Instant::now(),
+            None,
+        )
+        .await
+        .err()
+        .expect("refused");
         let UpstreamError::Connect(cause) = &e else {
             panic!("{e}")
         };

@@ -466,3 +466,47 @@ async fn host_is_required_valid_and_replaced_by_an_absolute_target() {
     stop_tx.send(()).unwrap();
     served.await.unwrap().unwrap();
 }
+
+/// The Api's timeout counts from the end of the request body, not from its start: an upload
+/// that keeps moving for longer than the timeout (here 2.5 s against /mobile's 1 s) is
+/// answered, as nginx counts proxy_read_timeout after sending.
+#[tokio::test]
+async fn an_upload_longer_than_the_api_timeout_is_not_a_504() {
+    use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::new(100).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = listeners[0].local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(serve_workers(
+        listeners,
+        Public::new(h.state.clone()),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /mobile/upload HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\nContent-Length: 6\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    for piece in [b"a", b"b", b"c", b"d", b"e", b"f"] {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.write_all(piece).await.unwrap();
+    }
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(r#""bodyBytes":6"#), "{text}");
+    stop_tx.send(()).unwrap();
+    served.await.unwrap().unwrap();
+}
