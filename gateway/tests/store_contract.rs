@@ -189,3 +189,46 @@ macro_rules! contract {
 
 contract!(embedded);
 contract!(redis);
+
+/// Redis keeps a grant's tokens in a sorted set by expiry, pruned on every insert: a client that
+/// refreshes in a loop leaves one entry per live token, not one per token ever issued, and a
+/// revocation touches only the live ones. Grants indexed by earlier gateways (a plain set) are
+/// still revoked whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_grant_indexes_keep_only_live_tokens() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let s = RedisStore::connect(&RedisOptions::new(&server.url())).unwrap();
+    s.ready().await.unwrap();
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &server.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for i in 0..3 {
+        s.put_token(tokens::hash(&format!("short{i}")), rec("loop", 1))
+            .await
+            .unwrap();
+    }
+    assert_eq!(cli(&["ZCARD", "gatehouse:grants:loop"]), "3");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    s.put_token(tokens::hash("live"), rec("loop", 3600))
+        .await
+        .unwrap();
+    assert_eq!(cli(&["ZCARD", "gatehouse:grants:loop"]), "1");
+    assert_eq!(s.revoke_grant("loop").await.unwrap(), 1);
+    assert_eq!(s.get_token(&tokens::hash("live")).await.unwrap(), None);
+
+    // A grant indexed the old way: its tokens go too.
+    let old = tokens::hash("old-style");
+    s.put_token(old, rec("old", 3600)).await.unwrap();
+    cli(&["DEL", "gatehouse:grants:old"]);
+    cli(&["SADD", "gatehouse:grant:old", &hex::encode(old)]);
+    assert_eq!(s.revoke_grant("old").await.unwrap(), 1);
+    assert_eq!(s.get_token(&old).await.unwrap(), None);
+    assert_eq!(cli(&["EXISTS", "gatehouse:grant:old"]), "0");
+}

@@ -26,23 +26,28 @@ const REVOKED_CHANNEL: &str = "gatehouse:revoked";
 /// 10 s sent about 7% of requests to Redis twice; 30 s gave 4-12% more req/s (two A/B pairs).
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
 
-/// Deletes every token of a grant and the grant set atomically, telling every replica first;
-/// returns the token hashes. PUBLISH goes first: when it is refused (an ACL without the
+/// Deletes every live token of a grant and the grant's index atomically, telling every replica
+/// first; returns the token hashes. PUBLISH goes first: when it is refused (an ACL without the
 /// channel) the script stops before it has changed anything.
-/// ARGV[1]: the token key prefix, ARGV[2]: the revocation channel.
+/// KEYS[1]: the grant's sorted set (token hash by expiry), KEYS[2]: its plain set as gateways
+/// before session 19 kept it (empty once their tokens have expired).
+/// ARGV[1]: the token key prefix, ARGV[2]: the revocation channel, ARGV[3]: now (unix s).
 const REVOKE_GRANT: &str = r"
-local members = redis.call('SMEMBERS', KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, h in ipairs(redis.call('SMEMBERS', KEYS[2])) do members[#members + 1] = h end
 for i = 1, #members, 256 do
   redis.call('PUBLISH', ARGV[2], table.concat(members, ',', i, math.min(i + 255, #members)))
 end
 for _, h in ipairs(members) do redis.call('DEL', ARGV[1] .. h) end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 return members
 ";
 
-/// Deletes one token and takes it out of its grant set, telling every replica first (as
+/// Deletes one token and takes it out of its grant's index, telling every replica first (as
 /// REVOKE_GRANT); returns the record, or nil when there was none.
-/// ARGV[1]: the token hash (hex), ARGV[2]: the channel, ARGV[3]: the grant key prefix.
+/// ARGV[1]: the token hash (hex), ARGV[2]: the channel, ARGV[3]: the grant sorted-set prefix,
+/// ARGV[4]: the older plain-set prefix.
 const REVOKE_TOKEN: &str = r"
 local raw = redis.call('GET', KEYS[1])
 if not raw then return false end
@@ -50,7 +55,8 @@ redis.call('PUBLISH', ARGV[2], ARGV[1])
 redis.call('DEL', KEYS[1])
 local ok, rec = pcall(cjson.decode, raw)
 if ok and type(rec) == 'table' and type(rec.grant_id) == 'string' then
-  redis.call('SREM', ARGV[3] .. rec.grant_id, ARGV[1])
+  redis.call('ZREM', ARGV[3] .. rec.grant_id, ARGV[1])
+  redis.call('SREM', ARGV[4] .. rec.grant_id, ARGV[1])
 end
 return raw
 ";
@@ -102,9 +108,20 @@ fn tok_key(hash: &TokenHash) -> String {
     format!("{PREFIX}tok:{}", hex::encode(hash))
 }
 
+/// A grant's tokens: a sorted set of token hashes scored by expiry, pruned on every insert, so
+/// a client refreshing in a loop cannot grow it (a plain set kept every access token until the
+/// family ended, and revoking it became one long script).
 fn grant_key(grant: &str) -> String {
-    format!("{PREFIX}grant:{grant}")
+    format!("{PREFIX}{GRANTS}{grant}")
 }
+const GRANTS: &str = "grants:";
+
+/// The plain set earlier gateways kept per grant; revocation still reads it until its tokens
+/// have expired (at most the refresh token lifetime after an upgrade).
+fn old_grant_key(grant: &str) -> String {
+    format!("{PREFIX}{OLD_GRANT}{grant}")
+}
+const OLD_GRANT: &str = "grant:";
 
 fn kv_key(key: &str) -> String {
     format!("{PREFIX}kv:{key}")
@@ -271,7 +288,9 @@ impl Store for RedisStore {
         pipe.atomic()
             .set_ex(tok_key(&hash), json, ttl)
             .ignore()
-            .sadd(&gk, hex::encode(hash))
+            .zadd(&gk, hex::encode(hash), record.expires_at)
+            .ignore()
+            .zrembyscore(&gk, "-inf", unix_now())
             .ignore()
             // The grant set lives as long as its longest-lived token.
             .cmd("EXPIRE")
@@ -336,7 +355,8 @@ impl Store for RedisStore {
             .key(tok_key(hash))
             .arg(&hex_hash)
             .arg(REVOKED_CHANNEL)
-            .arg(format!("{PREFIX}grant:"))
+            .arg(format!("{PREFIX}{GRANTS}"))
+            .arg(format!("{PREFIX}{OLD_GRANT}"))
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.fail(e))?;
@@ -354,7 +374,11 @@ impl Store for RedisStore {
 
     async fn revoke_grant(&self, grant_id: &str) -> StoreResult<usize> {
         let mut script = self.revoke_grant.key(grant_key(grant_id));
-        script.arg(format!("{PREFIX}tok:")).arg(REVOKED_CHANNEL);
+        script
+            .key(old_grant_key(grant_id))
+            .arg(format!("{PREFIX}tok:"))
+            .arg(REVOKED_CHANNEL)
+            .arg(unix_now());
         // Revoking a grant twice revokes nothing more.
         let script = &script;
         let members: Vec<String> = self
