@@ -38,6 +38,10 @@ pub enum GatewayError {
     /// and CONNECT (a tunnel to anywhere the gateway can reach) are never proxied.
     #[error("TRACE and CONNECT are not proxied")]
     MethodNotAllowed,
+    /// RFC 9112 6.1: a transfer coding other than chunked (hyper undoes only chunked; the
+    /// rest would reach the upstream still applied, and unannounced).
+    #[error("only the chunked transfer coding is supported")]
+    UnsupportedTransferCoding,
     #[error("{1}")]
     OAuth(OAuthErrorCode, String),
 }
@@ -97,6 +101,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::ClientTooSlow => StatusCode::REQUEST_TIMEOUT,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             GatewayError::OAuth(code, _) => code.status(),
         }
     }
@@ -115,6 +120,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "gateway_timeout",
             GatewayError::ClientTooSlow => "request_timeout",
             GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::UnsupportedTransferCoding => "not_implemented",
             GatewayError::OAuth(code, _) => code.as_str(),
         }
     }

@@ -58,6 +58,20 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
+/// Is every Transfer-Encoding of the request the one coding the gateway undoes, chunked (or is
+/// there none)? RFC 9112 6.1: others get 501. Pure.
+pub fn transfer_coding_supported(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii);
+    match codings.next() {
+        None => true,
+        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
+}
+
 /// Names a client may not set: the gateway's identity headers (any `X-Authenticated-*`).
 fn is_identity(name: &str) -> bool {
     name.starts_with("x-authenticated-")
@@ -878,5 +892,23 @@ mod tests {
         assert!(query_has_token(Some("access_token")));
         assert!(!query_has_token(Some("my_access_token=1")));
         assert!(!query_has_token(None));
+    }
+
+    #[test]
+    fn only_chunked_is_a_supported_transfer_coding() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, hv(v));
+            }
+            transfer_coding_supported(&h)
+        };
+        assert!(with(&[]));
+        assert!(with(&["chunked"]));
+        assert!(with(&["Chunked "]));
+        assert!(!with(&["gzip, chunked"]));
+        assert!(!with(&["gzip", "chunked"]));
+        assert!(!with(&["chunked, chunked"]));
+        assert!(!with(&["identity"]));
     }
 }

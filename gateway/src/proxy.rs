@@ -133,6 +133,9 @@ async fn forward(
             "the request has more than one Host header",
         ));
     }
+    if !headers::transfer_coding_supported(req.headers()) {
+        return Err(GatewayError::UnsupportedTransferCoding);
+    }
     // RFC 9112 3.2.2: a proxy replaces Host with an absolute-form target's authority, so the
     // route, X-Forwarded-Host and the upstream all see the one a front proxy would route by.
     if let Some(authority) = req.uri().authority() {
@@ -286,6 +289,17 @@ async fn forward(
         upstream_host: api.target.host(),
     };
     headers::rewrite_request(req.headers_mut(), &identity, &fwd);
+    // A GET or HEAD whose body came chunked (no length): hyper would send it upstream as an
+    // empty body unless told otherwise, and the body would be lost.
+    if matches!(*req.method(), Method::GET | Method::HEAD)
+        && !hyper::body::Body::is_end_stream(req.body())
+        && !req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        req.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
 
     let deadline = tokio::time::Instant::from_std(arrived) + api.timeout;
     // Boxed: the exchange's state is large, and this future is moved whole several times.

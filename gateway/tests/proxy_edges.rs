@@ -510,3 +510,49 @@ async fn an_upload_longer_than_the_api_timeout_is_not_a_504() {
     stop_tx.send(()).unwrap();
     served.await.unwrap().unwrap();
 }
+
+/// A GET whose body comes chunked reaches the upstream with that body (hyper alone would send
+/// a GET of unknown length as empty); a transfer coding other than chunked is 501 (RFC 9112
+/// 6.1), not passed on still applied to the bytes.
+#[tokio::test]
+async fn chunked_get_bodies_are_forwarded_and_other_transfer_codings_refused() {
+    use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::new(100).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = listeners[0].local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(serve_workers(
+        listeners,
+        Public::new(h.state.clone()),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let send = |method: &str, coding: &str| {
+        let request = format!(
+            "{method} /mobile/search HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut buf = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+    };
+    let get = send("GET", "chunked").await;
+    assert!(get.starts_with("HTTP/1.1 200"), "{get}");
+    assert!(get.contains(r#""bodyBytes":5"#), "{get}");
+    let post = send("POST", "chunked").await;
+    assert!(post.contains(r#""bodyBytes":5"#), "{post}");
+    let gzip = send("POST", "gzip, chunked").await;
+    assert!(gzip.starts_with("HTTP/1.1 501"), "{gzip}");
+    assert!(gzip.contains("not_implemented"), "{gzip}");
+    stop_tx.send(()).unwrap();
+    served.await.unwrap().unwrap();
+}
