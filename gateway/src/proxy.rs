@@ -98,19 +98,25 @@ fn status_class(s: http::StatusCode) -> usize {
     }
 }
 
-/// When the upstream's response head is due, once `timeout` from the request's arrival has
-/// passed: for a request body still being sent, not yet (`timeout` from now, asked again then);
-/// for one sent, `timeout` after its last byte went out, as nginx counts proxy_read_timeout
-/// from the end of sending. An upload is bounded by the client's own pace instead (at most 30 s
-/// between body pieces, `server.rs`). None: no body, so the first deadline stands. Pure.
+/// When the upstream's response head is due, asked each time the current deadline passes
+/// (first `timeout` after the request arrived). A request body decides (nginx counts
+/// proxy_read_timeout from the end of sending, proxy_send_timeout between writes):
+/// - sent: `timeout` after its last byte went out;
+/// - hyper is waiting for the client's next piece: not yet (`timeout` from now). The client's
+///   own pace bounds that (at most 30 s between pieces, `server.rs`);
+/// - hyper holds a piece the upstream does not take (or the connection is not up): `timeout`
+///   after hyper last took one, or never if it never asked.
+///
+/// None: no body, so the deadline that passed stands. Pure.
 fn head_due(
-    body_sent: Option<Option<std::time::Instant>>,
+    body: Option<upstream::Progress>,
     now: std::time::Instant,
     timeout: std::time::Duration,
 ) -> Option<std::time::Instant> {
-    match body_sent? {
-        None => now.checked_add(timeout),
-        Some(at) => at.checked_add(timeout),
+    match body? {
+        upstream::Progress::Sent(at) => at.checked_add(timeout),
+        upstream::Progress::WaitingForClient => now.checked_add(timeout),
+        upstream::Progress::Taken(at) => at?.checked_add(timeout),
     }
 }
 
@@ -139,6 +145,11 @@ async fn forward(
     // RFC 9112 3.2.2: a proxy replaces Host with an absolute-form target's authority, so the
     // route, X-Forwarded-Host and the upstream all see the one a front proxy would route by.
     if let Some(authority) = req.uri().authority() {
+        if authority.as_str().contains('@') {
+            return Err(GatewayError::InvalidRequest(
+                "the request target must not name a user",
+            ));
+        }
         let value = HeaderValue::from_str(authority.as_str())
             .map_err(|_| GatewayError::InvalidRequest("the request target has an invalid host"))?;
         req.headers_mut().insert(header::HOST, value);
@@ -316,7 +327,7 @@ async fn forward(
             match tokio::time::timeout_at(deadline, exchange.as_mut()).await {
                 Err(elapsed) => {
                     let now = std::time::Instant::now();
-                    match head_due(body_sent.as_deref().map(|b| b.at()), now, api.timeout) {
+                    match head_due(body_sent.as_deref().map(|b| b.progress()), now, api.timeout) {
                         Some(later) if later > now => {
                             deadline = tokio::time::Instant::from_std(later);
                         }
@@ -382,24 +393,33 @@ mod tests {
     #[test]
     fn the_response_head_is_due_a_timeout_after_the_body_was_sent() {
         use std::time::{Duration, Instant};
+        use upstream::Progress::*;
         let (t0, timeout) = (Instant::now(), Duration::from_secs(30));
+        let at = |s| t0 + Duration::from_secs(s);
         // No body: the deadline from arrival stands.
-        assert_eq!(head_due(None, t0 + timeout, timeout), None);
-        // Still uploading at the deadline: asked again a timeout later.
+        assert_eq!(head_due(None, at(30), timeout), None);
+        // Waiting for the client's next piece: asked again a timeout later.
         assert_eq!(
-            head_due(Some(None), t0 + timeout, timeout),
-            Some(t0 + timeout * 2)
+            head_due(Some(WaitingForClient), at(30), timeout),
+            Some(at(60))
         );
         // Sent at 50 s: due at 80 s, whenever asked.
-        let sent = t0 + Duration::from_secs(50);
+        assert_eq!(head_due(Some(Sent(at(50))), at(60), timeout), Some(at(80)));
         assert_eq!(
-            head_due(Some(Some(sent)), t0 + timeout * 2, timeout),
-            Some(sent + timeout)
-        );
-        assert_eq!(
-            head_due(Some(Some(t0)), t0 + timeout, timeout),
-            Some(t0 + timeout),
+            head_due(Some(Sent(t0)), at(30), timeout),
+            Some(at(30)),
             "sent at once: no later than the first deadline"
         );
+        // The upstream stopped taking the body at 40 s: due at 70 s, not later.
+        assert_eq!(
+            head_due(Some(Taken(Some(at(40)))), at(60), timeout),
+            Some(at(70))
+        );
+        assert_eq!(
+            head_due(Some(Taken(Some(at(40)))), at(70), timeout),
+            Some(at(70))
+        );
+        // Never taken a byte (no connection, a hung TLS handshake): the first deadline stands.
+        assert_eq!(head_due(Some(Taken(None)), at(30), timeout), None);
     }
 }

@@ -132,36 +132,49 @@ fn prefix_matches_ignoring_case(prefix: &str, path: &str) -> bool {
     }
 }
 
-/// Is this a Host header value (RFC 9112 3.2, RFC 3986 3.2.2 host and port)? Registered names,
-/// IPv4 and bracketed IPv6 literals with an optional port: no user info, path, spaces or
-/// backslashes, which a backend might read differently from the gateway. A byte scan: it runs
-/// on every proxied request.
+/// Is this a Host header value (RFC 9112 3.2, RFC 3986 3.2.2 host and port)? A name of
+/// letters, digits, `-`, `.`, `_` and `~`, or a bracketed IPv6 literal, then optionally `:` and
+/// 1-5 digits. Nothing else: a comma (`api.example.com:443,evil.example` routed by its first
+/// part while a backend reading the last list item saw the second), user info, a path, a
+/// space or a backslash would let a backend read another host than the gateway routed by.
+/// A byte scan: it runs on every proxied request.
 pub fn valid_host(h: &[u8]) -> bool {
-    !h.is_empty()
-        && h.iter().all(|&b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                        | b':'
-                        | b'['
-                        | b']'
-                )
-        })
+    let (host, port) = match h.first() {
+        Some(b'[') => match h.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let literal = &h[1..end];
+                if literal.is_empty()
+                    || !literal
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+                {
+                    return false;
+                }
+                (&h[..=end], &h[end + 1..])
+            }
+            None => return false,
+        },
+        _ => {
+            let end = h.iter().position(|&b| b == b':').unwrap_or(h.len());
+            let name = &h[..end];
+            if name.is_empty()
+                || !name
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+            {
+                return false;
+            }
+            (name, &h[end..])
+        }
+    };
+    !host.is_empty()
+        && match port {
+            [] => true,
+            [b':', digits @ ..] => {
+                (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit)
+            }
+            _ => false,
+        }
 }
 
 /// Host header value without port, for matching against an Api's `hosts` (already lowercase).
@@ -455,6 +468,18 @@ mod tests {
             "api.example.com\\x",
             "a\"b",
             "a<b>",
+            "api.example.com:443,evil.example",
+            "api.example.com;x",
+            "gw.test:abc",
+            "gw.test:",
+            "gw.test:123456",
+            "gw.test:80:80",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "[::1]:",
+            "[fe80::1%25eth0]",
+            "a%41.example",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad}");
         }

@@ -7,6 +7,7 @@
 //! reuses it without a task switch.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -65,14 +66,40 @@ impl Key {
     }
 }
 
-struct Idle {
+/// One upstream connection: how to send on it, and its driver task.
+pub struct Conn {
     sender: SendRequest<RequestBody>,
+    driver: tokio::task::AbortHandle,
+}
+
+/// Ends a connection whose exchange was given up before the response head came (the proxy's
+/// deadline passed, or its client went away): otherwise its driver would go on writing the
+/// request body to an upstream that does not read it, or waiting for an answer, for ever,
+/// holding the client's connection and body with it.
+struct EndUnlessAnswered(Option<tokio::task::AbortHandle>);
+
+impl EndUnlessAnswered {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for EndUnlessAnswered {
+    fn drop(&mut self) {
+        if let Some(driver) = self.0.take() {
+            driver.abort();
+        }
+    }
+}
+
+struct Idle {
+    conn: Conn,
     since: Instant,
 }
 
 impl Idle {
     fn usable(&self, now: Instant) -> bool {
-        !self.sender.is_closed() && now.duration_since(self.since) < IDLE_TIMEOUT
+        !self.conn.sender.is_closed() && now.duration_since(self.since) < IDLE_TIMEOUT
     }
 }
 
@@ -84,12 +111,12 @@ struct Pool {
 
 impl Pool {
     /// The most recently used open connection to `key`; stale and closed ones are dropped.
-    fn checkout(&self, key: &Key, now: Instant) -> Option<SendRequest<RequestBody>> {
+    fn checkout(&self, key: &Key, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
         while let Some(entry) = list.pop() {
             if entry.usable(now) {
-                return Some(entry.sender);
+                return Some(entry.conn);
             }
         }
         None
@@ -105,15 +132,15 @@ impl Pool {
     }
 
     /// Stale entries are left to `checkout` and the sweeper.
-    fn put(&self, key: Key, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
+    fn put(&self, key: Key, conn: Conn) {
+        if conn.sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_UPSTREAM {
             list.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -202,17 +229,14 @@ impl Target {
 
 /// A new connection to `target`. With `upgrades`, a 101 answer hands the connection over
 /// (`hyper::upgrade::on` on the response) instead of ending it.
-async fn connect(
-    target: &Target,
-    upgrades: bool,
-) -> Result<SendRequest<RequestBody>, UpstreamError> {
+async fn connect(target: &Target, upgrades: bool) -> Result<Conn, UpstreamError> {
     let connector = CONNECTOR.with(Clone::clone);
     let io = connector
         .oneshot(target.dial.clone())
         .await
         .map_err(UpstreamError::Connect)?;
     let (sender, conn) = http1::handshake(io).await?;
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         let ended = if upgrades {
             conn.with_upgrades().await
         } else {
@@ -222,7 +246,10 @@ async fn connect(
             tracing::debug!(error = %e, "upstream connection ended");
         }
     });
-    Ok(sender)
+    Ok(Conn {
+        sender,
+        driver: driver.abort_handle(),
+    })
 }
 
 /// `req` taken apart, with the upstream's own Host unless it names one.
@@ -253,10 +280,12 @@ pub async fn send_upgrade(
             at_end: MarkSent(None),
         },
     );
-    let mut sender = Box::pin(connect(target, true)).await?;
-    let resp = ready_and_send(&mut sender, req)
+    let mut conn = Box::pin(connect(target, true)).await?;
+    let unanswered = EndUnlessAnswered(Some(conn.driver.clone()));
+    let resp = ready_and_send(&mut conn.sender, req)
         .await
         .map_err(|e| UpstreamError::Http(e.into_error()))?;
+    unanswered.answered();
     let (parts, body) = resp.into_parts();
     let at_end = ReturnToPool {
         request_sent: None,
@@ -299,16 +328,18 @@ pub async fn send(
     let reused = pooled.is_some();
     // connect's future is large (dialer, TLS, handshake: 2.4 KB) and rarely runs; boxed, it no
     // longer sizes this future, which every request moves several times.
-    let mut sender = match pooled {
-        Some(s) => s,
+    let mut conn = match pooled {
+        Some(c) => c,
         None => Box::pin(connect(target, false)).await?,
     };
-    let resp = match ready_and_send(&mut sender, req).await {
+    let mut unanswered = EndUnlessAnswered(Some(conn.driver.clone()));
+    let resp = match ready_and_send(&mut conn.sender, req).await {
         Ok(resp) => resp,
         Err(mut e) if reused => match e.take_message() {
             Some(req) => {
-                sender = Box::pin(connect(target, false)).await?;
-                ready_and_send(&mut sender, req)
+                conn = Box::pin(connect(target, false)).await?;
+                unanswered.0 = Some(conn.driver.clone());
+                ready_and_send(&mut conn.sender, req)
                     .await
                     .map_err(|e| UpstreamError::Http(e.into_error()))?
             }
@@ -316,10 +347,11 @@ pub async fn send(
         },
         Err(e) => return Err(UpstreamError::Http(e.into_error())),
     };
+    unanswered.answered();
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(
         parts,
-        upstream_body(body, body_idle, sent, pool, target.key, sender),
+        upstream_body(body, body_idle, sent, pool, target.key, conn),
     ))
 }
 
@@ -345,6 +377,9 @@ pub struct Watched<B, E> {
 pub trait AtEnd: Unpin {
     fn ended(&mut self);
     fn failed(&mut self);
+    /// Each poll of the body: whether it had nothing yet (`pending`). Most watchers ignore it.
+    #[inline]
+    fn polled(&mut self, _pending: bool) {}
 }
 
 impl<B, E> hyper::body::Body for Watched<B, E>
@@ -360,7 +395,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        this.at_end.polled(poll.is_pending());
+        let frame = ready!(poll);
         match &frame {
             None => this.at_end.ended(),
             Some(Ok(_)) if this.inner.is_end_stream() => this.at_end.ended(),
@@ -386,29 +423,86 @@ pub type RequestBody = Watched<Body, MarkSent>;
 
 pub struct MarkSent(Option<Arc<BodySent>>);
 
-/// When hyper took the last frame of a request body, once it has.
-#[derive(Default)]
-pub struct BodySent(std::sync::OnceLock<Instant>);
+/// How far hyper has got with sending a request body upstream, for the response-head deadline
+/// (`proxy::head_due`) and for pooling (a connection is reused only once the body is all sent).
+pub struct BodySent {
+    base: Instant,
+    /// Nanoseconds after `base`, plus one (0: not yet): when hyper took the body's last frame.
+    done: AtomicU64,
+    /// The same for the last time hyper asked for more of the body.
+    asked: AtomicU64,
+    /// Whether that ask found nothing yet: hyper is waiting for the client, not the other way.
+    waiting_for_client: AtomicBool,
+}
+
+/// Where a request body is, as `BodySent::progress` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// All sent, at that instant.
+    Sent(Instant),
+    /// The upstream side wants more and the client has not sent it yet.
+    WaitingForClient,
+    /// Hyper last asked for more at that instant (None: never), and has the last piece in hand:
+    /// the upstream is not taking it (or the connection is not up yet).
+    Taken(Option<Instant>),
+}
 
 impl BodySent {
     /// One for a request that has a body to send, None for one without (nothing to wait for).
     pub fn for_body(body: &Body) -> Option<Arc<BodySent>> {
-        (!hyper::body::Body::is_end_stream(body)).then(Arc::default)
+        (!hyper::body::Body::is_end_stream(body)).then(|| {
+            Arc::new(BodySent {
+                base: Instant::now(),
+                done: AtomicU64::new(0),
+                asked: AtomicU64::new(0),
+                waiting_for_client: AtomicBool::new(false),
+            })
+        })
     }
 
+    fn stamp(&self, at: &AtomicU64) {
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        at.store(nanos + 1, Ordering::Release);
+    }
+
+    fn read(&self, at: &AtomicU64) -> Option<Instant> {
+        match at.load(Ordering::Acquire) {
+            0 => None,
+            n => self.base.checked_add(Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// When the last frame was taken, once it has been.
     pub fn at(&self) -> Option<Instant> {
-        self.0.get().copied()
+        self.read(&self.done)
+    }
+
+    pub fn progress(&self) -> Progress {
+        if let Some(at) = self.at() {
+            Progress::Sent(at)
+        } else if self.waiting_for_client.load(Ordering::Acquire) {
+            Progress::WaitingForClient
+        } else {
+            Progress::Taken(self.read(&self.asked))
+        }
     }
 }
 
 impl AtEnd for MarkSent {
     fn ended(&mut self) {
         if let Some(sent) = &self.0 {
-            let _ = sent.0.set(Instant::now());
+            sent.stamp(&sent.done);
         }
     }
 
     fn failed(&mut self) {}
+
+    fn polled(&mut self, pending: bool) {
+        if let Some(sent) = &self.0 {
+            sent.stamp(&sent.asked);
+            sent.waiting_for_client.store(pending, Ordering::Release);
+        }
+    }
 }
 
 /// The upstream's response body; returns its connection to the pool when read to the end and
@@ -418,16 +512,16 @@ pub type UpstreamBody = Watched<Deadline<Incoming>, ReturnToPool>;
 
 pub struct ReturnToPool {
     request_sent: Option<Arc<BodySent>>,
-    back: Option<(Arc<Pool>, Key, SendRequest<RequestBody>)>,
+    back: Option<(Arc<Pool>, Key, Conn)>,
 }
 
 impl AtEnd for ReturnToPool {
     fn ended(&mut self) {
         let request_done = self.request_sent.as_ref().is_none_or(|s| s.at().is_some());
-        if let Some((pool, key, sender)) = self.back.take()
+        if let Some((pool, key, conn)) = self.back.take()
             && request_done
         {
-            pool.put(key, sender);
+            pool.put(key, conn);
         }
     }
 
@@ -443,11 +537,11 @@ fn upstream_body(
     request_sent: Option<Arc<BodySent>>,
     pool: Arc<Pool>,
     key: Key,
-    sender: SendRequest<RequestBody>,
+    conn: Conn,
 ) -> UpstreamBody {
     let mut at_end = ReturnToPool {
         request_sent,
-        back: Some((pool, key, sender)),
+        back: Some((pool, key, conn)),
     };
     // An empty body (204, Content-Length: 0) is never polled: release now.
     if hyper::body::Body::is_end_stream(&inner) {

@@ -376,8 +376,8 @@ async fn a_request_head_far_over_64_kib_gets_431() {
     }));
     let answer = |tokens: usize| {
         let head = format!(
-            "GET /mobile/hello HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\nConnection: {}x-other\r\nX-Other: 1\r\n\r\n",
-            "a,".repeat(tokens)
+            "GET /mobile/hello HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\nConnection: x-other{}\r\nX-Other: 1\r\n\r\n",
+            ",a".repeat(tokens)
         );
         async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -555,4 +555,73 @@ async fn chunked_get_bodies_are_forwarded_and_other_transfer_codings_refused() {
     assert!(gzip.contains("not_implemented"), "{gzip}");
     stop_tx.send(()).unwrap();
     served.await.unwrap().unwrap();
+}
+
+/// An upstream that accepts the connection but never reads the request body gets no more time
+/// than /mobile's 1 s timeout from when it stopped taking the body: 504, not a request that
+/// waits as long as the client keeps trying to send. The abandoned upstream connection is
+/// closed, so it does not hold the client's connection (and the gateway's shutdown) for ever.
+#[tokio::test]
+async fn an_upstream_that_stops_taking_the_body_gets_a_504() {
+    use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deaf = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = deaf.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (tcp, _) = deaf.accept().await.unwrap();
+            held.push(tcp); // never read, never answered
+        }
+    });
+    let h = Harness::with_manifests(manifests(&format!("http://{upstream}"), 100), upstream).await;
+    let token = h.cc_token("svc-mobile", None).await;
+    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = listeners[0].local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(serve_workers(
+        listeners,
+        Public::new(h.state.clone()),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    const BODY: usize = 64 << 20; // far more than the sockets between us and the upstream hold
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = s.into_split();
+    let started = std::time::Instant::now();
+    let sender = tokio::spawn(async move {
+        let head = format!(
+            "POST /mobile/upload HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\nContent-Length: {BODY}\r\n\r\n"
+        );
+        write.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..BODY / chunk.len() {
+            if write.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), read.read(&mut buf))
+        .await
+        .expect("an answer within 20 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    // The client goes away (the gateway would otherwise wait for the rest of the body).
+    sender.abort();
+    drop(read);
+    stop_tx.send(()).unwrap();
+    // Only once the abandoned upstream exchange let go of the connection can the gateway stop.
+    tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("the gateway's connections ended")
+        .unwrap()
+        .unwrap();
 }

@@ -397,8 +397,9 @@ async fn a_refresh_token_or_code_about_to_expire_is_refused_and_revokes_nothing(
         .put_token(hash(&access), record(TokenKind::Access, now + 3600))
         .await
         .unwrap();
+    // At the margin: 2 s left is refused too.
     store
-        .put_token(hash(&refresh), record(TokenKind::Refresh, now + 1))
+        .put_token(hash(&refresh), record(TokenKind::Refresh, now + 2))
         .await
         .unwrap();
     let body = format!("grant_type=refresh_token&client_id=app-mobile&refresh_token={refresh}");

@@ -143,15 +143,22 @@ async fn main() -> anyhow::Result<()> {
     // SIGTERM (a rollout, a drain): stop reconciling and give the Lease up, so the standby takes
     // over at its next round (2 s) instead of after LEASE_DURATION. As PID 1 in its container
     // the process would otherwise ignore SIGTERM and wait for SIGKILL.
+    // One lease round or the release at a time, and no round after the release: a round that
+    // renewed after it would keep the Lease held by a process about to exit.
+    let rounds = Arc::new(tokio::sync::Mutex::new(()));
+    let stopping = Arc::new(AtomicBool::new(false));
     {
         let elector = elector.clone();
         let is_leader = is_leader.clone();
+        let (rounds, stopping) = (rounds.clone(), stopping.clone());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::spawn(async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
+            stopping.store(true, Ordering::SeqCst);
+            let _no_more_rounds = rounds.lock().await;
             if is_leader.swap(false, Ordering::SeqCst) {
                 match tokio::time::timeout(Duration::from_secs(3), elector.release()).await {
                     Ok(Ok(())) => tracing::info!("released the leader lease"),
@@ -171,6 +178,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move {
             let mut last_renew = std::time::Instant::now();
             loop {
+                let round_lock = rounds.lock().await;
+                if stopping.load(Ordering::SeqCst) {
+                    return; // the release has been or is being done; the process exits
+                }
                 let was = is_leader.load(Ordering::SeqCst);
                 let Some(budget) = leader::round_budget(was, last_renew.elapsed()) else {
                     tracing::error!("could not renew the lease in time; exiting");
@@ -210,6 +221,7 @@ async fn main() -> anyhow::Result<()> {
                 // A standby is ready (it can take over); the leader once it has reconciled.
                 let leading = is_leader.load(Ordering::SeqCst);
                 ready.store(!leading || synced.load(Ordering::SeqCst), Ordering::SeqCst);
+                drop(round_lock);
                 tokio::time::sleep(leader::pause(leading, round_ok)).await;
             }
         });

@@ -514,6 +514,50 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
         "{}",
         describe(&trusted)
     );
+    // One an admin trusted keeps its trust only while it stays what was trusted.
+    kube.apply(
+        "apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: trusty, namespace: demo}
+spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
+",
+    );
+    let note = kube.kubectl(&[
+        "--as=alice",
+        "--as-group=devs",
+        "annotate",
+        "subscriptions.gatehouse.dev",
+        "trusty",
+        "-n",
+        "demo",
+        "example.com/note=fine",
+    ]);
+    assert!(note.status.success(), "{}", describe(&note));
+    let moved = kube.kubectl(&[
+        "--as=alice",
+        "--as-group=devs",
+        "patch",
+        "subscriptions.gatehouse.dev",
+        "trusty",
+        "-n",
+        "demo",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"plan":"basic"}}"#,
+    ]);
+    assert!(
+        !moved.status.success()
+            && String::from_utf8_lossy(&moved.stderr).contains("may mark a Subscription trusted"),
+        "{}",
+        describe(&moved)
+    );
+    kube.kubectl_ok(&[
+        "delete",
+        "subscriptions.gatehouse.dev",
+        "trusty",
+        "-n",
+        "demo",
+    ]);
 
     // The cluster admin (system:masters) approves.
     kube.kubectl_ok(&[

@@ -13,7 +13,11 @@ fn loopback_parts(uri: &str) -> Option<(&'static str, &str)> {
         .find_map(|ip| uri.strip_prefix(ip).map(|after| (ip, after)))?;
     let rest = match after.strip_prefix(':') {
         Some(port) => {
+            // 1-5 digits: `parse` alone would take any number of leading zeros.
             let digits = port.bytes().take_while(u8::is_ascii_digit).count();
+            if digits > 5 {
+                return None;
+            }
             port[..digits].parse::<u16>().ok()?;
             &port[digits..]
         }
@@ -131,6 +135,7 @@ mod tests {
             "http://127.0.0.1:/callback",
             "http://127.0.0.1:65536/callback",
             "http://127.0.0.1:+5/callback",
+            "http://127.0.0.1:000005/callback",
             "http://127.0.0.1.example.com/callback",
             "http://127.0.0.1:5.example.com/callback",
             "http://127.0.0.1:5@evil.example/callback",

@@ -358,7 +358,17 @@ async fn authorization_code(
         Ok(()) => store.kv_take(&key).await.map(|taken| taken.is_some()),
         Err(e) => Err(e),
     };
-    answer_once(state, pair, spent, &record.grant_id, replayed).await
+    let presented = Presented {
+        grant_id: &record.grant_id,
+        expires_at: record.expires_at,
+    };
+    answer_once(state, pair, spent, presented, replayed).await
+}
+
+/// The code or refresh token a request presented: its grant family and when it expires.
+struct Presented<'a> {
+    grant_id: &'a str,
+    expires_at: u64,
 }
 
 /// Seconds a code or refresh token must have left to be redeemed. It is spent only after the
@@ -381,13 +391,23 @@ async fn answer_once(
     state: &AppState,
     pair: TokenResponse,
     spent: Result<bool, crate::store::StoreError>,
-    grant_id: &str,
+    presented: Presented<'_>,
     replayed: impl FnOnce(usize) -> GatewayError,
 ) -> Result<TokenResponse, GatewayError> {
     match spent {
         Ok(true) => Ok(pair),
+        // Not there to take because it expired while the pair was stored (a store slower than
+        // SPEND_MARGIN_SECONDS): no replay, so nothing is revoked beyond the unsent pair.
+        Ok(false) if presented.expires_at <= unix_now() => {
+            discard(state, &pair).await;
+            Err(invalid_grant(
+                "the authorization code or refresh token has expired",
+            ))
+        }
         Ok(false) => {
-            let n = revoke_family(state, grant_id).await.map_err(unavailable)?;
+            let n = revoke_family(state, presented.grant_id)
+                .await
+                .map_err(unavailable)?;
             Err(replayed(n))
         }
         Err(e) => {
@@ -546,7 +566,11 @@ async fn refresh_token(
         Ok(()) => state.store.revoke_token(&hash).await.map(|r| r.is_some()),
         Err(e) => Err(e),
     };
-    answer_once(state, pair, spent, &record.grant_id, reused).await
+    let presented = Presented {
+        grant_id: &record.grant_id,
+        expires_at: record.expires_at,
+    };
+    answer_once(state, pair, spent, presented, reused).await
 }
 
 /// Best effort: removes the tokens of a response that is not sent.

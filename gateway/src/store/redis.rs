@@ -30,8 +30,10 @@ pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
 /// first; returns the token hashes. PUBLISH goes first: when it is refused (an ACL without the
 /// channel) the script stops before it has changed anything.
 /// KEYS[1]: the grant's sorted set (token hash by expiry), KEYS[2]: its plain set as gateways
-/// before session 19 kept it (empty once their tokens have expired).
-/// ARGV[1]: the token key prefix, ARGV[2]: the revocation channel, ARGV[3]: now (unix s).
+/// before session 19 kept it (empty once their tokens have expired; a replica still running
+/// that version during a rolling upgrade revokes only the tokens that set lists).
+/// ARGV[1]: the token key prefix, ARGV[2]: the revocation channel, ARGV[3]: the expiry (unix s)
+/// up to which index entries are dropped first.
 const REVOKE_GRANT: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
@@ -115,6 +117,8 @@ fn grant_key(grant: &str) -> String {
     format!("{PREFIX}{GRANTS}{grant}")
 }
 const GRANTS: &str = "grants:";
+/// Index entries are dropped this long after their token's expiry.
+const PRUNE_SLACK_SECS: u64 = 60;
 
 /// The plain set earlier gateways kept per grant; revocation still reads it until its tokens
 /// have expired (at most the refresh token lifetime after an upgrade).
@@ -290,7 +294,9 @@ impl Store for RedisStore {
             .ignore()
             .zadd(&gk, hex::encode(hash), record.expires_at)
             .ignore()
-            .zrembyscore(&gk, "-inf", unix_now())
+            // A minute of slack: replicas' clocks differ, and a token another replica still
+            // accepts must stay revocable.
+            .zrembyscore(&gk, "-inf", unix_now().saturating_sub(PRUNE_SLACK_SECS))
             .ignore()
             // The grant set lives as long as its longest-lived token.
             .cmd("EXPIRE")
@@ -378,7 +384,7 @@ impl Store for RedisStore {
             .key(old_grant_key(grant_id))
             .arg(format!("{PREFIX}tok:"))
             .arg(REVOKED_CHANNEL)
-            .arg(unix_now());
+            .arg(unix_now().saturating_sub(PRUNE_SLACK_SECS));
         // Revoking a grant twice revokes nothing more.
         let script = &script;
         let members: Vec<String> = self
