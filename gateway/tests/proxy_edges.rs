@@ -316,17 +316,13 @@ async fn chunked_wins_over_a_conflicting_content_length_from_the_upstream() {
 /// upstream's 502/504), and the connection is closed; bodies that keep moving go through.
 #[tokio::test]
 async fn a_proxied_body_that_stalls_gets_408() {
-    use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+    use gatehouse_gateway::server::Public;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::new(100).await;
     let token = h.cc_token("svc-mobile", None).await;
-    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-    let addr = listeners[0].local_addr().unwrap();
-    let app = Public::new(h.state.clone()).client_timeout(Duration::from_millis(300));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(serve_workers(listeners, app, async move {
-        let _ = stop_rx.await;
-    }));
+    let listening =
+        Listening::start(Public::new(h.state.clone()).client_timeout(Duration::from_millis(300)));
+    let addr = listening.addr;
     let head = format!(
         "POST /mobile/upload HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\ncontent-length: 12\r\n\r\n"
     );
@@ -354,8 +350,7 @@ async fn a_proxied_body_that_stalls_gets_408() {
         .unwrap();
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    stop_tx.send(()).unwrap();
-    served.await.unwrap().unwrap();
+    listening.stop().await;
 }
 
 /// A request head well over 64 KiB gets 431 (hyper's default allowed about 400 KB; it checks
@@ -363,17 +358,12 @@ async fn a_proxied_body_that_stalls_gets_408() {
 /// Connection header of 30,000 tokens, is proxied without the header it names.
 #[tokio::test]
 async fn a_request_head_far_over_64_kib_gets_431() {
-    use gatehouse_gateway::server::{MAX_REQUEST_HEAD_BYTES, Public, bind_workers, serve_workers};
+    use gatehouse_gateway::server::{MAX_REQUEST_HEAD_BYTES, Public};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::new(100).await;
     let token = h.cc_token("svc-mobile", None).await;
-    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-    let addr = listeners[0].local_addr().unwrap();
-    let app = Public::new(h.state.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(serve_workers(listeners, app, async move {
-        let _ = stop_rx.await;
-    }));
+    let listening = Listening::start(Public::new(h.state.clone()));
+    let addr = listening.addr;
     let answer = |tokens: usize| {
         let head = format!(
             "GET /mobile/hello HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\nConnection: x-other{}\r\nX-Other: 1\r\n\r\n",
@@ -397,8 +387,7 @@ async fn a_request_head_far_over_64_kib_gets_431() {
     let (len, text) = answer(100_000).await;
     assert!(len > 3 * MAX_REQUEST_HEAD_BYTES, "{len}");
     assert!(text.starts_with("HTTP/1.1 431"), "{text}");
-    stop_tx.send(()).unwrap();
-    served.await.unwrap().unwrap();
+    listening.stop().await;
 }
 
 /// RFC 9112 3.2: an HTTP/1.1 request without Host, or with one that is not a host, is 400
@@ -406,20 +395,12 @@ async fn a_request_head_far_over_64_kib_gets_431() {
 /// route and X-Forwarded-Host follow the target a front proxy would route by.
 #[tokio::test]
 async fn host_is_required_valid_and_replaced_by_an_absolute_target() {
-    use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+    use gatehouse_gateway::server::Public;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::new(100).await;
     let token = h.cc_token("svc-mobile", None).await;
-    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-    let addr = listeners[0].local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(serve_workers(
-        listeners,
-        Public::new(h.state.clone()),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let listening = Listening::start(Public::new(h.state.clone()));
+    let addr = listening.addr;
     let send = |request_line: &str, host: Option<&str>| {
         let mut head =
             format!("{request_line}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n");
@@ -463,8 +444,7 @@ async fn host_is_required_valid_and_replaced_by_an_absolute_target() {
         absolute.contains(r#""x-forwarded-host":["target.example"]"#),
         "{absolute}"
     );
-    stop_tx.send(()).unwrap();
-    served.await.unwrap().unwrap();
+    listening.stop().await;
 }
 
 /// The Api's timeout counts from the end of the request body, not from its start: an upload
@@ -472,20 +452,12 @@ async fn host_is_required_valid_and_replaced_by_an_absolute_target() {
 /// answered, as nginx counts proxy_read_timeout after sending.
 #[tokio::test]
 async fn an_upload_longer_than_the_api_timeout_is_not_a_504() {
-    use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+    use gatehouse_gateway::server::Public;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::new(100).await;
     let token = h.cc_token("svc-mobile", None).await;
-    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-    let addr = listeners[0].local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(serve_workers(
-        listeners,
-        Public::new(h.state.clone()),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let listening = Listening::start(Public::new(h.state.clone()));
+    let addr = listening.addr;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
         format!(
@@ -507,8 +479,7 @@ async fn an_upload_longer_than_the_api_timeout_is_not_a_504() {
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains(r#""bodyBytes":6"#), "{text}");
-    stop_tx.send(()).unwrap();
-    served.await.unwrap().unwrap();
+    listening.stop().await;
 }
 
 /// A GET whose body comes chunked reaches the upstream with that body (hyper alone would send
@@ -516,20 +487,12 @@ async fn an_upload_longer_than_the_api_timeout_is_not_a_504() {
 /// 6.1), not passed on still applied to the bytes.
 #[tokio::test]
 async fn chunked_get_bodies_are_forwarded_and_other_transfer_codings_refused() {
-    use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+    use gatehouse_gateway::server::Public;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::new(100).await;
     let token = h.cc_token("svc-mobile", None).await;
-    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-    let addr = listeners[0].local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(serve_workers(
-        listeners,
-        Public::new(h.state.clone()),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let listening = Listening::start(Public::new(h.state.clone()));
+    let addr = listening.addr;
     let send = |method: &str, coding: &str| {
         let request = format!(
             "{method} /mobile/search HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
@@ -553,8 +516,7 @@ async fn chunked_get_bodies_are_forwarded_and_other_transfer_codings_refused() {
     let gzip = send("POST", "gzip, chunked").await;
     assert!(gzip.starts_with("HTTP/1.1 501"), "{gzip}");
     assert!(gzip.contains("not_implemented"), "{gzip}");
-    stop_tx.send(()).unwrap();
-    served.await.unwrap().unwrap();
+    listening.stop().await;
 }
 
 /// An upstream that accepts the connection but never reads the request body gets no more time
@@ -563,7 +525,7 @@ async fn chunked_get_bodies_are_forwarded_and_other_transfer_codings_refused() {
 /// closed, so it does not hold the client's connection (and the gateway's shutdown) for ever.
 #[tokio::test]
 async fn an_upstream_that_stops_taking_the_body_gets_a_504() {
-    use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+    use gatehouse_gateway::server::Public;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let deaf = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = deaf.local_addr().unwrap();
@@ -576,16 +538,8 @@ async fn an_upstream_that_stops_taking_the_body_gets_a_504() {
     });
     let h = Harness::with_manifests(manifests(&format!("http://{upstream}"), 100), upstream).await;
     let token = h.cc_token("svc-mobile", None).await;
-    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-    let addr = listeners[0].local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(serve_workers(
-        listeners,
-        Public::new(h.state.clone()),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let listening = Listening::start(Public::new(h.state.clone()));
+    let addr = listening.addr;
     const BODY: usize = 64 << 20; // far more than the sockets between us and the upstream hold
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut read, mut write) = s.into_split();
@@ -617,11 +571,6 @@ async fn an_upstream_that_stops_taking_the_body_gets_a_504() {
     // The client goes away (the gateway would otherwise wait for the rest of the body).
     sender.abort();
     drop(read);
-    stop_tx.send(()).unwrap();
     // Only once the abandoned upstream exchange let go of the connection can the gateway stop.
-    tokio::time::timeout(Duration::from_secs(10), served)
-        .await
-        .expect("the gateway's connections ended")
-        .unwrap()
-        .unwrap();
+    listening.stop().await;
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use gatehouse_gateway::server::{Public, bind_workers, serve_workers};
+use gatehouse_gateway::server::Public;
 use http::{HeaderMap, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -172,16 +172,8 @@ async fn a_checked_handshake_becomes_a_tunnel_and_nothing_else_does() {
     let yaml = manifests(&format!("http://{up}"), 6).replace("per: second", "per: minute");
     let h = Harness::with_manifests(yaml, up).await;
     let token = h.cc_token("svc-mobile", Some("profile")).await;
-    let listeners = bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-    let gw = listeners[0].local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(serve_workers(
-        listeners,
-        Public::new(h.state.clone()),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let listening = Listening::start(Public::new(h.state.clone()));
+    let gw = listening.addr;
 
     // Without a token: 401, and the upstream hears nothing.
     let (_, head) = handshake(gw, "/mobile/ws", None, "websocket").await;
@@ -286,8 +278,7 @@ async fn a_checked_handshake_becomes_a_tunnel_and_nothing_else_does() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    stop_tx.send(()).unwrap();
-    served.await.unwrap().unwrap();
+    listening.stop().await;
 }
 
 /// What an open tunnel asks every 30 s (`tunnel::RECHECK`): a live token of a subscription

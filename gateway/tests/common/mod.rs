@@ -250,3 +250,32 @@ pub async fn json(resp: Response<Body>) -> serde_json::Value {
 pub fn seen<'a>(echo: &'a serde_json::Value, name: &str) -> Option<&'a str> {
     echo["headers"][name].get(0).and_then(|v| v.as_str())
 }
+
+/// The public listener (one worker) on a free loopback port, serving `app`.
+pub struct Listening {
+    pub addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Listening {
+    pub fn start(app: server::Public) -> Listening {
+        let listeners = server::bind_workers("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(server::serve_workers(listeners, app, async move {
+            let _ = stopped.await;
+        }));
+        Listening { addr, stop, served }
+    }
+
+    /// Stops it and waits (at most 10 s) until its connections have ended.
+    pub async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.served)
+            .await
+            .expect("the gateway's connections ended")
+            .unwrap()
+            .unwrap();
+    }
+}
