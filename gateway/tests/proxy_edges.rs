@@ -359,26 +359,16 @@ async fn a_proxied_body_that_stalls_gets_408() {
 #[tokio::test]
 async fn a_request_head_far_over_64_kib_gets_431() {
     use gatehouse_gateway::server::{MAX_REQUEST_HEAD_BYTES, Public};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::new(100).await;
     let token = h.cc_token("svc-mobile", None).await;
     let listening = Listening::start(Public::new(h.state.clone()));
-    let addr = listening.addr;
     let answer = |tokens: usize| {
         let head = format!(
-            "GET /mobile/hello HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\nConnection: x-other{}\r\nX-Other: 1\r\n\r\n",
+            "GET /mobile/hello HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\nConnection: close,x-other{}\r\nX-Other: 1\r\n\r\n",
             ",a".repeat(tokens)
         );
-        async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(head.as_bytes()).await.unwrap();
-            let mut buf = vec![0u8; 8192];
-            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
-                .await
-                .expect("an answer")
-                .unwrap();
-            (head.len(), String::from_utf8_lossy(&buf[..n]).into_owned())
-        }
+        let listening = &listening;
+        async move { (head.len(), listening.exchange(&head).await) }
     };
     let (len, text) = answer(30_000).await;
     assert!(len < MAX_REQUEST_HEAD_BYTES, "{len}");
@@ -396,11 +386,9 @@ async fn a_request_head_far_over_64_kib_gets_431() {
 #[tokio::test]
 async fn host_is_required_valid_and_replaced_by_an_absolute_target() {
     use gatehouse_gateway::server::Public;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::new(100).await;
     let token = h.cc_token("svc-mobile", None).await;
     let listening = Listening::start(Public::new(h.state.clone()));
-    let addr = listening.addr;
     let send = |request_line: &str, host: Option<&str>| {
         let mut head =
             format!("{request_line}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n");
@@ -408,16 +396,8 @@ async fn host_is_required_valid_and_replaced_by_an_absolute_target() {
             head.push_str(&format!("Host: {host}\r\n"));
         }
         head.push_str("\r\n");
-        async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(head.as_bytes()).await.unwrap();
-            let mut buf = Vec::new();
-            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-                .await
-                .expect("an answer")
-                .unwrap();
-            String::from_utf8_lossy(&buf).into_owned()
-        }
+        let listening = &listening;
+        async move { listening.exchange(&head).await }
     };
     let ok = send("GET /mobile/hello HTTP/1.1", Some("gw.test")).await;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
@@ -488,25 +468,15 @@ async fn an_upload_longer_than_the_api_timeout_is_not_a_504() {
 #[tokio::test]
 async fn chunked_get_bodies_are_forwarded_and_other_transfer_codings_refused() {
     use gatehouse_gateway::server::Public;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::new(100).await;
     let token = h.cc_token("svc-mobile", None).await;
     let listening = Listening::start(Public::new(h.state.clone()));
-    let addr = listening.addr;
     let send = |method: &str, coding: &str| {
         let request = format!(
             "{method} /mobile/search HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
         );
-        async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(request.as_bytes()).await.unwrap();
-            let mut buf = Vec::new();
-            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-                .await
-                .expect("an answer")
-                .unwrap();
-            String::from_utf8_lossy(&buf).into_owned()
-        }
+        let listening = &listening;
+        async move { listening.exchange(&request).await }
     };
     let get = send("GET", "chunked").await;
     assert!(get.starts_with("HTTP/1.1 200"), "{get}");

@@ -255,13 +255,65 @@ mod flaky {
     }
 }
 
+/// A token of app-mobile's user u-1 in grant `grant`, as a code exchange stores it.
+fn user_token(
+    kind: gatehouse_gateway::store::TokenKind,
+    grant: &str,
+    expires_at: u64,
+) -> gatehouse_gateway::store::TokenRecord {
+    gatehouse_gateway::store::TokenRecord {
+        kind,
+        client_id: "app-mobile".into(),
+        subscription: "t/app-mobile".into(),
+        api: "t/mobile".into(),
+        user_id: Some("u-1".into()),
+        scope: "profile".into(),
+        grant_id: grant.into(),
+        issued_at: gatehouse_gateway::store::unix_now(),
+        expires_at,
+    }
+}
+
+/// Stores an authorization code for a new user `email` of app-mobile, as the consent step
+/// would, expiring at `expires_at`; returns the token request body that redeems it.
+async fn stored_code(h: &Harness, email: &str, grant: &str, expires_at: u64) -> String {
+    use base64::Engine;
+    use gatehouse_gateway::oauth::authorize::{CodeRecord, code_key};
+    use sha2::Digest;
+    let store = &*h.state.store;
+    let user = gatehouse_gateway::accounts::create(store, email, "x".into())
+        .await
+        .unwrap()
+        .unwrap();
+    let (code, verifier) = (gatehouse_gateway::tokens::generate(), "v".repeat(43));
+    let record = CodeRecord {
+        client_id: "app-mobile".into(),
+        redirect_uri: "myapp://cb".into(),
+        redirect_uri_sent: true,
+        code_challenge: base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(sha2::Sha256::digest(&verifier)),
+        user_id: user.id,
+        scope: "profile".into(),
+        grant_id: grant.into(),
+        expires_at,
+        subscription: "t/app-mobile".into(),
+        api: "t/mobile".into(),
+    };
+    gatehouse_gateway::store::kv::put(store, &code_key(&code), &record, 60)
+        .await
+        .unwrap();
+    format!(
+        "grant_type=authorization_code&client_id=app-mobile&redirect_uri=myapp%3A%2F%2Fcb&code={code}&code_verifier={verifier}"
+    )
+}
+
 /// A refresh or code exchange that cannot store its new pair answers 503 and spends nothing:
 /// the client's retry with the same refresh token or code works, and the access token it holds
 /// keeps working. (Spending first made that retry look like reuse or a replay, which revoked
 /// the whole family.)
 #[tokio::test]
 async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing() {
-    use gatehouse_gateway::store::{TokenKind, TokenRecord};
+    use gatehouse_gateway::store::TokenKind;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     let upstream = gatehouse_tests::echo::spawn().await;
@@ -284,17 +336,7 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
     let flaky = flaky.get().unwrap().clone();
     // A user's access and refresh token of app-mobile, as a code exchange leaves them.
     let now = gatehouse_gateway::store::unix_now();
-    let record = |kind| TokenRecord {
-        kind,
-        client_id: "app-mobile".into(),
-        subscription: "t/app-mobile".into(),
-        api: "t/mobile".into(),
-        user_id: Some("u-1".into()),
-        scope: "profile".into(),
-        grant_id: "g-1".into(),
-        issued_at: now,
-        expires_at: now + 3600,
-    };
+    let record = |kind| user_token(kind, "g-1", now + 3600);
     let (access, refresh) = (
         gatehouse_gateway::tokens::generate(),
         gatehouse_gateway::tokens::generate(),
@@ -327,35 +369,7 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
     assert_eq!(json(resp).await["error"], "invalid_grant");
 
     // The same for a code: not spent by an exchange whose tokens cannot be stored.
-    use gatehouse_gateway::oauth::authorize::{CodeRecord, code_key};
-    let user = gatehouse_gateway::accounts::create(&*store, "c@example.com", "x".into())
-        .await
-        .unwrap()
-        .unwrap();
-    let (code, verifier) = (gatehouse_gateway::tokens::generate(), "v".repeat(43));
-    let challenge = {
-        use base64::Engine;
-        use sha2::Digest;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(&verifier))
-    };
-    let code_record = CodeRecord {
-        client_id: "app-mobile".into(),
-        redirect_uri: "myapp://cb".into(),
-        redirect_uri_sent: true,
-        code_challenge: challenge,
-        user_id: user.id,
-        scope: "profile".into(),
-        grant_id: "g-2".into(),
-        expires_at: now + 60,
-        subscription: "t/app-mobile".into(),
-        api: "t/mobile".into(),
-    };
-    gatehouse_gateway::store::kv::put(&*store, &code_key(&code), &code_record, 60)
-        .await
-        .unwrap();
-    let body = format!(
-        "grant_type=authorization_code&client_id=app-mobile&redirect_uri=myapp%3A%2F%2Fcb&code={code}&code_verifier={verifier}"
-    );
+    let body = stored_code(&h, "c@example.com", "g-2", now + 60).await;
     flaky.fail_puts.store(true, Ordering::SeqCst);
     let resp = h.call(token_request(&body, None)).await;
     assert_eq!(resp.status(), 503);
@@ -371,23 +385,12 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
 /// be gone from the store: that read as reuse and revoked the family of a legitimate client.
 #[tokio::test]
 async fn a_refresh_token_or_code_about_to_expire_is_refused_and_revokes_nothing() {
-    use gatehouse_gateway::oauth::authorize::{CodeRecord, code_key};
-    use gatehouse_gateway::store::{TokenKind, TokenRecord};
+    use gatehouse_gateway::store::TokenKind;
 
     let h = Harness::new(100).await;
     let store = h.state.store.clone();
     let now = gatehouse_gateway::store::unix_now();
-    let record = |kind, expires_at| TokenRecord {
-        kind,
-        client_id: "app-mobile".into(),
-        subscription: "t/app-mobile".into(),
-        api: "t/mobile".into(),
-        user_id: Some("u-1".into()),
-        scope: "profile".into(),
-        grant_id: "g-1".into(),
-        issued_at: now,
-        expires_at,
-    };
+    let record = |kind, expires_at| user_token(kind, "g-1", expires_at);
     let (access, refresh) = (
         gatehouse_gateway::tokens::generate(),
         gatehouse_gateway::tokens::generate(),
@@ -416,34 +419,7 @@ async fn a_refresh_token_or_code_about_to_expire_is_refused_and_revokes_nothing(
         "the family was not revoked"
     );
 
-    let user = gatehouse_gateway::accounts::create(&*store, "d@example.com", "x".into())
-        .await
-        .unwrap()
-        .unwrap();
-    let (code, verifier) = (gatehouse_gateway::tokens::generate(), "v".repeat(43));
-    let challenge = {
-        use base64::Engine;
-        use sha2::Digest;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(&verifier))
-    };
-    let code_record = CodeRecord {
-        client_id: "app-mobile".into(),
-        redirect_uri: "myapp://cb".into(),
-        redirect_uri_sent: true,
-        code_challenge: challenge,
-        user_id: user.id,
-        scope: "profile".into(),
-        grant_id: "g-2".into(),
-        expires_at: now + 1,
-        subscription: "t/app-mobile".into(),
-        api: "t/mobile".into(),
-    };
-    gatehouse_gateway::store::kv::put(&*store, &code_key(&code), &code_record, 60)
-        .await
-        .unwrap();
-    let body = format!(
-        "grant_type=authorization_code&client_id=app-mobile&redirect_uri=myapp%3A%2F%2Fcb&code={code}&code_verifier={verifier}"
-    );
+    let body = stored_code(&h, "d@example.com", "g-2", now + 1).await;
     let resp = h.call(token_request(&body, None)).await;
     assert_eq!(resp.status(), 400);
     let v = json(resp).await;

@@ -279,3 +279,19 @@ impl Listening {
             .unwrap();
     }
 }
+
+impl Listening {
+    /// Sends `request` (raw bytes, which should ask for `Connection: close`) on a new connection
+    /// and returns everything the gateway answered before closing it (at most 10 s).
+    pub async fn exchange(&self, request: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf))
+            .await
+            .expect("an answer, then the connection closed")
+            .unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
