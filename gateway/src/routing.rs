@@ -178,12 +178,15 @@ pub fn valid_host(h: &[u8]) -> bool {
 }
 
 /// Host header value without port, for matching against an Api's `hosts` (already lowercase).
+/// A name's one trailing dot goes too: `api.example.com.` is the same absolute DNS name, and
+/// nginx and Envoy route it as `api.example.com`.
 pub fn host_without_port(host: &str) -> &str {
     if host.starts_with('[') {
         // IPv6 literal: keep the brackets, drop a port after them.
         return host.split_inclusive(']').next().unwrap_or(host);
     }
-    host.rsplit_once(':').map_or(host, |(h, _)| h)
+    let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    name.strip_suffix('.').unwrap_or(name)
 }
 
 /// The index of the Api serving this request: the longest matching pathPrefix among the Apis
@@ -403,6 +406,11 @@ mod tests {
             match_api(&apis, Some("API.example.com:8443"), "/mobile/x"),
             Some(1)
         );
+        // The absolute form of the name routes like the name.
+        assert_eq!(
+            match_api(&apis, Some("api.example.com.:8443"), "/mobile/x"),
+            Some(1)
+        );
         assert_eq!(match_api(&apis, Some("other"), "/mobile/x"), Some(2));
         assert_eq!(match_api(&apis, None, "/other"), Some(3));
         assert_eq!(match_api(&apis[..3], None, "/other"), None);
@@ -414,6 +422,10 @@ mod tests {
         assert_eq!(host_without_port("a.b"), "a.b");
         assert_eq!(host_without_port("[::1]:8080"), "[::1]");
         assert_eq!(host_without_port("[::1]"), "[::1]");
+        assert_eq!(host_without_port("a.b."), "a.b");
+        assert_eq!(host_without_port("a.b.:443"), "a.b");
+        // Only one dot: `a.b..` is no DNS name and matches nothing.
+        assert_eq!(host_without_port("a.b.."), "a.b.");
     }
 
     #[test]

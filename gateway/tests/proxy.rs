@@ -247,6 +247,12 @@ async fn hosts_restrict_an_api_and_unknown_paths_are_404() {
         "/other/x",
         "stripPrefix: false keeps the prefix"
     );
+    // The absolute (trailing-dot) form of the name is the same host.
+    let absolute = get("/other/x", Some(&token))
+        .header("host", "api.example.com.")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(h.call(absolute).await.status(), 200);
     let wrong_host = get("/other/x", Some(&token))
         .header("host", "evil.example.com")
         .body(Body::empty())
