@@ -49,6 +49,14 @@ pub fn generated_secret_name(subscription: &str) -> String {
     format!("{subscription}-credentials")
 }
 
+/// Label a Secret must carry (value `"true"`) before `spec.clientSecretRef` may name it. Without
+/// it, anyone allowed to create Subscriptions could point one at any Secret of the namespace (a
+/// database password, an API key) and have the gateways accept its value as a client secret:
+/// a guessing oracle for a Secret they cannot read. Kong's controller asks the same
+/// (`konghq.com/credential`). Secrets the operator generates need no label: only the operator
+/// names them, in the status.
+pub const CLIENT_SECRET_LABEL: &str = "gatehouse.dev/client-secret";
+
 /// Shortest client secret accepted, in bytes.
 pub const MIN_CLIENT_SECRET_BYTES: usize = 16;
 
@@ -1252,7 +1260,13 @@ fn compile_applications(
 // ------------------------------------------------------------------------------------ secrets
 
 /// (namespace, name) -> key -> bytes; `stringData` overrides `data` like the API server does.
-type SecretIndex = BTreeMap<Key, BTreeMap<String, Vec<u8>>>;
+/// A Secret's values, and whether it is labelled for use by `spec.clientSecretRef`.
+struct SecretValues {
+    values: BTreeMap<String, Vec<u8>>,
+    opted_in: bool,
+}
+
+type SecretIndex = BTreeMap<Key, SecretValues>;
 
 fn index_secrets(secrets: &[Secret]) -> SecretIndex {
     let mut out = SecretIndex::new();
@@ -1271,7 +1285,14 @@ fn index_secrets(secrets: &[Secret]) -> SecretIndex {
         for (name, value) in e.item.string_data.iter().flatten() {
             values.insert(name.clone(), value.as_bytes().to_vec());
         }
-        out.insert(k, values);
+        let opted_in = e
+            .item
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(CLIENT_SECRET_LABEL))
+            .is_some_and(|v| v == "true");
+        out.insert(k, SecretValues { values, opted_in });
     }
     out
 }
@@ -1615,12 +1636,19 @@ fn client_secret(
             return None;
         }
     };
-    let Some(values) = secrets.get(&key(ns, &reference.name)) else {
+    // One message for a Secret that is missing and one that is not labelled, and nothing about
+    // the keys or the length of an unlabelled one: the status must not tell a Subscription's
+    // author what Secrets they cannot read hold.
+    let needs_label = sub.spec.client_secret_ref.is_some();
+    let Some(SecretValues { values, .. }) = secrets
+        .get(&key(ns, &reference.name))
+        .filter(|s| s.opted_in || !needs_label)
+    else {
         issues.push(
             reasons::MISSING_CLIENT_SECRET,
             format!(
-                "Secret {} named by {field} does not exist in namespace {ns} (as an Opaque Secret); create it (kubectl create secret generic {} -n {ns} --from-literal={}=$(openssl rand -hex 32)) or remove spec.clientSecretRef to let the operator generate one",
-                reference.name, reference.name, reference.key
+                "Secret {} named by {field} does not exist in namespace {ns} as an Opaque Secret labelled {CLIENT_SECRET_LABEL}=true; create it (kubectl create secret generic {} -n {ns} --from-literal={}=$(openssl rand -hex 32) && kubectl label secret {} -n {ns} {CLIENT_SECRET_LABEL}=true), label an existing one, or remove spec.clientSecretRef to let the operator generate one",
+                reference.name, reference.name, reference.key, reference.name
             ),
         );
         return None;

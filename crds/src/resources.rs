@@ -297,7 +297,8 @@ pub struct SubscriptionSpec {
     /// Defaults to status.clientId (set by the operator), else the subscription's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
-    /// Confidential applications: Secret key holding the client secret.
+    /// Confidential applications: Secret key holding the client secret. The Secret (type
+    /// Opaque, same namespace) must be labelled gatehouse.dev/client-secret: "true".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret_ref: Option<SecretKeyRef>,
     /// Grants this client may use; a subset of the Api's. Default: the Api's grants that fit the

@@ -35,7 +35,7 @@ spec: {{clientType: confidential}}
 ---
 apiVersion: v1
 kind: Secret
-metadata: {{name: svc-credentials, namespace: t}}
+metadata: {{name: svc-credentials, namespace: t, labels: {{gatehouse.dev/client-secret: "true"}}}}
 stringData: {{clientSecret: "service-secret-0123456789abcdef0123"}}
 "#
     )

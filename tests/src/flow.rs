@@ -130,7 +130,7 @@ spec: {{clientType: confidential}}
 ---
 apiVersion: v1
 kind: Secret
-metadata: {{name: backend-credentials, namespace: {ns}}}
+metadata: {{name: backend-credentials, namespace: {ns}, labels: {{gatehouse.dev/client-secret: "true"}}}}
 stringData: {{clientSecret: "{BACKEND_SECRET}"}}
 ---
 apiVersion: gatehouse.dev/v1alpha1

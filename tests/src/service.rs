@@ -40,7 +40,7 @@ spec: {{clientType: confidential}}
 ---
 apiVersion: v1
 kind: Secret
-metadata: {{name: svc-credentials, namespace: r}}
+metadata: {{name: svc-credentials, namespace: r, labels: {{gatehouse.dev/client-secret: "true"}}}}
 stringData: {{clientSecret: "{SECRET}"}}
 ---
 apiVersion: gatehouse.dev/v1alpha1

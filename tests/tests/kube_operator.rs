@@ -892,6 +892,59 @@ spec:
         msg.contains("gold"),
         "message should name the missing plan: {orphan}"
     );
+    // clientSecretRef naming a Secret without the opt-in label (here, some other workload's
+    // password): not a client secret, and the status tells nothing of its content.
+    env.kube.apply(
+        "apiVersion: v1
+kind: Secret
+metadata: {name: db-password, namespace: demo}
+type: Opaque
+stringData: {password: not-a-client-secret-0123456789abcdef}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {name: borrower, namespace: demo}
+spec: {owner: dev@example.com, clientType: confidential, redirectUris: []}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: borrower-mobile, namespace: demo}
+spec:
+  application: borrower
+  api: mobile
+  plan: basic
+  grants: [client_credentials]
+  clientSecretRef: {name: db-password, key: password}
+",
+    );
+    let borrower = env.wait_phase("subscriptions.gatehouse.dev", "borrower-mobile", "Invalid");
+    let cond = &borrower["status"]["conditions"][0];
+    assert_eq!(cond["reason"], "MissingClientSecret", "{borrower}");
+    let msg = cond["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("labelled gatehouse.dev/client-secret=true"),
+        "{msg}"
+    );
+    // Labelling it is the owner's consent; the label changes the Secret's resourceVersion, so
+    // the operator reads it again.
+    env.kubectl_ok(&[
+        "label",
+        "secret",
+        "db-password",
+        "-n",
+        "demo",
+        "gatehouse.dev/client-secret=true",
+    ]);
+    let borrower = env.wait_phase("subscriptions.gatehouse.dev", "borrower-mobile", "Active");
+    let borrower_id = borrower["status"]["clientId"].as_str().expect("clientId");
+    env.wait(
+        "the labelled Secret's value works as the client secret",
+        Duration::from_secs(15),
+        || {
+            env.client_token(borrower_id, "not-a-client-secret-0123456789abcdef")
+                .ok()
+        },
+    );
     env.wait_phase("subscriptions.gatehouse.dev", "demo-app-mobile", "Active");
     env.wait_phase("apis.gatehouse.dev", "mobile", "Active");
     std::thread::sleep(Duration::from_secs(1));

@@ -34,7 +34,7 @@ spec: {{clientType: confidential}}
 ---
 apiVersion: v1
 kind: Secret
-metadata: {{name: svc-credentials, namespace: e2e}}
+metadata: {{name: svc-credentials, namespace: e2e, labels: {{gatehouse.dev/client-secret: "true"}}}}
 stringData: {{clientSecret: "{SECRET}"}}
 ---
 apiVersion: gatehouse.dev/v1alpha1

@@ -28,7 +28,7 @@ spec:
 ---
 apiVersion: v1
 kind: Secret
-metadata: {{name: credentials, namespace: e2e}}
+metadata: {{name: credentials, namespace: e2e, labels: {{gatehouse.dev/client-secret: "true"}}}}
 stringData: {{clientSecret: "{SECRET}"}}
 "#
     )

@@ -68,7 +68,7 @@ spec:
 ---
 apiVersion: v1
 kind: Secret
-metadata: {name: demo-service-mobile-credentials, namespace: demo}
+metadata: {name: demo-service-mobile-credentials, namespace: demo, labels: {gatehouse.dev/client-secret: "true"}}
 stringData: {clientSecret: demo-secret-change-me-0123456789abcdef}
 "#;
 
@@ -1379,7 +1379,7 @@ fn secret_is_read_from_data_and_string_data() {
     // Secret as the API server returns it: only `data` (base64 on the wire).
     add(
         &mut r,
-        "apiVersion: v1\nkind: Secret\nmetadata: {name: b64, namespace: demo}\ndata: {clientSecret: MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=}\n",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: b64, namespace: demo, labels: {gatehouse.dev/client-secret: \"true\"}}\ndata: {clientSecret: MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=}\n",
     );
     sub(&mut r, "demo-service-mobile")
         .spec
@@ -1409,8 +1409,55 @@ fn secret_is_read_from_data_and_string_data() {
 }
 
 #[test]
+fn a_secret_ref_needs_the_opt_in_label() {
+    let missing = {
+        let mut r = fixture();
+        r.secrets.clear();
+        get(&compile(&r), Kind::Subscription, "demo-service-mobile")
+            .message
+            .clone()
+    };
+    for labels in [
+        None,
+        Some([("gatehouse.dev/client-secret", "false")]),
+        Some([("app.kubernetes.io/name", "db")]),
+    ] {
+        let mut r = fixture();
+        r.secrets[0].metadata.labels =
+            labels.map(|l| l.map(|(k, v)| (k.to_string(), v.to_string())).into());
+        let c = compile(&r);
+        assert_invalid(
+            &c,
+            Kind::Subscription,
+            "demo-service-mobile",
+            reasons::MISSING_CLIENT_SECRET,
+            "labelled gatehouse.dev/client-secret=true",
+        );
+        assert!(client(&c, "demo-service-mobile").is_none());
+        // Word for word what a missing Secret says: nothing about an unlabelled one's keys or
+        // length, not even that it exists.
+        assert_eq!(
+            get(&c, Kind::Subscription, "demo-service-mobile").message,
+            missing,
+            "{labels:?}"
+        );
+    }
+    // An unlabelled Secret with a short value and no such key: still only "not labelled".
+    let mut r = fixture();
+    r.secrets[0].metadata.labels = None;
+    let s = sub(&mut r, "demo-service-mobile");
+    s.spec.client_secret_ref.as_mut().unwrap().key = "password".into();
+    let c = compile(&r);
+    let message = &get(&c, Kind::Subscription, "demo-service-mobile").message;
+    assert!(!message.contains("no key"), "{message}");
+    assert!(!message.contains("bytes long"), "{message}");
+}
+
+#[test]
 fn generated_credentials_secret_from_status_is_used() {
     let mut r = fixture();
+    // The operator's own Secret carries no opt-in label: only the operator names it.
+    r.secrets[0].metadata.labels = None;
     let s = sub(&mut r, "demo-service-mobile");
     s.spec.client_secret_ref = None;
     s.status = Some(crate::resources::ResourceStatus {

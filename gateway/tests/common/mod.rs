@@ -87,7 +87,7 @@ spec: {{clientType: public, redirectUris: ["myapp://cb"]}}
 ---
 apiVersion: v1
 kind: Secret
-metadata: {{name: svc-secret, namespace: t}}
+metadata: {{name: svc-secret, namespace: t, labels: {{gatehouse.dev/client-secret: "true"}}}}
 stringData: {{clientSecret: "{SECRET}"}}
 ---
 apiVersion: gatehouse.dev/v1alpha1

@@ -184,7 +184,7 @@ spec: {{clientType: confidential}}
 ---
 apiVersion: v1
 kind: Secret
-metadata: {{name: svc, namespace: bench}}
+metadata: {{name: svc, namespace: bench, labels: {{gatehouse.dev/client-secret: "true"}}}}
 stringData: {{clientSecret: "bench-secret-0123456789abcdef0123"}}
 ---
 apiVersion: gatehouse.dev/v1alpha1
