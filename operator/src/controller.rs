@@ -390,6 +390,24 @@ impl Controller {
             plan.statuses = statuses;
             self.kick_later(10);
         }
+        // Published before any status says Ready: a resource reads Ready only once the
+        // gateways can be serving it. A failed publish still writes every status, with the
+        // resources it would have served Ready=False (they are not in the gateways'
+        // configuration), and the pass fails so it is retried.
+        let published = self.publish(&plan.compiled.config).await;
+        if let Err(e) = &published {
+            let error = format!("{e:#}");
+            plan.statuses = std::mem::take(&mut plan.statuses)
+                .into_iter()
+                .filter_map(|u| {
+                    if reconcile::says_ready(&u) {
+                        reconcile::publish_failed(&res, u, &error, &now)
+                    } else {
+                        Some(u)
+                    }
+                })
+                .collect();
+        }
         for u in &plan.statuses {
             if let Err(e) = self.patch_status(u).await {
                 // One resource failing to update never blocks the others.
@@ -407,7 +425,7 @@ impl Controller {
             metrics::counter!("gatehouse_operator_reconciles_total", "kind" => kind.as_str())
                 .increment(1);
         }
-        self.publish(&plan.compiled.config).await?;
+        published?;
         metrics::histogram!("gatehouse_operator_reconcile_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(())

@@ -394,6 +394,49 @@ pub fn credentials_failed(
     })
 }
 
+/// Reason of a valid resource whose configuration could not be published to the gateways.
+pub const PUBLISH_FAILED: &str = "PublishFailed";
+
+/// Does this update say Ready=True?
+pub fn says_ready(update: &StatusUpdate) -> bool {
+    update
+        .status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// `planned` (a Ready=True update) as it must read while the configuration that would serve it
+/// cannot be published (a ConfigMap over the API server's size limit, RBAC, a policy): Ready
+/// False with the error, so `kubectl wait --for=condition=Ready` does not report a resource the
+/// gateways do not serve. The phase stays: the spec itself is valid. None when the resource
+/// already says exactly this.
+pub fn publish_failed(
+    res: &Resources,
+    mut planned: StatusUpdate,
+    error: &str,
+    now: &str,
+) -> Option<StatusUpdate> {
+    let (old, _) = current_status(res, planned.kind, &planned.namespace, &planned.name);
+    let previous = old
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    for c in &mut planned.status.conditions {
+        if c.type_ == "Ready" {
+            c.status = "False".to_string();
+            c.reason = PUBLISH_FAILED.to_string();
+            c.message = format!(
+                "valid, but the gateways' configuration could not be published (retried every 2 s): {error}"
+            );
+            c.last_transition_time = match previous {
+                Some(p) if p.status == "False" => p.last_transition_time.clone(),
+                _ => Some(now.to_string()),
+            };
+        }
+    }
+    (old.as_ref() != Some(&planned.status)).then_some(planned)
+}
+
 /// The body of a status merge patch (RFC 7396) that leaves the status exactly `status`: fields
 /// it does not have are sent as null, which removes them (left out, the server would keep an
 /// old `credentialsSecret` or `clientId` for ever, and the status would never converge).

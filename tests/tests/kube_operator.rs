@@ -1221,6 +1221,102 @@ spec: {application: typed-app, api: mobile, plan: basic, clientId: typed-client,
         "{typed}"
     );
 
+    // --- 6c. a configuration that cannot be published ---------------------------------------
+    // A policy refuses every write to the gateways' ConfigMap (as RBAC or a size limit could):
+    // a new subscription must not read Ready while the gateways cannot have it, and becomes
+    // Ready once the configuration is published.
+    eprintln!("6c. a configuration that cannot be published");
+    env.kube.apply(&format!(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: test-refuse-publish}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - {{apiGroups: [''], apiVersions: [v1], operations: [CREATE, UPDATE], resources: [configmaps]}}
+  validations:
+    - {{expression: \"object.metadata.name != '{CONFIG_MAP}'\", message: publishing refused by the test's policy}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: test-refuse-publish}}
+spec: {{policyName: test-refuse-publish, validationActions: [Deny]}}
+"
+    ));
+    env.wait(
+        "the publish policy in force",
+        Duration::from_secs(20),
+        || {
+            let out = env.kube.kubectl(&[
+                "annotate",
+                "configmap",
+                CONFIG_MAP,
+                "-n",
+                OPERATOR_NS,
+                "--overwrite",
+                "gatehouse.test/probe=1",
+            ]);
+            if out.status.success() {
+                std::thread::sleep(Duration::from_millis(300));
+                return None;
+            }
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("publishing refused"), "{err}");
+            Some(())
+        },
+    );
+    env.kube.apply(
+        "apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {name: unpublished-app, namespace: demo}
+spec: {owner: dev@example.com, clientType: confidential, redirectUris: []}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: unpublished-mobile, namespace: demo}
+spec: {application: unpublished-app, api: mobile, plan: basic, grants: [client_credentials]}
+",
+    );
+    let unpublished = env.wait(
+        "the new subscription Ready=False PublishFailed",
+        Duration::from_secs(15),
+        || {
+            let sub = env.get("subscriptions.gatehouse.dev", "unpublished-mobile", "demo")?;
+            let ready = &sub["status"]["conditions"][0];
+            (ready["status"] == "False" && ready["reason"] == "PublishFailed").then_some(sub)
+        },
+    );
+    let message = unpublished["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("publishing refused"), "{unpublished}");
+    // What the gateways already serve still reads Ready; the new client they do not know.
+    env.wait_phase("subscriptions.gatehouse.dev", "demo-app-mobile", "Active");
+    let secret = env
+        .get("secret", "unpublished-mobile-credentials", "demo")
+        .expect("the generated credentials");
+    let (client_id, client_secret) = env.credentials(&secret);
+    assert!(
+        env.client_token(&client_id, &client_secret).is_err(),
+        "the gateways serve a client whose configuration was never published"
+    );
+    env.kubectl_ok(&[
+        "delete",
+        "validatingadmissionpolicybinding,validatingadmissionpolicy",
+        "test-refuse-publish",
+    ]);
+    env.wait_phase(
+        "subscriptions.gatehouse.dev",
+        "unpublished-mobile",
+        "Active",
+    );
+    env.wait(
+        "the gateways serve the published client",
+        Duration::from_secs(15),
+        || env.client_token(&client_id, &client_secret).ok(),
+    );
+
     // --- 7. leader hand-over -------------------------------------------------------------------
     eprintln!("7. leader hand-over");
     let leader = env.wait("a lease holder", Duration::from_secs(5), || {

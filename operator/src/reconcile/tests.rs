@@ -441,3 +441,71 @@ fn a_refused_credentials_secret_is_reported_in_the_status() {
         None
     );
 }
+
+/// A pass whose publish fails: what would be Ready says Ready=False/PublishFailed (phase kept),
+/// other verdicts are written as planned; the same failure again writes nothing new, and the
+/// first pass that publishes makes them Ready.
+#[test]
+fn a_failed_publish_keeps_resources_from_reading_ready() {
+    let mut g = Seq(0);
+    let r = resources(
+        "apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: app-gold, namespace: demo, uid: u-3, generation: 1}
+spec: {application: svc, api: mobile, plan: gold, grants: [client_credentials]}
+",
+    );
+    let mut p1 = plan(r.clone(), &[], &mut g, "t1");
+    let (ready, other): (Vec<_>, Vec<_>) = p1.statuses.iter().cloned().partition(says_ready);
+    assert!(!ready.is_empty() && !other.is_empty(), "{:?}", p1.statuses);
+    let failed: Vec<StatusUpdate> = ready
+        .iter()
+        .map(|u| {
+            publish_failed(&r, u.clone(), "configmaps is forbidden", "t1")
+                .expect("a status to write")
+        })
+        .collect();
+    for (before, after) in ready.iter().zip(&failed) {
+        assert_eq!(after.status.phase, before.status.phase);
+        assert_eq!(
+            after.status.observed_generation,
+            before.status.observed_generation
+        );
+        assert_eq!(after.status.client_id, before.status.client_id);
+        let c = &after.status.conditions[0];
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", PUBLISH_FAILED)
+        );
+        assert!(
+            c.message.contains("configmaps is forbidden"),
+            "{}",
+            c.message
+        );
+        assert_eq!(c.last_transition_time.as_deref(), Some("t1"));
+    }
+    p1.statuses = failed.into_iter().chain(other).collect();
+    let r2 = apply(r, &p1);
+
+    // Still failing: compile plans Ready again, and the failure turns each back into exactly
+    // what the resource says (its transition time kept).
+    let p2 = plan(r2.clone(), &[], &mut g, "t2");
+    assert!(!p2.statuses.is_empty());
+    for u in p2.statuses.iter().cloned() {
+        assert!(says_ready(&u), "{u:?}");
+        assert_eq!(
+            publish_failed(&r2, u, "configmaps is forbidden", "t2"),
+            None
+        );
+    }
+    // Published: written as planned, Ready since t2.
+    let r3 = apply(r2, &p2);
+    assert!(plan(r3, &[], &mut g, "t3").statuses.is_empty());
+    for u in &p2.statuses {
+        let c = &u.status.conditions[0];
+        assert_eq!(
+            (c.status.as_str(), c.last_transition_time.as_deref()),
+            ("True", Some("t2"))
+        );
+    }
+}
