@@ -633,3 +633,105 @@ mod marker_tests {
         assert_eq!(parse_marker("5f0c6a1e"), (None, "5f0c6a1e"));
     }
 }
+
+#[cfg(test)]
+mod answer_once_tests {
+    use super::*;
+    use crate::store::{TokenKind, TokenRecord};
+
+    fn state() -> (tempfile::TempDir, AppState) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let state = AppState::new(
+            Arc::new(store),
+            Arc::new(crate::ratelimit::local::LocalLimiter::default()),
+            "http://gw",
+        );
+        (dir, state)
+    }
+
+    async fn put(state: &AppState, token: &str, kind: TokenKind) {
+        let now = unix_now();
+        let record = TokenRecord {
+            kind,
+            client_id: "phone-app".into(),
+            subscription: "t/phone-app".into(),
+            api: "t/mobile".into(),
+            user_id: Some("u-1".into()),
+            scope: String::new(),
+            grant_id: "g-1".into(),
+            issued_at: now,
+            expires_at: now + 3_600,
+        };
+        state
+            .store
+            .put_token(tokens::hash(token), record)
+            .await
+            .unwrap();
+    }
+
+    async fn live(state: &AppState, token: &str) -> bool {
+        state
+            .store
+            .get_token(&tokens::hash(token))
+            .await
+            .unwrap()
+            .is_some()
+    }
+
+    /// The store holds the family's other token and the pair issued for this request; the
+    /// presented code or refresh token was not there to take (`Ok(false)`).
+    async fn lost_take(expires_at: u64) -> (AppState, tempfile::TempDir, GatewayError) {
+        let (dir, state) = state();
+        put(&state, "sibling-access", TokenKind::Access).await;
+        put(&state, "new-access", TokenKind::Access).await;
+        put(&state, "new-refresh", TokenKind::Refresh).await;
+        let pair = TokenResponse {
+            access_token: "new-access".into(),
+            token_type: "Bearer",
+            expires_in: 3_600,
+            refresh_token: Some("new-refresh".into()),
+            scope: String::new(),
+        };
+        let presented = Presented {
+            grant_id: "g-1",
+            expires_at,
+        };
+        let err = answer_once(&state, pair, Ok(false), presented, |_| {
+            invalid_grant("replayed")
+        })
+        .await
+        .expect_err("not answered with the pair");
+        (state, dir, err)
+    }
+
+    /// A store slower than SPEND_MARGIN_SECONDS: the refresh token expired while the new pair
+    /// was stored, so it was gone when spent. That is no replay: the client hears "expired",
+    /// the unsent pair is removed, and the family's other tokens live on.
+    #[tokio::test]
+    async fn a_take_lost_to_expiry_revokes_nothing() {
+        let (state, _dir, err) = lost_take(unix_now() - 1).await;
+        assert!(
+            matches!(&err, GatewayError::OAuth(OAuthErrorCode::InvalidGrant, d) if d.contains("expired")),
+            "{err:?}"
+        );
+        assert!(!live(&state, "new-access").await && !live(&state, "new-refresh").await);
+        assert!(
+            live(&state, "sibling-access").await,
+            "the family was revoked"
+        );
+    }
+
+    /// The same lost take before expiry is a replay: the whole family goes.
+    #[tokio::test]
+    async fn a_take_lost_before_expiry_is_a_replay() {
+        let (state, _dir, err) = lost_take(unix_now() + 600).await;
+        assert!(
+            matches!(&err, GatewayError::OAuth(OAuthErrorCode::InvalidGrant, d) if d == "replayed"),
+            "{err:?}"
+        );
+        for t in ["sibling-access", "new-access", "new-refresh"] {
+            assert!(!live(&state, t).await, "{t} outlived the replay");
+        }
+    }
+}
