@@ -805,6 +805,10 @@ mod tests {
             header::SET_COOKIE,
             hv("__Host-gatehouse_session=x; Path=/; Secure"),
         );
+        h.append(
+            header::SET_COOKIE,
+            hv("gatehouse_session_device=planted; Path=/"),
+        );
         rewrite_response(&mut h);
         assert!(!h.contains_key(header::CONTENT_LENGTH), "{h:?}");
         assert!(!h.contains_key(header::TRANSFER_ENCODING));
@@ -835,6 +839,12 @@ mod tests {
             ("gatehouse_session=s3cr3t", None),
             ("gatehouse_session=s3cr3t;a=1", Some("a=1")),
             ("__Host-gatehouse_session=s3cr3t; a=1", Some("a=1")),
+            // The device cookie neither.
+            ("a=1; gatehouse_session_device=d3v1c3", Some("a=1")),
+            (
+                "__Host-gatehouse_session_device=d3v1c3; __Host-gatehouse_session=s",
+                None,
+            ),
             (
                 "a=1; my_gatehouse_session=x",
                 Some("a=1; my_gatehouse_session=x"),

@@ -127,11 +127,13 @@ impl Page {
     }
 }
 
-/// A browser tab: one cookie jar (the session cookie), redirects not followed.
+/// A browser tab: one cookie jar (the session and device cookies), redirects not followed.
 struct Browser<'e> {
     env: &'e Env,
     http: reqwest::Client,
     session: Option<String>,
+    /// The device cookie's value (`<session cookie name>_device`).
+    device: Option<String>,
     /// X-Forwarded-For on every request, as an ingress in front of the gateway would add it.
     forwarded_for: Option<&'static str>,
 }
@@ -142,8 +144,14 @@ impl<'e> Browser<'e> {
             env,
             http: no_redirects(),
             session: None,
+            device: None,
             forwarded_for: None,
         }
+    }
+
+    /// The session cookie expires (the device cookie stays, as it outlives sessions).
+    fn end_session(&mut self) {
+        self.session = None;
     }
 
     /// A browser whose requests reach the gateway through a proxy that names it `ip`.
@@ -163,8 +171,16 @@ impl<'e> Browser<'e> {
     }
 
     async fn send(&mut self, mut req: reqwest::RequestBuilder) -> Page {
-        if let Some(sid) = &self.session {
-            req = req.header(header::COOKIE, format!("{}={sid}", self.env.cookie));
+        let device_cookie = format!("{}_device", self.env.cookie);
+        let jar: Vec<String> = [
+            (self.env.cookie, &self.session),
+            (&device_cookie, &self.device),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.as_ref().map(|v| format!("{name}={v}")))
+        .collect();
+        if !jar.is_empty() {
+            req = req.header(header::COOKIE, jar.join("; "));
         }
         if let Some(ip) = self.forwarded_for {
             req = req.header("x-forwarded-for", ip);
@@ -178,6 +194,15 @@ impl<'e> Browser<'e> {
         };
         if let Some(c) = page.session_cookie() {
             self.session = flow::set_cookie_value(c, self.env.cookie).map(str::to_string);
+        }
+        if let Some(v) = page
+            .headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| flow::set_cookie_value(c, &device_cookie))
+        {
+            self.device = Some(v.to_string());
         }
         page
     }
@@ -1779,6 +1804,88 @@ async fn failed_logins_are_throttled_per_account() {
         "{}",
         r.location()
     );
+}
+
+/// Others' failures lock an account out of new browsers only: a browser on which the account
+/// signed in before has its own failure count (OWASP's device cookies), so whoever knows an
+/// email cannot keep its owner out. The device counts only for its own account, and its own
+/// failures throttle it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_known_browser_is_not_locked_out_by_others_failures() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    new_user(&env, &phone, "nina@example.com", &[PROFILE]).await;
+    new_user(&env, &phone, "oscar@example.com", &[PROFILE]).await;
+
+    // Nina signs in on her phone's browser once: it becomes a known device of her account.
+    let mut owner = Browser::new(&env);
+    let login = open_login(&mut owner, &phone.authorize(&[PROFILE])).await;
+    let r = log_in(&mut owner, &login, "nina@example.com", PASSWORD).await;
+    assert!(
+        r.location().starts_with("/consent?req="),
+        "{}",
+        r.location()
+    );
+    let device = owner
+        .device
+        .clone()
+        .expect("a device cookie after signing in");
+    let set = r
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.contains(&device))
+        .unwrap();
+    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(
+            flow::set_cookie_attributes(set).contains(&attribute),
+            "{set}"
+        );
+    }
+    owner.end_session();
+
+    // Someone else uses up both accounts' attempts from a browser of their own.
+    let mut other = Browser::new(&env);
+    let mut page = open_login(&mut other, &phone.authorize(&[PROFILE])).await;
+    for email in ["nina@example.com", "oscar@example.com"] {
+        for _ in 0..5 {
+            let r = log_in(&mut other, &page, email, OTHER_PASSWORD).await;
+            page = other.follow(&r).await;
+            assert_eq!(page.alert().as_deref(), Some(BAD_CREDENTIALS));
+        }
+        let r = log_in(&mut other, &page, email, PASSWORD).await;
+        page = other.follow(&r).await;
+        let alert = page.alert().unwrap_or_default();
+        assert!(alert.starts_with(THROTTLED), "{email}: {alert}");
+    }
+    // A browser that signed in as someone else is a new browser to Nina's account, and the
+    // device changes nothing for another account.
+    let mut page = open_login(&mut owner, &phone.authorize(&[PROFILE])).await;
+    let r = log_in(&mut owner, &page, "oscar@example.com", PASSWORD).await;
+    page = owner.follow(&r).await;
+    let alert = page.alert().unwrap_or_default();
+    assert!(alert.starts_with(THROTTLED), "{alert}");
+    // Nina's own browser still signs her in, and keeps its device cookie.
+    let r = log_in(&mut owner, &page, "nina@example.com", PASSWORD).await;
+    assert!(
+        r.location().starts_with("/consent?req="),
+        "{}",
+        r.location()
+    );
+    assert_eq!(owner.device.as_deref(), Some(device.as_str()));
+    owner.end_session();
+
+    // The device's own failures: five, then throttled there too.
+    let mut page = open_login(&mut owner, &phone.authorize(&[PROFILE])).await;
+    for _ in 0..5 {
+        let r = log_in(&mut owner, &page, "nina@example.com", OTHER_PASSWORD).await;
+        page = owner.follow(&r).await;
+        assert_eq!(page.alert().as_deref(), Some(BAD_CREDENTIALS));
+    }
+    let r = log_in(&mut owner, &page, "nina@example.com", PASSWORD).await;
+    let alert = owner.follow(&r).await.alert().unwrap_or_default();
+    assert!(alert.starts_with(THROTTLED), "{alert}");
 }
 
 /// Behind an ingress every request comes from the ingress's address. With that address in

@@ -19,7 +19,8 @@ use crate::password;
 use crate::state::AppState;
 use crate::store::kv;
 
-/// Failed sign-ins allowed per account and per client IP in one window.
+/// Failed sign-ins allowed per account (or per known device of the account, below) and per
+/// client IP in one window.
 pub const MAX_FAILURES_PER_ACCOUNT: u64 = 5;
 pub const MAX_FAILURES_PER_IP: u64 = 20;
 /// Default signups per client IP per hour; mobile carriers put many users behind one address.
@@ -29,11 +30,71 @@ pub const THROTTLE_WINDOW_SECS: u64 = 15 * 60;
 const BAD_CREDENTIALS: &str = "The email or password is not correct.";
 const THROTTLED: &str = "Too many failed attempts. Please wait 15 minutes and try again.";
 
-fn acct_key(email: &str) -> String {
-    format!("throttle:login:acct:{email}")
+fn device_key(device: &str) -> String {
+    format!("device:{device}")
 }
-fn ip_key(ip: &str) -> String {
-    format!("throttle:login:ip:{ip}")
+
+/// The counters a sign-in attempt is charged to: its address's, and its account's, or, from a
+/// browser on which this account signed in before (its device cookie), that browser's own
+/// instead of the account's (OWASP's device cookies). Anyone who knows an email can use up the
+/// account's attempts; they lock new browsers out for the window, not the owner's own.
+struct Counters {
+    by_ip: String,
+    by_account: String,
+    /// The known device's id (a token hash, hex), when the attempt comes from one.
+    device: Option<String>,
+}
+
+impl Counters {
+    fn new(email: &str, ip: &str, device: Option<String>) -> Self {
+        let by_account = match &device {
+            Some(d) => format!("throttle:login:device:{d}"),
+            None => format!("throttle:login:acct:{email}"),
+        };
+        Counters {
+            by_ip: format!("throttle:login:ip:{ip}"),
+            by_account,
+            device,
+        }
+    }
+}
+
+/// The id of this browser's device cookie when it was issued to a sign-in of `email`. A cookie
+/// of another account, unknown, expired, or unreadable counts as no device.
+async fn known_device(state: &AppState, headers: &HeaderMap, email: &str) -> Option<String> {
+    let token = session::device_token(headers, state.secure_cookies())?;
+    let id = hex::encode(crate::tokens::hash(&token));
+    let owner: Option<String> = kv::get(&*state.store, &device_key(&id)).await.ok()?;
+    (owner.as_deref() == Some(email)).then_some(id)
+}
+
+/// `resp` (a sign-in's answer) with a new device cookie for `email`, unless the attempt came
+/// from a device of that account already. Without a store the sign-in goes on without one.
+async fn remember_device(
+    state: &AppState,
+    mut resp: Response,
+    c: &Counters,
+    email: &str,
+) -> Response {
+    if c.device.is_some() || !resp.status().is_redirection() {
+        return resp;
+    }
+    let token = crate::tokens::generate();
+    let id = hex::encode(crate::tokens::hash(&token));
+    let stored = kv::put(
+        &*state.store,
+        &device_key(&id),
+        &email.to_string(),
+        session::DEVICE_TTL,
+    )
+    .await;
+    if stored.is_ok() {
+        resp.headers_mut().append(
+            header::SET_COOKIE,
+            session::set_device_cookie(&token, state.secure_cookies()),
+        );
+    }
+    resp
 }
 
 fn form_fields(body: &[u8]) -> HashMap<String, String> {
@@ -178,17 +239,13 @@ async fn signed_in(state: &AppState, old_sid: &str, req: &str, user_id: &str) ->
     with_cookie(next, &sid, state)
 }
 
-async fn throttled(state: &AppState, email: &str, ip: &str) -> bool {
+async fn throttled(state: &AppState, c: &Counters) -> bool {
     let acct = state
         .store
-        .counter_get(&acct_key(email))
+        .counter_get(&c.by_account)
         .await
         .unwrap_or(u64::MAX);
-    let by_ip = state
-        .store
-        .counter_get(&ip_key(ip))
-        .await
-        .unwrap_or(u64::MAX);
+    let by_ip = state.store.counter_get(&c.by_ip).await.unwrap_or(u64::MAX);
     acct >= MAX_FAILURES_PER_ACCOUNT || by_ip >= MAX_FAILURES_PER_IP
 }
 
@@ -199,26 +256,26 @@ async fn throttled(state: &AppState, email: &str, ip: &str) -> bool {
 /// it is checked an attempt counts against the address too: at most 20 attempts per address are
 /// failed or under way in a window. The address is counted first: one over its limit touches
 /// no account counter, so it cannot park a 15-minute key per made-up email at full speed.
-async fn reserve_attempt(state: &AppState, email: &str, ip: &str) -> bool {
-    let (acct, by_ip) = (acct_key(email), ip_key(ip));
+async fn reserve_attempt(state: &AppState, c: &Counters) -> bool {
+    let (acct, by_ip) = (&c.by_account, &c.by_ip);
     let store = &state.store;
     // A refused attempt is not a failure: what was counted is taken back.
-    match store.counter_incr(&by_ip, THROTTLE_WINDOW_SECS).await {
+    match store.counter_incr(by_ip, THROTTLE_WINDOW_SECS).await {
         Ok(n) if n <= MAX_FAILURES_PER_IP => {}
         Ok(_) => {
-            let _ = store.counter_decr(&by_ip).await;
+            let _ = store.counter_decr(by_ip).await;
             return false;
         }
         Err(_) => return false,
     }
-    let a = store.counter_incr(&acct, THROTTLE_WINDOW_SECS).await;
+    let a = store.counter_incr(acct, THROTTLE_WINDOW_SECS).await;
     if matches!(a, Ok(n) if n <= MAX_FAILURES_PER_ACCOUNT) {
         return true;
     }
     if a.is_ok() {
-        let _ = store.counter_decr(&acct).await;
+        let _ = store.counter_decr(acct).await;
     }
-    let _ = store.counter_decr(&by_ip).await;
+    let _ = store.counter_decr(by_ip).await;
     false
 }
 
@@ -227,9 +284,9 @@ fn attempt_failed() {
 }
 
 /// Takes back a reserved attempt's counts: the password was correct, or it was never checked.
-async fn give_back_attempt(state: &AppState, email: &str, ip: &str) {
-    let _ = state.store.counter_decr(&acct_key(email)).await;
-    let _ = state.store.counter_decr(&ip_key(ip)).await;
+async fn give_back_attempt(state: &AppState, c: &Counters) {
+    let _ = state.store.counter_decr(&c.by_account).await;
+    let _ = state.store.counter_decr(&c.by_ip).await;
 }
 
 /// Verifies a password on the blocking pool; against a dummy hash when there is no user, so
@@ -312,14 +369,15 @@ pub async fn login_post(
     };
     // Looked up only for an attempt that goes on to Argon2: a refused one answers at once, and
     // a lookup before it would time whether the email has an account.
-    if !reserve_attempt(&state, &email, &ip).await {
+    let counters = Counters::new(&email, &ip, known_device(&state, &headers, &email).await);
+    if !reserve_attempt(&state, &counters).await {
         authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
         return see_other(&back);
     }
     let user = match accounts::find_by_email(&*state.store, &email).await {
         Ok(u) => u,
         Err(e) => {
-            give_back_attempt(&state, &email, &ip).await;
+            give_back_attempt(&state, &counters).await;
             return store_error_page(e);
         }
     };
@@ -328,10 +386,11 @@ pub async fn login_post(
         authorize::flash(&state, &sid, &mut sess, BAD_CREDENTIALS, Some(&email)).await;
         return see_other(&back);
     }
-    give_back_attempt(&state, &email, &ip).await;
+    give_back_attempt(&state, &counters).await;
     let user = user.expect("verified implies a user");
     metrics::counter!("gatehouse_logins_total").increment(1);
-    signed_in(&state, &sid, &req, &user.id).await
+    let resp = signed_in(&state, &sid, &req, &user.id).await;
+    remember_device(&state, resp, &counters, &email).await
 }
 
 pub async fn signup_post(
@@ -367,7 +426,8 @@ pub async fn signup_post(
         )
         .await
         .unwrap_or(u64::MAX);
-    if signups > state.max_signups_per_ip || throttled(&state, &email, &ip).await {
+    let counters = Counters::new(&email, &ip, known_device(&state, &headers, &email).await);
+    if signups > state.max_signups_per_ip || throttled(&state, &counters).await {
         authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
         return see_other(&back);
     }
@@ -392,7 +452,8 @@ pub async fn signup_post(
     match accounts::create(&*state.store, &email, hash).await {
         Ok(Some(user)) => {
             metrics::counter!("gatehouse_signups_total").increment(1);
-            signed_in(&state, &sid, &req, &user.id).await
+            let resp = signed_in(&state, &sid, &req, &user.id).await;
+            remember_device(&state, resp, &counters, &email).await
         }
         Ok(None) => {
             // The email is taken. If the password is the account's, this is a sign-in; otherwise
@@ -402,15 +463,16 @@ pub async fn signup_post(
                 .await
                 .ok()
                 .flatten();
-            if !reserve_attempt(&state, &email, &ip).await {
+            if !reserve_attempt(&state, &counters).await {
                 authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
                 return see_other(&back);
             }
             if verify(pw, existing.as_ref().map(|u| u.password_hash.clone())).await
                 && let Some(user) = existing
             {
-                give_back_attempt(&state, &email, &ip).await;
-                return signed_in(&state, &sid, &req, &user.id).await;
+                give_back_attempt(&state, &counters).await;
+                let resp = signed_in(&state, &sid, &req, &user.id).await;
+                return remember_device(&state, resp, &counters, &email).await;
             }
             attempt_failed();
             authorize::flash(

@@ -19,9 +19,29 @@ pub fn cookie_name(secure: bool) -> &'static str {
     if secure { SECURE_COOKIE } else { COOKIE }
 }
 
-/// Either spelling: what the proxy keeps from backends in both directions.
+/// The device cookie (`login.rs`): which account last signed in on this browser. Its name
+/// starts like the session cookie's, so the proxy's one scan for `gatehouse_session` also
+/// keeps it from backends.
+pub const DEVICE_COOKIE: &str = "gatehouse_session_device";
+pub const SECURE_DEVICE_COOKIE: &str = "__Host-gatehouse_session_device";
+/// How long a browser stays known to an account after a sign-in on it.
+pub const DEVICE_TTL: u64 = 180 * 24 * 3_600;
+
+/// The device cookie's name for an issuer with (`secure`) or without https.
+pub fn device_cookie_name(secure: bool) -> &'static str {
+    if secure {
+        SECURE_DEVICE_COOKIE
+    } else {
+        DEVICE_COOKIE
+    }
+}
+
+/// The gateway's cookies, in either spelling: what the proxy keeps from backends in both
+/// directions.
 pub fn is_cookie_name(name: &[u8]) -> bool {
-    name == COOKIE.as_bytes() || name == SECURE_COOKIE.as_bytes()
+    [COOKIE, SECURE_COOKIE, DEVICE_COOKIE, SECURE_DEVICE_COOKIE]
+        .iter()
+        .any(|n| name == n.as_bytes())
 }
 /// A browser session lasts 8 hours; a pending authorization 10 minutes.
 pub const SESSION_TTL: u64 = 8 * 3_600;
@@ -77,7 +97,15 @@ fn pending_key(id: &str) -> String {
 /// The session id from the Cookie header(s). Two cookies of the name mean none: the second
 /// one came from somewhere else than the gateway (a sibling domain, another Path).
 pub fn cookie_sid(headers: &HeaderMap, secure: bool) -> Option<String> {
-    let name = cookie_name(secure);
+    cookie_token(headers, cookie_name(secure))
+}
+
+/// The device cookie's token, read as the session id is.
+pub fn device_token(headers: &HeaderMap, secure: bool) -> Option<String> {
+    cookie_token(headers, device_cookie_name(secure))
+}
+
+fn cookie_token(headers: &HeaderMap, name: &str) -> Option<String> {
     let mut values = headers
         .get_all(header::COOKIE)
         .iter()
@@ -153,6 +181,19 @@ pub fn set_cookie(sid: &str, secure: bool) -> HeaderValue {
     .expect("token is header-safe")
 }
 
+/// The device cookie: HttpOnly, SameSite=Lax, `__Host-` and Secure on https issuers, like the
+/// session's, for as long as the device record lives.
+pub fn set_device_cookie(token: &str, secure: bool) -> HeaderValue {
+    let (name, secure) = (
+        device_cookie_name(secure),
+        if secure { "; Secure" } else { "" },
+    );
+    HeaderValue::from_str(&format!(
+        "{name}={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={DEVICE_TTL}{secure}"
+    ))
+    .expect("token is header-safe")
+}
+
 pub fn csrf_ok(session: &Session, presented: Option<&str>) -> bool {
     presented.is_some_and(|p| tokens::constant_time_eq(p.as_bytes(), session.csrf.as_bytes()))
 }
@@ -217,6 +258,29 @@ mod tests {
         h.insert(header::COOKIE, format!("{COOKIE}={sid}").parse().unwrap());
         h.append(header::COOKIE, format!("{COOKIE}={other}").parse().unwrap());
         assert_eq!(cookie_sid(&h, false), None);
+    }
+
+    #[test]
+    fn device_cookies() {
+        let token = tokens::generate();
+        let mut h = HeaderMap::new();
+        let both = format!("{COOKIE}={}; {DEVICE_COOKIE}={token}", tokens::generate());
+        h.insert(header::COOKIE, both.parse().unwrap());
+        assert_eq!(device_token(&h, false), Some(token.clone()));
+        assert_ne!(cookie_sid(&h, false), Some(token.clone()));
+        assert_eq!(device_token(&h, true), None);
+        let c = set_device_cookie(&token, true);
+        let c = c.to_str().unwrap();
+        assert!(
+            c.starts_with(&format!("{SECURE_DEVICE_COOKIE}={token};")),
+            "{c}"
+        );
+        assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.contains("; Secure"));
+        assert!(c.contains("; Path=/;") && !c.contains("Domain"));
+        for name in [COOKIE, SECURE_COOKIE, DEVICE_COOKIE, SECURE_DEVICE_COOKIE] {
+            assert!(is_cookie_name(name.as_bytes()), "{name}");
+        }
+        assert!(!is_cookie_name(b"gatehouse_session_x"));
     }
 
     #[test]
