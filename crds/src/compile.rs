@@ -53,9 +53,37 @@ pub fn generated_secret_name(subscription: &str) -> String {
 /// it, anyone allowed to create Subscriptions could point one at any Secret of the namespace (a
 /// database password, an API key) and have the gateways accept its value as a client secret:
 /// a guessing oracle for a Secret they cannot read. Kong's controller asks the same
-/// (`konghq.com/credential`). Secrets the operator generates need no label: only the operator
-/// names them, in the status.
+/// (`konghq.com/credential`). The Secret the operator generates for a subscription needs no
+/// label: it is the one that subscription controls (its ownerReference).
 pub const CLIENT_SECRET_LABEL: &str = "gatehouse.dev/client-secret";
+
+/// Is this Secret labelled for use by `spec.clientSecretRef`?
+pub fn opted_in(meta: &ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(CLIENT_SECRET_LABEL))
+        .is_some_and(|v| v == "true")
+}
+
+/// The uid of the Subscription controlling this Secret (the operator's generated credentials).
+pub fn controlling_subscription(meta: &ObjectMeta) -> Option<&str> {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|o| {
+            o.controller == Some(true)
+                && o.kind == "Subscription"
+                && o.api_version.starts_with("gatehouse.dev/")
+        })
+        .map(|o| o.uid.as_str())
+        .filter(|uid| !uid.is_empty())
+}
+
+/// May this Secret be some subscription's client secret? The operator reads the data of no
+/// other Secret.
+pub fn may_hold_client_secret(meta: &ObjectMeta) -> bool {
+    opted_in(meta) || controlling_subscription(meta).is_some()
+}
 
 /// Shortest client secret accepted, in bytes.
 pub const MIN_CLIENT_SECRET_BYTES: usize = 16;
@@ -1259,12 +1287,15 @@ fn compile_applications(
 
 // ------------------------------------------------------------------------------------ secrets
 
-/// (namespace, name) -> key -> bytes; `stringData` overrides `data` like the API server does.
-/// A Secret's values, and whether it is labelled for use by `spec.clientSecretRef`.
+/// A Secret's values (`stringData` overrides `data` like the API server does), whether it is
+/// labelled for use by `spec.clientSecretRef`, and the Subscription controlling it.
 struct SecretValues {
     values: BTreeMap<String, Vec<u8>>,
     opted_in: bool,
+    controller: Option<String>,
 }
+
+/// (namespace, name) -> the Secret's values.
 
 type SecretIndex = BTreeMap<Key, SecretValues>;
 
@@ -1285,14 +1316,15 @@ fn index_secrets(secrets: &[Secret]) -> SecretIndex {
         for (name, value) in e.item.string_data.iter().flatten() {
             values.insert(name.clone(), value.as_bytes().to_vec());
         }
-        let opted_in = e
-            .item
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(CLIENT_SECRET_LABEL))
-            .is_some_and(|v| v == "true");
-        out.insert(k, SecretValues { values, opted_in });
+        let meta = &e.item.metadata;
+        out.insert(
+            k,
+            SecretValues {
+                values,
+                opted_in: opted_in(meta),
+                controller: controlling_subscription(meta).map(str::to_string),
+            },
+        );
     }
     out
 }
@@ -1625,32 +1657,43 @@ fn client_secret(
             "status.credentialsSecret",
         ),
         (None, None) => {
+            let secret = format!("{name}-client-secret");
             issues.push(
                 reasons::MISSING_CLIENT_SECRET,
                 format!(
-                    "application {} is confidential, so this subscription needs a client secret: create a Secret (kubectl create secret generic {} -n {ns} --from-literal=clientSecret=$(openssl rand -hex 32)) and point spec.clientSecretRef at it, or let the gatehouse operator generate one",
+                    "application {} is confidential, so this subscription needs a client secret: create a Secret (kubectl create secret generic {secret} -n {ns} --from-literal=clientSecret=$(openssl rand -hex 32) && kubectl label secret {secret} -n {ns} {CLIENT_SECRET_LABEL}=true) and point spec.clientSecretRef at it, or let the gatehouse operator generate one",
                     sub.spec.application,
-                    generated_secret_name(name),
                 ),
             );
             return None;
         }
     };
-    // One message for a Secret that is missing and one that is not labelled, and nothing about
-    // the keys or the length of an unlabelled one: the status must not tell a Subscription's
+    // Usable: a Secret this subscription controls (the operator generated it), or, named by
+    // spec.clientSecretRef, one labelled for it. Never a Secret that merely has the generated
+    // name: following "remove spec.clientSecretRef" would otherwise adopt whatever sits there
+    // (the well-known demo secret, another workload's credentials).
+    let uid = sub.metadata.uid.as_deref().unwrap_or_default();
+    let by_ref = sub.spec.client_secret_ref.is_some();
+    let usable = |s: &&SecretValues| {
+        (!uid.is_empty() && s.controller.as_deref() == Some(uid)) || (by_ref && s.opted_in)
+    };
+    // One message for a Secret that is missing and one that is not usable, and nothing about
+    // the keys or the length of an unusable one: the status must not tell a Subscription's
     // author what Secrets they cannot read hold.
-    let needs_label = sub.spec.client_secret_ref.is_some();
-    let Some(SecretValues { values, .. }) = secrets
-        .get(&key(ns, &reference.name))
-        .filter(|s| s.opted_in || !needs_label)
+    let Some(SecretValues { values, .. }) = secrets.get(&key(ns, &reference.name)).filter(usable)
     else {
-        issues.push(
-            reasons::MISSING_CLIENT_SECRET,
+        let message = if by_ref {
             format!(
                 "Secret {} named by {field} does not exist in namespace {ns} as an Opaque Secret labelled {CLIENT_SECRET_LABEL}=true; create it (kubectl create secret generic {} -n {ns} --from-literal={}=$(openssl rand -hex 32) && kubectl label secret {} -n {ns} {CLIENT_SECRET_LABEL}=true), label an existing one, or remove spec.clientSecretRef to let the operator generate one",
                 reference.name, reference.name, reference.key, reference.name
-            ),
-        );
+            )
+        } else {
+            format!(
+                "Secret {} named by {field} is not this subscription's generated credentials in namespace {ns} (an Opaque Secret it owns); a Secret of that name that is not the operator's keeps it from generating one: delete it, or, if it is yours, label it {CLIENT_SECRET_LABEL}=true and name it in spec.clientSecretRef",
+                reference.name
+            )
+        };
+        issues.push(reasons::MISSING_CLIENT_SECRET, message);
         return None;
     };
     let Some(secret) = values.get(&reference.key) else {

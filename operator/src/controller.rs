@@ -291,7 +291,12 @@ impl Controller {
         let mut out = Vec::new();
         for meta in self.secrets.items() {
             let key = (meta.namespace().unwrap_or_default(), meta.name_any());
-            if !wanted.contains(&key) {
+            // Neither labelled for clientSecretRef nor a subscription's generated credentials:
+            // compile could not use it, so its data is never read (and a copy read while it was
+            // labelled is dropped below).
+            if !wanted.contains(&key)
+                || !gatehouse_crds::compile::may_hold_client_secret(&meta.metadata)
+            {
                 continue;
             }
             seen.insert(key.clone());
@@ -395,13 +400,14 @@ impl Controller {
         // resources it would have served Ready=False (they are not in the gateways'
         // configuration), and the pass fails so it is retried.
         let published = self.publish(&plan.compiled.config).await;
-        if let Err(e) = &published {
-            let error = format!("{e:#}");
+        if published.is_err() {
+            // The error itself (the operator's account, its namespace, a policy's wording) is
+            // logged by the caller, not copied into every tenant's status.
             plan.statuses = std::mem::take(&mut plan.statuses)
                 .into_iter()
                 .filter_map(|u| {
                     if reconcile::says_ready(&u) {
-                        reconcile::publish_failed(&res, u, &error, &now)
+                        reconcile::publish_failed(&res, u, &now)
                     } else {
                         Some(u)
                     }
@@ -445,9 +451,10 @@ impl Controller {
             // compiled with the secret just generated, which nobody holds: the subscription
             // waits for the next pass instead (a wrong hash published on every pass before).
             Err(kube_client::Error::Api(e)) if e.code == 409 => Err(anyhow::anyhow!(
-                "a Secret {}/{} exists that the operator does not see yet, or not of type Opaque",
+                "a Secret {}/{} exists that is not this subscription's (not of type Opaque, not owned by it, or not seen by the operator yet): delete it, or, if it is yours, label it {}=true and name it in spec.clientSecretRef",
                 s.namespace,
-                s.name
+                s.name,
+                gatehouse_crds::compile::CLIENT_SECRET_LABEL
             )),
             Err(e) => Err(e.into()),
         }

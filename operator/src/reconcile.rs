@@ -408,13 +408,12 @@ pub fn says_ready(update: &StatusUpdate) -> bool {
 
 /// `planned` (a Ready=True update) as it must read while the configuration that would serve it
 /// cannot be published (a ConfigMap over the API server's size limit, RBAC, a policy): Ready
-/// False with the error, so `kubectl wait --for=condition=Ready` does not report a resource the
-/// gateways do not serve. The phase stays: the spec itself is valid. None when the resource
-/// already says exactly this.
+/// False, so `kubectl wait --for=condition=Ready` does not report a resource the gateways do
+/// not serve. The phase stays: the spec itself is valid. The error is in the operator's log
+/// only. None when the resource already says exactly this.
 pub fn publish_failed(
     res: &Resources,
     mut planned: StatusUpdate,
-    error: &str,
     now: &str,
 ) -> Option<StatusUpdate> {
     let (old, _) = current_status(res, planned.kind, &planned.namespace, &planned.name);
@@ -425,9 +424,7 @@ pub fn publish_failed(
         if c.type_ == "Ready" {
             c.status = "False".to_string();
             c.reason = PUBLISH_FAILED.to_string();
-            c.message = format!(
-                "valid, but the gateways' configuration could not be published (retried every 2 s): {error}"
-            );
+            c.message = "valid, but the operator cannot publish the gateways' configuration (retried every 2 s; its log says why)".to_string();
             c.last_transition_time = match previous {
                 Some(p) if p.status == "False" => p.last_transition_time.clone(),
                 _ => Some(now.to_string()),

@@ -945,6 +945,72 @@ spec:
                 .ok()
         },
     );
+    // A Secret that merely has the name the operator would generate is never adopted: neither
+    // another workload's (unlabelled; the operator does not even read it) nor one labelled
+    // for clientSecretRef. Each subscription stays out, its status naming no key or length.
+    env.kube.apply(
+        "apiVersion: v1
+kind: Secret
+metadata: {name: payments-credentials, namespace: demo}
+type: Opaque
+stringData: {clientSecret: other-workloads-secret-0123456789abcdef}
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: shared-credentials
+  namespace: demo
+  labels: {gatehouse.dev/client-secret: 'true'}
+type: Opaque
+stringData: {clientSecret: labelled-but-not-generated-0123456789abcdef}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {name: squatter, namespace: demo}
+spec: {owner: dev@example.com, clientType: confidential, redirectUris: []}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: payments, namespace: demo}
+spec: {application: squatter, api: mobile, plan: basic, clientId: payments, grants: [client_credentials]}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Application
+metadata: {name: squatter-2, namespace: demo}
+spec: {owner: dev@example.com, clientType: confidential, redirectUris: []}
+---
+apiVersion: gatehouse.dev/v1alpha1
+kind: Subscription
+metadata: {name: shared, namespace: demo}
+spec: {application: squatter-2, api: mobile, plan: basic, clientId: shared, grants: [client_credentials]}
+",
+    );
+    for (name, reason, value) in [
+        (
+            "payments",
+            "CredentialsSecretFailed",
+            "other-workloads-secret-0123456789abcdef",
+        ),
+        (
+            "shared",
+            "MissingClientSecret",
+            "labelled-but-not-generated-0123456789abcdef",
+        ),
+    ] {
+        let sub = env.wait_phase("subscriptions.gatehouse.dev", name, "Invalid");
+        let cond = &sub["status"]["conditions"][0];
+        assert_eq!(cond["reason"], reason, "{sub}");
+        let msg = cond["message"].as_str().unwrap_or_default();
+        assert!(
+            !msg.contains("bytes long") && !msg.contains("no key"),
+            "{msg}"
+        );
+        assert!(
+            env.client_token(name, value).is_err(),
+            "{name}: a Secret with the generated name works as its client secret"
+        );
+        eprintln!("  {name}: {msg}");
+    }
     env.wait_phase("subscriptions.gatehouse.dev", "demo-app-mobile", "Active");
     env.wait_phase("apis.gatehouse.dev", "mobile", "Active");
     std::thread::sleep(Duration::from_secs(1));
@@ -1290,7 +1356,9 @@ spec: {application: unpublished-app, api: mobile, plan: basic, grants: [client_c
     let message = unpublished["status"]["conditions"][0]["message"]
         .as_str()
         .unwrap_or_default();
-    assert!(message.contains("publishing refused"), "{unpublished}");
+    assert!(message.contains("cannot publish"), "{unpublished}");
+    // The operator's error (its account, namespace, the policy's words) stays in its log.
+    assert!(!message.contains("publishing refused"), "{unpublished}");
     // What the gateways already serve still reads Ready; the new client they do not know.
     env.wait_phase("subscriptions.gatehouse.dev", "demo-app-mobile", "Active");
     let secret = env

@@ -1888,6 +1888,76 @@ async fn a_known_browser_is_not_locked_out_by_others_failures() {
     assert!(alert.starts_with(THROTTLED), "{alert}");
 }
 
+/// An account remembers its ten most recent browsers: signing in on an eleventh forgets the
+/// oldest (the store holds at most ten device records per account, however often someone signs
+/// in to their own account), and a browser signing in again becomes the most recent.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_remembers_its_ten_latest_browsers() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let email = "paula@example.com";
+    new_user(&env, &phone, email, &[PROFILE]).await;
+    let mut browsers: Vec<Browser> = Vec::new();
+    for i in 0..11 {
+        let mut b = Browser::new(&env);
+        let login = open_login(&mut b, &phone.authorize(&[PROFILE])).await;
+        let r = log_in(&mut b, &login, email, PASSWORD).await;
+        assert!(
+            r.location().starts_with("/consent?req="),
+            "{i}: {}",
+            r.location()
+        );
+        assert!(b.device.is_some(), "{i}");
+        b.end_session();
+        browsers.push(b);
+        if i == 5 {
+            // The first browser signs in again halfway: it becomes the most recent. With the
+            // browser new_user signed up on, that leaves twelve, of which the signup browser
+            // and the second one are the oldest two.
+            let b = &mut browsers[0];
+            let login = open_login(b, &phone.authorize(&[PROFILE])).await;
+            let r = log_in(b, &login, email, PASSWORD).await;
+            assert!(
+                r.location().starts_with("/consent?req="),
+                "{}",
+                r.location()
+            );
+            b.end_session();
+        }
+    }
+    // Lock the account for new browsers.
+    let mut other = Browser::new(&env);
+    let mut page = open_login(&mut other, &phone.authorize(&[PROFILE])).await;
+    for _ in 0..5 {
+        let r = log_in(&mut other, &page, email, OTHER_PASSWORD).await;
+        page = other.follow(&r).await;
+    }
+    let (first, rest) = browsers.split_at_mut(1);
+    assert!(
+        signs_in(&mut first[0], &phone, email).await,
+        "the first browser, signed in again, was forgotten"
+    );
+    assert!(
+        !signs_in(&mut rest[0], &phone, email).await,
+        "the oldest two of twelve are still known devices"
+    );
+    for (i, b) in rest.iter_mut().enumerate().skip(1) {
+        assert!(
+            signs_in(b, &phone, email).await,
+            "browser {} was forgotten",
+            i + 2
+        );
+    }
+}
+
+/// Whether `b` signs in to `email` with the right password (its session then ends).
+async fn signs_in(b: &mut Browser<'_>, phone: &App, email: &str) -> bool {
+    let login = open_login(b, &phone.authorize(&[PROFILE])).await;
+    let r = log_in(b, &login, email, PASSWORD).await;
+    b.end_session();
+    r.location().starts_with("/consent?req=")
+}
+
 /// Behind an ingress every request comes from the ingress's address. With that address in
 /// `--trusted-proxies`, the per-address failure limit counts per client as X-Forwarded-For names
 /// it: one client's 20 failures lock out that client, not everybody behind the same ingress.

@@ -1357,7 +1357,18 @@ fn confidential_client_needs_a_secret() {
         s.status
             .get_or_insert_with(Default::default)
             .credentials_secret = Some(generated.clone());
+        s.metadata.uid = Some("u-long".into());
         r.secrets[0].metadata.name = Some(generated);
+        r.secrets[0].metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "gatehouse.dev/v1alpha1".into(),
+                kind: "Subscription".into(),
+                name: name.clone(),
+                uid: "u-long".into(),
+                controller: Some(true),
+                block_owner_deletion: None,
+            },
+        ]);
         let c = compile(&r);
         if fits {
             assert_active(&c, Kind::Subscription, &name);
@@ -1453,17 +1464,38 @@ fn a_secret_ref_needs_the_opt_in_label() {
     assert!(!message.contains("bytes long"), "{message}");
 }
 
-#[test]
-fn generated_credentials_secret_from_status_is_used() {
+/// The fixture's demo-service-mobile as the operator leaves it without clientSecretRef: its
+/// status names the generated Secret. The Secret's ownerReference is `owner` (kind, uid).
+fn generated_secret_fixture(owner: Option<(&str, &str)>, labelled: bool) -> Resources {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     let mut r = fixture();
-    // The operator's own Secret carries no opt-in label: only the operator names it.
-    r.secrets[0].metadata.labels = None;
+    if !labelled {
+        r.secrets[0].metadata.labels = None;
+    }
+    r.secrets[0].metadata.owner_references = owner.map(|(kind, uid)| {
+        vec![OwnerReference {
+            api_version: "gatehouse.dev/v1alpha1".into(),
+            kind: kind.into(),
+            name: "demo-service-mobile".into(),
+            uid: uid.into(),
+            controller: Some(true),
+            block_owner_deletion: Some(false),
+        }]
+    });
     let s = sub(&mut r, "demo-service-mobile");
+    s.metadata.uid = Some("uid-of-the-subscription".into());
     s.spec.client_secret_ref = None;
     s.status = Some(crate::resources::ResourceStatus {
         credentials_secret: Some("demo-service-mobile-credentials".into()),
         ..Default::default()
     });
+    r
+}
+
+#[test]
+fn generated_credentials_secret_from_status_is_used() {
+    // The operator's own Secret carries no opt-in label: the subscription controls it.
+    let r = generated_secret_fixture(Some(("Subscription", "uid-of-the-subscription")), false);
     let c = compile(&r);
     assert_active(&c, Kind::Subscription, "demo-service-mobile");
     assert!(
@@ -1472,6 +1504,39 @@ fn generated_credentials_secret_from_status_is_used() {
             .secret_sha256
             .is_some()
     );
+}
+
+/// A Secret that only has the generated name is never adopted: not another workload's, not
+/// another subscription's, not even one labelled for clientSecretRef (the well-known demo
+/// secret is, and "remove spec.clientSecretRef to let the operator generate one" must not
+/// keep it). The status says nothing of its keys or length.
+#[test]
+fn a_secret_with_the_generated_name_is_not_adopted() {
+    for (owner, labelled) in [
+        (None, false),
+        (None, true),
+        (Some(("Subscription", "uid-of-another-subscription")), false),
+        (Some(("Deployment", "uid-of-the-subscription")), false),
+    ] {
+        let mut r = generated_secret_fixture(owner, labelled);
+        // A short value: a leak would say how short.
+        r.secrets[0].string_data = Some([("clientSecret".to_string(), "short".to_string())].into());
+        r.secrets[0].data = None;
+        let c = compile(&r);
+        assert_invalid(
+            &c,
+            Kind::Subscription,
+            "demo-service-mobile",
+            reasons::MISSING_CLIENT_SECRET,
+            "is not this subscription's generated credentials",
+        );
+        let message = &get(&c, Kind::Subscription, "demo-service-mobile").message;
+        assert!(!message.contains("bytes long"), "{owner:?}: {message}");
+        assert!(
+            client(&c, "demo-service-mobile").is_none(),
+            "{owner:?} {labelled}"
+        );
+    }
 }
 
 #[test]

@@ -34,6 +34,22 @@ fn device_key(device: &str) -> String {
     format!("device:{device}")
 }
 
+/// The devices an account signed in on, oldest first (ids, as in `device_key`).
+fn devices_key(email: &str) -> String {
+    format!("devices:{email}")
+}
+
+/// Known devices kept per account; a sign-in on another forgets the oldest, so signing in to
+/// one's own account in a loop cannot grow the store.
+pub const MAX_DEVICES_PER_ACCOUNT: usize = 10;
+
+/// A browser on which this account signed in before: its device cookie and the cookie's id
+/// (the token's hash, hex).
+struct KnownDevice {
+    token: String,
+    id: String,
+}
+
 /// The counters a sign-in attempt is charged to: its address's, and its account's, or, from a
 /// browser on which this account signed in before (its device cookie), that browser's own
 /// instead of the account's (OWASP's device cookies). Anyone who knows an email can use up the
@@ -41,14 +57,13 @@ fn device_key(device: &str) -> String {
 struct Counters {
     by_ip: String,
     by_account: String,
-    /// The known device's id (a token hash, hex), when the attempt comes from one.
-    device: Option<String>,
+    device: Option<KnownDevice>,
 }
 
 impl Counters {
-    fn new(email: &str, ip: &str, device: Option<String>) -> Self {
+    fn new(email: &str, ip: &str, device: Option<KnownDevice>) -> Self {
         let by_account = match &device {
-            Some(d) => format!("throttle:login:device:{d}"),
+            Some(d) => format!("throttle:login:device:{}", d.id),
             None => format!("throttle:login:acct:{email}"),
         };
         Counters {
@@ -59,36 +74,61 @@ impl Counters {
     }
 }
 
-/// The id of this browser's device cookie when it was issued to a sign-in of `email`. A cookie
-/// of another account, unknown, expired, or unreadable counts as no device.
-async fn known_device(state: &AppState, headers: &HeaderMap, email: &str) -> Option<String> {
+/// This browser's device cookie when it was issued to a sign-in of `email`. A cookie of another
+/// account, unknown, expired, forgotten, or unreadable counts as no device.
+async fn known_device(state: &AppState, headers: &HeaderMap, email: &str) -> Option<KnownDevice> {
     let token = session::device_token(headers, state.secure_cookies())?;
     let id = hex::encode(crate::tokens::hash(&token));
     let owner: Option<String> = kv::get(&*state.store, &device_key(&id)).await.ok()?;
-    (owner.as_deref() == Some(email)).then_some(id)
+    (owner.as_deref() == Some(email)).then_some(KnownDevice { token, id })
 }
 
-/// `resp` (a sign-in's answer) with a new device cookie for `email`, unless the attempt came
-/// from a device of that account already. Without a store the sign-in goes on without one.
+/// `resp` (a sign-in's answer) with the browser remembered as a device of `email` for
+/// `DEVICE_TTL` from now: a new device cookie, or the known one again with its time renewed
+/// (someone who signs in daily never falls back to the account's counter). Without a store the
+/// sign-in goes on without one.
 async fn remember_device(
     state: &AppState,
     mut resp: Response,
     c: &Counters,
     email: &str,
 ) -> Response {
-    if c.device.is_some() || !resp.status().is_redirection() {
+    if !resp.status().is_redirection() {
         return resp;
     }
-    let token = crate::tokens::generate();
-    let id = hex::encode(crate::tokens::hash(&token));
-    let stored = kv::put(
-        &*state.store,
-        &device_key(&id),
-        &email.to_string(),
-        session::DEVICE_TTL,
-    )
-    .await;
-    if stored.is_ok() {
+    let store = &*state.store;
+    let (token, id) = match &c.device {
+        Some(d) => (d.token.clone(), d.id.clone()),
+        None => {
+            let token = crate::tokens::generate();
+            let id = hex::encode(crate::tokens::hash(&token));
+            (token, id)
+        }
+    };
+    let mut ids: Vec<String> = kv::get(store, &devices_key(email))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    ids.retain(|known| known != &id);
+    ids.push(id.clone());
+    let forgotten = ids.len().saturating_sub(MAX_DEVICES_PER_ACCOUNT);
+    for old in ids.drain(..forgotten) {
+        let _ = store.kv_delete(&device_key(&old)).await;
+    }
+    // The list first: a device record is never outside it, so the cap bounds the records.
+    let stored = kv::put(store, &devices_key(email), &ids, session::DEVICE_TTL)
+        .await
+        .is_ok()
+        && kv::put(
+            store,
+            &device_key(&id),
+            &email.to_string(),
+            session::DEVICE_TTL,
+        )
+        .await
+        .is_ok();
+    if stored {
         resp.headers_mut().append(
             header::SET_COOKIE,
             session::set_device_cookie(&token, state.secure_cookies()),
