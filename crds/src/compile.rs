@@ -1296,7 +1296,6 @@ struct SecretValues {
 }
 
 /// (namespace, name) -> the Secret's values.
-
 type SecretIndex = BTreeMap<Key, SecretValues>;
 
 fn index_secrets(secrets: &[Secret]) -> SecretIndex {
