@@ -71,6 +71,14 @@ pub struct Args {
     #[arg(long, env = "GATEHOUSE_MAX_SIGN_IN_STARTS_PER_MINUTE", default_value_t = crate::oauth::authorize::MAX_SIGN_IN_STARTS_PER_MINUTE, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_sign_in_starts_per_minute: u64,
 
+    /// Token grants (code exchanges, refreshes) per client and user, and client_credentials
+    /// grants per client, per minute on each replica, as a burst, then evenly spaced. Every
+    /// grant stores tokens for their lifetime, so a client asking in a loop (a token per API
+    /// call is a common mistake) would fill the store for everybody; over the limit the token
+    /// endpoint answers 429 `slow_down` with `Retry-After`.
+    #[arg(long, env = "GATEHOUSE_MAX_TOKEN_GRANTS_PER_MINUTE", default_value_t = crate::oauth::token::MAX_TOKEN_GRANTS_PER_MINUTE, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_token_grants_per_minute: u64,
+
     /// Proxies in front of the gateway (ingress, load balancer) as comma-separated CIDRs or
     /// addresses. Requests from them are attributed to the client named in X-Forwarded-For for
     /// the login, signup and sign-in throttles; without this, behind an ingress, every client

@@ -44,6 +44,10 @@ pub enum GatewayError {
     UnsupportedTransferCoding,
     #[error("{1}")]
     OAuth(OAuthErrorCode, String),
+    /// The token endpoint's issuance limit; the seconds until a grant is allowed again.
+    /// `slow_down` is the token endpoint's code for "ask less often" (RFC 8628 3.5).
+    #[error("too many token requests for this client; retry in {0} s")]
+    SlowDown(u64),
 }
 
 /// RFC 6749 5.2 error codes (and RFC 7009/7662 reuse them).
@@ -93,7 +97,9 @@ impl GatewayError {
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::MissingToken | GatewayError::InvalidToken => StatusCode::UNAUTHORIZED,
             GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RateLimited(_) | GatewayError::SlowDown(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             GatewayError::LimiterUnavailable
             | GatewayError::StoreUnavailable
             | GatewayError::TooManyWebSockets => StatusCode::SERVICE_UNAVAILABLE,
@@ -122,6 +128,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::UnsupportedTransferCoding => "not_implemented",
             GatewayError::OAuth(code, _) => code.as_str(),
+            GatewayError::SlowDown(_) => "slow_down",
         }
     }
 
@@ -165,6 +172,11 @@ impl GatewayError {
                     headers::number(d.retry_after_seconds()),
                 );
                 set_rate_limit_headers(h, d);
+            }
+            GatewayError::SlowDown(seconds) => {
+                h.insert(header::RETRY_AFTER, headers::number(*seconds));
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
             }
             GatewayError::MethodNotAllowed => {
                 h.insert(

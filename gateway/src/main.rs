@@ -98,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         args.max_websockets_per_caller as usize,
     ));
     state.sign_in_starts = AddressThrottle::per_minute(args.max_sign_in_starts_per_minute);
+    state.token_grants = AddressThrottle::per_minute(args.max_token_grants_per_minute);
     state.trusted_proxies = args.trusted_proxies.clone();
     if args.kube && args.trusted_proxies.is_empty() {
         // In a cluster the gateway usually sits behind an ingress; said once, at start.
@@ -131,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
             tick.tick().await;
             local_limiter.purge_idle(now_us());
             purged.sign_in_starts.purge_idle(now_us());
+            purged.token_grants.purge_idle(now_us());
         }
     });
 

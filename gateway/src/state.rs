@@ -35,6 +35,9 @@ pub struct AppState {
     /// Sign-in requests (`/oauth2/authorize`) per client address (per user once signed in),
     /// on this replica.
     pub sign_in_starts: AddressThrottle,
+    /// Token grants per client and user (per client for client_credentials), on this replica
+    /// (`--max-token-grants-per-minute`).
+    pub token_grants: AddressThrottle,
     /// One permit per WebSocket tunnel this process may hold (`--max-websockets`).
     pub websocket_slots: Arc<tokio::sync::Semaphore>,
     /// Tunnels per caller (`--max-websockets-per-caller`).
@@ -54,6 +57,9 @@ impl AppState {
             trusted_proxies: TrustedProxies::default(),
             sign_in_starts: AddressThrottle::per_minute(
                 crate::oauth::authorize::MAX_SIGN_IN_STARTS_PER_MINUTE,
+            ),
+            token_grants: AddressThrottle::per_minute(
+                crate::oauth::token::MAX_TOKEN_GRANTS_PER_MINUTE,
             ),
             websocket_slots: Arc::new(tokio::sync::Semaphore::new(crate::tunnel::MAX_TUNNELS)),
             websocket_callers: Arc::new(crate::tunnel::PerCaller::new(

@@ -217,6 +217,7 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
     assert!(!default.contains("--trusted-proxies"));
     assert!(ext.contains("- --max-sign-in-starts-per-minute=600"));
     assert!(default.contains("- --max-sign-in-starts-per-minute=120"));
+    assert!(default.contains("- --max-token-grants-per-minute=60\n"));
     assert!(default.contains("- --max-websockets=10000\n"));
     assert!(default.contains("- --max-websockets-per-caller=100\n"));
     // From a values file Helm reads 1000000 as a float and would print 1e+06, which the
@@ -224,7 +225,7 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
     let big = std::env::temp_dir().join(format!("gatehouse-big-{}.yaml", std::process::id()));
     std::fs::write(
         &big,
-        "gateway:\n  maxSignInStartsPerMinute: 1000000\n  maxWebsockets: 1000000\n",
+        "gateway:\n  maxSignInStartsPerMinute: 1000000\n  maxTokenGrantsPerMinute: 1000000\n  maxWebsockets: 1000000\n",
     )
     .unwrap();
     let big_render = helm_offline_ok(&[
@@ -239,6 +240,10 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
     let _ = std::fs::remove_file(&big);
     assert!(
         big_render.contains("- --max-sign-in-starts-per-minute=1000000\n"),
+        "{big_render}"
+    );
+    assert!(
+        big_render.contains("- --max-token-grants-per-minute=1000000\n"),
         "{big_render}"
     );
     assert!(

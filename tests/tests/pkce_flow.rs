@@ -1958,6 +1958,76 @@ async fn signs_in(b: &mut Browser<'_>, phone: &App, email: &str) -> bool {
     r.location().starts_with("/consent?req=")
 }
 
+/// `--max-token-grants-per-minute`: grants per client and user (per client for
+/// client_credentials) on a replica. Over it the token endpoint answers 429 `slow_down` with
+/// Retry-After, before anything is stored or spent: the refused refresh token still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_grants_are_limited_per_client_and_user() {
+    let env = env_with(&["--max-token-grants-per-minute", "4"]).await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (_, code, verifier) = new_user(&env, &phone, "quinn@example.com", &[PROFILE]).await;
+    // Grant 1 is the code exchange, 2-4 refreshes.
+    let (_, mut refresh) = phone.tokens(&env, &code, &verifier).await;
+    for i in 2..=4 {
+        let t = phone
+            .refresh(&env, &refresh)
+            .await
+            .unwrap_or_else(|e| panic!("grant {i}: {e:?}"));
+        refresh = t.refresh_token().expect("rotated").secret().clone();
+    }
+    let (status, headers, body) = post_form(
+        &env,
+        "/oauth2/token",
+        None,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &refresh),
+            ("client_id", PHONE_APP),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"], "slow_down", "{body}");
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    let wait: u64 = headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=15).contains(&wait), "Retry-After {wait}");
+    assert_eq!(
+        introspect(&env, &refresh).await["active"],
+        true,
+        "the refused refresh token was spent"
+    );
+    // Another user of the same app is counted apart.
+    let (_, code, verifier) = new_user(&env, &phone, "rosa@example.com", &[PROFILE]).await;
+    phone.tokens(&env, &code, &verifier).await;
+
+    // client_credentials: per client.
+    let cc = [("grant_type", "client_credentials")];
+    for i in 1..=4 {
+        let (status, _, body) = post_form(
+            &env,
+            "/oauth2/token",
+            Some((BACKEND_APP, BACKEND_SECRET)),
+            &cc,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{i}: {body}");
+    }
+    let (status, headers, body) = post_form(
+        &env,
+        "/oauth2/token",
+        Some((BACKEND_APP, BACKEND_SECRET)),
+        &cc,
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"], "slow_down");
+    assert!(headers.contains_key(header::RETRY_AFTER));
+}
+
 /// Behind an ingress every request comes from the ingress's address. With that address in
 /// `--trusted-proxies`, the per-address failure limit counts per client as X-Forwarded-For names
 /// it: one client's 20 failures lock out that client, not everybody behind the same ingress.

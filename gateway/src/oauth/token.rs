@@ -146,6 +146,7 @@ async fn client_credentials(
     }
     require_grant(client, GrantType::ClientCredentials)?;
     let scope = check_scopes(snap, client, form.get("scope"))?;
+    within_issuance_limit(state, client, None)?;
     let ttl = snap.apis[client.api].cfg.access_token_ttl_seconds;
     let access_token = issue(
         state,
@@ -164,6 +165,27 @@ async fn client_credentials(
         refresh_token: None,
         scope,
     })
+}
+
+/// Default of `--max-token-grants-per-minute`.
+pub const MAX_TOKEN_GRANTS_PER_MINUTE: u64 = 60;
+
+/// Counts a grant against the issuance limit: per client and user, or per client for
+/// client_credentials. Checked before anything is stored or spent, so a refused code or
+/// refresh token still works when the client retries after `Retry-After`.
+fn within_issuance_limit(
+    state: &AppState,
+    client: &ClientRuntime,
+    user_id: Option<&str>,
+) -> Result<(), GatewayError> {
+    let key = match user_id {
+        Some(user) => format!("{}\0{user}", client.cfg.client_id),
+        None => client.cfg.client_id.clone(),
+    };
+    state
+        .token_grants
+        .admit(&key)
+        .map_err(GatewayError::SlowDown)
 }
 
 fn invalid_grant(desc: &str) -> GatewayError {
@@ -429,6 +451,7 @@ async fn token_pair(
     refresh_scope: &str,
     grant_id: &str,
 ) -> Result<TokenResponse, GatewayError> {
+    within_issuance_limit(state, client, Some(user_id))?;
     let api = &snap.apis[client.api].cfg;
     let access_token = issue(
         state,

@@ -161,13 +161,25 @@ impl AddressThrottle {
     }
 
     pub fn allow_at(&self, client: &str, now: u64) -> bool {
+        self.admit_at(client, now).is_ok()
+    }
+
+    /// Counts a request from `client`, or says in how many seconds one would be allowed.
+    pub fn admit(&self, client: &str) -> Result<(), u64> {
+        self.admit_at(client, now_us())
+    }
+
+    pub fn admit_at(&self, client: &str, now: u64) -> Result<(), u64> {
         let check = LimitCheck {
             key: client.to_string(),
             rate: self.rate,
         };
-        self.limiter
-            .check_at(std::slice::from_ref(&check), now)
-            .allowed
+        let d = self.limiter.check_at(std::slice::from_ref(&check), now);
+        if d.allowed {
+            Ok(())
+        } else {
+            Err(d.retry_after_seconds())
+        }
     }
 
     pub fn purge_idle(&self, now: u64) -> usize {
@@ -189,6 +201,20 @@ impl Limiter for LocalLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_says_when_to_come_back() {
+        let t = AddressThrottle::per_minute(3);
+        let now = 1_000_000_000;
+        for _ in 0..3 {
+            assert_eq!(t.admit_at("client", now), Ok(()));
+        }
+        // One request every 20 s after the burst.
+        assert_eq!(t.admit_at("client", now), Err(20));
+        assert_eq!(t.admit_at("client", now + 15_000_000), Err(5));
+        assert_eq!(t.admit_at("other", now), Ok(()));
+        assert_eq!(t.admit_at("client", now + 20_000_000), Ok(()));
+    }
 
     #[test]
     fn the_clock_is_monotonic_time_on_the_wall_clock_scale() {
