@@ -107,6 +107,21 @@ fn strip_secret_metadata(m: &mut PartialObjectMeta<Secret>) {
     m.metadata.managed_fields = None;
 }
 
+/// Why a credentials Secret could not be created, as a tenant's status may say it: the API
+/// server's reason and code, not its message (which names the operator's service account, its
+/// namespace, a policy's wording); the whole answer is in the operator's log.
+fn refusal_for_status(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<kube_client::Error>() {
+        Some(kube_client::Error::Api(refused)) => format!(
+            "the API server refused it ({}, HTTP {}); the operator's log has its answer",
+            refused.reason, refused.code
+        ),
+        Some(_) => "the API server could not be asked; the operator's log says why".to_string(),
+        // The operator's own explanation (a Secret of that name that is not this one's).
+        None => format!("{e:#}"),
+    }
+}
+
 /// Watches of one kind across the configured namespaces.
 struct Watched<K: Resource + Clone + 'static>
 where
@@ -356,7 +371,7 @@ impl Controller {
                     (
                         s.namespace.clone(),
                         s.subscription.clone(),
-                        format!("{e:#}"),
+                        refusal_for_status(&e),
                     ),
                 );
             }

@@ -1866,15 +1866,22 @@ async fn a_known_browser_is_not_locked_out_by_others_failures() {
     page = owner.follow(&r).await;
     let alert = page.alert().unwrap_or_default();
     assert!(alert.starts_with(THROTTLED), "{alert}");
-    // Nina's own browser still signs her in, and keeps its device cookie.
+    // Nina's own browser still signs her in, and gets a new device cookie.
     let r = log_in(&mut owner, &page, "nina@example.com", PASSWORD).await;
     assert!(
         r.location().starts_with("/consent?req="),
         "{}",
         r.location()
     );
-    assert_eq!(owner.device.as_deref(), Some(device.as_str()));
+    assert!(owner.device.is_some() && owner.device.as_deref() != Some(device.as_str()));
     owner.end_session();
+    // A copy of the cookie it had before is worth nothing now.
+    let mut copy = Browser::new(&env);
+    copy.device = Some(device.clone());
+    let page = open_login(&mut copy, &phone.authorize(&[PROFILE])).await;
+    let r = log_in(&mut copy, &page, "nina@example.com", PASSWORD).await;
+    let alert = copy.follow(&r).await.alert().unwrap_or_default();
+    assert!(alert.starts_with(THROTTLED), "{alert}");
 
     // The device's own failures: five, then throttled there too.
     let mut page = open_login(&mut owner, &phone.authorize(&[PROFILE])).await;

@@ -30,25 +30,26 @@ pub const THROTTLE_WINDOW_SECS: u64 = 15 * 60;
 const BAD_CREDENTIALS: &str = "The email or password is not correct.";
 const THROTTLED: &str = "Too many failed attempts. Please wait 15 minutes and try again.";
 
-fn device_key(device: &str) -> String {
-    format!("device:{device}")
-}
-
-/// The devices an account signed in on, oldest first (ids, as in `device_key`).
+/// The browsers an account signed in on (`Device`s, least recently used first), all in one
+/// value: however sign-ins race, an account holds at most this one record.
 fn devices_key(email: &str) -> String {
     format!("devices:{email}")
 }
 
-/// Known devices kept per account; a sign-in on another forgets the oldest, so signing in to
-/// one's own account in a loop cannot grow the store.
+/// Known devices kept per account; a sign-in on another forgets the least recently used, so
+/// signing in to one's own account in a loop cannot grow the store.
 pub const MAX_DEVICES_PER_ACCOUNT: usize = 10;
 
-/// A browser on which this account signed in before: its device cookie and the cookie's id
-/// (the token's hash, hex).
-struct KnownDevice {
-    token: String,
+/// One known browser: its device cookie's id (the token's SHA-256, hex) and until when it is
+/// known (unix seconds).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Device {
     id: String,
+    until: u64,
 }
+
+/// A browser on which this account signed in before: its device cookie's id.
+struct KnownDevice(String);
 
 /// The counters a sign-in attempt is charged to: its address's, and its account's, or, from a
 /// browser on which this account signed in before (its device cookie), that browser's own
@@ -63,7 +64,7 @@ struct Counters {
 impl Counters {
     fn new(email: &str, ip: &str, device: Option<KnownDevice>) -> Self {
         let by_account = match &device {
-            Some(d) => format!("throttle:login:device:{}", d.id),
+            Some(d) => format!("throttle:login:device:{}", d.0),
             None => format!("throttle:login:acct:{email}"),
         };
         Counters {
@@ -74,19 +75,25 @@ impl Counters {
     }
 }
 
-/// This browser's device cookie when it was issued to a sign-in of `email`. A cookie of another
-/// account, unknown, expired, forgotten, or unreadable counts as no device.
+/// This browser's device cookie when the account signed in on it and knows it still. A cookie
+/// of another account, unknown, expired, forgotten, replaced by a later sign-in, or unreadable
+/// counts as no device.
 async fn known_device(state: &AppState, headers: &HeaderMap, email: &str) -> Option<KnownDevice> {
     let token = session::device_token(headers, state.secure_cookies())?;
     let id = hex::encode(crate::tokens::hash(&token));
-    let owner: Option<String> = kv::get(&*state.store, &device_key(&id)).await.ok()?;
-    (owner.as_deref() == Some(email)).then_some(KnownDevice { token, id })
+    let devices: Vec<Device> = kv::get(&*state.store, &devices_key(email)).await.ok()??;
+    let now = crate::store::unix_now();
+    devices
+        .iter()
+        .any(|d| d.id == id && d.until > now)
+        .then_some(KnownDevice(id))
 }
 
 /// `resp` (a sign-in's answer) with the browser remembered as a device of `email` for
-/// `DEVICE_TTL` from now: a new device cookie, or the known one again with its time renewed
-/// (someone who signs in daily never falls back to the account's counter). Without a store the
-/// sign-in goes on without one.
+/// `DEVICE_TTL` from now, under a new device cookie: a known browser's old one stops counting
+/// (a copy taken from it is worth nothing after the owner's next sign-in), and someone who signs
+/// in daily never falls back to the account's counter. When the store cannot say which devices
+/// the account has, the sign-in goes on without remembering (never overwriting the list).
 async fn remember_device(
     state: &AppState,
     mut resp: Response,
@@ -97,38 +104,28 @@ async fn remember_device(
         return resp;
     }
     let store = &*state.store;
-    let (token, id) = match &c.device {
-        Some(d) => (d.token.clone(), d.id.clone()),
-        None => {
-            let token = crate::tokens::generate();
-            let id = hex::encode(crate::tokens::hash(&token));
-            (token, id)
-        }
+    let key = devices_key(email);
+    let Ok(devices) = kv::get::<Vec<Device>>(store, &key).await else {
+        return resp;
     };
-    let mut ids: Vec<String> = kv::get(store, &devices_key(email))
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    ids.retain(|known| known != &id);
-    ids.push(id.clone());
-    let forgotten = ids.len().saturating_sub(MAX_DEVICES_PER_ACCOUNT);
-    for old in ids.drain(..forgotten) {
-        let _ = store.kv_delete(&device_key(&old)).await;
-    }
-    // The list first: a device record is never outside it, so the cap bounds the records.
-    let stored = kv::put(store, &devices_key(email), &ids, session::DEVICE_TTL)
+    let now = crate::store::unix_now();
+    let replaced = c.device.as_ref().map(|d| d.0.as_str());
+    let mut devices: Vec<Device> = devices
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| d.until > now && Some(d.id.as_str()) != replaced)
+        .collect();
+    let token = crate::tokens::generate();
+    devices.push(Device {
+        id: hex::encode(crate::tokens::hash(&token)),
+        until: now + session::DEVICE_TTL,
+    });
+    let forgotten = devices.len().saturating_sub(MAX_DEVICES_PER_ACCOUNT);
+    devices.drain(..forgotten);
+    if kv::put(store, &key, &devices, session::DEVICE_TTL)
         .await
         .is_ok()
-        && kv::put(
-            store,
-            &device_key(&id),
-            &email.to_string(),
-            session::DEVICE_TTL,
-        )
-        .await
-        .is_ok();
-    if stored {
+    {
         resp.headers_mut().append(
             header::SET_COOKIE,
             session::set_device_cookie(&token, state.secure_cookies()),
