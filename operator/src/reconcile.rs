@@ -78,14 +78,11 @@ pub fn generated_client_id(namespace: &str, name: &str, uid: &str) -> String {
     format!("{name}-{}", hex::encode(&digest[..4]))
 }
 
-/// The `clientId` a generated credentials Secret of this subscription (by owner uid) holds.
+/// The `clientId` a generated credentials Secret of this subscription holds: one it controls,
+/// judged as compile judges whether it may use the Secret's client secret.
 fn secret_client_id(secret: &Secret, uid: &str) -> Option<String> {
-    let owned = secret
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| !uid.is_empty() && o.uid == uid);
+    let owned = !uid.is_empty()
+        && gatehouse_crds::compile::controlling_subscription(&secret.metadata) == Some(uid);
     let value = secret.data.as_ref()?.get(CLIENT_ID_KEY)?;
     owned
         .then(|| String::from_utf8(value.0.clone()).ok())
@@ -298,6 +295,14 @@ fn status_updates(
         .collect()
 }
 
+/// A Ready condition's lastTransitionTime: kept while its status stays `status`, else `now`.
+fn transition_time(previous: Option<&Condition>, status: &str, now: &str) -> Option<String> {
+    match previous {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => Some(now.to_string()),
+    }
+}
+
 fn desired_status(
     v: &Verdict,
     old: Option<&ResourceStatus>,
@@ -308,12 +313,8 @@ fn desired_status(
     now: &str,
 ) -> ResourceStatus {
     let mut cond: Condition = v.ready_condition(generation);
-    // Keep the transition time while the condition's status stays the same.
     let previous = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-    cond.last_transition_time = match previous {
-        Some(p) if p.status == cond.status => p.last_transition_time.clone(),
-        _ => Some(now.to_string()),
-    };
+    cond.last_transition_time = transition_time(previous, &cond.status, now);
     let mut status = ResourceStatus {
         phase: Some(v.phase.as_str().to_string()),
         observed_generation: generation,
@@ -379,10 +380,7 @@ pub fn credentials_failed(
                 "the credentials Secret {} cannot be created (retried every 10 s): {error}",
                 gatehouse_crds::compile::generated_secret_name(name)
             ),
-            last_transition_time: match previous {
-                Some(p) if p.status == "False" => p.last_transition_time.clone(),
-                _ => Some(now.to_string()),
-            },
+            last_transition_time: transition_time(previous, "False", now),
             observed_generation: generation,
         }],
     };
@@ -425,10 +423,7 @@ pub fn publish_failed(
             c.status = "False".to_string();
             c.reason = PUBLISH_FAILED.to_string();
             c.message = "valid, but the operator cannot publish the gateways' configuration (retried every 2 s; its log says why)".to_string();
-            c.last_transition_time = match previous {
-                Some(p) if p.status == "False" => p.last_transition_time.clone(),
-                _ => Some(now.to_string()),
-            };
+            c.last_transition_time = transition_time(previous, "False", now);
         }
     }
     (old.as_ref() != Some(&planned.status)).then_some(planned)

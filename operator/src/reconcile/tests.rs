@@ -367,12 +367,23 @@ fn a_lost_status_does_not_change_the_client_id() {
         CLIENT_ID_KEY.to_string(),
         k8s_openapi::ByteString(b"svc-mobile-0ld1d000".to_vec()),
     );
-    let p3 = plan(r3, &[], &mut g, "t3");
+    let p3 = plan(r3.clone(), &[], &mut g, "t3");
     assert_eq!(
         status_of(&p3, "svc-mobile").client_id.as_deref(),
         Some("svc-mobile-0ld1d000")
     );
     assert!(p3.client_id_updates.is_empty());
+    // Only a Secret the subscription controls lends its id (as compile only uses such a one's
+    // secret): with a plain ownerReference the id is derived again.
+    let mut r4 = r3;
+    for o in r4.secrets[0].metadata.owner_references.iter_mut().flatten() {
+        o.controller = None;
+    }
+    let p4 = plan(r4, &[], &mut g, "t4");
+    assert_eq!(
+        status_of(&p4, "svc-mobile").client_id.as_deref(),
+        Some(svc_id.as_str())
+    );
 }
 
 /// spec.clientId set after the Secret was made: the Secret's clientId follows (its secret
