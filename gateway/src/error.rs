@@ -175,8 +175,7 @@ impl GatewayError {
             }
             GatewayError::SlowDown(seconds) => {
                 h.insert(header::RETRY_AFTER, headers::number(*seconds));
-                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+                crate::oauth::no_store(h);
             }
             GatewayError::MethodNotAllowed => {
                 h.insert(
@@ -185,8 +184,7 @@ impl GatewayError {
                 );
             }
             GatewayError::OAuth(code, _) => {
-                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+                crate::oauth::no_store(h);
                 if *code == OAuthErrorCode::InvalidClient {
                     h.insert(
                         header::WWW_AUTHENTICATE,

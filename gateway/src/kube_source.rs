@@ -73,8 +73,6 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::local::LocalLimiter;
-    use crate::store::embedded::EmbeddedStore;
     use gatehouse_crds::{GatewayConfig, compile::config_hash};
     use k8s_openapi::ByteString;
 
@@ -94,11 +92,7 @@ mod tests {
     #[test]
     fn swaps_on_new_content_and_keeps_the_last_good_one() {
         let dir = tempfile::tempdir().unwrap();
-        let state = AppState::new(
-            Arc::new(EmbeddedStore::open(dir.path()).unwrap()),
-            Arc::new(LocalLimiter::default()),
-            "http://gw",
-        );
+        let state = AppState::for_tests(dir.path());
         assert!(!state.config.load().loaded);
         let mut config = GatewayConfig::default();
         config.hash = config_hash(&config);

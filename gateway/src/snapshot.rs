@@ -284,11 +284,7 @@ mod tests {
     #[test]
     fn each_thread_proxies_with_its_own_copy_of_the_current_configuration() {
         let dir = tempfile::tempdir().unwrap();
-        let state = crate::state::AppState::new(
-            std::sync::Arc::new(crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap()),
-            std::sync::Arc::new(crate::ratelimit::local::LocalLimiter::default()),
-            "http://gw",
-        );
+        let state = crate::state::AppState::for_tests(dir.path());
         assert!(!state.local_config().loaded, "nothing loaded yet");
         state.swap_config(Snapshot::build(one_client_config("h1", "first")).0);
         let shared = header_bytes(&state.config.load(), "first");

@@ -68,6 +68,17 @@ impl AppState {
         }
     }
 
+    /// A state on the embedded store in `dir`, the in-process limiter and `http://gw`, for
+    /// unit tests.
+    #[cfg(test)]
+    pub fn for_tests(dir: &std::path::Path) -> AppState {
+        AppState::new(
+            Arc::new(crate::store::embedded::EmbeddedStore::open(dir).expect("embedded store")),
+            Arc::new(crate::ratelimit::local::LocalLimiter::default()),
+            "http://gw",
+        )
+    }
+
     /// Session cookies get `Secure` when the public URL is https.
     pub fn secure_cookies(&self) -> bool {
         is_https(&self.issuer)

@@ -664,12 +664,7 @@ mod answer_once_tests {
 
     fn state() -> (tempfile::TempDir, AppState) {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
-        let state = AppState::new(
-            Arc::new(store),
-            Arc::new(crate::ratelimit::local::LocalLimiter::default()),
-            "http://gw",
-        );
+        let state = AppState::for_tests(dir.path());
         (dir, state)
     }
 
