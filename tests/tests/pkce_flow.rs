@@ -1781,13 +1781,8 @@ async fn failed_logins_are_throttled_per_account() {
     new_user(&env, &phone, "oscar@example.com", &[PROFILE]).await;
 
     let mut b = Browser::new(&env);
-    let mut page = open_login(&mut b, &phone.authorize(&[PROFILE])).await;
-    for attempt in 1..=5 {
-        let r = log_in(&mut b, &page, "nina@example.com", OTHER_PASSWORD).await;
-        assert!(r.location().starts_with("/login?req="));
-        page = b.follow(&r).await;
-        assert_eq!(page.alert().as_deref(), Some(BAD_CREDENTIALS), "{attempt}");
-    }
+    let page = open_login(&mut b, &phone.authorize(&[PROFILE])).await;
+    let mut page = fail_five(&mut b, page, "nina@example.com").await;
     // Sixth wrong attempt, then even the right password: throttled, not signed in.
     for password in [OTHER_PASSWORD, PASSWORD] {
         let r = log_in(&mut b, &page, "nina@example.com", password).await;
@@ -1849,23 +1844,13 @@ async fn a_known_browser_is_not_locked_out_by_others_failures() {
     let mut other = Browser::new(&env);
     let mut page = open_login(&mut other, &phone.authorize(&[PROFILE])).await;
     for email in ["nina@example.com", "oscar@example.com"] {
-        for _ in 0..5 {
-            let r = log_in(&mut other, &page, email, OTHER_PASSWORD).await;
-            page = other.follow(&r).await;
-            assert_eq!(page.alert().as_deref(), Some(BAD_CREDENTIALS));
-        }
-        let r = log_in(&mut other, &page, email, PASSWORD).await;
-        page = other.follow(&r).await;
-        let alert = page.alert().unwrap_or_default();
-        assert!(alert.starts_with(THROTTLED), "{email}: {alert}");
+        page = fail_five(&mut other, page, email).await;
+        page = refused_as_throttled(&mut other, &page, email).await;
     }
     // A browser that signed in as someone else is a new browser to Nina's account, and the
     // device changes nothing for another account.
-    let mut page = open_login(&mut owner, &phone.authorize(&[PROFILE])).await;
-    let r = log_in(&mut owner, &page, "oscar@example.com", PASSWORD).await;
-    page = owner.follow(&r).await;
-    let alert = page.alert().unwrap_or_default();
-    assert!(alert.starts_with(THROTTLED), "{alert}");
+    let page = open_login(&mut owner, &phone.authorize(&[PROFILE])).await;
+    let page = refused_as_throttled(&mut owner, &page, "oscar@example.com").await;
     // Nina's own browser still signs her in, and gets a new device cookie.
     let r = log_in(&mut owner, &page, "nina@example.com", PASSWORD).await;
     assert!(
@@ -1879,20 +1864,40 @@ async fn a_known_browser_is_not_locked_out_by_others_failures() {
     let mut copy = Browser::new(&env);
     copy.device = Some(device.clone());
     let page = open_login(&mut copy, &phone.authorize(&[PROFILE])).await;
-    let r = log_in(&mut copy, &page, "nina@example.com", PASSWORD).await;
-    let alert = copy.follow(&r).await.alert().unwrap_or_default();
-    assert!(alert.starts_with(THROTTLED), "{alert}");
+    refused_as_throttled(&mut copy, &page, "nina@example.com").await;
 
     // The device's own failures: five, then throttled there too.
-    let mut page = open_login(&mut owner, &phone.authorize(&[PROFILE])).await;
-    for _ in 0..5 {
-        let r = log_in(&mut owner, &page, "nina@example.com", OTHER_PASSWORD).await;
-        page = owner.follow(&r).await;
-        assert_eq!(page.alert().as_deref(), Some(BAD_CREDENTIALS));
+    let page = open_login(&mut owner, &phone.authorize(&[PROFILE])).await;
+    let page = fail_five(&mut owner, page, "nina@example.com").await;
+    refused_as_throttled(&mut owner, &page, "nina@example.com").await;
+}
+
+/// Five wrong passwords for `email` from `b`, starting on the login `page`: each answered as a
+/// wrong password (nothing throttled yet). The page after the last.
+async fn fail_five(b: &mut Browser<'_>, mut page: Page, email: &str) -> Page {
+    for attempt in 1..=5 {
+        let r = log_in(b, &page, email, OTHER_PASSWORD).await;
+        assert!(r.location().starts_with("/login?req="), "{attempt}");
+        page = b.follow(&r).await;
+        assert_eq!(
+            page.alert().as_deref(),
+            Some(BAD_CREDENTIALS),
+            "{email}, attempt {attempt}"
+        );
     }
-    let r = log_in(&mut owner, &page, "nina@example.com", PASSWORD).await;
-    let alert = owner.follow(&r).await.alert().unwrap_or_default();
-    assert!(alert.starts_with(THROTTLED), "{alert}");
+    page
+}
+
+/// The right password for `email` from the login `page`, refused by the throttle: no session,
+/// the throttle's message. The page it shows.
+async fn refused_as_throttled(b: &mut Browser<'_>, page: &Page, email: &str) -> Page {
+    let r = log_in(b, page, email, PASSWORD).await;
+    assert!(r.location().starts_with("/login?req="), "{email}");
+    assert!(r.session_cookie().is_none(), "{email}");
+    let page = b.follow(&r).await;
+    let alert = page.alert().unwrap_or_default();
+    assert!(alert.starts_with(THROTTLED), "{email}: {alert}");
+    page
 }
 
 /// An account remembers its ten most recent browsers: signing in on an eleventh forgets the
@@ -1934,11 +1939,8 @@ async fn an_account_remembers_its_ten_latest_browsers() {
     }
     // Lock the account for new browsers.
     let mut other = Browser::new(&env);
-    let mut page = open_login(&mut other, &phone.authorize(&[PROFILE])).await;
-    for _ in 0..5 {
-        let r = log_in(&mut other, &page, email, OTHER_PASSWORD).await;
-        page = other.follow(&r).await;
-    }
+    let page = open_login(&mut other, &phone.authorize(&[PROFILE])).await;
+    fail_five(&mut other, page, email).await;
     let (first, rest) = browsers.split_at_mut(1);
     assert!(
         signs_in(&mut first[0], &phone, email).await,
