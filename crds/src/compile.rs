@@ -1293,6 +1293,7 @@ struct SecretValues {
     values: BTreeMap<String, Vec<u8>>,
     opted_in: bool,
     controller: Option<String>,
+    uid: Option<String>,
 }
 
 /// (namespace, name) -> the Secret's values.
@@ -1322,6 +1323,7 @@ fn index_secrets(secrets: &[Secret]) -> SecretIndex {
                 values,
                 opted_in: opted_in(meta),
                 controller: controlling_subscription(meta).map(str::to_string),
+                uid: meta.uid.clone().filter(|u| !u.is_empty()),
             },
         );
     }
@@ -1667,14 +1669,27 @@ fn client_secret(
             return None;
         }
     };
-    // Usable: a Secret this subscription controls (the operator generated it), or, named by
+    // Usable: the Secret the operator generated for this subscription (controlled by it, and
+    // the very object whose uid the operator recorded when it created it), or, named by
     // spec.clientSecretRef, one labelled for it. Never a Secret that merely has the generated
     // name: following "remove spec.clientSecretRef" would otherwise adopt whatever sits there
-    // (the well-known demo secret, another workload's credentials).
+    // (the well-known demo secret, another workload's credentials). Nor one that merely claims
+    // to be owned: anyone allowed to create Secrets can write an ownerReference naming this
+    // subscription's uid (readable by all who can list Subscriptions), for example while it
+    // waits for approval, and would choose its client secret.
     let uid = sub.metadata.uid.as_deref().unwrap_or_default();
+    let recorded = sub
+        .status
+        .as_ref()
+        .and_then(|s| s.credentials_secret_uid.as_deref())
+        .unwrap_or_default();
     let by_ref = sub.spec.client_secret_ref.is_some();
     let usable = |s: &&SecretValues| {
-        (!uid.is_empty() && s.controller.as_deref() == Some(uid)) || (by_ref && s.opted_in)
+        let generated = !uid.is_empty()
+            && s.controller.as_deref() == Some(uid)
+            && !recorded.is_empty()
+            && s.uid.as_deref() == Some(recorded);
+        generated || (by_ref && s.opted_in)
     };
     // One message for a Secret that is missing and one that is not usable, and nothing about
     // the keys or the length of an unusable one: the status must not tell a Subscription's

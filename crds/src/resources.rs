@@ -27,6 +27,11 @@ pub struct ResourceStatus {
     /// Subscriptions of confidential applications: the Secret holding clientId/clientSecret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+    /// The uid of `credentialsSecret`, recorded by the operator when it created that Secret.
+    /// Only that Secret is this subscription's: one created by anyone else under the same name,
+    /// even with an ownerReference naming this subscription, is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_uid: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

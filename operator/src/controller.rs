@@ -194,6 +194,9 @@ pub struct Controller {
     secrets: Watched<PartialObjectMeta<Secret>>,
     /// The Secrets subscriptions name, as last read, by namespace and name.
     secret_data: tokio::sync::Mutex<HashMap<(String, String), Secret>>,
+    /// Credentials Secrets this process created whose uids the statuses read back do not show
+    /// yet.
+    created: std::sync::Mutex<reconcile::Created>,
     trigger: Arc<Notify>,
     pub synced: Arc<AtomicBool>,
 }
@@ -216,6 +219,7 @@ impl Controller {
                 watcher::Config::default().fields("type=Opaque"),
             ),
             secret_data: Default::default(),
+            created: Default::default(),
             client,
             opts,
             trigger,
@@ -355,25 +359,39 @@ impl Controller {
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         // Prefixes stay with the Apis the gateways serve them for (`compile_after`).
         let served = served_apis(self.published().await?.as_ref());
-        let mut plan = reconcile::plan(res.clone(), &served, &mut OsRandom, &now);
+        let created = {
+            let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
+            reconcile::prune_created(&mut created, &res);
+            created.clone()
+        };
+        let mut plan = reconcile::plan(res.clone(), &served, &created, &mut OsRandom, &now);
         // A Secret that cannot be created (a name too long, a quota, a policy, a namespace being
         // deleted) keeps its subscription out of this pass, never the whole configuration: the
         // others' changes (revocations among them) still reach the gateways.
         // Failed subscription ("namespace/name") -> (namespace, name, error).
         let mut failed: BTreeMap<String, (String, String, String)> = Default::default();
         for s in &plan.new_secrets {
-            if let Err(e) = self.create_secret(s).await {
-                let sub = format!("{}/{}", s.namespace, s.subscription);
-                tracing::error!(subscription = %sub, secret = %s.name, error = %e, "cannot create client credentials; subscription left out until it can");
-                metrics::counter!("gatehouse_operator_errors_total", "kind" => Kind::Subscription.as_str()).increment(1);
-                failed.insert(
-                    sub,
-                    (
-                        s.namespace.clone(),
-                        s.subscription.clone(),
-                        refusal_for_status(&e),
-                    ),
-                );
+            match self.create_secret(s).await {
+                Ok(uid) => {
+                    self.created
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert((s.namespace.clone(), s.name.clone()), uid.clone());
+                    reconcile::record_created(&mut plan.statuses, s, &uid);
+                }
+                Err(e) => {
+                    let sub = format!("{}/{}", s.namespace, s.subscription);
+                    tracing::error!(subscription = %sub, secret = %s.name, error = %e, "cannot create client credentials; subscription left out until it can");
+                    metrics::counter!("gatehouse_operator_errors_total", "kind" => Kind::Subscription.as_str()).increment(1);
+                    failed.insert(
+                        sub,
+                        (
+                            s.namespace.clone(),
+                            s.subscription.clone(),
+                            refusal_for_status(&e),
+                        ),
+                    );
+                }
             }
         }
         for u in &plan.client_id_updates {
@@ -452,14 +470,21 @@ impl Controller {
         Ok(())
     }
 
-    async fn create_secret(&self, s: &NewSecret) -> anyhow::Result<()> {
+    /// Creates a credentials Secret; its uid, which the subscription's status records.
+    async fn create_secret(&self, s: &NewSecret) -> anyhow::Result<String> {
         let secret = reconcile::secret_object(s);
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &s.namespace);
         match api.create(&PostParams::default(), &secret).await {
-            Ok(_) => {
+            Ok(created) => {
                 // Never log the secret itself.
                 tracing::info!(secret = %format!("{}/{}", s.namespace, s.name), "created client credentials");
-                Ok(())
+                created
+                    .metadata
+                    .uid
+                    .filter(|u| !u.is_empty())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("the API server returned the Secret without a uid")
+                    })
             }
             // A Secret of that name exists but is not in this pass's view: not yet seen by the
             // watch, or not of type Opaque (the watch's selector). The configuration was

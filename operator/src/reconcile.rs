@@ -26,6 +26,17 @@ pub struct NewSecret {
     pub client_secret: String,
 }
 
+/// The uid a credentials Secret this pass is about to create is judged by (compile needs one to
+/// accept it). The controller puts the uid the API server assigned in its place
+/// (`record_created`) before any status is written; never a real uid (those are UUIDs).
+pub const UID_BEING_CREATED: &str = "(being created)";
+
+/// Credentials Secrets this operator process created: (namespace, Secret name) -> uid, kept
+/// until the subscription's status, read back, records it. A pass whose view lags behind the
+/// status the previous one wrote (the Secret's watch event came first) finds the uid here, and
+/// so does not refuse the operator's own Secret.
+pub type Created = std::collections::BTreeMap<(String, String), String>;
+
 /// A status to write because it differs from what the resource has.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatusUpdate {
@@ -107,6 +118,7 @@ fn is_confidential(res: &Resources, sub: &Subscription) -> bool {
 pub fn plan(
     mut res: Resources,
     served: &[ApiConfig],
+    created: &Created,
     generator: &mut dyn Generator,
     now: &str,
 ) -> Plan {
@@ -146,6 +158,7 @@ pub fn plan(
         if secret_name.len() > gatehouse_crds::compile::MAX_OBJECT_NAME {
             continue; // compile reports it; the API server would refuse the Secret
         }
+        let status = sub.status.get_or_insert_with(ResourceStatus::default);
         if let Some(secret) = existing {
             if secret_client_id(secret, &uid).is_some_and(|held| held != client_id) {
                 id_updates.push((
@@ -157,6 +170,9 @@ pub fn plan(
                     },
                 ));
             }
+            if let Some(adopted) = adopted_uid(secret, &uid, &secret_name, status, created) {
+                status.credentials_secret_uid = Some(adopted);
+            }
         } else {
             tentative.push(NewSecret {
                 namespace: namespace.clone(),
@@ -166,12 +182,14 @@ pub fn plan(
                 client_id,
                 client_secret: generator.secret(),
             });
+            status.credentials_secret_uid = Some(UID_BEING_CREATED.to_string());
         }
-        let status = sub.status.get_or_insert_with(ResourceStatus::default);
         status.credentials_secret = Some(secret_name);
     }
     for s in &tentative {
-        res.secrets.push(secret_object(s));
+        let mut secret = secret_object(s);
+        secret.metadata.uid = Some(UID_BEING_CREATED.to_string());
+        res.secrets.push(secret);
     }
     let compiled = compile_after(&res, served);
     // Only subscriptions that came out Active (valid and approved) get a Secret created.
@@ -200,6 +218,66 @@ pub fn plan(
         client_id_updates,
         statuses,
     }
+}
+
+/// The uid to record for `secret`, the Secret of a subscription's generated name that exists,
+/// when the status does not record it yet and it is the operator's own: one this process
+/// created (its status not read back yet), or, once, the one an operator from before uids were
+/// recorded created and the subscription has been using (Active, `credentialsSecret` naming
+/// it). Else None: a Secret someone else created under that name is never adopted, whatever
+/// ownerReference it carries (compile refuses it and the status says to delete it).
+fn adopted_uid(
+    secret: &Secret,
+    subscription_uid: &str,
+    secret_name: &str,
+    status: &ResourceStatus,
+    created: &Created,
+) -> Option<String> {
+    let secret_uid = secret.metadata.uid.as_deref().filter(|u| !u.is_empty())?;
+    let controlled = !subscription_uid.is_empty()
+        && gatehouse_crds::compile::controlling_subscription(&secret.metadata)
+            == Some(subscription_uid);
+    if !controlled || status.credentials_secret_uid.as_deref() == Some(secret_uid) {
+        return None;
+    }
+    let ours = created
+        .get(&(ns(secret), secret_name.to_string()))
+        .map(String::as_str)
+        == Some(secret_uid);
+    let from_before_uids = status.credentials_secret_uid.is_none()
+        && status.credentials_secret.as_deref() == Some(secret_name)
+        && status.phase.as_deref() == Some(Phase::Active.as_str());
+    (ours || from_before_uids).then(|| secret_uid.to_string())
+}
+
+/// The Secret `s` was created with `uid`: the status this pass writes for its subscription
+/// records that uid instead of `UID_BEING_CREATED`.
+pub fn record_created(statuses: &mut [StatusUpdate], s: &NewSecret, uid: &str) {
+    for u in statuses {
+        if u.kind == Kind::Subscription
+            && u.namespace == s.namespace
+            && u.name == s.subscription
+            && u.status.credentials_secret_uid.as_deref() == Some(UID_BEING_CREATED)
+        {
+            u.status.credentials_secret_uid = Some(uid.to_string());
+        }
+    }
+}
+
+/// Forgets the Secrets whose subscriptions' statuses now record them, or that belong to no
+/// subscription any more.
+pub fn prune_created(created: &mut Created, res: &Resources) {
+    created.retain(|(namespace, secret_name), uid| {
+        res.subscriptions.iter().any(|sub| {
+            &ns(sub) == namespace
+                && &gatehouse_crds::compile::generated_secret_name(&sub.name_any()) == secret_name
+                && sub
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.credentials_secret_uid.as_ref())
+                    != Some(uid)
+        })
+    });
 }
 
 /// The Secret object for a generated credential, owned by its Subscription (deleting that
@@ -320,6 +398,7 @@ fn desired_status(
         observed_generation: generation,
         client_id: None,
         credentials_secret: None,
+        credentials_secret_uid: None,
         conditions: vec![cond],
     };
     if v.kind == Kind::Subscription {
@@ -342,6 +421,11 @@ fn desired_status(
                             .iter()
                             .any(|s| &s.name_any() == name && ns(s) == v.namespace)
                 });
+        // Its uid only with it: the one recorded (kept while that Secret is away, so a Secret
+        // created under the name meanwhile is not taken for it), adopted, or being created.
+        if status.credentials_secret.is_some() {
+            status.credentials_secret_uid = prepared.and_then(|p| p.credentials_secret_uid.clone());
+        }
     }
     status
 }
@@ -372,6 +456,7 @@ pub fn credentials_failed(
             .and_then(|u| u.status.client_id.clone())
             .or_else(|| old.as_ref().and_then(|s| s.client_id.clone())),
         credentials_secret: None,
+        credentials_secret_uid: None,
         conditions: vec![Condition {
             type_: "Ready".to_string(),
             status: "False".to_string(),
@@ -440,6 +525,7 @@ pub fn status_patch(status: &ResourceStatus) -> serde_json::Value {
             "observedGeneration",
             "clientId",
             "credentialsSecret",
+            "credentialsSecretUid",
             "conditions",
         ] {
             fields.entry(name).or_insert(serde_json::Value::Null);

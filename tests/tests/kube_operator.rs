@@ -680,6 +680,11 @@ fn kube_operator_end_to_end() {
         backend_sub["status"]["credentialsSecret"], "demo-backend-mobile-credentials",
         "{backend_sub}"
     );
+    // The status records the very Secret the operator created (only it is adopted).
+    assert_eq!(
+        backend_sub["status"]["credentialsSecretUid"], secret["metadata"]["uid"],
+        "{backend_sub}"
+    );
     // Public clients and subscriptions with their own Secret get none.
     assert!(
         env.get("secret", "demo-app-mobile-credentials", "demo")
@@ -1076,6 +1081,26 @@ spec:
         env.client_token("demo-partner-mobile", "anything").is_err(),
         "a pending subscription got a token"
     );
+    // While it waits, someone allowed to create Secrets (not to read them) plants one under the
+    // name the operator will generate, claiming the subscription as its controller (its uid is
+    // readable by all who can list Subscriptions), with a client secret of their choosing.
+    let pending = env
+        .get("subscriptions.gatehouse.dev", "demo-partner-mobile", "demo")
+        .unwrap();
+    let planted = "chosen-by-the-planter-0123456789abcdef";
+    env.kube.apply(&format!(
+        "apiVersion: v1
+kind: Secret
+metadata:
+  name: demo-partner-mobile-credentials
+  namespace: demo
+  ownerReferences:
+  - {{apiVersion: gatehouse.dev/v1alpha1, kind: Subscription, name: demo-partner-mobile, uid: {}, controller: true}}
+type: Opaque
+stringData: {{clientSecret: {planted}}}
+",
+        pending["metadata"]["uid"].as_str().unwrap()
+    ));
     env.kubectl_ok(&[
         "annotate",
         "subscriptions.gatehouse.dev",
@@ -1083,6 +1108,30 @@ spec:
         "-n",
         "demo",
         "gatehouse.dev/approved=true",
+    ]);
+    let refused = env.wait(
+        "the approved subscription refuses the planted Secret",
+        Duration::from_secs(15),
+        || {
+            let sub = env.get("subscriptions.gatehouse.dev", "demo-partner-mobile", "demo")?;
+            (sub["status"]["conditions"][0]["reason"] == "MissingClientSecret").then_some(sub)
+        },
+    );
+    assert_eq!(refused["status"]["phase"], "Invalid", "{refused}");
+    let partner_id = refused["status"]["clientId"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        env.client_token(&partner_id, planted),
+        Err(401),
+        "the planted Secret's value works as the client secret"
+    );
+    // Its administrator deletes it, as the status says; the operator generates its own.
+    env.kubectl_ok(&[
+        "delete",
+        "secret",
+        "demo-partner-mobile-credentials",
+        "-n",
+        "demo",
     ]);
     let partner = env.wait_phase(
         "subscriptions.gatehouse.dev",
@@ -1097,6 +1146,11 @@ spec:
     );
     let (pid, psecret) = env.credentials(&partner_secret);
     assert_eq!(pid, partner_id);
+    assert_ne!(psecret, planted);
+    assert_eq!(
+        partner["status"]["credentialsSecretUid"], partner_secret["metadata"]["uid"],
+        "{partner}"
+    );
     let partner_token = env.wait(
         "approved client in the gateway",
         Duration::from_secs(10),

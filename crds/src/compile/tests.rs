@@ -1358,6 +1358,8 @@ fn confidential_client_needs_a_secret() {
             .get_or_insert_with(Default::default)
             .credentials_secret = Some(generated.clone());
         s.metadata.uid = Some("u-long".into());
+        s.status.as_mut().unwrap().credentials_secret_uid = Some("uid-of-the-secret".into());
+        r.secrets[0].metadata.uid = Some("uid-of-the-secret".into());
         r.secrets[0].metadata.name = Some(generated);
         r.secrets[0].metadata.owner_references = Some(vec![
             k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
@@ -1465,7 +1467,8 @@ fn a_secret_ref_needs_the_opt_in_label() {
 }
 
 /// The fixture's demo-service-mobile as the operator leaves it without clientSecretRef: its
-/// status names the generated Secret. The Secret's ownerReference is `owner` (kind, uid).
+/// status names the generated Secret and the uid it was created with. The Secret's
+/// ownerReference is `owner` (kind, uid).
 fn generated_secret_fixture(owner: Option<(&str, &str)>, labelled: bool) -> Resources {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     let mut r = fixture();
@@ -1487,8 +1490,10 @@ fn generated_secret_fixture(owner: Option<(&str, &str)>, labelled: bool) -> Reso
     s.spec.client_secret_ref = None;
     s.status = Some(crate::resources::ResourceStatus {
         credentials_secret: Some("demo-service-mobile-credentials".into()),
+        credentials_secret_uid: Some("uid-of-the-secret".into()),
         ..Default::default()
     });
+    r.secrets[0].metadata.uid = Some("uid-of-the-secret".into());
     r
 }
 
@@ -1537,6 +1542,40 @@ fn a_secret_with_the_generated_name_is_not_adopted() {
             "{owner:?} {labelled}"
         );
     }
+}
+
+/// A Secret controlled by the subscription but not the one the operator recorded creating: a
+/// Secret written by someone allowed to create Secrets but not to read them, with an
+/// ownerReference copied from the subscription (its uid is public), before the operator
+/// created its own (while the subscription waited for approval) or after the operator's was
+/// deleted. Its secret is the writer's choice, so it is never used.
+#[test]
+fn a_forged_owner_reference_is_not_enough() {
+    let owner = Some(("Subscription", "uid-of-the-subscription"));
+    for recorded in [None, Some(""), Some("uid-of-the-deleted-secret")] {
+        let mut r = generated_secret_fixture(owner, false);
+        r.secrets[0].metadata.uid = Some("uid-of-the-forged-secret".into());
+        let status = sub(&mut r, "demo-service-mobile").status.as_mut().unwrap();
+        status.credentials_secret_uid = recorded.map(str::to_string);
+        let c = compile(&r);
+        assert_invalid(
+            &c,
+            Kind::Subscription,
+            "demo-service-mobile",
+            reasons::MISSING_CLIENT_SECRET,
+            "is not this subscription's generated credentials",
+        );
+        assert!(client(&c, "demo-service-mobile").is_none(), "{recorded:?}");
+    }
+    // A Secret without a uid (never from the API server) matches no record either.
+    let mut r = generated_secret_fixture(owner, false);
+    r.secrets[0].metadata.uid = None;
+    sub(&mut r, "demo-service-mobile")
+        .status
+        .as_mut()
+        .unwrap()
+        .credentials_secret_uid = Some(String::new());
+    assert!(client(&compile(&r), "demo-service-mobile").is_none());
 }
 
 #[test]

@@ -58,10 +58,23 @@ fn resources(extra: &str) -> Resources {
     r
 }
 
-/// Applies a plan's writes to the resources, as the API server would.
+/// The uid the test's "API server" gives a created Secret: a new one each time, as the real
+/// one does for a Secret deleted and created again under the same name.
+fn uid_of(secret: &NewSecret) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("uid-{n}-of-{}", secret.name)
+}
+
+/// Applies a plan's writes to the resources, as the API server would, with the statuses the
+/// controller writes (each created Secret's uid recorded).
 fn apply(mut r: Resources, p: &Plan) -> Resources {
+    let mut statuses = p.statuses.clone();
     for s in &p.new_secrets {
+        let uid = uid_of(s);
+        record_created(&mut statuses, s, &uid);
         let mut secret = secret_object(s);
+        secret.metadata.uid = Some(uid);
         let data = secret.string_data.take().unwrap();
         secret.data = Some(
             data.into_iter()
@@ -81,7 +94,7 @@ fn apply(mut r: Resources, p: &Plan) -> Resources {
             k8s_openapi::ByteString(u.client_id.clone().into_bytes()),
         );
     }
-    for u in &p.statuses {
+    for u in &statuses {
         let set = |st: &mut Option<ResourceStatus>| *st = Some(u.status.clone());
         match u.kind {
             Kind::Api => r
@@ -121,7 +134,13 @@ fn status_of<'a>(p: &'a Plan, name: &str) -> &'a ResourceStatus {
 fn first_pass_generates_ids_and_secrets_and_second_pass_writes_nothing() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &mut g, "2026-01-01T00:00:00Z");
+    let p1 = plan(
+        r.clone(),
+        &[],
+        &Created::new(),
+        &mut g,
+        "2026-01-01T00:00:00Z",
+    );
     // every resource gets a status
     assert_eq!(p1.statuses.len(), 7);
     let app = status_of(&p1, "app-mobile");
@@ -157,7 +176,7 @@ fn first_pass_generates_ids_and_secrets_and_second_pass_writes_nothing() {
 
     // Second pass over the written state: no writes, same config.
     let r2 = apply(r, &p1);
-    let p2 = plan(r2, &[], &mut g, "2026-01-01T00:01:00Z");
+    let p2 = plan(r2, &[], &Created::new(), &mut g, "2026-01-01T00:01:00Z");
     assert!(p2.new_secrets.is_empty(), "{:?}", p2.new_secrets);
     assert!(p2.statuses.is_empty(), "{:?}", p2.statuses);
     assert_eq!(p2.compiled.config.hash, p1.compiled.config.hash);
@@ -171,7 +190,7 @@ metadata: {name: svc-gold, namespace: demo, uid: u-3}
 spec: {application: svc, api: mobile, plan: gold, clientId: svc-gold, grants: [client_credentials]}
 "#;
     let mut g = Seq(0);
-    let p = plan(resources(extra), &[], &mut g, "t");
+    let p = plan(resources(extra), &[], &Created::new(), &mut g, "t");
     let st = status_of(&p, "svc-gold");
     assert_eq!(st.phase.as_deref(), Some("PendingApproval"));
     assert_eq!(st.credentials_secret, None);
@@ -188,7 +207,7 @@ spec: {application: svc, api: mobile, plan: gold, clientId: svc-gold, grants: [c
         "uid: u-3}",
         "uid: u-3, annotations: {gatehouse.dev/approved: \"true\"}}",
     );
-    let p = plan(resources(&approved), &[], &mut g, "t");
+    let p = plan(resources(&approved), &[], &Created::new(), &mut g, "t");
     assert_eq!(status_of(&p, "svc-gold").phase.as_deref(), Some("Active"));
     assert!(p.new_secrets.iter().any(|s| s.subscription == "svc-gold"));
     assert!(
@@ -208,7 +227,7 @@ metadata: {name: broken, namespace: demo}
 spec: {application: nope, api: mobile, plan: basic}
 "#;
     let mut g = Seq(0);
-    let p = plan(resources(extra), &[], &mut g, "t");
+    let p = plan(resources(extra), &[], &Created::new(), &mut g, "t");
     let st = status_of(&p, "broken");
     assert_eq!(st.phase.as_deref(), Some("Invalid"));
     assert_eq!(st.conditions[0].status, "False");
@@ -224,11 +243,11 @@ spec: {application: nope, api: mobile, plan: basic}
 fn transition_time_changes_only_when_readiness_changes() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &mut g, "t1");
+    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
     let mut r2 = apply(r, &p1);
     // the plan disappears: the subscriptions become Invalid, with a new transition time
     r2.plans.retain(|p| p.name_any() != "basic");
-    let p2 = plan(r2.clone(), &[], &mut g, "t2");
+    let p2 = plan(r2.clone(), &[], &Created::new(), &mut g, "t2");
     let st = status_of(&p2, "app-mobile");
     assert_eq!(st.phase.as_deref(), Some("Invalid"));
     assert_eq!(st.conditions[0].last_transition_time.as_deref(), Some("t2"));
@@ -251,7 +270,13 @@ fn transition_time_changes_only_when_readiness_changes() {
 fn the_status_names_the_client_id_in_use() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &mut g, "2026-01-01T00:00:00Z");
+    let p1 = plan(
+        r.clone(),
+        &[],
+        &Created::new(),
+        &mut g,
+        "2026-01-01T00:00:00Z",
+    );
     assert_eq!(
         status_of(&p1, "app-mobile").client_id.as_deref(),
         Some(generated_client_id("demo", "app-mobile", "u-1").as_str())
@@ -264,7 +289,7 @@ fn the_status_names_the_client_id_in_use() {
     {
         s.spec.client_id = Some("custom-id".into());
     }
-    let p2 = plan(r2, &[], &mut g, "2026-01-01T00:01:00Z");
+    let p2 = plan(r2, &[], &Created::new(), &mut g, "2026-01-01T00:01:00Z");
     assert!(
         p2.compiled
             .config
@@ -303,10 +328,12 @@ fn a_status_patch_removes_what_the_new_status_lacks() {
         observed_generation: Some(1),
         client_id: Some("svc-mobile-g1".into()),
         credentials_secret: Some("svc-mobile-credentials".into()),
+        credentials_secret_uid: Some("uid-of-svc-mobile-credentials".into()),
         conditions: vec![],
     };
     let new = ResourceStatus {
         credentials_secret: None,
+        credentials_secret_uid: None,
         observed_generation: Some(2),
         ..old.clone()
     };
@@ -343,7 +370,7 @@ fn generated_client_ids_are_derived_from_namespace_name_and_uid() {
 fn a_lost_status_does_not_change_the_client_id() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &mut g, "t1");
+    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
     let svc_id = status_of(&p1, "svc-mobile").client_id.clone().unwrap();
     let app_id = status_of(&p1, "app-mobile").client_id.clone().unwrap();
     // The Secret exists, the statuses were not seen.
@@ -351,7 +378,7 @@ fn a_lost_status_does_not_change_the_client_id() {
     for s in &mut r2.subscriptions {
         s.status = None;
     }
-    let p2 = plan(r2.clone(), &[], &mut g, "t2");
+    let p2 = plan(r2.clone(), &[], &Created::new(), &mut g, "t2");
     assert_eq!(
         status_of(&p2, "svc-mobile").client_id.as_deref(),
         Some(svc_id.as_str())
@@ -367,7 +394,7 @@ fn a_lost_status_does_not_change_the_client_id() {
         CLIENT_ID_KEY.to_string(),
         k8s_openapi::ByteString(b"svc-mobile-0ld1d000".to_vec()),
     );
-    let p3 = plan(r3.clone(), &[], &mut g, "t3");
+    let p3 = plan(r3.clone(), &[], &Created::new(), &mut g, "t3");
     assert_eq!(
         status_of(&p3, "svc-mobile").client_id.as_deref(),
         Some("svc-mobile-0ld1d000")
@@ -379,7 +406,7 @@ fn a_lost_status_does_not_change_the_client_id() {
     for o in r4.secrets[0].metadata.owner_references.iter_mut().flatten() {
         o.controller = None;
     }
-    let p4 = plan(r4, &[], &mut g, "t4");
+    let p4 = plan(r4, &[], &Created::new(), &mut g, "t4");
     assert_eq!(
         status_of(&p4, "svc-mobile").client_id.as_deref(),
         Some(svc_id.as_str())
@@ -392,7 +419,7 @@ fn a_lost_status_does_not_change_the_client_id() {
 fn the_credentials_secret_follows_a_changed_client_id() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &mut g, "t1");
+    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
     let mut r2 = apply(r, &p1);
     let secret_before = r2.secrets[0].data.as_ref().unwrap()[SECRET_KEY].clone();
     for s in r2
@@ -402,7 +429,7 @@ fn the_credentials_secret_follows_a_changed_client_id() {
     {
         s.spec.client_id = Some("partner".into());
     }
-    let p2 = plan(r2.clone(), &[], &mut g, "t2");
+    let p2 = plan(r2.clone(), &[], &Created::new(), &mut g, "t2");
     assert_eq!(
         p2.client_id_updates,
         [ClientIdUpdate {
@@ -415,7 +442,7 @@ fn the_credentials_secret_follows_a_changed_client_id() {
     let data = r3.secrets[0].data.as_ref().unwrap();
     assert_eq!(data[CLIENT_ID_KEY].0, b"partner");
     assert_eq!(data[SECRET_KEY], secret_before);
-    let p3 = plan(r3, &[], &mut g, "t3");
+    let p3 = plan(r3, &[], &Created::new(), &mut g, "t3");
     assert!(p3.client_id_updates.is_empty() && p3.statuses.is_empty());
 }
 
@@ -425,7 +452,7 @@ fn the_credentials_secret_follows_a_changed_client_id() {
 fn a_refused_credentials_secret_is_reported_in_the_status() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &mut g, "t1");
+    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
     let planned = p1.statuses.iter().find(|u| u.name == "svc-mobile");
     let u = credentials_failed(&r, planned, "demo", "svc-mobile", "quota exceeded", "t1")
         .expect("a status to write");
@@ -466,7 +493,7 @@ metadata: {name: app-gold, namespace: demo, uid: u-3, generation: 1}
 spec: {application: svc, api: mobile, plan: gold, grants: [client_credentials]}
 ",
     );
-    let mut p1 = plan(r.clone(), &[], &mut g, "t1");
+    let mut p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
     let (ready, other): (Vec<_>, Vec<_>) = p1.statuses.iter().cloned().partition(says_ready);
     assert!(!ready.is_empty() && !other.is_empty(), "{:?}", p1.statuses);
     let failed: Vec<StatusUpdate> = ready
@@ -498,7 +525,7 @@ spec: {application: svc, api: mobile, plan: gold, grants: [client_credentials]}
 
     // Still failing: compile plans Ready again, and the failure turns each back into exactly
     // what the resource says (its transition time kept).
-    let p2 = plan(r2.clone(), &[], &mut g, "t2");
+    let p2 = plan(r2.clone(), &[], &Created::new(), &mut g, "t2");
     assert!(!p2.statuses.is_empty());
     for u in p2.statuses.iter().cloned() {
         assert!(says_ready(&u), "{u:?}");
@@ -506,12 +533,217 @@ spec: {application: svc, api: mobile, plan: gold, grants: [client_credentials]}
     }
     // Published: written as planned, Ready since t2.
     let r3 = apply(r2, &p2);
-    assert!(plan(r3, &[], &mut g, "t3").statuses.is_empty());
+    assert!(
+        plan(r3, &[], &Created::new(), &mut g, "t3")
+            .statuses
+            .is_empty()
+    );
     for u in &p2.statuses {
         let c = &u.status.conditions[0];
         assert_eq!(
             (c.status.as_str(), c.last_transition_time.as_deref()),
             ("True", Some("t2"))
         );
+    }
+}
+
+/// svc-mobile's Secret as someone allowed to create Secrets (not to read them) writes it: the
+/// generated name, an ownerReference naming the subscription as its controller (its uid is
+/// readable by all who can list Subscriptions), and a secret of the writer's choice.
+fn forged_secret() -> Secret {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    let mut secret = Secret::default();
+    secret.metadata.name = Some("svc-mobile-credentials".into());
+    secret.metadata.namespace = Some("demo".into());
+    secret.metadata.uid = Some("uid-of-the-forged-secret".into());
+    secret.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "gatehouse.dev/v1alpha1".into(),
+        kind: "Subscription".into(),
+        name: "svc-mobile".into(),
+        uid: "u-2".into(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }]);
+    secret.data = Some(
+        [(
+            SECRET_KEY.to_string(),
+            k8s_openapi::ByteString(b"chosen-by-the-writer-0123456789".to_vec()),
+        )]
+        .into(),
+    );
+    secret
+}
+
+fn svc_verdict(p: &Plan) -> &Verdict {
+    p.compiled
+        .verdict(Kind::Subscription, "demo", "svc-mobile")
+        .expect("a verdict")
+}
+
+fn svc_status(r: &Resources) -> ResourceStatus {
+    r.subscriptions
+        .iter()
+        .find(|s| s.name_any() == "svc-mobile")
+        .and_then(|s| s.status.clone())
+        .expect("a status")
+}
+
+fn svc_client(p: &Plan) -> Option<&gatehouse_crds::ClientConfig> {
+    p.compiled
+        .config
+        .clients
+        .iter()
+        .find(|c| c.subscription == "demo/svc-mobile")
+}
+
+/// A Secret planted under the generated name with a forged ownerReference, before the operator
+/// created one (while the subscription waits for approval) or after the operator's was
+/// deleted, is never adopted: the status says to delete it, and once it is gone the operator
+/// creates its own.
+#[test]
+fn a_planted_secret_with_a_forged_owner_is_never_adopted() {
+    let mut g = Seq(0);
+    let approved = resources("").subscriptions;
+    let mut r = resources("");
+    // Waiting for approval: already refused, so an administrator sees why before approving.
+    for s in &mut r.subscriptions {
+        if s.name_any() == "svc-mobile" {
+            s.spec.plan = "gold".into();
+        }
+    }
+    r.secrets.push(forged_secret());
+    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
+    assert_eq!(
+        status_of(&p1, "svc-mobile").phase.as_deref(),
+        Some("Invalid")
+    );
+    let mut r2 = apply(r, &p1);
+    // Approved (here: moved to the plan without approval).
+    r2.subscriptions = approved
+        .into_iter()
+        .map(|mut s| {
+            let old = r2
+                .subscriptions
+                .iter()
+                .find(|o| o.name_any() == s.name_any());
+            s.status = old.and_then(|o| o.status.clone());
+            s
+        })
+        .collect();
+    let p2 = plan(r2.clone(), &[], &Created::new(), &mut g, "t2");
+    let v = svc_verdict(&p2);
+    assert_eq!(v.phase, Phase::Invalid);
+    assert!(
+        v.message
+            .contains("is not this subscription's generated credentials"),
+        "{}",
+        v.message
+    );
+    let st = svc_status(&apply(r2.clone(), &p2));
+    assert_eq!(st.credentials_secret_uid, None);
+    assert!(svc_client(&p2).is_none());
+    assert!(p2.new_secrets.is_empty(), "a Secret of that name exists");
+
+    // Deleted: the operator creates its own and records its uid.
+    let mut r3 = apply(r2, &p2);
+    r3.secrets.clear();
+    let p3 = plan(r3.clone(), &[], &Created::new(), &mut g, "t3");
+    assert_eq!(p3.new_secrets.len(), 1);
+    let generated = p3.new_secrets[0].clone();
+    let r4 = apply(r3, &p3);
+    assert_eq!(
+        svc_status(&r4).credentials_secret_uid,
+        r4.secrets[0].metadata.uid
+    );
+    let p4 = plan(r4.clone(), &[], &Created::new(), &mut g, "t4");
+    assert!(p4.statuses.is_empty(), "{:?}", p4.statuses);
+    assert_eq!(
+        svc_client(&p4).and_then(|c| c.secret_sha256.clone()),
+        Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            generated.client_secret.as_bytes()
+        )))
+    );
+
+    // The operator's Secret deleted and a forged one planted before the operator saw it: the
+    // uid recorded is the deleted one's, so the planted one is refused too.
+    let mut r5 = r4;
+    r5.secrets = vec![forged_secret()];
+    let p5 = plan(r5, &[], &Created::new(), &mut g, "t5");
+    assert_eq!(svc_verdict(&p5).phase, Phase::Invalid);
+    assert!(svc_client(&p5).is_none());
+}
+
+/// The pass after the one that created the Secret may see the Secret but not yet the status
+/// that recorded its uid (the watches deliver independently): the operator remembers what it
+/// created, so its own Secret is not refused in between, and forgets it once the status shows it.
+#[test]
+fn the_operators_own_secret_survives_a_status_not_seen_yet() {
+    let mut g = Seq(0);
+    let r = resources("");
+    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
+    let made = p1.new_secrets[0].clone();
+    let applied = apply(r.clone(), &p1);
+    let uid = applied.secrets[0].metadata.uid.clone().unwrap();
+    // The Secret seen, the statuses not.
+    let mut lagging = applied.clone();
+    lagging.subscriptions = r.subscriptions.clone();
+    let mut created = Created::new();
+    created.insert((made.namespace.clone(), made.name.clone()), uid.clone());
+    let p2 = plan(lagging.clone(), &[], &created, &mut g, "t2");
+    assert!(svc_client(&p2).is_some());
+    assert_eq!(
+        status_of(&p2, "svc-mobile")
+            .credentials_secret_uid
+            .as_deref(),
+        Some(uid.as_str())
+    );
+    assert!(p2.new_secrets.is_empty());
+    // Without that memory (another process) the Secret would be refused: the check is real.
+    let p2b = plan(lagging.clone(), &[], &Created::new(), &mut g, "t2");
+    assert!(svc_client(&p2b).is_none());
+    // Remembered only while the status read back does not record it.
+    prune_created(&mut created, &lagging);
+    assert_eq!(created.len(), 1);
+    prune_created(&mut created, &applied);
+    assert!(created.is_empty());
+    // And forgotten with its subscription.
+    created.insert((made.namespace.clone(), made.name.clone()), uid);
+    let mut gone = lagging;
+    gone.subscriptions.clear();
+    prune_created(&mut created, &gone);
+    assert!(created.is_empty());
+}
+
+/// Statuses written before uids were recorded: the Secret an Active subscription has been
+/// using (status.credentialsSecret names it) is adopted once, its uid recorded. One next to a
+/// subscription that was not Active is not: an operator never created it for one.
+#[test]
+fn an_upgrade_records_the_uid_of_the_secret_in_use() {
+    let mut g = Seq(0);
+    let r = resources("");
+    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
+    let mut before = apply(r, &p1);
+    let uid = before.secrets[0].metadata.uid.clone();
+    for s in &mut before.subscriptions {
+        if let Some(st) = s.status.as_mut() {
+            st.credentials_secret_uid = None;
+        }
+    }
+    let p2 = plan(before.clone(), &[], &Created::new(), &mut g, "t2");
+    assert!(svc_client(&p2).is_some());
+    assert_eq!(status_of(&p2, "svc-mobile").credentials_secret_uid, uid);
+    assert_eq!(p2.statuses.len(), 1, "{:?}", p2.statuses);
+    assert!(p2.new_secrets.is_empty());
+
+    for phase in ["PendingApproval", "Invalid"] {
+        let mut r = before.clone();
+        for s in &mut r.subscriptions {
+            if let Some(st) = s.status.as_mut() {
+                st.phase = Some(phase.into());
+            }
+        }
+        let p = plan(r, &[], &Created::new(), &mut g, "t3");
+        assert!(svc_client(&p).is_none(), "{phase}");
+        assert_eq!(status_of(&p, "svc-mobile").credentials_secret_uid, None);
     }
 }
