@@ -9,7 +9,8 @@ use crate::store::{Store, StoreResult, kv, unix_now};
 pub struct User {
     /// Never changes; sent upstream as X-Authenticated-UserId.
     pub id: String,
-    /// Normalized (trimmed, lowercase).
+    /// Normalized as when the account was made (`normalize_email`; trimmed and lowercase only
+    /// for accounts made before 2026-11-30).
     pub email: String,
     pub password_hash: String,
     pub created_at: u64,
@@ -18,10 +19,26 @@ pub struct User {
 /// The longest address SMTP allows (RFC 5321 4.5.3.1 path limits).
 pub const MAX_EMAIL_LEN: usize = 254;
 
-/// Trims and lowercases an email; `None` when it is not plausibly an address. Deliverability is
-/// not checked here (there is no email verification in the built-in IdP).
+/// The one form of an email an account is kept under: trimmed, NFKC, lowercase, NFC (PRECIS
+/// UsernameCaseMapped, RFC 8265 3.4, with NFKC for its width mapping). So the same address typed
+/// on another keyboard (precomposed or combining accents, full-width letters from an East Asian
+/// input method, a ligature) finds the same account instead of making a second one that looks
+/// identical on every page. `None` when it is not plausibly an address. Deliverability is not
+/// checked here (there is no email verification in the built-in IdP).
 pub fn normalize_email(raw: &str) -> Option<String> {
-    let e = raw.trim().to_lowercase();
+    let nfkc = icu_normalizer::ComposingNormalizerBorrowed::new_nfkc();
+    let nfc = icu_normalizer::ComposingNormalizerBorrowed::new_nfc();
+    let lower = nfkc.normalize(raw.trim()).to_lowercase();
+    plausible_email(nfc.normalize(&lower).into_owned())
+}
+
+/// The form accounts made before 2026-11-30 are kept under (trimmed and lowercase, nothing
+/// else), when it differs from `normalize_email`'s: only non-ASCII input can differ.
+pub fn legacy_email(raw: &str, normalized: &str) -> Option<String> {
+    plausible_email(raw.trim().to_lowercase()).filter(|legacy| legacy != normalized)
+}
+
+fn plausible_email(e: String) -> Option<String> {
     let (local, domain) = e.split_once('@')?;
     let plausible = !local.is_empty()
         && !domain.is_empty()
@@ -51,6 +68,44 @@ pub async fn find_by_email(store: &dyn Store, email: &str) -> StoreResult<Option
         Some(id) => get(store, &id).await,
         None => Ok(None),
     }
+}
+
+/// The account an email typed at sign-in or signup names: the one kept under its `legacy` form
+/// (exactly how an account made before normalization was written) first, else the one kept
+/// under its normalized form.
+pub async fn find(
+    store: &dyn Store,
+    email: &str,
+    legacy: Option<&str>,
+) -> StoreResult<Option<User>> {
+    if let Some(legacy) = legacy
+        && let Some(user) = find_by_email(store, legacy).await?
+    {
+        return Ok(Some(user));
+    }
+    find_by_email(store, email).await
+}
+
+/// After a sign-in that found `user` under an email's legacy form: the normalized form names
+/// the account too, so it is found however the address is typed from now on, and a signup in
+/// another spelling of it is refused. Kept when the normalized form already names an account.
+pub async fn claim_normalized(store: &dyn Store, email: &str, user: &User) -> StoreResult<()> {
+    kv::put_new(store, &email_key(email), &user.id, 0).await?;
+    Ok(())
+}
+
+/// Replaces an account's password hash (a hash of the normalized password for one made before
+/// passwords were normalized).
+pub async fn set_password_hash(
+    store: &dyn Store,
+    user: &User,
+    password_hash: String,
+) -> StoreResult<()> {
+    let updated = User {
+        password_hash,
+        ..user.clone()
+    };
+    kv::put(store, &id_key(&user.id), &updated, 0).await
 }
 
 /// Creates a user; `None` when the email is taken (the email key is claimed atomically, so two
@@ -98,9 +153,89 @@ mod tests {
             "a b@example.com",
             "a@@b.com",
             "a@.com",
+            // A full-width at sign is an at sign; two are still too many.
+            "a\u{FF20}b@example.com",
         ] {
             assert_eq!(normalize_email(bad), None, "{bad}");
         }
+    }
+
+    /// Every spelling of one address is one account: composed and combining accents, full-width
+    /// letters, ligatures, a capital sharp s. ASCII input is unchanged, so it never has a legacy
+    /// form.
+    #[test]
+    fn emails_normalize_unicode_to_one_form() {
+        let one = normalize_email("j\u{00E9}r\u{00F4}me@example.com").unwrap();
+        for spelling in [
+            "je\u{0301}ro\u{0302}me@example.com",
+            "J\u{00C9}R\u{00D4}ME@EXAMPLE.COM",
+            "JE\u{0301}RO\u{0302}ME@example.com",
+            "\u{FF4A}\u{00E9}r\u{00F4}\u{FF4D}\u{FF45}\u{FF20}example.com",
+        ] {
+            assert_eq!(
+                normalize_email(spelling).as_deref(),
+                Some(one.as_str()),
+                "{spelling:?}"
+            );
+        }
+        assert_eq!(
+            normalize_email("\u{FB01}ona@example.com").as_deref(),
+            Some("fiona@example.com")
+        );
+        assert_eq!(
+            normalize_email("STRA\u{1E9E}E@example.com").as_deref(),
+            Some("stra\u{00DF}e@example.com")
+        );
+        // Legacy forms: only for input that normalization changes.
+        assert_eq!(
+            legacy_email(" Alice@Example.COM", "alice@example.com"),
+            None
+        );
+        let typed = "Je\u{0301}ro\u{0302}me@example.com";
+        assert_eq!(
+            legacy_email(typed, &one).as_deref(),
+            Some("je\u{0301}ro\u{0302}me@example.com")
+        );
+        assert_eq!(legacy_email("j\u{00E9}r\u{00F4}me@example.com", &one), None);
+    }
+
+    /// An account made before normalization (kept under the email as typed, lowercased) is found
+    /// by that spelling, then by every spelling once its owner signed in and the normalized form
+    /// was claimed for it; one made since is found by every spelling at once.
+    #[tokio::test]
+    async fn accounts_from_before_normalization_are_found_and_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let typed = "je\u{0301}ro\u{0302}me@example.com";
+        let old = create(&s, typed, "h".into()).await.unwrap().unwrap();
+        let normalized = normalize_email(typed).unwrap();
+        let legacy = legacy_email(typed, &normalized);
+        assert_eq!(legacy.as_deref(), Some(typed));
+        let found = find(&s, &normalized, legacy.as_deref()).await.unwrap();
+        assert_eq!(found.as_ref(), Some(&old));
+        // Another spelling has no legacy form that names it, until the claim.
+        let other = "J\u{00C9}R\u{00D4}ME@example.com";
+        let other_legacy = legacy_email(other, &normalized);
+        assert_eq!(
+            find(&s, &normalized, other_legacy.as_deref())
+                .await
+                .unwrap(),
+            None
+        );
+        claim_normalized(&s, &normalized, &old).await.unwrap();
+        assert_eq!(
+            find(&s, &normalized, other_legacy.as_deref())
+                .await
+                .unwrap(),
+            Some(old.clone())
+        );
+        // The new hash replaces the old one; the id stays.
+        set_password_hash(&s, &old, "h2".into()).await.unwrap();
+        let updated = get(&s, &old.id).await.unwrap().unwrap();
+        assert_eq!(
+            (updated.id, updated.password_hash),
+            (old.id, "h2".to_string())
+        );
     }
 
     #[tokio::test]

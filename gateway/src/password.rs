@@ -203,6 +203,40 @@ pub fn verify(password: &str, phc: &str) -> bool {
         .is_ok()
 }
 
+/// The form a password is checked and hashed in: NFKC, as NIST SP 800-63B rev 4 (3.1.1.2) asks
+/// of verifiers that accept Unicode. The same password typed on another keyboard (a precomposed
+/// or a combining accent, full-width digits from an East Asian input method, a no-break space)
+/// is then the same password. ASCII comes back borrowed, unchanged.
+pub fn normalize(password: &str) -> std::borrow::Cow<'_, str> {
+    icu_normalizer::ComposingNormalizerBorrowed::new_nfkc().normalize(password)
+}
+
+/// What [`verify_typed`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verified {
+    /// The normalized password matches.
+    Yes,
+    /// Only the password exactly as typed matches: a hash made before passwords were normalized
+    /// (2026-11-30). The caller replaces it with [`hash`] of the normalized password.
+    AsTyped,
+    No,
+}
+
+/// Checks a typed password against a PHC string: its normalized form, then, when normalizing
+/// changed it, the password as typed (accounts hashed before normalization). A wrong password
+/// costs the same one or two hashes whether or not the account exists (the dummy hash gets the
+/// same treatment). Blocking CPU work.
+pub fn verify_typed(typed: &str, phc: &str) -> Verified {
+    let normalized = normalize(typed);
+    if verify(&normalized, phc) {
+        Verified::Yes
+    } else if normalized != typed && verify(typed, phc) {
+        Verified::AsTyped
+    } else {
+        Verified::No
+    }
+}
+
 /// A valid Argon2id PHC hash of a random password, computed once per process. When a login names
 /// an email that has no account, verify the submitted password against this so the answer takes
 /// as long as for a real account and does not reveal whether the email exists.
@@ -414,6 +448,38 @@ mod tests {
         assert!(!verify("", &phc));
         // A fresh salt every time.
         assert_ne!(phc, hash("tangerine glacier voltmeter oboe"));
+    }
+
+    /// One password, however the keyboard spelled it; and hashes made before normalization
+    /// still verify the password as it was typed then.
+    #[test]
+    fn passwords_are_normalized_and_old_hashes_still_verify() {
+        let composed = "cr\u{00E8}me br\u{00FB}l\u{00E9}e 2024 tangerine";
+        let combining = "cre\u{0300}me bru\u{0302}le\u{0301}e 2024 tangerine";
+        let wide = "cr\u{00E8}me\u{3000}br\u{00FB}l\u{00E9}e\u{00A0}\u{FF12}\u{FF10}\u{FF12}\u{FF14} tangerine";
+        for typed in [combining, wide] {
+            assert_eq!(normalize(typed), composed, "{typed:?}");
+        }
+        assert!(matches!(
+            normalize("plain ascii passphrase"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+
+        let phc = hash(&normalize(combining));
+        for typed in [composed, combining, wide] {
+            assert_eq!(verify_typed(typed, &phc), Verified::Yes, "{typed:?}");
+        }
+        assert_eq!(
+            verify_typed("creme brulee 2024 tangerine", &phc),
+            Verified::No
+        );
+
+        // Hashed as typed, before normalization: that spelling verifies (to be rehashed), a
+        // wrong password does not.
+        let old = hash(combining);
+        assert_eq!(verify_typed(combining, &old), Verified::AsTyped);
+        assert_eq!(verify_typed(composed, &old), Verified::No);
+        assert_eq!(verify_typed("cre\u{0300}me", &old), Verified::No);
     }
 
     #[test]

@@ -57,8 +57,12 @@ async fn env() -> Env {
 }
 
 async fn env_with(flags: &[&str]) -> Env {
+    env_in(tempfile::tempdir().unwrap(), flags).await
+}
+
+/// A gateway whose embedded store is `dir`/data, which the test may have filled before.
+async fn env_in(dir: tempfile::TempDir, flags: &[&str]) -> Env {
     let upstream = gatehouse_tests::echo::spawn().await;
-    let dir = tempfile::tempdir().unwrap();
     let mdir = dir.path().join("manifests");
     std::fs::create_dir_all(&mdir).unwrap();
     std::fs::write(
@@ -2382,4 +2386,159 @@ async fn a_refused_revocation_publish_spends_nothing() {
 
 fn hex_lower(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ------------------------------------------------------------------------ unicode spellings
+
+/// A passphrase with accents, as one keyboard types it (combining accents) and as another does
+/// (precomposed, with an ideographic space and full-width digits from an East Asian input
+/// method, and a no-break space).
+const ACCENTED_COMBINING: &str = "cre\u{0300}me bru\u{0302}le\u{0301}e du lundi 2024 matin";
+const ACCENTED_OTHER_KEYBOARD: &str = "cr\u{00E8}me\u{3000}br\u{00FB}l\u{00E9}e du\u{00A0}lundi \u{FF12}\u{FF10}\u{FF12}\u{FF14} matin";
+
+/// Signs in from a new browser as `email` with `password`; the user id the gateway sends
+/// upstream (userinfo's `sub`), or None when the sign-in is refused.
+async fn sign_in_sub(env: &Env, app: &App, email: &str, password: &str) -> Option<String> {
+    let mut b = Browser::new(env);
+    let authz = app.authorize(&[PROFILE]);
+    let login = open_login(&mut b, &authz).await;
+    let r = log_in(&mut b, &login, email, password).await;
+    if !r.location().starts_with("/consent?req=") {
+        let page = b.follow(&r).await;
+        assert_eq!(page.alert().as_deref(), Some(BAD_CREDENTIALS), "{email:?}");
+        return None;
+    }
+    let mut done = b.follow(&r).await;
+    if done.status == StatusCode::OK {
+        done = decide(&mut b, &done, "allow").await;
+    }
+    let code = callback(&done, &app.redirect).code(env, &authz.state);
+    let (access, _) = app.tokens(env, &code, &authz.verifier).await;
+    let (status, info) = userinfo(env, Some(&access)).await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    Some(info["sub"].as_str().unwrap().to_string())
+}
+
+/// One account however a keyboard spells its email and password (NFKC, then lowercase and NFC
+/// for the email; NFKC for the password): a combining accent and a precomposed one, full-width
+/// letters and digits, an ideographic or no-break space. A signup in another spelling of a
+/// taken address is refused like any taken address.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_account_however_a_keyboard_spells_email_and_password() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let mut b = Browser::new(&env);
+    let authz = phone.authorize(&[PROFILE]);
+    let login = open_login(&mut b, &authz).await;
+    let consent = sign_up(
+        &mut b,
+        &login,
+        "JE\u{0301}RO\u{0302}ME@Example.com",
+        ACCENTED_COMBINING,
+    )
+    .await;
+    let done = decide(&mut b, &consent, "allow").await;
+    let code = callback(&done, &phone.redirect).code(&env, &authz.state);
+    let (access, _) = phone.tokens(&env, &code, &authz.verifier).await;
+    let (_, info) = userinfo(&env, Some(&access)).await;
+    let sub = info["sub"].as_str().unwrap().to_string();
+
+    for (email, password) in [
+        ("j\u{00E9}r\u{00F4}me@example.com", ACCENTED_OTHER_KEYBOARD),
+        (
+            "\u{FF4A}\u{00E9}r\u{00F4}\u{FF4D}\u{FF45}\u{FF20}example.com",
+            ACCENTED_COMBINING,
+        ),
+    ] {
+        assert_eq!(
+            sign_in_sub(&env, &phone, email, password).await.as_deref(),
+            Some(sub.as_str()),
+            "{email:?} {password:?}"
+        );
+    }
+    assert_eq!(
+        sign_in_sub(
+            &env,
+            &phone,
+            "j\u{00E9}r\u{00F4}me@example.com",
+            "creme brulee du lundi 2024 matin"
+        )
+        .await,
+        None,
+        "accents are part of the password"
+    );
+
+    // The precomposed spelling of the address is taken.
+    let mut other = Browser::new(&env);
+    let login = open_login(&mut other, &phone.authorize(&[PROFILE])).await;
+    let signup = other
+        .get(&format!("/signup?req={}", login.hidden("req")))
+        .await;
+    let r = other
+        .submit(
+            &signup,
+            "/signup",
+            &[
+                ("email", "j\u{00E9}r\u{00F4}me@example.com"),
+                ("password", "an entirely different passphrase 7781"),
+            ],
+        )
+        .await;
+    assert!(r.location().starts_with("/signup?req="), "{}", r.location());
+    let page = other.follow(&r).await;
+    assert!(
+        page.alert()
+            .unwrap_or_default()
+            .starts_with("We could not create an account with these details."),
+        "{:?}",
+        page.alert()
+    );
+}
+
+/// An account made before emails and passwords were normalized (kept under the email as typed,
+/// lowercased, with a hash of the password as typed): its owner signs in with the spelling they
+/// always used, and from then on with any spelling, because that sign-in recorded the
+/// normalized email for the account and replaced the hash with one of the normalized password.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_from_before_normalization_is_brought_up_to_date_at_sign_in() {
+    use gatehouse_gateway::{accounts, password, store::embedded::EmbeddedStore};
+    let dir = tempfile::tempdir().unwrap();
+    let typed_email = "je\u{0301}ro\u{0302}me@example.com";
+    let old = {
+        let store = EmbeddedStore::open(&dir.path().join("data")).unwrap();
+        let hash = password::hash(ACCENTED_COMBINING);
+        accounts::create(&store, typed_email, hash)
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let env = env_in(dir, &[]).await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+
+    // Before its owner signs in, only the old spelling names the account.
+    assert_eq!(
+        sign_in_sub(
+            &env,
+            &phone,
+            "j\u{00E9}r\u{00F4}me@example.com",
+            ACCENTED_COMBINING
+        )
+        .await,
+        None
+    );
+    assert_eq!(
+        sign_in_sub(&env, &phone, typed_email, ACCENTED_COMBINING).await,
+        Some(old.id.clone())
+    );
+    for (email, password) in [
+        ("j\u{00E9}r\u{00F4}me@example.com", ACCENTED_OTHER_KEYBOARD),
+        ("J\u{00C9}R\u{00D4}ME@EXAMPLE.COM", ACCENTED_COMBINING),
+        (typed_email, ACCENTED_OTHER_KEYBOARD),
+    ] {
+        assert_eq!(
+            sign_in_sub(&env, &phone, email, password).await.as_deref(),
+            Some(old.id.as_str()),
+            "{email:?} {password:?}"
+        );
+    }
 }

@@ -16,6 +16,7 @@ use super::session::{self, Session};
 use crate::accounts;
 use crate::pages;
 use crate::password;
+use crate::password::Verified;
 use crate::state::AppState;
 use crate::store::kv;
 
@@ -328,14 +329,46 @@ async fn give_back_attempt(state: &AppState, c: &Counters) {
 
 /// Verifies a password on the blocking pool; against a dummy hash when there is no user, so
 /// both answers take the same time.
-async fn verify(password: String, hash: Option<String>) -> bool {
+async fn verify(password: String, hash: Option<String>) -> Verified {
     password::run_blocking(move || {
         let known = hash.is_some();
         let phc = hash.unwrap_or_else(|| password::dummy_hash().to_string());
-        password::verify(&password, &phc) && known
+        match password::verify_typed(&password, &phc) {
+            _ if !known => Verified::No,
+            verified => verified,
+        }
     })
     .await
-    .unwrap_or(false)
+    .unwrap_or(Verified::No)
+}
+
+/// Brings an account made before emails and passwords were normalized up to date once its owner
+/// signed in with `password`: the normalized email names it too (found however it is typed
+/// from now on), and a hash of the password as typed is replaced by one of its normalized form.
+/// Best effort: a failure leaves the account as it was, still reachable as before.
+async fn update_account(
+    state: &AppState,
+    user: &accounts::User,
+    email: &str,
+    verified: Verified,
+    password: String,
+) {
+    if user.email != email
+        && let Err(e) = accounts::claim_normalized(&*state.store, email, user).await
+    {
+        tracing::warn!(error = %e, "cannot record an account's normalized email");
+    }
+    if verified != Verified::AsTyped {
+        return;
+    }
+    let Some(hash) =
+        password::run_blocking(move || password::hash(&password::normalize(&password))).await
+    else {
+        return;
+    };
+    if let Err(e) = accounts::set_password_hash(&*state.store, user, hash).await {
+        tracing::warn!(error = %e, "cannot replace a password hash made before normalization");
+    }
 }
 
 /// What the login and signup forms post, after the session and CSRF check.
@@ -347,6 +380,9 @@ struct Posted {
     back: String,
     /// Normalized.
     email: String,
+    /// The form an account made before normalization would be kept under, when it differs.
+    legacy_email: Option<String>,
+    /// As typed (normalized where it is checked or hashed).
     pw: String,
 }
 
@@ -368,6 +404,7 @@ async fn read_post(
         authorize::flash(state, &sid, &mut sess, bad_email, Some(raw_email)).await;
         return Err(see_other(&back));
     };
+    let legacy_email = accounts::legacy_email(raw_email, &email);
     let pw = fields.get("password").cloned().unwrap_or_default();
     Ok(Posted {
         sid,
@@ -375,6 +412,7 @@ async fn read_post(
         req,
         back,
         email,
+        legacy_email,
         pw,
     })
 }
@@ -391,6 +429,7 @@ pub async fn login_post(
         req,
         back,
         email,
+        legacy_email,
         pw,
     } = match read_post(
         &state,
@@ -411,20 +450,21 @@ pub async fn login_post(
         authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
         return see_other(&back);
     }
-    let user = match accounts::find_by_email(&*state.store, &email).await {
+    let user = match accounts::find(&*state.store, &email, legacy_email.as_deref()).await {
         Ok(u) => u,
         Err(e) => {
             give_back_attempt(&state, &counters).await;
             return store_error_page(e);
         }
     };
-    if !verify(pw, user.as_ref().map(|u| u.password_hash.clone())).await {
+    let verified = verify(pw.clone(), user.as_ref().map(|u| u.password_hash.clone())).await;
+    let (Some(user), Verified::Yes | Verified::AsTyped) = (user, &verified) else {
         attempt_failed();
         authorize::flash(&state, &sid, &mut sess, BAD_CREDENTIALS, Some(&email)).await;
         return see_other(&back);
-    }
+    };
     give_back_attempt(&state, &counters).await;
-    let user = user.expect("verified implies a user");
+    update_account(&state, &user, &email, verified, pw).await;
     metrics::counter!("gatehouse_logins_total").increment(1);
     let resp = signed_in(&state, &sid, &req, &user.id).await;
     remember_device(&state, resp, &counters, &email).await
@@ -442,6 +482,7 @@ pub async fn signup_post(
         req,
         back,
         email,
+        legacy_email,
         pw,
     } = match read_post(
         &state,
@@ -468,9 +509,11 @@ pub async fn signup_post(
         authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
         return see_other(&back);
     }
-    // Strength check and hashing are CPU work: off the async runtime.
+    // Strength check and hashing are CPU work: off the async runtime. Both see the normalized
+    // password, the one every later sign-in is checked in.
     let (pw2, email2, min) = (pw.clone(), email.clone(), state.password_min_len);
     let checked = password::run_blocking(move || {
+        let pw2 = password::normalize(&pw2);
         password::check(&pw2, &email2, min).map(|()| password::hash(&pw2))
     })
     .await;
@@ -486,7 +529,17 @@ pub async fn signup_post(
             ));
         }
     };
-    match accounts::create(&*state.store, &email, hash).await {
+    // An account made before normalization under this spelling takes the address as surely as
+    // one under the normalized form (which `create` claims atomically).
+    let created = match &legacy_email {
+        Some(legacy) => match accounts::find_by_email(&*state.store, legacy).await {
+            Ok(Some(_)) => Ok(None),
+            Ok(None) => accounts::create(&*state.store, &email, hash).await,
+            Err(e) => Err(e),
+        },
+        None => accounts::create(&*state.store, &email, hash).await,
+    };
+    match created {
         Ok(Some(user)) => {
             metrics::counter!("gatehouse_signups_total").increment(1);
             let resp = signed_in(&state, &sid, &req, &user.id).await;
@@ -496,7 +549,7 @@ pub async fn signup_post(
             // The email is taken. If the password is the account's, this is a sign-in; otherwise
             // the answer is the sign-in failure, counted against the same throttles, so signup
             // is no faster password oracle than login.
-            let existing = accounts::find_by_email(&*state.store, &email)
+            let existing = accounts::find(&*state.store, &email, legacy_email.as_deref())
                 .await
                 .ok()
                 .flatten();
@@ -504,10 +557,14 @@ pub async fn signup_post(
                 authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
                 return see_other(&back);
             }
-            if verify(pw, existing.as_ref().map(|u| u.password_hash.clone())).await
-                && let Some(user) = existing
-            {
+            let verified = verify(
+                pw.clone(),
+                existing.as_ref().map(|u| u.password_hash.clone()),
+            )
+            .await;
+            if let (Some(user), Verified::Yes | Verified::AsTyped) = (existing, &verified) {
                 give_back_attempt(&state, &counters).await;
+                update_account(&state, &user, &email, verified, pw).await;
                 let resp = signed_in(&state, &sid, &req, &user.id).await;
                 return remember_device(&state, resp, &counters, &email).await;
             }
