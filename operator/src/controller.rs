@@ -284,6 +284,16 @@ impl Controller {
     /// fails, since leaving the Secret out would drop a working client from the gateways.
     async fn named_secrets(&self, subscriptions: &[Subscription]) -> anyhow::Result<Vec<Secret>> {
         let mut wanted = BTreeSet::new();
+        // Generated Secrets known to exist (a status records one, or this process created it):
+        // read directly when the watch has not shown them yet, rather than taken for deleted
+        // (the operator would try to create them again and fail).
+        let mut expected: BTreeSet<(String, String)> = self
+            .created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         for sub in subscriptions {
             let namespace = sub
                 .namespace()
@@ -300,6 +310,13 @@ impl Controller {
                         .and_then(|s| s.credentials_secret.clone())
                     {
                         wanted.insert((namespace.clone(), named));
+                    }
+                    if sub
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.credentials_secret_uid.is_some())
+                    {
+                        expected.insert((namespace.clone(), generated.clone()));
                     }
                     wanted.insert((namespace, generated));
                 }
@@ -348,6 +365,26 @@ impl Controller {
                 },
             }
         }
+        for key in expected {
+            if seen.contains(&key) || !wanted.contains(&key) {
+                continue;
+            }
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &key.0);
+            match api.get_opt(&key.1).await {
+                Ok(Some(secret))
+                    if secret.type_.as_deref().unwrap_or("Opaque") == "Opaque"
+                        && gatehouse_crds::compile::may_hold_client_secret(&secret.metadata) =>
+                {
+                    seen.insert(key.clone());
+                    cache.insert(key, secret.clone());
+                    out.push(secret);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(anyhow::anyhow!("reading Secret {}/{}: {e}", key.0, key.1));
+                }
+            }
+        }
         // Secrets no longer named, or gone, leave memory too.
         cache.retain(|key, _| seen.contains(key));
         Ok(out)
@@ -357,14 +394,16 @@ impl Controller {
         let started = std::time::Instant::now();
         let res = self.snapshot().await?;
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        // Prefixes stay with the Apis the gateways serve them for (`compile_after`).
-        let served = served_apis(self.published().await?.as_ref());
         let created = {
             let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
             reconcile::prune_created(&mut created, &res);
             created.clone()
         };
-        let mut plan = reconcile::plan(res.clone(), &served, &created, &mut OsRandom, &now);
+        // Prefixes stay with the Apis the gateways serve them for (`compile_after`); the served
+        // secrets' hashes recognise the operator's own credentials Secrets.
+        let known =
+            reconcile::Known::served(served_config(self.published().await?.as_ref()), created);
+        let mut plan = reconcile::plan(res.clone(), &known, &mut OsRandom, &now);
         // A Secret that cannot be created (a name too long, a quota, a policy, a namespace being
         // deleted) keeps its subscription out of this pass, never the whole configuration: the
         // others' changes (revocations among them) still reach the gateways.
@@ -449,6 +488,13 @@ impl Controller {
         }
         for u in &plan.statuses {
             if let Err(e) = self.patch_status(u).await {
+                if matches!(&e, kube_client::Error::Api(a) if a.code == 409) {
+                    // Changed since this pass read it: the watch event of that change runs
+                    // another pass, which decides from the newer version.
+                    tracing::debug!(kind = %u.kind, resource = %format!("{}/{}", u.namespace, u.name), "status not written: the resource changed since this pass read it");
+                    self.kick_later(2);
+                    continue;
+                }
                 // One resource failing to update never blocks the others.
                 tracing::warn!(kind = %u.kind, resource = %format!("{}/{}", u.namespace, u.name), error = %e, "status update failed");
                 metrics::counter!("gatehouse_operator_errors_total", "kind" => u.kind.as_str())
@@ -510,7 +556,10 @@ impl Controller {
     }
 
     async fn patch_status(&self, u: &StatusUpdate) -> Result<(), kube_client::Error> {
-        let patch = Patch::Merge(reconcile::status_patch(&u.status));
+        let patch = Patch::Merge(reconcile::status_patch(
+            &u.status,
+            u.resource_version.as_deref(),
+        ));
         let pp = PatchParams::default();
         let c = self.client.clone();
         match u.kind {
@@ -526,10 +575,18 @@ impl Controller {
                 .patch_status(&u.name, &pp, &patch)
                 .await
                 .map(|_| ()),
-            Kind::Subscription => Api::<Subscription>::namespaced(c, &u.namespace)
-                .patch_status(&u.name, &pp, &patch)
-                .await
-                .map(|_| ()),
+            Kind::Subscription => {
+                let written = Api::<Subscription>::namespaced(c, &u.namespace)
+                    .patch_status(&u.name, &pp, &patch)
+                    .await?;
+                let kept = written.status.and_then(|s| s.credentials_secret_uid);
+                if u.status.credentials_secret_uid.is_some() && kept.is_none() {
+                    // A structural schema prunes fields it does not know: without the record,
+                    // each pass adopts the operator's Secrets again by their served hash.
+                    tracing::warn!(subscription = %format!("{}/{}", u.namespace, u.name), "the API server dropped status.credentialsSecretUid: the Subscription CRD is older than this operator; apply it (kubectl apply --server-side -f charts/gatehouse/crds/)");
+                }
+                Ok(())
+            }
         }
     }
 
@@ -591,15 +648,13 @@ impl Controller {
 
 /// The Apis of a published configuration; none when there is none or it cannot be read (then
 /// conflicts go by age, as on a first start).
-fn served_apis(cm: Option<&ConfigMap>) -> Vec<gatehouse_crds::ApiConfig> {
-    let Some(bytes) = cm.and_then(|cm| cm.binary_data.as_ref()?.get(CONFIG_KEY)) else {
-        return Vec::new();
-    };
+fn served_config(cm: Option<&ConfigMap>) -> Option<gatehouse_crds::GatewayConfig> {
+    let bytes = cm.and_then(|cm| cm.binary_data.as_ref()?.get(CONFIG_KEY))?;
     match publish::decode(&bytes.0) {
-        Ok(config) => config.apis,
+        Ok(config) => Some(config),
         Err(e) => {
             tracing::warn!(error = %e, "the published configuration cannot be read; path prefix conflicts go by age");
-            Vec::new()
+            None
         }
     }
 }

@@ -37,12 +37,43 @@ pub const UID_BEING_CREATED: &str = "(being created)";
 /// so does not refuse the operator's own Secret.
 pub type Created = std::collections::BTreeMap<(String, String), String>;
 
+/// What the operator knows beyond the resources it watches.
+#[derive(Clone, Debug, Default)]
+pub struct Known {
+    /// The Apis of the configuration published last (they keep their path prefixes).
+    pub served_apis: Vec<ApiConfig>,
+    /// Subscription ("namespace/name") -> the SHA-256 (hex) of the client secret the gateways
+    /// accept for it, from the configuration published last.
+    pub served_secrets: std::collections::BTreeMap<String, String>,
+    pub created: Created,
+}
+
+impl Known {
+    /// From the configuration published last, if any.
+    pub fn served(config: Option<gatehouse_crds::GatewayConfig>, created: Created) -> Known {
+        let config = config.unwrap_or_default();
+        Known {
+            served_secrets: config
+                .clients
+                .into_iter()
+                .filter_map(|c| Some((c.subscription, c.secret_sha256?)))
+                .collect(),
+            served_apis: config.apis,
+            created,
+        }
+    }
+}
+
 /// A status to write because it differs from what the resource has.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatusUpdate {
     pub kind: Kind,
     pub namespace: String,
     pub name: String,
+    /// The resourceVersion the status was decided on: written only if the resource is still at
+    /// it, so a pass working from a lagging view (a new leader's, a watch behind) cannot put an
+    /// older status (an older credentials Secret's uid) back over a newer one.
+    pub resource_version: Option<String>,
     pub status: ResourceStatus,
 }
 
@@ -115,13 +146,7 @@ fn is_confidential(res: &Resources, sub: &Subscription) -> bool {
 
 /// Decides everything for one pass. `served`: the Apis of the configuration published last
 /// (they keep their path prefixes). `now` is an RFC 3339 timestamp for new transitions.
-pub fn plan(
-    mut res: Resources,
-    served: &[ApiConfig],
-    created: &Created,
-    generator: &mut dyn Generator,
-    now: &str,
-) -> Plan {
+pub fn plan(mut res: Resources, known: &Known, generator: &mut dyn Generator, now: &str) -> Plan {
     let original = res.clone();
     let mut tentative: Vec<NewSecret> = Vec::new();
     let mut id_updates: Vec<(String, ClientIdUpdate)> = Vec::new();
@@ -170,7 +195,7 @@ pub fn plan(
                     },
                 ));
             }
-            if let Some(adopted) = adopted_uid(secret, &uid, &secret_name, status, created) {
+            if let Some(adopted) = adopted_uid(secret, &uid, &name, status, known) {
                 status.credentials_secret_uid = Some(adopted);
             }
         } else {
@@ -191,7 +216,7 @@ pub fn plan(
         secret.metadata.uid = Some(UID_BEING_CREATED.to_string());
         res.secrets.push(secret);
     }
-    let compiled = compile_after(&res, served);
+    let compiled = compile_after(&res, &known.served_apis);
     // Only subscriptions that came out Active (valid and approved) get a Secret created.
     let new_secrets: Vec<NewSecret> = tentative
         .into_iter()
@@ -221,18 +246,26 @@ pub fn plan(
 }
 
 /// The uid to record for `secret`, the Secret of a subscription's generated name that exists,
-/// when the status does not record it yet and it is the operator's own: one this process
-/// created (its status not read back yet), or, once, the one an operator from before uids were
-/// recorded created and the subscription has been using (Active, `credentialsSecret` naming
-/// it). Else None: a Secret someone else created under that name is never adopted, whatever
-/// ownerReference it carries (compile refuses it and the status says to delete it).
+/// when the status does not record it and it is the operator's own:
+/// - one this process created (the status that records it not read back yet), or
+/// - with no uid recorded (a status written by an operator from before uids were recorded,
+///   written by a pass that ended before its status write, or lost), one holding the very
+///   client secret the gateways accept for this subscription in the configuration the operator
+///   published: adopting it grants nothing its writer did not hold already.
+///
+/// Else None: a Secret someone else created under that name is never adopted, whatever
+/// ownerReference it carries (compile refuses it and the status says to delete it). With a uid
+/// recorded, a Secret of another uid under that name is refused even if it holds the served
+/// secret: it was created after the operator's was deleted, and deleting the Secret is how a
+/// leaked client secret is rotated.
 fn adopted_uid(
     secret: &Secret,
     subscription_uid: &str,
-    secret_name: &str,
+    subscription: &str,
     status: &ResourceStatus,
-    created: &Created,
+    known: &Known,
 ) -> Option<String> {
+    use sha2::Digest;
     let secret_uid = secret.metadata.uid.as_deref().filter(|u| !u.is_empty())?;
     let controlled = !subscription_uid.is_empty()
         && gatehouse_crds::compile::controlling_subscription(&secret.metadata)
@@ -240,14 +273,25 @@ fn adopted_uid(
     if !controlled || status.credentials_secret_uid.as_deref() == Some(secret_uid) {
         return None;
     }
-    let ours = created
-        .get(&(ns(secret), secret_name.to_string()))
+    let namespace = ns(secret);
+    let ours = known
+        .created
+        .get(&(namespace.clone(), secret.name_any()))
         .map(String::as_str)
         == Some(secret_uid);
-    let from_before_uids = status.credentials_secret_uid.is_none()
-        && status.credentials_secret.as_deref() == Some(secret_name)
-        && status.phase.as_deref() == Some(Phase::Active.as_str());
-    (ours || from_before_uids).then(|| secret_uid.to_string())
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(SECRET_KEY))
+        .map(|v| v.0.as_slice());
+    let served = status.credentials_secret_uid.is_none()
+        && value.is_some_and(|v| {
+            known
+                .served_secrets
+                .get(&format!("{namespace}/{subscription}"))
+                == Some(&hex::encode(sha2::Sha256::digest(v)))
+        });
+    (ours || served).then(|| secret_uid.to_string())
 }
 
 /// The Secret `s` was created with `uid`: the status this pass writes for its subscription
@@ -309,35 +353,35 @@ pub fn secret_object(s: &NewSecret) -> Secret {
     secret
 }
 
-fn current_status(
-    res: &Resources,
-    kind: Kind,
-    namespace: &str,
-    name: &str,
-) -> (Option<ResourceStatus>, Option<i64>) {
+/// A resource as the pass saw it: its status, generation and resourceVersion.
+#[derive(Default)]
+struct Current {
+    status: Option<ResourceStatus>,
+    generation: Option<i64>,
+    resource_version: Option<String>,
+}
+
+fn current_status(res: &Resources, kind: Kind, namespace: &str, name: &str) -> Current {
     fn find<K: ResourceExt>(
         items: &[K],
         namespace: &str,
         name: &str,
-    ) -> Option<(Option<i64>, usize)> {
+        status: impl Fn(&K) -> Option<ResourceStatus>,
+    ) -> Current {
         items
             .iter()
-            .position(|o| ns(o) == namespace && o.name_any() == name)
-            .map(|i| (items[i].meta().generation, i))
+            .find(|o| ns(*o) == namespace && o.name_any() == name)
+            .map_or_else(Current::default, |o| Current {
+                status: status(o),
+                generation: o.meta().generation,
+                resource_version: o.meta().resource_version.clone(),
+            })
     }
     match kind {
-        Kind::Api => find(&res.apis, namespace, name)
-            .map_or((None, None), |(g, i)| (res.apis[i].status.clone(), g)),
-        Kind::Plan => find(&res.plans, namespace, name)
-            .map_or((None, None), |(g, i)| (res.plans[i].status.clone(), g)),
-        Kind::Application => find(&res.applications, namespace, name)
-            .map_or((None, None), |(g, i)| {
-                (res.applications[i].status.clone(), g)
-            }),
-        Kind::Subscription => find(&res.subscriptions, namespace, name)
-            .map_or((None, None), |(g, i)| {
-                (res.subscriptions[i].status.clone(), g)
-            }),
+        Kind::Api => find(&res.apis, namespace, name, |o| o.status.clone()),
+        Kind::Plan => find(&res.plans, namespace, name, |o| o.status.clone()),
+        Kind::Application => find(&res.applications, namespace, name, |o| o.status.clone()),
+        Kind::Subscription => find(&res.subscriptions, namespace, name, |o| o.status.clone()),
     }
 }
 
@@ -352,21 +396,22 @@ fn status_updates(
         .verdicts
         .iter()
         .filter_map(|v| {
-            let (old, generation) = current_status(original, v.kind, &v.namespace, &v.name);
-            let (prepared_status, _) = current_status(prepared, v.kind, &v.namespace, &v.name);
+            let old = current_status(original, v.kind, &v.namespace, &v.name);
+            let prepared_status = current_status(prepared, v.kind, &v.namespace, &v.name).status;
             let desired = desired_status(
                 v,
-                old.as_ref(),
+                old.status.as_ref(),
                 prepared_status.as_ref(),
-                generation,
+                old.generation,
                 new_secrets,
                 original,
                 now,
             );
-            (old.as_ref() != Some(&desired)).then(|| StatusUpdate {
+            (old.status.as_ref() != Some(&desired)).then(|| StatusUpdate {
                 kind: v.kind,
                 namespace: v.namespace.clone(),
                 name: v.name.clone(),
+                resource_version: old.resource_version,
                 status: desired,
             })
         })
@@ -421,11 +466,19 @@ fn desired_status(
                             .iter()
                             .any(|s| &s.name_any() == name && ns(s) == v.namespace)
                 });
-        // Its uid only with it: the one recorded (kept while that Secret is away, so a Secret
-        // created under the name meanwhile is not taken for it), adopted, or being created.
-        if status.credentials_secret.is_some() {
-            status.credentials_secret_uid = prepared.and_then(|p| p.credentials_secret_uid.clone());
-        }
+        // The uid: adopted, being created, or the one recorded, which stays while its Secret is
+        // away or unused (a clientSecretRef for a while): a Secret created under the name
+        // meanwhile is not taken for it, and the operator's own is still its own afterwards.
+        let being_created = new_secrets
+            .iter()
+            .any(|s| s.namespace == v.namespace && s.subscription == v.name);
+        status.credentials_secret_uid =
+            match prepared.and_then(|p| p.credentials_secret_uid.clone()) {
+                Some(placeholder) if placeholder == UID_BEING_CREATED && !being_created => {
+                    old.and_then(|s| s.credentials_secret_uid.clone())
+                }
+                uid => uid,
+            };
     }
     status
 }
@@ -445,7 +498,11 @@ pub fn credentials_failed(
     error: &str,
     now: &str,
 ) -> Option<StatusUpdate> {
-    let (old, generation) = current_status(res, Kind::Subscription, namespace, name);
+    let Current {
+        status: old,
+        generation,
+        resource_version,
+    } = current_status(res, Kind::Subscription, namespace, name);
     let previous = old
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
@@ -455,8 +512,10 @@ pub fn credentials_failed(
         client_id: planned
             .and_then(|u| u.status.client_id.clone())
             .or_else(|| old.as_ref().and_then(|s| s.client_id.clone())),
-        credentials_secret: None,
-        credentials_secret_uid: None,
+        // What was recorded stays: a create refused because the operator's own Secret is there
+        // but not seen yet must not cost the record that makes it the subscription's.
+        credentials_secret: old.as_ref().and_then(|s| s.credentials_secret.clone()),
+        credentials_secret_uid: old.as_ref().and_then(|s| s.credentials_secret_uid.clone()),
         conditions: vec![Condition {
             type_: "Ready".to_string(),
             status: "False".to_string(),
@@ -473,6 +532,7 @@ pub fn credentials_failed(
         kind: Kind::Subscription,
         namespace: namespace.to_string(),
         name: name.to_string(),
+        resource_version,
         status,
     })
 }
@@ -499,7 +559,7 @@ pub fn publish_failed(
     mut planned: StatusUpdate,
     now: &str,
 ) -> Option<StatusUpdate> {
-    let (old, _) = current_status(res, planned.kind, &planned.namespace, &planned.name);
+    let old = current_status(res, planned.kind, &planned.namespace, &planned.name).status;
     let previous = old
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
@@ -517,7 +577,7 @@ pub fn publish_failed(
 /// The body of a status merge patch (RFC 7396) that leaves the status exactly `status`: fields
 /// it does not have are sent as null, which removes them (left out, the server would keep an
 /// old `credentialsSecret` or `clientId` for ever, and the status would never converge).
-pub fn status_patch(status: &ResourceStatus) -> serde_json::Value {
+pub fn status_patch(status: &ResourceStatus, resource_version: Option<&str>) -> serde_json::Value {
     let mut value = serde_json::to_value(status).unwrap_or_default();
     if let Some(fields) = value.as_object_mut() {
         for name in [
@@ -531,7 +591,10 @@ pub fn status_patch(status: &ResourceStatus) -> serde_json::Value {
             fields.entry(name).or_insert(serde_json::Value::Null);
         }
     }
-    serde_json::json!({ "status": value })
+    match resource_version {
+        Some(rv) => serde_json::json!({ "metadata": { "resourceVersion": rv }, "status": value }),
+        None => serde_json::json!({ "status": value }),
+    }
 }
 
 #[cfg(test)]

@@ -1117,14 +1117,22 @@ stringData: {{clientSecret: {planted}}}
             (sub["status"]["conditions"][0]["reason"] == "MissingClientSecret").then_some(sub)
         },
     );
-    assert_eq!(refused["status"]["phase"], "Invalid", "{refused}");
     let partner_id = refused["status"]["clientId"].as_str().unwrap().to_string();
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(
-        env.client_token(&partner_id, planted),
-        Err(401),
-        "the planted Secret's value works as the client secret"
-    );
+    // The status said so before the approval too; for 5 s after it (the operator reconciles
+    // within a second of a change, the gateways reload within another) it stays refused and
+    // the planted value gets no token.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(500));
+        let sub = env
+            .get("subscriptions.gatehouse.dev", "demo-partner-mobile", "demo")
+            .unwrap();
+        assert_eq!(sub["status"]["phase"], "Invalid", "{sub}");
+        assert_eq!(
+            env.client_token(&partner_id, planted),
+            Err(401),
+            "the planted Secret's value works as the client secret"
+        );
+    }
     // Its administrator deletes it, as the status says; the operator generates its own.
     env.kubectl_ok(&[
         "delete",

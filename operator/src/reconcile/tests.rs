@@ -134,13 +134,7 @@ fn status_of<'a>(p: &'a Plan, name: &str) -> &'a ResourceStatus {
 fn first_pass_generates_ids_and_secrets_and_second_pass_writes_nothing() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(
-        r.clone(),
-        &[],
-        &Created::new(),
-        &mut g,
-        "2026-01-01T00:00:00Z",
-    );
+    let p1 = plan(r.clone(), &Known::default(), &mut g, "2026-01-01T00:00:00Z");
     // every resource gets a status
     assert_eq!(p1.statuses.len(), 7);
     let app = status_of(&p1, "app-mobile");
@@ -176,7 +170,7 @@ fn first_pass_generates_ids_and_secrets_and_second_pass_writes_nothing() {
 
     // Second pass over the written state: no writes, same config.
     let r2 = apply(r, &p1);
-    let p2 = plan(r2, &[], &Created::new(), &mut g, "2026-01-01T00:01:00Z");
+    let p2 = plan(r2, &Known::default(), &mut g, "2026-01-01T00:01:00Z");
     assert!(p2.new_secrets.is_empty(), "{:?}", p2.new_secrets);
     assert!(p2.statuses.is_empty(), "{:?}", p2.statuses);
     assert_eq!(p2.compiled.config.hash, p1.compiled.config.hash);
@@ -190,7 +184,7 @@ metadata: {name: svc-gold, namespace: demo, uid: u-3}
 spec: {application: svc, api: mobile, plan: gold, clientId: svc-gold, grants: [client_credentials]}
 "#;
     let mut g = Seq(0);
-    let p = plan(resources(extra), &[], &Created::new(), &mut g, "t");
+    let p = plan(resources(extra), &Known::default(), &mut g, "t");
     let st = status_of(&p, "svc-gold");
     assert_eq!(st.phase.as_deref(), Some("PendingApproval"));
     assert_eq!(st.credentials_secret, None);
@@ -207,7 +201,7 @@ spec: {application: svc, api: mobile, plan: gold, clientId: svc-gold, grants: [c
         "uid: u-3}",
         "uid: u-3, annotations: {gatehouse.dev/approved: \"true\"}}",
     );
-    let p = plan(resources(&approved), &[], &Created::new(), &mut g, "t");
+    let p = plan(resources(&approved), &Known::default(), &mut g, "t");
     assert_eq!(status_of(&p, "svc-gold").phase.as_deref(), Some("Active"));
     assert!(p.new_secrets.iter().any(|s| s.subscription == "svc-gold"));
     assert!(
@@ -227,7 +221,7 @@ metadata: {name: broken, namespace: demo}
 spec: {application: nope, api: mobile, plan: basic}
 "#;
     let mut g = Seq(0);
-    let p = plan(resources(extra), &[], &Created::new(), &mut g, "t");
+    let p = plan(resources(extra), &Known::default(), &mut g, "t");
     let st = status_of(&p, "broken");
     assert_eq!(st.phase.as_deref(), Some("Invalid"));
     assert_eq!(st.conditions[0].status, "False");
@@ -243,11 +237,11 @@ spec: {application: nope, api: mobile, plan: basic}
 fn transition_time_changes_only_when_readiness_changes() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
+    let p1 = plan(r.clone(), &Known::default(), &mut g, "t1");
     let mut r2 = apply(r, &p1);
     // the plan disappears: the subscriptions become Invalid, with a new transition time
     r2.plans.retain(|p| p.name_any() != "basic");
-    let p2 = plan(r2.clone(), &[], &Created::new(), &mut g, "t2");
+    let p2 = plan(r2.clone(), &Known::default(), &mut g, "t2");
     let st = status_of(&p2, "app-mobile");
     assert_eq!(st.phase.as_deref(), Some("Invalid"));
     assert_eq!(st.conditions[0].last_transition_time.as_deref(), Some("t2"));
@@ -270,13 +264,7 @@ fn transition_time_changes_only_when_readiness_changes() {
 fn the_status_names_the_client_id_in_use() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(
-        r.clone(),
-        &[],
-        &Created::new(),
-        &mut g,
-        "2026-01-01T00:00:00Z",
-    );
+    let p1 = plan(r.clone(), &Known::default(), &mut g, "2026-01-01T00:00:00Z");
     assert_eq!(
         status_of(&p1, "app-mobile").client_id.as_deref(),
         Some(generated_client_id("demo", "app-mobile", "u-1").as_str())
@@ -289,7 +277,7 @@ fn the_status_names_the_client_id_in_use() {
     {
         s.spec.client_id = Some("custom-id".into());
     }
-    let p2 = plan(r2, &[], &Created::new(), &mut g, "2026-01-01T00:01:00Z");
+    let p2 = plan(r2, &Known::default(), &mut g, "2026-01-01T00:01:00Z");
     assert!(
         p2.compiled
             .config
@@ -338,7 +326,7 @@ fn a_status_patch_removes_what_the_new_status_lacks() {
         ..old.clone()
     };
     let mut object = serde_json::json!({ "spec": {}, "status": old });
-    merge(&mut object, &status_patch(&new));
+    merge(&mut object, &status_patch(&new, None));
     let after: ResourceStatus = serde_json::from_value(object["status"].clone()).unwrap();
     assert_eq!(after, new);
     assert!(object["status"].get("credentialsSecret").is_none());
@@ -370,7 +358,7 @@ fn generated_client_ids_are_derived_from_namespace_name_and_uid() {
 fn a_lost_status_does_not_change_the_client_id() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
+    let p1 = plan(r.clone(), &Known::default(), &mut g, "t1");
     let svc_id = status_of(&p1, "svc-mobile").client_id.clone().unwrap();
     let app_id = status_of(&p1, "app-mobile").client_id.clone().unwrap();
     // The Secret exists, the statuses were not seen.
@@ -378,7 +366,7 @@ fn a_lost_status_does_not_change_the_client_id() {
     for s in &mut r2.subscriptions {
         s.status = None;
     }
-    let p2 = plan(r2.clone(), &[], &Created::new(), &mut g, "t2");
+    let p2 = plan(r2.clone(), &Known::default(), &mut g, "t2");
     assert_eq!(
         status_of(&p2, "svc-mobile").client_id.as_deref(),
         Some(svc_id.as_str())
@@ -394,7 +382,7 @@ fn a_lost_status_does_not_change_the_client_id() {
         CLIENT_ID_KEY.to_string(),
         k8s_openapi::ByteString(b"svc-mobile-0ld1d000".to_vec()),
     );
-    let p3 = plan(r3.clone(), &[], &Created::new(), &mut g, "t3");
+    let p3 = plan(r3.clone(), &Known::default(), &mut g, "t3");
     assert_eq!(
         status_of(&p3, "svc-mobile").client_id.as_deref(),
         Some("svc-mobile-0ld1d000")
@@ -406,7 +394,7 @@ fn a_lost_status_does_not_change_the_client_id() {
     for o in r4.secrets[0].metadata.owner_references.iter_mut().flatten() {
         o.controller = None;
     }
-    let p4 = plan(r4, &[], &Created::new(), &mut g, "t4");
+    let p4 = plan(r4, &Known::default(), &mut g, "t4");
     assert_eq!(
         status_of(&p4, "svc-mobile").client_id.as_deref(),
         Some(svc_id.as_str())
@@ -419,7 +407,7 @@ fn a_lost_status_does_not_change_the_client_id() {
 fn the_credentials_secret_follows_a_changed_client_id() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
+    let p1 = plan(r.clone(), &Known::default(), &mut g, "t1");
     let mut r2 = apply(r, &p1);
     let secret_before = r2.secrets[0].data.as_ref().unwrap()[SECRET_KEY].clone();
     for s in r2
@@ -429,7 +417,7 @@ fn the_credentials_secret_follows_a_changed_client_id() {
     {
         s.spec.client_id = Some("partner".into());
     }
-    let p2 = plan(r2.clone(), &[], &Created::new(), &mut g, "t2");
+    let p2 = plan(r2.clone(), &Known::default(), &mut g, "t2");
     assert_eq!(
         p2.client_id_updates,
         [ClientIdUpdate {
@@ -442,7 +430,7 @@ fn the_credentials_secret_follows_a_changed_client_id() {
     let data = r3.secrets[0].data.as_ref().unwrap();
     assert_eq!(data[CLIENT_ID_KEY].0, b"partner");
     assert_eq!(data[SECRET_KEY], secret_before);
-    let p3 = plan(r3, &[], &Created::new(), &mut g, "t3");
+    let p3 = plan(r3, &Known::default(), &mut g, "t3");
     assert!(p3.client_id_updates.is_empty() && p3.statuses.is_empty());
 }
 
@@ -452,7 +440,7 @@ fn the_credentials_secret_follows_a_changed_client_id() {
 fn a_refused_credentials_secret_is_reported_in_the_status() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
+    let p1 = plan(r.clone(), &Known::default(), &mut g, "t1");
     let planned = p1.statuses.iter().find(|u| u.name == "svc-mobile");
     let u = credentials_failed(&r, planned, "demo", "svc-mobile", "quota exceeded", "t1")
         .expect("a status to write");
@@ -493,7 +481,7 @@ metadata: {name: app-gold, namespace: demo, uid: u-3, generation: 1}
 spec: {application: svc, api: mobile, plan: gold, grants: [client_credentials]}
 ",
     );
-    let mut p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
+    let mut p1 = plan(r.clone(), &Known::default(), &mut g, "t1");
     let (ready, other): (Vec<_>, Vec<_>) = p1.statuses.iter().cloned().partition(says_ready);
     assert!(!ready.is_empty() && !other.is_empty(), "{:?}", p1.statuses);
     let failed: Vec<StatusUpdate> = ready
@@ -525,7 +513,7 @@ spec: {application: svc, api: mobile, plan: gold, grants: [client_credentials]}
 
     // Still failing: compile plans Ready again, and the failure turns each back into exactly
     // what the resource says (its transition time kept).
-    let p2 = plan(r2.clone(), &[], &Created::new(), &mut g, "t2");
+    let p2 = plan(r2.clone(), &Known::default(), &mut g, "t2");
     assert!(!p2.statuses.is_empty());
     for u in p2.statuses.iter().cloned() {
         assert!(says_ready(&u), "{u:?}");
@@ -534,7 +522,7 @@ spec: {application: svc, api: mobile, plan: gold, grants: [client_credentials]}
     // Published: written as planned, Ready since t2.
     let r3 = apply(r2, &p2);
     assert!(
-        plan(r3, &[], &Created::new(), &mut g, "t3")
+        plan(r3, &Known::default(), &mut g, "t3")
             .statuses
             .is_empty()
     );
@@ -612,7 +600,7 @@ fn a_planted_secret_with_a_forged_owner_is_never_adopted() {
         }
     }
     r.secrets.push(forged_secret());
-    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
+    let p1 = plan(r.clone(), &Known::default(), &mut g, "t1");
     assert_eq!(
         status_of(&p1, "svc-mobile").phase.as_deref(),
         Some("Invalid")
@@ -630,7 +618,7 @@ fn a_planted_secret_with_a_forged_owner_is_never_adopted() {
             s
         })
         .collect();
-    let p2 = plan(r2.clone(), &[], &Created::new(), &mut g, "t2");
+    let p2 = plan(r2.clone(), &Known::default(), &mut g, "t2");
     let v = svc_verdict(&p2);
     assert_eq!(v.phase, Phase::Invalid);
     assert!(
@@ -647,7 +635,7 @@ fn a_planted_secret_with_a_forged_owner_is_never_adopted() {
     // Deleted: the operator creates its own and records its uid.
     let mut r3 = apply(r2, &p2);
     r3.secrets.clear();
-    let p3 = plan(r3.clone(), &[], &Created::new(), &mut g, "t3");
+    let p3 = plan(r3.clone(), &Known::default(), &mut g, "t3");
     assert_eq!(p3.new_secrets.len(), 1);
     let generated = p3.new_secrets[0].clone();
     let r4 = apply(r3, &p3);
@@ -655,7 +643,7 @@ fn a_planted_secret_with_a_forged_owner_is_never_adopted() {
         svc_status(&r4).credentials_secret_uid,
         r4.secrets[0].metadata.uid
     );
-    let p4 = plan(r4.clone(), &[], &Created::new(), &mut g, "t4");
+    let p4 = plan(r4.clone(), &Known::default(), &mut g, "t4");
     assert!(p4.statuses.is_empty(), "{:?}", p4.statuses);
     assert_eq!(
         svc_client(&p4).and_then(|c| c.secret_sha256.clone()),
@@ -668,7 +656,7 @@ fn a_planted_secret_with_a_forged_owner_is_never_adopted() {
     // uid recorded is the deleted one's, so the planted one is refused too.
     let mut r5 = r4;
     r5.secrets = vec![forged_secret()];
-    let p5 = plan(r5, &[], &Created::new(), &mut g, "t5");
+    let p5 = plan(r5, &Known::default(), &mut g, "t5");
     assert_eq!(svc_verdict(&p5).phase, Phase::Invalid);
     assert!(svc_client(&p5).is_none());
 }
@@ -680,7 +668,7 @@ fn a_planted_secret_with_a_forged_owner_is_never_adopted() {
 fn the_operators_own_secret_survives_a_status_not_seen_yet() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
+    let p1 = plan(r.clone(), &Known::default(), &mut g, "t1");
     let made = p1.new_secrets[0].clone();
     let applied = apply(r.clone(), &p1);
     let uid = applied.secrets[0].metadata.uid.clone().unwrap();
@@ -689,7 +677,11 @@ fn the_operators_own_secret_survives_a_status_not_seen_yet() {
     lagging.subscriptions = r.subscriptions.clone();
     let mut created = Created::new();
     created.insert((made.namespace.clone(), made.name.clone()), uid.clone());
-    let p2 = plan(lagging.clone(), &[], &created, &mut g, "t2");
+    let known = Known {
+        created: created.clone(),
+        ..Default::default()
+    };
+    let p2 = plan(lagging.clone(), &known, &mut g, "t2");
     assert!(svc_client(&p2).is_some());
     assert_eq!(
         status_of(&p2, "svc-mobile")
@@ -699,7 +691,7 @@ fn the_operators_own_secret_survives_a_status_not_seen_yet() {
     );
     assert!(p2.new_secrets.is_empty());
     // Without that memory (another process) the Secret would be refused: the check is real.
-    let p2b = plan(lagging.clone(), &[], &Created::new(), &mut g, "t2");
+    let p2b = plan(lagging.clone(), &Known::default(), &mut g, "t2");
     assert!(svc_client(&p2b).is_none());
     // Remembered only while the status read back does not record it.
     prune_created(&mut created, &lagging);
@@ -714,14 +706,18 @@ fn the_operators_own_secret_survives_a_status_not_seen_yet() {
     assert!(created.is_empty());
 }
 
-/// Statuses written before uids were recorded: the Secret an Active subscription has been
-/// using (status.credentialsSecret names it) is adopted once, its uid recorded. One next to a
-/// subscription that was not Active is not: an operator never created it for one.
+/// No uid recorded (statuses written by an operator from before uids were recorded, a pass
+/// that ended between publishing and writing statuses, a status lost): the Secret holding the
+/// very secret the published configuration accepts for the subscription is the operator's, and
+/// its uid is recorded. One holding anything else is not, nor, once a uid is recorded, a Secret
+/// of another uid holding the served secret (a leaked secret's Secret deleted to rotate it and
+/// planted again).
 #[test]
-fn an_upgrade_records_the_uid_of_the_secret_in_use() {
+fn without_a_record_the_secret_the_gateways_accept_is_recognised() {
     let mut g = Seq(0);
     let r = resources("");
-    let p1 = plan(r.clone(), &[], &Created::new(), &mut g, "t1");
+    let p1 = plan(r.clone(), &Known::default(), &mut g, "t1");
+    let published = Known::served(Some(p1.compiled.config.clone()), Created::new());
     let mut before = apply(r, &p1);
     let uid = before.secrets[0].metadata.uid.clone();
     for s in &mut before.subscriptions {
@@ -729,21 +725,139 @@ fn an_upgrade_records_the_uid_of_the_secret_in_use() {
             st.credentials_secret_uid = None;
         }
     }
-    let p2 = plan(before.clone(), &[], &Created::new(), &mut g, "t2");
+    let p2 = plan(before.clone(), &published, &mut g, "t2");
     assert!(svc_client(&p2).is_some());
     assert_eq!(status_of(&p2, "svc-mobile").credentials_secret_uid, uid);
     assert_eq!(p2.statuses.len(), 1, "{:?}", p2.statuses);
     assert!(p2.new_secrets.is_empty());
+    // Nothing published (or published without it): not recognised.
+    let p = plan(before.clone(), &Known::default(), &mut g, "t3");
+    assert!(svc_client(&p).is_none());
+    assert_eq!(svc_verdict(&p).phase, Phase::Invalid);
 
-    for phase in ["PendingApproval", "Invalid"] {
-        let mut r = before.clone();
-        for s in &mut r.subscriptions {
-            if let Some(st) = s.status.as_mut() {
-                st.phase = Some(phase.into());
-            }
+    // A planted Secret holds another value: not recognised, whatever was published.
+    let mut planted = before.clone();
+    planted.secrets = vec![forged_secret()];
+    let p = plan(planted.clone(), &published, &mut g, "t4");
+    assert!(svc_client(&p).is_none());
+
+    // The served value, but a uid is recorded and it is another one.
+    let mut replanted = before.clone();
+    replanted.secrets[0].metadata.uid = Some("uid-of-a-replanted-secret".into());
+    for s in &mut replanted.subscriptions {
+        if let Some(st) = s.status.as_mut() {
+            st.credentials_secret_uid = uid.clone();
         }
-        let p = plan(r, &[], &Created::new(), &mut g, "t3");
-        assert!(svc_client(&p).is_none(), "{phase}");
-        assert_eq!(status_of(&p, "svc-mobile").credentials_secret_uid, None);
     }
+    let p = plan(replanted, &published, &mut g, "t5");
+    assert!(svc_client(&p).is_none());
+}
+
+/// The recorded uid is never lost: not while its Secret is missing and its subscription waits
+/// (no create), not while a clientSecretRef is used for a while, and the placeholder of a
+/// Secret that is not created never reaches a status.
+#[test]
+fn the_recorded_uid_outlasts_an_absent_secret_and_a_client_secret_ref() {
+    let mut g = Seq(0);
+    let r = resources("");
+    let p1 = plan(r.clone(), &Known::default(), &mut g, "t1");
+    let r2 = apply(r, &p1);
+    let uid = svc_status(&r2).credentials_secret_uid.clone();
+    assert!(uid.is_some());
+
+    // A clientSecretRef for a while: the generated Secret is not read, the record stays.
+    let mut with_ref = r2.clone();
+    with_ref.secrets.clear();
+    let mut own = Secret::default();
+    own.metadata.name = Some("own".into());
+    own.metadata.namespace = Some("demo".into());
+    own.metadata.labels = Some(
+        [(
+            gatehouse_crds::compile::CLIENT_SECRET_LABEL.to_string(),
+            "true".to_string(),
+        )]
+        .into(),
+    );
+    own.data = Some(
+        [(
+            SECRET_KEY.to_string(),
+            k8s_openapi::ByteString(b"0123456789abcdef0123456789abcdef".to_vec()),
+        )]
+        .into(),
+    );
+    with_ref.secrets.push(own);
+    for s in &mut with_ref.subscriptions {
+        if s.name_any() == "svc-mobile" {
+            s.spec.client_secret_ref = Some(gatehouse_crds::SecretKeyRef {
+                name: "own".into(),
+                key: "clientSecret".into(),
+            });
+        }
+    }
+    let p = plan(with_ref.clone(), &Known::default(), &mut g, "t2");
+    assert_eq!(svc_verdict(&p).phase, Phase::Active);
+    let r3 = apply(with_ref, &p);
+    assert_eq!(svc_status(&r3).credentials_secret_uid, uid);
+    // The ref removed: the operator's Secret is its own again.
+    let mut without = r3;
+    without.secrets = r2.secrets.clone();
+    for s in &mut without.subscriptions {
+        s.spec.client_secret_ref = None;
+    }
+    let p = plan(without, &Known::default(), &mut g, "t3");
+    assert_eq!(svc_verdict(&p).phase, Phase::Active);
+    assert!(svc_client(&p).is_some());
+
+    // The Secret gone while the subscription waits for approval: nothing is created, the
+    // record stays, and no placeholder is written.
+    let mut waiting = r2.clone();
+    waiting.secrets.clear();
+    for s in &mut waiting.subscriptions {
+        if s.name_any() == "svc-mobile" {
+            s.spec.plan = "gold".into();
+        }
+    }
+    let p = plan(waiting, &Known::default(), &mut g, "t4");
+    assert!(p.new_secrets.is_empty());
+    let st = status_of(&p, "svc-mobile");
+    assert_eq!(st.phase.as_deref(), Some("PendingApproval"));
+    assert_eq!(st.credentials_secret_uid, uid);
+    for u in &p.statuses {
+        assert_ne!(
+            u.status.credentials_secret_uid.as_deref(),
+            Some(UID_BEING_CREATED)
+        );
+    }
+}
+
+/// A create refused (a quota, or the operator's own Secret not seen yet): the status says why
+/// and keeps the record, so the Secret is the subscription's once seen.
+#[test]
+fn a_refused_create_keeps_the_record() {
+    let mut g = Seq(0);
+    let r = resources("");
+    let p1 = plan(r.clone(), &Known::default(), &mut g, "t1");
+    let mut r2 = apply(r, &p1);
+    let uid = svc_status(&r2).credentials_secret_uid.clone();
+    let secret = r2.secrets.remove(0);
+    let p2 = plan(r2.clone(), &Known::default(), &mut g, "t2");
+    assert_eq!(p2.new_secrets.len(), 1);
+    let failed = credentials_failed(&r2, None, "demo", "svc-mobile", "AlreadyExists (409)", "t2")
+        .expect("a status update");
+    assert_eq!(failed.status.credentials_secret_uid, uid);
+    assert_eq!(
+        failed.status.conditions[0].reason,
+        CREDENTIALS_SECRET_FAILED
+    );
+    // Seen on the next pass: Active again, nothing to create.
+    let mut r3 = r2;
+    for s in &mut r3.subscriptions {
+        if s.name_any() == "svc-mobile" {
+            s.status = Some(failed.status.clone());
+        }
+    }
+    r3.secrets.push(secret);
+    let p3 = plan(r3, &Known::default(), &mut g, "t3");
+    assert!(p3.new_secrets.is_empty());
+    assert_eq!(svc_verdict(&p3).phase, Phase::Active);
 }
