@@ -51,8 +51,47 @@ fn plausible_email(e: String) -> Option<String> {
     plausible.then_some(e)
 }
 
+const EMAIL_KEYS: &str = "user:email:";
+
 fn email_key(email: &str) -> String {
-    format!("user:email:{email}")
+    format!("{EMAIL_KEYS}{email}")
+}
+
+/// Records each account made before emails were normalized under its normalized email too,
+/// when no account holds that yet: every spelling of its address then finds it, and no signup
+/// can make a second account that looks the same on every page (whose sign-ins would share the
+/// address's throttle and remembered browsers). Of old accounts whose addresses normalize alike
+/// the oldest gets it; the others keep their own spelling. Run at each start-up, in the
+/// background: it reads the key space once; what it records is idempotent, and replicas
+/// running it together record each address once. Returns (accounts looked at, addresses
+/// recorded).
+pub async fn index_normalized_emails(store: &dyn Store) -> StoreResult<(usize, usize)> {
+    let keys = store.kv_keys(EMAIL_KEYS).await?;
+    // (normalized, created_at, spelling, id), oldest first per address.
+    let mut old = Vec::new();
+    for key in &keys {
+        let Some(email) = key.strip_prefix(EMAIL_KEYS) else {
+            continue;
+        };
+        let Some(normalized) = normalize_email(email).filter(|n| n != email) else {
+            continue;
+        };
+        let Some(id) = kv::get::<String>(store, key).await? else {
+            continue;
+        };
+        let Some(user) = get(store, &id).await? else {
+            continue;
+        };
+        old.push((normalized, user.created_at, email.to_string(), id));
+    }
+    old.sort();
+    let mut recorded = 0;
+    for (normalized, _, _, id) in &old {
+        if kv::put_new(store, &email_key(normalized), id, 0).await? {
+            recorded += 1;
+        }
+    }
+    Ok((keys.len(), recorded))
 }
 
 fn id_key(id: &str) -> String {
@@ -236,6 +275,57 @@ mod tests {
             (updated.id, updated.password_hash),
             (old.id, "h2".to_string())
         );
+    }
+
+    /// The start-up sweep records accounts from before normalization under their normalized
+    /// email: found by every spelling, and a signup in another spelling is refused. Of two old
+    /// accounts that normalize alike, the address stays with the one recorded first; running
+    /// it again records nothing more.
+    #[tokio::test]
+    async fn old_accounts_are_indexed_by_their_normalized_email() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let nfd = create(&s, "je\u{0301}ro\u{0302}me@example.com", "h".into())
+            .await
+            .unwrap()
+            .unwrap();
+        let wide = create(&s, "\u{FF41}nna@example.com", "h".into())
+            .await
+            .unwrap()
+            .unwrap();
+        create(&s, "plain@example.com", "h".into())
+            .await
+            .unwrap()
+            .unwrap();
+        // A younger old account whose address normalizes like the first.
+        let younger = create(&s, "j\u{00E9}ro\u{0302}me@example.com", "h".into())
+            .await
+            .unwrap()
+            .unwrap();
+        let younger = User {
+            created_at: nfd.created_at + 1,
+            ..younger
+        };
+        kv::put(&s, &id_key(&younger.id), &younger, 0)
+            .await
+            .unwrap();
+        s.kv_put("user:emailish", b"not an account", 0)
+            .await
+            .unwrap();
+
+        assert_eq!(index_normalized_emails(&s).await.unwrap(), (4, 2));
+        let jerome = normalize_email("J\u{00C9}R\u{00D4}ME@example.com").unwrap();
+        let found = find(&s, &jerome, None).await.unwrap().unwrap();
+        assert_eq!(found.id, nfd.id);
+        let anna = find(&s, "anna@example.com", None).await.unwrap().unwrap();
+        assert_eq!(anna.id, wide.id);
+        assert!(
+            create(&s, "anna@example.com", "h".into())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(index_normalized_emails(&s).await.unwrap(), (6, 0));
     }
 
     #[tokio::test]

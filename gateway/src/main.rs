@@ -125,6 +125,21 @@ async fn main() -> anyhow::Result<()> {
         source::watch(state.clone(), manifests).context("watching --manifests")?
     };
     server::spawn_janitor(state.clone(), Duration::from_secs(60));
+    let indexed = state.clone();
+    tokio::spawn(async move {
+        match gatehouse_gateway::accounts::index_normalized_emails(&*indexed.store).await {
+            Ok((accounts, recorded)) => {
+                tracing::info!(
+                    accounts,
+                    recorded,
+                    "accounts indexed by their normalized email"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot index accounts by their normalized email; retried at the next start")
+            }
+        }
+    });
     let purged = state.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));

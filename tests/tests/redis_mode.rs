@@ -496,3 +496,43 @@ async fn a_caller_over_its_limit_is_refused_without_asking_redis_again() {
         hammering.elapsed()
     );
 }
+
+/// The start-up sweep that records old accounts under their normalized email reads Redis's key
+/// space with SCAN: every account key is found (past SCAN's page size), nothing outside the
+/// prefix, and a prefix's glob characters match only themselves.
+#[tokio::test(flavor = "multi_thread")]
+async fn old_accounts_are_indexed_by_their_normalized_email_in_redis() {
+    use gatehouse_gateway::accounts;
+    use gatehouse_gateway::store::Store;
+    use gatehouse_gateway::store::redis::{RedisOptions, RedisStore};
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let store = RedisStore::connect(&RedisOptions::new(&redis.url())).unwrap();
+    let old = accounts::create(&*store, "je\u{0301}ro\u{0302}me@example.com", "h".into())
+        .await
+        .unwrap()
+        .unwrap();
+    for i in 0..2500 {
+        accounts::create(&*store, &format!("user{i}@example.com"), "h".into())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    store.kv_put("user:emailish", b"x", 0).await.unwrap();
+    store.kv_put("a*b:1", b"x", 0).await.unwrap();
+    store.kv_put("aXb:1", b"x", 0).await.unwrap();
+    assert_eq!(store.kv_keys("a*b:").await.unwrap(), ["a*b:1"]);
+
+    assert_eq!(
+        accounts::index_normalized_emails(&*store).await.unwrap(),
+        (2501, 1)
+    );
+    let found = accounts::find(&*store, "j\u{00E9}r\u{00F4}me@example.com", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, old.id);
+    assert_eq!(
+        accounts::index_normalized_emails(&*store).await.unwrap(),
+        (2502, 0)
+    );
+}

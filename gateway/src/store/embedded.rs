@@ -507,6 +507,16 @@ impl Store for EmbeddedStore {
         Ok(written.is_some())
     }
 
+    async fn kv_keys(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        let now = unix_now();
+        Ok(self
+            .kv
+            .iter()
+            .filter(|e| e.key().starts_with(prefix) && e.value().live(now))
+            .map(|e| e.key().clone())
+            .collect())
+    }
+
     async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let now = unix_now();
         Ok(self

@@ -444,6 +444,46 @@ impl Store for RedisStore {
         self.read(&kv_key(key)).await
     }
 
+    async fn kv_keys(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        // SCAN in steps, so a large key space never blocks the server; MATCH takes a glob, so
+        // the prefix's glob characters are escaped.
+        let mut pattern = String::new();
+        for ch in kv_key(prefix).chars() {
+            if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(ch);
+        }
+        pattern.push('*');
+        let strip = kv_key("");
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut c = self.conns.get();
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.fail(e))?;
+            keys.extend(
+                batch
+                    .into_iter()
+                    .filter_map(|k| k.strip_prefix(&strip).map(str::to_string)),
+            );
+            if next == 0 {
+                // SCAN may return a key more than once.
+                keys.sort_unstable();
+                keys.dedup();
+                return Ok(keys);
+            }
+            cursor = next;
+        }
+    }
+
     async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let mut c = self.conns.get();
         redis::cmd("GETDEL")
