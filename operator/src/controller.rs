@@ -370,19 +370,36 @@ impl Controller {
                 continue;
             }
             let api: Api<Secret> = Api::namespaced(self.client.clone(), &key.0);
-            match api.get_opt(&key.1).await {
-                Ok(Some(secret))
-                    if secret.type_.as_deref().unwrap_or("Opaque") == "Opaque"
-                        && gatehouse_crds::compile::may_hold_client_secret(&secret.metadata) =>
+            // Its metadata first, like the watch: the data only of a Secret compile could use.
+            let read = match api.get_metadata_opt(&key.1).await {
+                Ok(Some(meta))
+                    if gatehouse_crds::compile::may_hold_client_secret(&meta.metadata) =>
                 {
+                    api.get_opt(&key.1).await
+                }
+                Ok(_) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match read {
+                Ok(Some(secret)) if secret.type_.as_deref().unwrap_or("Opaque") == "Opaque" => {
                     seen.insert(key.clone());
                     cache.insert(key, secret.clone());
                     out.push(secret);
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    return Err(anyhow::anyhow!("reading Secret {}/{}: {e}", key.0, key.1));
-                }
+                Err(e) => match cache.get(&key) {
+                    Some(older) => {
+                        tracing::warn!(secret = %format!("{}/{}", key.0, key.1), error = %e, "cannot read a client Secret the watch has not shown; using the version read before");
+                        self.kick_later(10);
+                        seen.insert(key.clone());
+                        out.push(older.clone());
+                    }
+                    // Left out, the subscription's working client would be dropped from the
+                    // gateways: the pass fails instead and is retried.
+                    None => {
+                        return Err(anyhow::anyhow!("reading Secret {}/{}: {e}", key.0, key.1));
+                    }
+                },
             }
         }
         // Secrets no longer named, or gone, leave memory too.
@@ -417,6 +434,22 @@ impl Controller {
                         .unwrap_or_else(|e| e.into_inner())
                         .insert((s.namespace.clone(), s.name.clone()), uid.clone());
                     reconcile::record_created(&mut plan.statuses, s, &uid);
+                    // Recorded at once, not only with the statuses after publishing: a pass
+                    // that ends in between (a crash, a restart) leaves nothing unrecorded.
+                    match self.record_uid(s, &uid).await {
+                        Ok(rv) => {
+                            for u in plan.statuses.iter_mut().filter(|u| {
+                                u.kind == Kind::Subscription
+                                    && u.namespace == s.namespace
+                                    && u.name == s.subscription
+                            }) {
+                                u.resource_version = rv.clone();
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(subscription = %format!("{}/{}", s.namespace, s.subscription), error = %e, "cannot record the created Secret's uid yet; recorded with the status");
+                        }
+                    }
                 }
                 Err(e) => {
                     let sub = format!("{}/{}", s.namespace, s.subscription);
@@ -492,6 +525,7 @@ impl Controller {
                     // Changed since this pass read it: the watch event of that change runs
                     // another pass, which decides from the newer version.
                     tracing::debug!(kind = %u.kind, resource = %format!("{}/{}", u.namespace, u.name), "status not written: the resource changed since this pass read it");
+                    metrics::counter!("gatehouse_operator_status_conflicts_total", "kind" => u.kind.as_str()).increment(1);
                     self.kick_later(2);
                     continue;
                 }
@@ -544,6 +578,23 @@ impl Controller {
             )),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Records a credentials Secret just created in its subscription's status; the
+    /// subscription's new resourceVersion.
+    async fn record_uid(&self, s: &NewSecret, uid: &str) -> anyhow::Result<Option<String>> {
+        let patch = serde_json::json!({ "status": {
+            "credentialsSecret": s.name,
+            "credentialsSecretUid": uid,
+        }});
+        let written = Api::<Subscription>::namespaced(self.client.clone(), &s.namespace)
+            .patch_status(
+                &s.subscription,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        Ok(written.metadata.resource_version)
     }
 
     async fn update_client_id(&self, u: &reconcile::ClientIdUpdate) -> anyhow::Result<()> {

@@ -120,15 +120,10 @@ pub fn generated_client_id(namespace: &str, name: &str, uid: &str) -> String {
     format!("{name}-{}", hex::encode(&digest[..4]))
 }
 
-/// The `clientId` a generated credentials Secret of this subscription holds: one it controls,
-/// judged as compile judges whether it may use the Secret's client secret.
-fn secret_client_id(secret: &Secret, uid: &str) -> Option<String> {
-    let owned = !uid.is_empty()
-        && gatehouse_crds::compile::controlling_subscription(&secret.metadata) == Some(uid);
+/// The `clientId` the operator's credentials Secret holds.
+fn secret_client_id(secret: &Secret) -> Option<String> {
     let value = secret.data.as_ref()?.get(CLIENT_ID_KEY)?;
-    owned
-        .then(|| String::from_utf8(value.0.clone()).ok())
-        .flatten()
+    String::from_utf8(value.0.clone()).ok()
 }
 
 fn ns(obj: &impl ResourceExt) -> String {
@@ -160,14 +155,30 @@ pub fn plan(mut res: Resources, known: &Known, generator: &mut dyn Generator, no
         let existing = secrets_snapshot
             .iter()
             .find(|s| ns(*s) == namespace && s.name_any() == secret_name);
+        // Confidential without clientSecretRef: the operator generates its Secret (a name too
+        // long for Kubernetes is compile's to report).
+        let generates = sub.spec.client_secret_ref.is_none()
+            && is_confidential(&applications, sub)
+            && secret_name.len() <= gatehouse_crds::compile::MAX_OBJECT_NAME;
         let status = sub.status.get_or_insert_with(ResourceStatus::default);
-        // A generated id lives in status. Without one (a status lost in a backup and restore,
-        // or not seen yet) it is the one this subscription's credentials Secret holds, else
-        // derived again.
+        if generates
+            && let Some(secret) = existing
+            && let Some(adopted) = adopted_uid(secret, &uid, &name, status, known)
+        {
+            status.credentials_secret_uid = Some(adopted);
+        }
+        // The Secret under the generated name when it is the one the status records: only it
+        // lends its clientId or gets the current one written into it, never a planted one.
+        let own = existing.filter(|s| {
+            s.metadata.uid.as_deref().is_some_and(|u| !u.is_empty())
+                && s.metadata.uid == status.credentials_secret_uid
+        });
+        // A generated id lives in status. Without one (a status lost, or not seen yet) it is
+        // the one the operator's credentials Secret holds (an older operator's random id),
+        // else derived again.
         if sub.spec.client_id.is_none() && status.client_id.is_none() {
             status.client_id = Some(
-                existing
-                    .and_then(|s| secret_client_id(s, &uid))
+                own.and_then(secret_client_id)
                     .unwrap_or_else(|| generated_client_id(&namespace, &name, &uid)),
             );
         }
@@ -177,15 +188,14 @@ pub fn plan(mut res: Resources, known: &Known, generator: &mut dyn Generator, no
             .clone()
             .or_else(|| status.client_id.clone())
             .unwrap_or_default();
-        if sub.spec.client_secret_ref.is_some() || !is_confidential(&applications, sub) {
+        if !generates {
             continue;
         }
-        if secret_name.len() > gatehouse_crds::compile::MAX_OBJECT_NAME {
-            continue; // compile reports it; the API server would refuse the Secret
-        }
-        let status = sub.status.get_or_insert_with(ResourceStatus::default);
-        if let Some(secret) = existing {
-            if secret_client_id(secret, &uid).is_some_and(|held| held != client_id) {
+        if existing.is_some() {
+            if own
+                .and_then(secret_client_id)
+                .is_some_and(|held| held != client_id)
+            {
                 id_updates.push((
                     name.clone(),
                     ClientIdUpdate {
@@ -195,15 +205,12 @@ pub fn plan(mut res: Resources, known: &Known, generator: &mut dyn Generator, no
                     },
                 ));
             }
-            if let Some(adopted) = adopted_uid(secret, &uid, &name, status, known) {
-                status.credentials_secret_uid = Some(adopted);
-            }
         } else {
             tentative.push(NewSecret {
                 namespace: namespace.clone(),
                 name: secret_name.clone(),
                 subscription: name.clone(),
-                subscription_uid: sub.metadata.uid.clone().unwrap_or_default(),
+                subscription_uid: uid.clone(),
                 client_id,
                 client_secret: generator.secret(),
             });
@@ -248,10 +255,10 @@ pub fn plan(mut res: Resources, known: &Known, generator: &mut dyn Generator, no
 /// The uid to record for `secret`, the Secret of a subscription's generated name that exists,
 /// when the status does not record it and it is the operator's own:
 /// - one this process created (the status that records it not read back yet), or
-/// - with no uid recorded (a status written by an operator from before uids were recorded,
-///   written by a pass that ended before its status write, or lost), one holding the very
-///   client secret the gateways accept for this subscription in the configuration the operator
-///   published: adopting it grants nothing its writer did not hold already.
+/// - where an operator from before uids were recorded left a status naming the Secret without
+///   a uid, the one holding the very client secret the gateways accept for this subscription
+///   in the configuration the operator published: adopting it grants nothing its writer did
+///   not hold already.
 ///
 /// Else None: a Secret someone else created under that name is never adopted, whatever
 /// ownerReference it carries (compile refuses it and the status says to delete it). With a uid
@@ -284,7 +291,12 @@ fn adopted_uid(
         .as_ref()
         .and_then(|d| d.get(SECRET_KEY))
         .map(|v| v.0.as_slice());
+    // Only where an operator from before uids were recorded left its Secret: such a status
+    // names it with no uid, which this operator never writes. Not for a subscription that used
+    // a clientSecretRef (its published secret is that Secret's), nor for one created again
+    // under the same name (its status is new).
     let served = status.credentials_secret_uid.is_none()
+        && status.credentials_secret.as_deref() == Some(secret.name_any().as_str())
         && value.is_some_and(|v| {
             known
                 .served_secrets
@@ -404,7 +416,6 @@ fn status_updates(
                 prepared_status.as_ref(),
                 old.generation,
                 new_secrets,
-                original,
                 now,
             );
             (old.status.as_ref() != Some(&desired)).then(|| StatusUpdate {
@@ -432,7 +443,6 @@ fn desired_status(
     prepared: Option<&ResourceStatus>,
     generation: Option<i64>,
     new_secrets: &[NewSecret],
-    existing: &Resources,
     now: &str,
 ) -> ResourceStatus {
     let mut cond: Condition = v.ready_condition(generation);
@@ -453,19 +463,6 @@ fn desired_status(
             .client_id
             .clone()
             .or_else(|| prepared.and_then(|p| p.client_id.clone()));
-        // Name the Secret only when it exists or is being created now.
-        status.credentials_secret =
-            prepared
-                .and_then(|p| p.credentials_secret.clone())
-                .filter(|name| {
-                    new_secrets
-                        .iter()
-                        .any(|s| &s.name == name && s.namespace == v.namespace)
-                        || existing
-                            .secrets
-                            .iter()
-                            .any(|s| &s.name_any() == name && ns(s) == v.namespace)
-                });
         // The uid: adopted, being created, or the one recorded, which stays while its Secret is
         // away or unused (a clientSecretRef for a while): a Secret created under the name
         // meanwhile is not taken for it, and the operator's own is still its own afterwards.
@@ -479,6 +476,13 @@ fn desired_status(
                 }
                 uid => uid,
             };
+        // The Secret is named only with its uid: this operator never writes a name without
+        // one, so a status that does was left by an operator from before uids were recorded.
+        if status.credentials_secret_uid.is_some() {
+            status.credentials_secret = prepared
+                .and_then(|p| p.credentials_secret.clone())
+                .or_else(|| old.and_then(|s| s.credentials_secret.clone()));
+        }
     }
     status
 }

@@ -18,7 +18,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use gatehouse_tests::flow;
 use gatehouse_tests::kube::{KubeApiServer, KubeOptions};
-use gatehouse_tests::procs::{Gateway, free_port, workspace_bin};
+use gatehouse_tests::procs::{Gateway, free_port, http_body, workspace_bin};
 use gatehouse_tests::redis::RedisServer;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -739,6 +739,16 @@ fn kube_operator_end_to_end() {
         "the Subscription's status was rewritten without a change\n{}",
         env.logs()
     );
+    // A created Secret's uid is recorded at once and the pass's status write still applies: no
+    // status write was refused as decided on an older version.
+    for op in &env.operators {
+        let metrics = http_body(op.admin, "/metrics").unwrap_or_default();
+        let conflicts: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("gatehouse_operator_status_conflicts_total"))
+            .collect();
+        assert!(conflicts.is_empty(), "{conflicts:?}\n{}", env.logs());
+    }
 
     // --- 3. gateway: PKCE flow and client_credentials ---------------------------------------
     eprintln!("3. gateway");

@@ -352,8 +352,11 @@ fn generated_client_ids_are_derived_from_namespace_name_and_uid() {
 }
 
 /// A pass that does not see the status the previous one wrote (the watch lags, or another
-/// replica led) arrives at the same id; a status lost altogether (a restore) takes the id from
-/// the subscription's credentials Secret, which clients already hold.
+/// replica led) arrives at the same id. An id an older operator generated at random is kept
+/// in the operator's credentials Secret too: taken back from it while the status records that
+/// Secret, never from a Secret nothing records (its clientId is its writer's choice; a
+/// Subscription created again under the same name would get an id its predecessor's tokens
+/// still name).
 #[test]
 fn a_lost_status_does_not_change_the_client_id() {
     let mut g = Seq(0);
@@ -362,7 +365,8 @@ fn a_lost_status_does_not_change_the_client_id() {
     let svc_id = status_of(&p1, "svc-mobile").client_id.clone().unwrap();
     let app_id = status_of(&p1, "app-mobile").client_id.clone().unwrap();
     // The Secret exists, the statuses were not seen.
-    let mut r2 = apply(r.clone(), &p1);
+    let applied = apply(r.clone(), &p1);
+    let mut r2 = applied.clone();
     for s in &mut r2.subscriptions {
         s.status = None;
     }
@@ -376,29 +380,35 @@ fn a_lost_status_does_not_change_the_client_id() {
         Some(app_id.as_str())
     );
     assert!(p2.new_secrets.is_empty() && p2.client_id_updates.is_empty());
-    // An id generated randomly by an older operator survives in the Secret.
-    let mut r3 = r2.clone();
+    // An older operator's random id in the recorded Secret, the status without a client id.
+    let mut r3 = applied;
     r3.secrets[0].data.as_mut().unwrap().insert(
         CLIENT_ID_KEY.to_string(),
         k8s_openapi::ByteString(b"svc-mobile-0ld1d000".to_vec()),
     );
+    for s in &mut r3.subscriptions {
+        if let Some(st) = s.status.as_mut() {
+            st.client_id = None;
+        }
+    }
     let p3 = plan(r3.clone(), &Known::default(), &mut g, "t3");
     assert_eq!(
         status_of(&p3, "svc-mobile").client_id.as_deref(),
         Some("svc-mobile-0ld1d000")
     );
     assert!(p3.client_id_updates.is_empty());
-    // Only a Secret the subscription controls lends its id (as compile only uses such a one's
-    // secret): with a plain ownerReference the id is derived again.
+    // The same Secret when nothing records it: the id is derived again, and nothing is written
+    // into that Secret.
     let mut r4 = r3;
-    for o in r4.secrets[0].metadata.owner_references.iter_mut().flatten() {
-        o.controller = None;
+    for s in &mut r4.subscriptions {
+        s.status = None;
     }
     let p4 = plan(r4, &Known::default(), &mut g, "t4");
     assert_eq!(
         status_of(&p4, "svc-mobile").client_id.as_deref(),
         Some(svc_id.as_str())
     );
+    assert!(p4.client_id_updates.is_empty());
 }
 
 /// spec.clientId set after the Secret was made: the Secret's clientId follows (its secret
@@ -751,6 +761,52 @@ fn without_a_record_the_secret_the_gateways_accept_is_recognised() {
     }
     let p = plan(replanted, &published, &mut g, "t5");
     assert!(svc_client(&p).is_none());
+}
+
+/// The published secret only vouches for a Secret an operator from before uids left named in
+/// the status. Not for a planted Secret holding it where the status names none: a subscription
+/// that used a clientSecretRef until now (its published secret is that Secret's, perhaps
+/// leaked), or one deleted and created again under the same name (a new status).
+#[test]
+fn the_published_secret_vouches_only_for_a_secret_the_status_names() {
+    let mut g = Seq(0);
+    let served_value = "0123456789abcdef0123456789abcdef";
+    let mut r = resources("");
+    let mut planted = forged_secret();
+    planted.data = Some(
+        [(
+            SECRET_KEY.to_string(),
+            k8s_openapi::ByteString(served_value.as_bytes().to_vec()),
+        )]
+        .into(),
+    );
+    r.secrets.push(planted);
+    let mut published = Known::default();
+    published.served_secrets.insert(
+        "demo/svc-mobile".into(),
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            served_value.as_bytes(),
+        )),
+    );
+    for status in [
+        // clientSecretRef until now: Active, no Secret named.
+        Some(ResourceStatus {
+            phase: Some("Active".into()),
+            ..Default::default()
+        }),
+        // Created again: no status yet.
+        None,
+    ] {
+        for s in &mut r.subscriptions {
+            if s.name_any() == "svc-mobile" {
+                s.status = status.clone();
+            }
+        }
+        let p = plan(r.clone(), &published, &mut g, "t");
+        assert!(svc_client(&p).is_none(), "{status:?}");
+        assert_eq!(svc_verdict(&p).phase, Phase::Invalid);
+        assert!(p.client_id_updates.is_empty());
+    }
 }
 
 /// The recorded uid is never lost: not while its Secret is missing and its subscription waits
