@@ -66,7 +66,8 @@ fn email_key(email: &str) -> String {
 /// running it together record each address once. Returns (accounts looked at, addresses
 /// recorded).
 pub async fn index_normalized_emails(store: &dyn Store) -> StoreResult<(usize, usize)> {
-    let keys = store.kv_keys(EMAIL_KEYS).await?;
+    // Only a non-ASCII address can differ from its normalized form (the keys are lowercase).
+    let keys = store.kv_keys(EMAIL_KEYS, |key| !key.is_ascii()).await?;
     // (normalized, created_at, spelling, id), oldest first per address.
     let mut old = Vec::new();
     for key in &keys {
@@ -89,6 +90,12 @@ pub async fn index_normalized_emails(store: &dyn Store) -> StoreResult<(usize, u
     for (normalized, _, _, id) in &old {
         if kv::put_new(store, &email_key(normalized), id, 0).await? {
             recorded += 1;
+        } else if let Some(holder) = kv::get::<String>(store, &email_key(normalized)).await?
+            && &holder != id
+        {
+            // Two accounts that look alike, made before the sweep could prevent it: say so
+            // (by id; the address stays out of logs) for an administrator to resolve.
+            tracing::warn!(account = %id, address_held_by = %holder, "an account from before email normalization shares its normalized address with another account; it signs in only with its own spelling");
         }
     }
     Ok((keys.len(), recorded))
@@ -313,7 +320,8 @@ mod tests {
             .await
             .unwrap();
 
-        assert_eq!(index_normalized_emails(&s).await.unwrap(), (4, 2));
+        // ASCII addresses are not even read.
+        assert_eq!(index_normalized_emails(&s).await.unwrap(), (3, 2));
         let jerome = normalize_email("J\u{00C9}R\u{00D4}ME@example.com").unwrap();
         let found = find(&s, &jerome, None).await.unwrap().unwrap();
         assert_eq!(found.id, nfd.id);
@@ -325,7 +333,7 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        assert_eq!(index_normalized_emails(&s).await.unwrap(), (6, 0));
+        assert_eq!(index_normalized_emails(&s).await.unwrap(), (4, 0));
     }
 
     #[tokio::test]

@@ -125,18 +125,31 @@ async fn main() -> anyhow::Result<()> {
         source::watch(state.clone(), manifests).context("watching --manifests")?
     };
     server::spawn_janitor(state.clone(), Duration::from_secs(60));
+    // Signups wait for the sweep (a store that is down at start is retried until it answers).
+    state
+        .accounts_indexed
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     let indexed = state.clone();
     tokio::spawn(async move {
-        match gatehouse_gateway::accounts::index_normalized_emails(&*indexed.store).await {
-            Ok((accounts, recorded)) => {
-                tracing::info!(
-                    accounts,
-                    recorded,
-                    "accounts indexed by their normalized email"
-                )
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot index accounts by their normalized email; retried at the next start")
+        let mut pause = Duration::from_secs(1);
+        loop {
+            match gatehouse_gateway::accounts::index_normalized_emails(&*indexed.store).await {
+                Ok((accounts, recorded)) => {
+                    tracing::info!(
+                        accounts,
+                        recorded,
+                        "accounts indexed by their normalized email"
+                    );
+                    indexed
+                        .accounts_indexed
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?pause, "cannot index accounts by their normalized email yet; signups wait");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(60));
+                }
             }
         }
     });

@@ -42,6 +42,10 @@ pub struct AppState {
     pub websocket_slots: Arc<tokio::sync::Semaphore>,
     /// Tunnels per caller (`--max-websockets-per-caller`).
     pub websocket_callers: Arc<crate::tunnel::PerCaller>,
+    /// False until the start-up sweep has recorded accounts from before email normalization
+    /// under their normalized email (`accounts::index_normalized_emails`): signups wait for it,
+    /// so none can take such an account's address in another spelling meanwhile.
+    pub accounts_indexed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -65,6 +69,7 @@ impl AppState {
             websocket_callers: Arc::new(crate::tunnel::PerCaller::new(
                 crate::tunnel::MAX_PER_CALLER,
             )),
+            accounts_indexed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 

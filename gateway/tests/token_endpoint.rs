@@ -243,8 +243,12 @@ mod flaky {
         async fn kv_delete(&self, key: &str) -> StoreResult<()> {
             self.inner.kv_delete(key).await
         }
-        async fn kv_keys(&self, prefix: &str) -> StoreResult<Vec<String>> {
-            self.inner.kv_keys(prefix).await
+        async fn kv_keys(
+            &self,
+            prefix: &str,
+            keep: for<'k> fn(&'k str) -> bool,
+        ) -> StoreResult<Vec<String>> {
+            self.inner.kv_keys(prefix, keep).await
         }
         async fn counter_incr(&self, key: &str, window_secs: u64) -> StoreResult<u64> {
             self.inner.counter_incr(key, window_secs).await

@@ -496,6 +496,20 @@ pub async fn signup_post(
         Ok(p) => p,
         Err(r) => return r,
     };
+    if !state
+        .accounts_indexed
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        authorize::flash(
+            &state,
+            &sid,
+            &mut sess,
+            "Signing up is not available for a moment while the service starts. Try again in a few seconds.",
+            Some(&email),
+        )
+        .await;
+        return see_other(&back);
+    }
     let signups = state
         .store
         .counter_incr(
@@ -758,4 +772,72 @@ pub async fn logout_post(
         session::clear_cookie(state.secure_cookies()),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Until the start-up sweep has recorded accounts from before email normalization under
+    /// their normalized address, a signup is answered "in a moment" and makes no account;
+    /// afterwards the same form makes it.
+    #[tokio::test]
+    async fn signups_wait_for_the_start_up_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(AppState::for_tests(dir.path()));
+        state
+            .accounts_indexed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let (sid, _) = session::create(&*state.store, None).await.unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            format!("{}={sid}", session::COOKIE).parse().unwrap(),
+        );
+        let signup = |csrf: String| {
+            let state = state.clone();
+            let headers = headers.clone();
+            async move {
+                let body = format!(
+                    "csrf={csrf}&req=r1&email=new%40example.com&password=violet+harbour+lantern+quietly+1987"
+                );
+                signup_post(
+                    State(state),
+                    PeerIp("192.0.2.7".into()),
+                    headers,
+                    PageBody(body.into()),
+                )
+                .await
+            }
+        };
+        let csrf = session::load(&*state.store, &headers, false)
+            .await
+            .unwrap()
+            .unwrap()
+            .1
+            .csrf;
+        let r = signup(csrf).await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        assert_eq!(r.headers()[header::LOCATION], "/signup?req=r1");
+        let (_, sess) = session::load(&*state.store, &headers, false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            sess.flash
+                .as_deref()
+                .is_some_and(|f| f.starts_with("Signing up is not available for a moment")),
+            "{:?}",
+            sess.flash
+        );
+        let made = accounts::find_by_email(&*state.store, "new@example.com");
+        assert_eq!(made.await.unwrap(), None);
+
+        state
+            .accounts_indexed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        signup(sess.csrf).await;
+        let made = accounts::find_by_email(&*state.store, "new@example.com");
+        assert!(made.await.unwrap().is_some());
+    }
 }

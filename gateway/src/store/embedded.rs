@@ -507,12 +507,16 @@ impl Store for EmbeddedStore {
         Ok(written.is_some())
     }
 
-    async fn kv_keys(&self, prefix: &str) -> StoreResult<Vec<String>> {
+    async fn kv_keys(
+        &self,
+        prefix: &str,
+        keep: for<'k> fn(&'k str) -> bool,
+    ) -> StoreResult<Vec<String>> {
         let now = unix_now();
         Ok(self
             .kv
             .iter()
-            .filter(|e| e.key().starts_with(prefix) && e.value().live(now))
+            .filter(|e| e.key().starts_with(prefix) && keep(e.key()) && e.value().live(now))
             .map(|e| e.key().clone())
             .collect())
     }

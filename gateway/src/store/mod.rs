@@ -95,9 +95,14 @@ pub trait Store: Send + Sync {
     /// Reads and deletes in one atomic step: of two concurrent takers only one gets the value.
     async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
     async fn kv_delete(&self, key: &str) -> StoreResult<()>;
-    /// Every live key that starts with `prefix`: for a sweep at start-up, never on a request's
-    /// path (it reads the whole key space).
-    async fn kv_keys(&self, prefix: &str) -> StoreResult<Vec<String>>;
+    /// Every live key that starts with `prefix` and that `keep` accepts (asked as they are read,
+    /// so a large key space is never held at once): for a sweep at start-up, never on a
+    /// request's path (it reads the whole key space).
+    async fn kv_keys(
+        &self,
+        prefix: &str,
+        keep: for<'k> fn(&'k str) -> bool,
+    ) -> StoreResult<Vec<String>>;
     /// Adds one to a counter that expires `window_secs` after its first increment; returns the
     /// new count (fixed-window throttling).
     async fn counter_incr(&self, key: &str, window_secs: u64) -> StoreResult<u64>;

@@ -444,7 +444,11 @@ impl Store for RedisStore {
         self.read(&kv_key(key)).await
     }
 
-    async fn kv_keys(&self, prefix: &str) -> StoreResult<Vec<String>> {
+    async fn kv_keys(
+        &self,
+        prefix: &str,
+        keep: for<'k> fn(&'k str) -> bool,
+    ) -> StoreResult<Vec<String>> {
         // SCAN in steps, so a large key space never blocks the server; MATCH takes a glob, so
         // the prefix's glob characters are escaped.
         let mut pattern = String::new();
@@ -472,7 +476,8 @@ impl Store for RedisStore {
             keys.extend(
                 batch
                     .into_iter()
-                    .filter_map(|k| k.strip_prefix(&strip).map(str::to_string)),
+                    .filter_map(|k| k.strip_prefix(&strip).map(str::to_string))
+                    .filter(|k| keep(k)),
             );
             if next == 0 {
                 // SCAN may return a key more than once.
