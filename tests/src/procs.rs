@@ -268,25 +268,30 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Minimal blocking GET returning the status code, for readiness polling without a runtime.
+/// Minimal blocking GET returning the status code, for readiness polling without a runtime:
+/// only the first bytes of the answer are read.
 pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    use std::io::Read;
+    let mut s = send_get(addr, path)?;
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf).ok()?;
     let head = std::str::from_utf8(&buf[..n]).ok()?;
     head.split(' ').nth(1)?.parse().ok()
 }
 
-/// Minimal blocking GET returning the body (`Connection: close`, read to the end).
+/// Minimal blocking GET returning the body (read until the server closes).
 pub fn http_body(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
+    use std::io::Read;
+    let mut response = String::new();
+    send_get(addr, path)?.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+/// A connection that has sent `GET path` with `Connection: close`.
+fn send_get(addr: SocketAddr, path: &str) -> Option<std::net::TcpStream> {
+    use std::io::Write;
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
@@ -294,9 +299,5 @@ pub fn http_body(addr: SocketAddr, path: &str) -> Option<String> {
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
+    Some(s)
 }

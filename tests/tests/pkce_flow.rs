@@ -437,6 +437,27 @@ async fn sign_up(b: &mut Browser<'_>, login: &Page, email: &str, password: &str)
     b.follow(&done).await
 }
 
+/// A new browser opens `app`'s sign-in page, goes to "Create an account" and submits it for
+/// `email` and `password`; returns the browser and the 303 (not followed).
+async fn submit_signup<'e>(
+    env: &'e Env,
+    app: &App,
+    email: &str,
+    password: &str,
+) -> (Browser<'e>, Page) {
+    let mut b = Browser::new(env);
+    let login = open_login(&mut b, &app.authorize(&[PROFILE])).await;
+    let signup = b.get(&format!("/signup?req={}", login.hidden("req"))).await;
+    let r = b
+        .submit(
+            &signup,
+            "/signup",
+            &[("email", email), ("password", password)],
+        )
+        .await;
+    (b, r)
+}
+
 /// Submits the sign-in form; returns the 303 (not followed).
 async fn log_in(b: &mut Browser<'_>, login: &Page, email: &str, password: &str) -> Page {
     let r = b
@@ -2268,18 +2289,7 @@ async fn signup_refuses_weak_passwords_and_taken_emails() {
     assert!(r.location().starts_with("/consent?req="));
 
     // The email is taken (in any case): no second account with another password.
-    let mut b2 = Browser::new(&env);
-    let login = open_login(&mut b2, &phone.authorize(&[PROFILE])).await;
-    let signup = b2
-        .get(&format!("/signup?req={}", login.hidden("req")))
-        .await;
-    let r = b2
-        .submit(
-            &signup,
-            "/signup",
-            &[("email", "PAT@example.com"), ("password", PASSWORD)],
-        )
-        .await;
+    let (mut b2, r) = submit_signup(&env, &phone, "PAT@example.com", PASSWORD).await;
     assert!(r.location().starts_with("/signup?req="));
     assert!(b2.follow(&r).await.alert().is_some());
 }
@@ -2469,21 +2479,13 @@ async fn one_account_however_a_keyboard_spells_email_and_password() {
     );
 
     // The precomposed spelling of the address is taken.
-    let mut other = Browser::new(&env);
-    let login = open_login(&mut other, &phone.authorize(&[PROFILE])).await;
-    let signup = other
-        .get(&format!("/signup?req={}", login.hidden("req")))
-        .await;
-    let r = other
-        .submit(
-            &signup,
-            "/signup",
-            &[
-                ("email", "j\u{00E9}r\u{00F4}me@example.com"),
-                ("password", "an entirely different passphrase 7781"),
-            ],
-        )
-        .await;
+    let (mut other, r) = submit_signup(
+        &env,
+        &phone,
+        "j\u{00E9}r\u{00F4}me@example.com",
+        "an entirely different passphrase 7781",
+    )
+    .await;
     assert!(r.location().starts_with("/signup?req="), "{}", r.location());
     let page = other.follow(&r).await;
     assert!(
@@ -2526,19 +2528,13 @@ async fn an_account_from_before_normalization_is_brought_up_to_date() {
     let phone = app(&env, PHONE_APP, "myapp://callback");
 
     // Another spelling of the address is taken.
-    let mut b = Browser::new(&env);
-    let login = open_login(&mut b, &phone.authorize(&[PROFILE])).await;
-    let signup = b.get(&format!("/signup?req={}", login.hidden("req"))).await;
-    let r = b
-        .submit(
-            &signup,
-            "/signup",
-            &[
-                ("email", "J\u{00C9}R\u{00D4}ME@example.com"),
-                ("password", "an entirely different passphrase 7781"),
-            ],
-        )
-        .await;
+    let (_, r) = submit_signup(
+        &env,
+        &phone,
+        "J\u{00C9}R\u{00D4}ME@example.com",
+        "an entirely different passphrase 7781",
+    )
+    .await;
     assert!(r.location().starts_with("/signup?req="), "{}", r.location());
 
     // The old hash matches only the password exactly as it was typed.

@@ -1527,21 +1527,24 @@ fn a_secret_with_the_generated_name_is_not_adopted() {
         // A short value: a leak would say how short.
         r.secrets[0].string_data = Some([("clientSecret".to_string(), "short".to_string())].into());
         r.secrets[0].data = None;
-        let c = compile(&r);
-        assert_invalid(
-            &c,
-            Kind::Subscription,
-            "demo-service-mobile",
-            reasons::MISSING_CLIENT_SECRET,
-            "is not this subscription's generated credentials",
-        );
-        let message = &get(&c, Kind::Subscription, "demo-service-mobile").message;
-        assert!(!message.contains("bytes long"), "{owner:?}: {message}");
-        assert!(
-            client(&c, "demo-service-mobile").is_none(),
-            "{owner:?} {labelled}"
-        );
+        assert_not_adopted(&r, &format!("{owner:?} {labelled}"));
     }
+}
+
+/// demo-service-mobile is refused as not having its generated credentials, its status says
+/// nothing of the Secret's value, and it has no client.
+fn assert_not_adopted(r: &Resources, case: &str) {
+    let c = compile(r);
+    assert_invalid(
+        &c,
+        Kind::Subscription,
+        "demo-service-mobile",
+        reasons::MISSING_CLIENT_SECRET,
+        "is not this subscription's generated credentials",
+    );
+    let message = &get(&c, Kind::Subscription, "demo-service-mobile").message;
+    assert!(!message.contains("bytes long"), "{case}: {message}");
+    assert!(client(&c, "demo-service-mobile").is_none(), "{case}");
 }
 
 /// A Secret controlled by the subscription but not the one the operator recorded creating: a
@@ -1557,15 +1560,7 @@ fn a_forged_owner_reference_is_not_enough() {
         r.secrets[0].metadata.uid = Some("uid-of-the-forged-secret".into());
         let status = sub(&mut r, "demo-service-mobile").status.as_mut().unwrap();
         status.credentials_secret_uid = recorded.map(str::to_string);
-        let c = compile(&r);
-        assert_invalid(
-            &c,
-            Kind::Subscription,
-            "demo-service-mobile",
-            reasons::MISSING_CLIENT_SECRET,
-            "is not this subscription's generated credentials",
-        );
-        assert!(client(&c, "demo-service-mobile").is_none(), "{recorded:?}");
+        assert_not_adopted(&r, &format!("{recorded:?}"));
     }
     // A Secret without a uid (never from the API server) matches no record either.
     let mut r = generated_secret_fixture(owner, false);
