@@ -14,7 +14,9 @@ use gatehouse_crds::publish::{self, CONFIG_KEY, HASH_ANNOTATION};
 use gatehouse_crds::{Api as GhApi, Application, Kind, Plan as GhPlan, Resources, Subscription};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube_client::api::{Api, PartialObjectMeta, Patch, PatchParams, PostParams};
+use kube_client::api::{
+    Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, PostParams, Preconditions,
+};
 use kube_client::runtime::reflector::{self, Store};
 use kube_client::runtime::watcher;
 use kube_client::{Client, Resource, ResourceExt};
@@ -183,6 +185,12 @@ impl Generator for OsRandom {
     }
 }
 
+/// A status write of this process (`Controller::written`).
+struct Written {
+    status: gatehouse_crds::ResourceStatus,
+    superseded: Vec<String>,
+}
+
 pub struct Controller {
     client: Client,
     opts: Options,
@@ -197,6 +205,11 @@ pub struct Controller {
     /// Credentials Secrets this process created whose uids the statuses read back do not show
     /// yet.
     created: std::sync::Mutex<reconcile::Created>,
+    /// Statuses this process wrote: (kind, namespace, name) -> the status and the
+    /// resourceVersions the write superseded. A pass whose view still shows one of those has
+    /// not seen the write yet, and the same status planned again is not sent (it would only
+    /// fail as decided on an older version).
+    written: std::sync::Mutex<HashMap<(Kind, String, String), Written>>,
     trigger: Arc<Notify>,
     pub synced: Arc<AtomicBool>,
 }
@@ -220,6 +233,7 @@ impl Controller {
             ),
             secret_data: Default::default(),
             created: Default::default(),
+            written: Default::default(),
             client,
             opts,
             trigger,
@@ -426,29 +440,33 @@ impl Controller {
         // others' changes (revocations among them) still reach the gateways.
         // Failed subscription ("namespace/name") -> (namespace, name, error).
         let mut failed: BTreeMap<String, (String, String, String)> = Default::default();
+        // Subscriptions whose new Secret was recorded: the version this pass read, which the
+        // final status write supersedes too.
+        let mut recorded_over: HashMap<(String, String), String> = HashMap::new();
         for s in &plan.new_secrets {
-            match self.create_secret(s).await {
-                Ok(uid) => {
+            let viewed = res
+                .subscriptions
+                .iter()
+                .find(|o| {
+                    o.namespace().as_deref() == Some(&s.namespace) && o.name_any() == s.subscription
+                })
+                .and_then(|o| o.metadata.resource_version.clone());
+            match self.create_and_record(s, viewed.clone()).await {
+                Ok((uid, rv)) => {
+                    if let Some(viewed) = viewed {
+                        recorded_over.insert((s.namespace.clone(), s.subscription.clone()), viewed);
+                    }
                     self.created
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert((s.namespace.clone(), s.name.clone()), uid.clone());
                     reconcile::record_created(&mut plan.statuses, s, &uid);
-                    // Recorded at once, not only with the statuses after publishing: a pass
-                    // that ends in between (a crash, a restart) leaves nothing unrecorded.
-                    match self.record_uid(s, &uid).await {
-                        Ok(rv) => {
-                            for u in plan.statuses.iter_mut().filter(|u| {
-                                u.kind == Kind::Subscription
-                                    && u.namespace == s.namespace
-                                    && u.name == s.subscription
-                            }) {
-                                u.resource_version = rv.clone();
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(subscription = %format!("{}/{}", s.namespace, s.subscription), error = %e, "cannot record the created Secret's uid yet; recorded with the status");
-                        }
+                    for u in plan.statuses.iter_mut().filter(|u| {
+                        u.kind == Kind::Subscription
+                            && u.namespace == s.namespace
+                            && u.name == s.subscription
+                    }) {
+                        u.resource_version = rv.clone();
                     }
                 }
                 Err(e) => {
@@ -520,7 +538,45 @@ impl Controller {
                 .collect();
         }
         for u in &plan.statuses {
-            if let Err(e) = self.patch_status(u).await {
+            let key = (u.kind, u.namespace.clone(), u.name.clone());
+            {
+                let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+                match written.get(&key) {
+                    Some(w)
+                        if w.status == u.status
+                            && u.resource_version
+                                .as_ref()
+                                .is_some_and(|rv| w.superseded.contains(rv)) =>
+                    {
+                        continue; // written already; the watch has not shown it yet
+                    }
+                    Some(_) => {
+                        written.remove(&key);
+                    }
+                    None => {}
+                }
+            }
+            let result = self.patch_status(u).await;
+            if result.is_ok() {
+                let mut superseded: Vec<String> = u.resource_version.iter().cloned().collect();
+                superseded.extend(
+                    recorded_over
+                        .get(&(u.namespace.clone(), u.name.clone()))
+                        .filter(|_| u.kind == Kind::Subscription)
+                        .cloned(),
+                );
+                self.written
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(
+                        key,
+                        Written {
+                            status: u.status.clone(),
+                            superseded,
+                        },
+                    );
+            }
+            if let Err(e) = result {
                 if matches!(&e, kube_client::Error::Api(a) if a.code == 409) {
                     // Changed since this pass read it: the watch event of that change runs
                     // another pass, which decides from the newer version.
@@ -580,10 +636,56 @@ impl Controller {
         }
     }
 
+    /// Creates a credentials Secret and records its uid in the subscription's status at once,
+    /// before anything is published: a pass that ends in between (a crash, a restart) leaves
+    /// nothing unrecorded. Written only to the very subscription (uid) at the version this pass
+    /// read (`viewed`): a pass from an older view (a stalled former leader) must not record its
+    /// Secret over a newer one's record. A Secret that cannot be recorded would be nobody's: it
+    /// is deleted (that object only) and the subscription waits for the next pass, like a
+    /// refused create. The Secret's uid and the subscription's new resourceVersion.
+    async fn create_and_record(
+        &self,
+        s: &NewSecret,
+        viewed: Option<String>,
+    ) -> anyhow::Result<(String, Option<String>)> {
+        let uid = self.create_secret(s).await?;
+        match self.record_uid(s, &uid, viewed).await {
+            Ok(rv) => Ok((uid, rv)),
+            Err(e) => {
+                let api: Api<Secret> = Api::namespaced(self.client.clone(), &s.namespace);
+                let only_it = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: Some(uid.clone()),
+                        resource_version: None,
+                    }),
+                    ..Default::default()
+                };
+                if let Err(d) = api.delete(&s.name, &only_it).await {
+                    // Left in place: this process still knows it for its own.
+                    tracing::warn!(secret = %format!("{}/{}", s.namespace, s.name), error = %d, "cannot delete a credentials Secret whose record failed");
+                    self.created
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert((s.namespace.clone(), s.name.clone()), uid);
+                }
+                Err(e.context("recording the new credentials Secret in the subscription's status"))
+            }
+        }
+    }
+
     /// Records a credentials Secret just created in its subscription's status; the
     /// subscription's new resourceVersion.
-    async fn record_uid(&self, s: &NewSecret, uid: &str) -> anyhow::Result<Option<String>> {
-        let patch = serde_json::json!({ "status": {
+    async fn record_uid(
+        &self,
+        s: &NewSecret,
+        uid: &str,
+        viewed: Option<String>,
+    ) -> anyhow::Result<Option<String>> {
+        let mut metadata = serde_json::json!({ "uid": s.subscription_uid });
+        if let Some(rv) = viewed {
+            metadata["resourceVersion"] = serde_json::Value::String(rv);
+        }
+        let patch = serde_json::json!({ "metadata": metadata, "status": {
             "credentialsSecret": s.name,
             "credentialsSecretUid": uid,
         }});
@@ -599,7 +701,11 @@ impl Controller {
 
     async fn update_client_id(&self, u: &reconcile::ClientIdUpdate) -> anyhow::Result<()> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &u.namespace);
-        let patch = serde_json::json!({ "stringData": { reconcile::CLIENT_ID_KEY: u.client_id } });
+        // Only into the recorded Secret: the uid makes the write fail on any other object.
+        let patch = serde_json::json!({
+            "metadata": { "uid": u.uid },
+            "stringData": { reconcile::CLIENT_ID_KEY: u.client_id },
+        });
         api.patch(&u.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         tracing::info!(secret = %format!("{}/{}", u.namespace, u.name), client_id = %u.client_id, "updated the clientId in client credentials");

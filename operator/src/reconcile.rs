@@ -84,6 +84,8 @@ pub struct StatusUpdate {
 pub struct ClientIdUpdate {
     pub namespace: String,
     pub name: String,
+    /// The recorded Secret's uid: the write applies to that object only.
+    pub uid: String,
     pub client_id: String,
 }
 
@@ -172,6 +174,9 @@ pub fn plan(mut res: Resources, known: &Known, generator: &mut dyn Generator, no
         let own = existing.filter(|s| {
             s.metadata.uid.as_deref().is_some_and(|u| !u.is_empty())
                 && s.metadata.uid == status.credentials_secret_uid
+                && !uid.is_empty()
+                && gatehouse_crds::compile::controlling_subscription(&s.metadata)
+                    == Some(uid.as_str())
         });
         // A generated id lives in status. Without one (a status lost, or not seen yet) it is
         // the one the operator's credentials Secret holds (an older operator's random id),
@@ -192,15 +197,15 @@ pub fn plan(mut res: Resources, known: &Known, generator: &mut dyn Generator, no
             continue;
         }
         if existing.is_some() {
-            if own
-                .and_then(secret_client_id)
-                .is_some_and(|held| held != client_id)
+            if let Some(own) = own
+                && secret_client_id(own).is_some_and(|held| held != client_id)
             {
                 id_updates.push((
                     name.clone(),
                     ClientIdUpdate {
                         namespace: namespace.clone(),
                         name: secret_name.clone(),
+                        uid: own.metadata.uid.clone().unwrap_or_default(),
                         client_id: client_id.clone(),
                     },
                 ));

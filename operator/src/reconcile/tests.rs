@@ -433,6 +433,7 @@ fn the_credentials_secret_follows_a_changed_client_id() {
         [ClientIdUpdate {
             namespace: "demo".into(),
             name: "svc-mobile-credentials".into(),
+            uid: r2.secrets[0].metadata.uid.clone().unwrap(),
             client_id: "partner".into(),
         }]
     );
