@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, StoreResult, kv, unix_now};
+use crate::store::{Store, StoreError, StoreResult, kv, unix_now};
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct User {
@@ -36,6 +36,35 @@ pub fn normalize_email(raw: &str) -> Option<String> {
 /// else), when it differs from `normalize_email`'s: only non-ASCII input can differ.
 pub fn legacy_email(raw: &str, normalized: &str) -> Option<String> {
     plausible_email(raw.trim().to_lowercase()).filter(|legacy| legacy != normalized)
+}
+
+/// An address as typed in a form: the form it is counted and created under, and the form an
+/// account made before normalization would be kept under, when that differs.
+#[derive(Debug, PartialEq, Eq)]
+pub struct EmailForms {
+    pub email: String,
+    pub legacy: Option<String>,
+}
+
+/// The forms a sign-in looks an address up by: normalized and (when it differs) the legacy
+/// form; or, for an address that is one only in its legacy form (a full-width at sign in the
+/// local part, which NFKC turns into a second `@`), that form alone, so such an account made
+/// before normalization can still sign in. Signups take only `normalize_email`'s addresses.
+pub fn login_forms(raw: &str) -> Option<EmailForms> {
+    signup_forms(raw).or_else(|| {
+        plausible_email(raw.trim().to_lowercase()).map(|legacy| EmailForms {
+            email: legacy.clone(),
+            legacy: Some(legacy),
+        })
+    })
+}
+
+/// The forms of an address typed at signup: normalized, and the legacy form when it differs
+/// (an account made under it takes the address too).
+pub fn signup_forms(raw: &str) -> Option<EmailForms> {
+    let email = normalize_email(raw)?;
+    let legacy = legacy_email(raw, &email);
+    Some(EmailForms { email, legacy })
 }
 
 fn plausible_email(e: String) -> Option<String> {
@@ -74,16 +103,31 @@ pub async fn index_normalized_emails(store: &dyn Store) -> StoreResult<(usize, u
         let Some(email) = key.strip_prefix(EMAIL_KEYS) else {
             continue;
         };
-        let Some(normalized) = normalize_email(email).filter(|n| n != email) else {
+        let Some(normalized) = normalize_email(email) else {
+            // Valid once, not after NFKC (a full-width at sign in the local part): such an
+            // account signs in with its own spelling only (`login_forms`).
+            tracing::info!(
+                "an account from before email normalization has an address that is not one once normalized; it signs in with its own spelling only"
+            );
             continue;
         };
-        let Some(id) = kv::get::<String>(store, key).await? else {
+        if normalized == email {
             continue;
+        }
+        // One unreadable record is logged and skipped, never the whole sweep.
+        let user = match kv::get::<String>(store, key).await {
+            Ok(Some(id)) => get(store, &id).await,
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
         };
-        let Some(user) = get(store, &id).await? else {
-            continue;
-        };
-        old.push((normalized, user.created_at, email.to_string(), id));
+        match user {
+            Ok(Some(user)) => old.push((normalized, user.created_at, email.to_string(), user.id)),
+            Ok(None) => {}
+            Err(StoreError::Corrupt(e)) => {
+                tracing::warn!(error = %e, "an account record cannot be read; left out of the email index");
+            }
+            Err(e) => return Err(e),
+        }
     }
     old.sort();
     let mut recorded = 0;
@@ -243,6 +287,25 @@ mod tests {
             Some("je\u{0301}ro\u{0302}me@example.com")
         );
         assert_eq!(legacy_email("j\u{00E9}r\u{00F4}me@example.com", &one), None);
+        // An address only before normalization: found by its own spelling at sign-in.
+        let wide_at = "a\u{FF20}b@example.com";
+        assert_eq!(normalize_email(wide_at), None);
+        assert_eq!(
+            login_forms(wide_at),
+            Some(EmailForms {
+                email: wide_at.to_string(),
+                legacy: Some(wide_at.to_string())
+            })
+        );
+        assert_eq!(signup_forms(wide_at), None);
+        assert_eq!(
+            login_forms(" Bo@Example.com"),
+            Some(EmailForms {
+                email: "bo@example.com".to_string(),
+                legacy: None
+            })
+        );
+        assert_eq!(login_forms("not an address"), None);
     }
 
     /// An account made before normalization (kept under the email as typed, lowercased) is found

@@ -125,13 +125,16 @@ async fn main() -> anyhow::Result<()> {
         source::watch(state.clone(), manifests).context("watching --manifests")?
     };
     server::spawn_janitor(state.clone(), Duration::from_secs(60));
-    // Signups wait for the sweep (a store that is down at start is retried until it answers).
+    // Signups wait for the sweep; a store that is down at start is retried every few seconds.
+    // After 5 minutes without one, signups open anyway (logged): a look-alike of an account
+    // from before normalization is the lesser harm than no signups at all.
     state
         .accounts_indexed
         .store(false, std::sync::atomic::Ordering::SeqCst);
     let indexed = state.clone();
     tokio::spawn(async move {
-        let mut pause = Duration::from_secs(1);
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(500);
         loop {
             match gatehouse_gateway::accounts::index_normalized_emails(&*indexed.store).await {
                 Ok((accounts, recorded)) => {
@@ -146,9 +149,24 @@ async fn main() -> anyhow::Result<()> {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?pause, "cannot index accounts by their normalized email yet; signups wait");
+                    let waited = started.elapsed();
+                    if waited >= Duration::from_secs(300)
+                        && !indexed
+                            .accounts_indexed
+                            .swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        tracing::error!(error = %e, "accounts not indexed by their normalized email after 5 minutes; signups open without it (still retried)");
+                    } else {
+                        tracing::warn!(error = %e, retry_in = ?pause, "cannot index accounts by their normalized email yet; signups wait");
+                    }
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(60));
+                    // Every few seconds while signups wait, every minute once they do not.
+                    let cap = if waited >= Duration::from_secs(300) {
+                        60
+                    } else {
+                        5
+                    };
+                    pause = (pause * 2).min(Duration::from_secs(cap));
                 }
             }
         }

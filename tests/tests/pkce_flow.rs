@@ -2507,13 +2507,21 @@ async fn an_account_from_before_normalization_is_brought_up_to_date() {
     use gatehouse_gateway::{accounts, password, store::embedded::EmbeddedStore};
     let dir = tempfile::tempdir().unwrap();
     let typed_email = "je\u{0301}ro\u{0302}me@example.com";
-    let old = {
+    // An address that is one only before normalization: NFKC turns its full-width at sign
+    // into a second `@`.
+    let wide_at = "a\u{FF20}b@example.com";
+    let (old, odd) = {
         let store = EmbeddedStore::open(&dir.path().join("data")).unwrap();
         let hash = password::hash(ACCENTED_COMBINING);
-        accounts::create(&store, typed_email, hash)
+        let old = accounts::create(&store, typed_email, hash.clone())
             .await
             .unwrap()
+            .unwrap();
+        let odd = accounts::create(&store, wide_at, hash)
+            .await
             .unwrap()
+            .unwrap();
+        (old, odd)
     };
     let env = env_in(dir, &[]).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -2563,4 +2571,16 @@ async fn an_account_from_before_normalization_is_brought_up_to_date() {
             "{email:?} {password:?}"
         );
     }
+    assert_eq!(
+        sign_in_sub(&env, &phone, wide_at, ACCENTED_OTHER_KEYBOARD).await,
+        None
+    );
+    assert_eq!(
+        sign_in_sub(&env, &phone, wide_at, ACCENTED_COMBINING).await,
+        Some(odd.id.clone())
+    );
+    assert_eq!(
+        sign_in_sub(&env, &phone, wide_at, ACCENTED_OTHER_KEYBOARD).await,
+        Some(odd.id)
+    );
 }

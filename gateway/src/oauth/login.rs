@@ -394,17 +394,21 @@ async fn read_post(
     body: &[u8],
     page: &str,
     bad_email: &str,
+    forms: fn(&str) -> Option<accounts::EmailForms>,
 ) -> Result<Posted, Response> {
     let fields = form_fields(body);
     let (sid, mut sess) = posted_session(state, headers, &fields).await?;
     let req = fields.get("req").cloned().unwrap_or_default();
     let back = format!("{page}?req={req}");
     let raw_email = fields.get("email").map(String::as_str).unwrap_or("");
-    let Some(email) = accounts::normalize_email(raw_email) else {
+    let Some(accounts::EmailForms {
+        email,
+        legacy: legacy_email,
+    }) = forms(raw_email)
+    else {
         authorize::flash(state, &sid, &mut sess, bad_email, Some(raw_email)).await;
         return Err(see_other(&back));
     };
-    let legacy_email = accounts::legacy_email(raw_email, &email);
     let pw = fields.get("password").cloned().unwrap_or_default();
     Ok(Posted {
         sid,
@@ -437,6 +441,7 @@ pub async fn login_post(
         &body,
         "/login",
         "Enter your email address.",
+        accounts::login_forms,
     )
     .await
     {
@@ -490,6 +495,7 @@ pub async fn signup_post(
         &body,
         "/signup",
         "Enter a valid email address.",
+        accounts::signup_forms,
     )
     .await
     {
