@@ -157,7 +157,12 @@ async fn main() -> anyhow::Result<()> {
                     {
                         tracing::error!(error = %e, "accounts not indexed by their normalized email after 5 minutes; signups open without it (still retried)");
                     } else {
-                        tracing::warn!(error = %e, retry_in = ?pause, "cannot index accounts by their normalized email yet; signups wait");
+                        let signups = if waited >= Duration::from_secs(300) {
+                            "open"
+                        } else {
+                            "wait"
+                        };
+                        tracing::warn!(error = %e, retry_in = ?pause, signups, "cannot index accounts by their normalized email yet");
                     }
                     tokio::time::sleep(pause).await;
                     // Every few seconds while signups wait, every minute once they do not.

@@ -185,12 +185,6 @@ impl Generator for OsRandom {
     }
 }
 
-/// A status write of this process (`Controller::written`).
-struct Written {
-    status: gatehouse_crds::ResourceStatus,
-    superseded: Vec<String>,
-}
-
 pub struct Controller {
     client: Client,
     opts: Options,
@@ -205,11 +199,11 @@ pub struct Controller {
     /// Credentials Secrets this process created whose uids the statuses read back do not show
     /// yet.
     created: std::sync::Mutex<reconcile::Created>,
-    /// Statuses this process wrote: (kind, namespace, name) -> the status and the
-    /// resourceVersions the write superseded. A pass whose view still shows one of those has
-    /// not seen the write yet, and the same status planned again is not sent (it would only
-    /// fail as decided on an older version).
-    written: std::sync::Mutex<HashMap<(Kind, String, String), Written>>,
+    /// Statuses this process wrote: (kind, namespace, name) -> the resourceVersions the write
+    /// superseded. A pass whose view still shows one of those has not seen the write yet: its
+    /// status write would only fail as decided on an older version, so it is not sent (the
+    /// write's own watch event runs the pass that decides from the newer one).
+    written: std::sync::Mutex<HashMap<(Kind, String, String), Vec<String>>>,
     trigger: Arc<Notify>,
     pub synced: Arc<AtomicBool>,
 }
@@ -443,6 +437,8 @@ impl Controller {
         // Subscriptions whose new Secret was recorded: the version this pass read, which the
         // final status write supersedes too.
         let mut recorded_over: HashMap<(String, String), String> = HashMap::new();
+        // Subscriptions whose Secret waits for a pass from a newer view ("namespace/name").
+        let mut stale: BTreeSet<String> = BTreeSet::new();
         for s in &plan.new_secrets {
             let viewed = res
                 .subscriptions
@@ -452,7 +448,10 @@ impl Controller {
                 })
                 .and_then(|o| o.metadata.resource_version.clone());
             match self.create_and_record(s, viewed.clone()).await {
-                Ok((uid, rv)) => {
+                Ok(None) => {
+                    stale.insert(format!("{}/{}", s.namespace, s.subscription));
+                }
+                Ok(Some((uid, rv))) => {
                     if let Some(viewed) = viewed {
                         recorded_over.insert((s.namespace.clone(), s.subscription.clone()), viewed);
                     }
@@ -492,6 +491,20 @@ impl Controller {
                 metrics::counter!("gatehouse_operator_errors_total", "kind" => Kind::Subscription.as_str()).increment(1);
                 self.kick_later(10);
             }
+        }
+        if !stale.is_empty() {
+            // Out of this pass altogether (its Secret was deleted again): not published, no
+            // status; the next pass decides from a newer view.
+            plan.compiled
+                .config
+                .clients
+                .retain(|c| !stale.contains(&c.subscription));
+            plan.compiled.config.hash = gatehouse_crds::compile::config_hash(&plan.compiled.config);
+            plan.statuses.retain(|u| {
+                u.kind != Kind::Subscription
+                    || !stale.contains(&format!("{}/{}", u.namespace, u.name))
+            });
+            self.kick_later(1);
         }
         if !failed.is_empty() {
             plan.compiled
@@ -537,24 +550,23 @@ impl Controller {
                 })
                 .collect();
         }
+        // Kept only while the view still shows a version a write of this process superseded.
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(kind, namespace, name), superseded| {
+                reconcile::viewed_version(&res, *kind, namespace, name)
+                    .is_some_and(|rv| superseded.contains(&rv))
+            });
         for u in &plan.statuses {
             let key = (u.kind, u.namespace.clone(), u.name.clone());
-            {
-                let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-                match written.get(&key) {
-                    Some(w)
-                        if w.status == u.status
-                            && u.resource_version
-                                .as_ref()
-                                .is_some_and(|rv| w.superseded.contains(rv)) =>
-                    {
-                        continue; // written already; the watch has not shown it yet
-                    }
-                    Some(_) => {
-                        written.remove(&key);
-                    }
-                    None => {}
-                }
+            let behind = self
+                .written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&key);
+            if behind {
+                continue;
             }
             let result = self.patch_status(u).await;
             if result.is_ok() {
@@ -568,13 +580,7 @@ impl Controller {
                 self.written
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(
-                        key,
-                        Written {
-                            status: u.status.clone(),
-                            superseded,
-                        },
-                    );
+                    .insert(key, superseded);
             }
             if let Err(e) = result {
                 if matches!(&e, kube_client::Error::Api(a) if a.code == 409) {
@@ -638,39 +644,50 @@ impl Controller {
 
     /// Creates a credentials Secret and records its uid in the subscription's status at once,
     /// before anything is published: a pass that ends in between (a crash, a restart) leaves
-    /// nothing unrecorded. Written only to the very subscription (uid) at the version this pass
-    /// read (`viewed`): a pass from an older view (a stalled former leader) must not record its
-    /// Secret over a newer one's record. A Secret that cannot be recorded would be nobody's: it
-    /// is deleted (that object only) and the subscription waits for the next pass, like a
-    /// refused create. The Secret's uid and the subscription's new resourceVersion.
+    /// nothing unrecorded. The record is written at the version this pass read (`viewed`),
+    /// which also rules out a Subscription created again under the name: a pass from an older
+    /// view (a stalled former leader, a lagging watch) must not record its Secret over a newer
+    /// record. A Secret that cannot be recorded would be nobody's: it is deleted again (that
+    /// object only). The Secret's uid and the subscription's new resourceVersion; None when
+    /// the view was older than the Subscription (the next pass, from a newer view, retries).
     async fn create_and_record(
         &self,
         s: &NewSecret,
         viewed: Option<String>,
-    ) -> anyhow::Result<(String, Option<String>)> {
+    ) -> anyhow::Result<Option<(String, Option<String>)>> {
         let uid = self.create_secret(s).await?;
-        match self.record_uid(s, &uid, viewed).await {
-            Ok(rv) => Ok((uid, rv)),
-            Err(e) => {
-                let api: Api<Secret> = Api::namespaced(self.client.clone(), &s.namespace);
-                let only_it = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        uid: Some(uid.clone()),
-                        resource_version: None,
-                    }),
-                    ..Default::default()
-                };
-                if let Err(d) = api.delete(&s.name, &only_it).await {
-                    // Left in place: this process still knows it for its own.
-                    tracing::warn!(secret = %format!("{}/{}", s.namespace, s.name), error = %d, "cannot delete a credentials Secret whose record failed");
-                    self.created
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert((s.namespace.clone(), s.name.clone()), uid);
-                }
-                Err(e.context("recording the new credentials Secret in the subscription's status"))
+        let recorded = self.record_uid(s, &uid, viewed).await;
+        let stale = matches!(&recorded, Err(kube_client::Error::Api(a)) if a.code == 409);
+        let e = match recorded {
+            Ok(rv) => return Ok(Some((uid, rv))),
+            Err(e) => e,
+        };
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &s.namespace);
+        let only_it = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some(uid.clone()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(&s.name, &only_it).await {
+            Ok(_) => {}
+            Err(kube_client::Error::Api(a)) if a.code == 404 => {}
+            Err(d) => {
+                // Left in place: this process still knows it for its own.
+                tracing::warn!(secret = %format!("{}/{}", s.namespace, s.name), error = %d, "cannot delete a credentials Secret whose record failed");
+                self.created
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((s.namespace.clone(), s.name.clone()), uid);
             }
         }
+        if stale {
+            tracing::debug!(subscription = %format!("{}/{}", s.namespace, s.subscription), "the subscription changed since this pass read it; its credentials wait for the next pass");
+            return Ok(None);
+        }
+        Err(anyhow::Error::from(e)
+            .context("recording the new credentials Secret in the subscription's status"))
     }
 
     /// Records a credentials Secret just created in its subscription's status; the
@@ -680,15 +697,14 @@ impl Controller {
         s: &NewSecret,
         uid: &str,
         viewed: Option<String>,
-    ) -> anyhow::Result<Option<String>> {
-        let mut metadata = serde_json::json!({ "uid": s.subscription_uid });
-        if let Some(rv) = viewed {
-            metadata["resourceVersion"] = serde_json::Value::String(rv);
-        }
-        let patch = serde_json::json!({ "metadata": metadata, "status": {
+    ) -> Result<Option<String>, kube_client::Error> {
+        let mut patch = serde_json::json!({ "status": {
             "credentialsSecret": s.name,
             "credentialsSecretUid": uid,
         }});
+        if let Some(rv) = viewed {
+            patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
+        }
         let written = Api::<Subscription>::namespaced(self.client.clone(), &s.namespace)
             .patch_status(
                 &s.subscription,
@@ -701,7 +717,7 @@ impl Controller {
 
     async fn update_client_id(&self, u: &reconcile::ClientIdUpdate) -> anyhow::Result<()> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &u.namespace);
-        // Only into the recorded Secret: the uid makes the write fail on any other object.
+        // Only into the recorded Secret: on any other object the uid fails the write (422).
         let patch = serde_json::json!({
             "metadata": { "uid": u.uid },
             "stringData": { reconcile::CLIENT_ID_KEY: u.client_id },

@@ -402,6 +402,11 @@ fn current_status(res: &Resources, kind: Kind, namespace: &str, name: &str) -> C
     }
 }
 
+/// The resourceVersion of a resource as the pass saw it.
+pub fn viewed_version(res: &Resources, kind: Kind, namespace: &str, name: &str) -> Option<String> {
+    current_status(res, kind, namespace, name).resource_version
+}
+
 fn status_updates(
     original: &Resources,
     prepared: &Resources,
