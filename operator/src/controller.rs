@@ -495,11 +495,7 @@ impl Controller {
         if !stale.is_empty() {
             // Out of this pass altogether (its Secret was deleted again): not published, no
             // status; the next pass decides from a newer view.
-            plan.compiled
-                .config
-                .clients
-                .retain(|c| !stale.contains(&c.subscription));
-            plan.compiled.config.hash = gatehouse_crds::compile::config_hash(&plan.compiled.config);
+            reconcile::leave_out(&mut plan.compiled, |sub| stale.contains(sub));
             plan.statuses.retain(|u| {
                 u.kind != Kind::Subscription
                     || !stale.contains(&format!("{}/{}", u.namespace, u.name))
@@ -507,11 +503,7 @@ impl Controller {
             self.kick_later(1);
         }
         if !failed.is_empty() {
-            plan.compiled
-                .config
-                .clients
-                .retain(|c| !failed.contains_key(&c.subscription));
-            plan.compiled.config.hash = gatehouse_crds::compile::config_hash(&plan.compiled.config);
+            reconcile::leave_out(&mut plan.compiled, |sub| failed.contains_key(sub));
             // Their status says why they are out, instead of what compile expected.
             let (planned, mut statuses): (Vec<StatusUpdate>, Vec<StatusUpdate>) =
                 std::mem::take(&mut plan.statuses)

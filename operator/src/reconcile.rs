@@ -402,6 +402,13 @@ fn current_status(res: &Resources, kind: Kind, namespace: &str, name: &str) -> C
     }
 }
 
+/// Takes the clients of the subscriptions `out` names ("namespace/name") out of the
+/// configuration to publish, and hashes it again.
+pub fn leave_out(compiled: &mut Compiled, out: impl Fn(&str) -> bool) {
+    compiled.config.clients.retain(|c| !out(&c.subscription));
+    compiled.config.hash = gatehouse_crds::compile::config_hash(&compiled.config);
+}
+
 /// The resourceVersion of a resource as the pass saw it.
 pub fn viewed_version(res: &Resources, kind: Kind, namespace: &str, name: &str) -> Option<String> {
     current_status(res, kind, namespace, name).resource_version
