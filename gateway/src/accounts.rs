@@ -176,14 +176,6 @@ pub async fn find(
     find_by_email(store, email).await
 }
 
-/// After a sign-in that found `user` under an email's legacy form: the normalized form names
-/// the account too, so it is found however the address is typed from now on, and a signup in
-/// another spelling of it is refused. Kept when the normalized form already names an account.
-pub async fn claim_normalized(store: &dyn Store, email: &str, user: &User) -> StoreResult<()> {
-    kv::put_new(store, &email_key(email), &user.id, 0).await?;
-    Ok(())
-}
-
 /// Replaces an account's password hash (a hash of the normalized password for one made before
 /// passwords were normalized).
 pub async fn set_password_hash(
@@ -309,10 +301,10 @@ mod tests {
     }
 
     /// An account made before normalization (kept under the email as typed, lowercased) is found
-    /// by that spelling, then by every spelling once its owner signed in and the normalized form
-    /// was claimed for it; one made since is found by every spelling at once.
+    /// by that spelling, then by every spelling once the start-up sweep has recorded it under the
+    /// normalized form; its hash can be replaced, its id stays.
     #[tokio::test]
-    async fn accounts_from_before_normalization_are_found_and_claimed() {
+    async fn accounts_from_before_normalization_are_found_and_indexed() {
         let dir = tempfile::tempdir().unwrap();
         let s = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
         let typed = "je\u{0301}ro\u{0302}me@example.com";
@@ -322,7 +314,7 @@ mod tests {
         assert_eq!(legacy.as_deref(), Some(typed));
         let found = find(&s, &normalized, legacy.as_deref()).await.unwrap();
         assert_eq!(found.as_ref(), Some(&old));
-        // Another spelling has no legacy form that names it, until the claim.
+        // Another spelling has no legacy form that names it, until the sweep.
         let other = "J\u{00C9}R\u{00D4}ME@example.com";
         let other_legacy = legacy_email(other, &normalized);
         assert_eq!(
@@ -331,7 +323,7 @@ mod tests {
                 .unwrap(),
             None
         );
-        claim_normalized(&s, &normalized, &old).await.unwrap();
+        index_normalized_emails(&s).await.unwrap();
         assert_eq!(
             find(&s, &normalized, other_legacy.as_deref())
                 .await
@@ -349,7 +341,7 @@ mod tests {
 
     /// The start-up sweep records accounts from before normalization under their normalized
     /// email: found by every spelling, and a signup in another spelling is refused. Of two old
-    /// accounts that normalize alike, the address stays with the one recorded first; running
+    /// accounts that normalize alike, the address goes to the oldest; running
     /// it again records nothing more.
     #[tokio::test]
     async fn old_accounts_are_indexed_by_their_normalized_email() {

@@ -342,22 +342,16 @@ async fn verify(password: String, hash: Option<String>) -> Verified {
     .unwrap_or(Verified::No)
 }
 
-/// Brings an account made before emails and passwords were normalized up to date once its owner
-/// signed in with `password`: the normalized email names it too (found however it is typed
-/// from now on), and a hash of the password as typed is replaced by one of its normalized form.
-/// Best effort: a failure leaves the account as it was, still reachable as before.
+/// After a sign-in that matched only the password as typed (a hash made before passwords were
+/// normalized): replaces that hash with one of the normalized password. The account's email is
+/// the start-up sweep's (`accounts::index_normalized_emails`). Best effort: a failure leaves the
+/// account as it was, still reachable as before.
 async fn update_account(
     state: &AppState,
     user: &accounts::User,
-    email: &str,
     verified: Verified,
     password: String,
 ) {
-    if user.email != email
-        && let Err(e) = accounts::claim_normalized(&*state.store, email, user).await
-    {
-        tracing::warn!(error = %e, "cannot record an account's normalized email");
-    }
     if verified != Verified::AsTyped {
         return;
     }
@@ -469,7 +463,7 @@ pub async fn login_post(
         return see_other(&back);
     };
     give_back_attempt(&state, &counters).await;
-    update_account(&state, &user, &email, verified, pw).await;
+    update_account(&state, &user, verified, pw).await;
     metrics::counter!("gatehouse_logins_total").increment(1);
     let resp = signed_in(&state, &sid, &req, &user.id).await;
     remember_device(&state, resp, &counters, &email).await
@@ -584,7 +578,7 @@ pub async fn signup_post(
             .await;
             if let (Some(user), Verified::Yes | Verified::AsTyped) = (existing, &verified) {
                 give_back_attempt(&state, &counters).await;
-                update_account(&state, &user, &email, verified, pw).await;
+                update_account(&state, &user, verified, pw).await;
                 let resp = signed_in(&state, &sid, &req, &user.id).await;
                 return remember_device(&state, resp, &counters, &email).await;
             }
