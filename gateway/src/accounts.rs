@@ -220,6 +220,11 @@ pub async fn create(
 mod tests {
     use super::*;
 
+    /// A new account with a placeholder hash.
+    async fn made(s: &dyn Store, email: &str) -> User {
+        create(s, email, "h".into()).await.unwrap().unwrap()
+    }
+
     #[test]
     fn emails_normalize() {
         assert_eq!(
@@ -308,7 +313,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
         let typed = "je\u{0301}ro\u{0302}me@example.com";
-        let old = create(&s, typed, "h".into()).await.unwrap().unwrap();
+        let old = made(&s, typed).await;
         let normalized = normalize_email(typed).unwrap();
         let legacy = legacy_email(typed, &normalized);
         assert_eq!(legacy.as_deref(), Some(typed));
@@ -347,23 +352,11 @@ mod tests {
     async fn old_accounts_are_indexed_by_their_normalized_email() {
         let dir = tempfile::tempdir().unwrap();
         let s = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
-        let nfd = create(&s, "je\u{0301}ro\u{0302}me@example.com", "h".into())
-            .await
-            .unwrap()
-            .unwrap();
-        let wide = create(&s, "\u{FF41}nna@example.com", "h".into())
-            .await
-            .unwrap()
-            .unwrap();
-        create(&s, "plain@example.com", "h".into())
-            .await
-            .unwrap()
-            .unwrap();
+        let nfd = made(&s, "je\u{0301}ro\u{0302}me@example.com").await;
+        let wide = made(&s, "\u{FF41}nna@example.com").await;
+        made(&s, "plain@example.com").await;
         // A younger old account whose address normalizes like the first.
-        let younger = create(&s, "j\u{00E9}ro\u{0302}me@example.com", "h".into())
-            .await
-            .unwrap()
-            .unwrap();
+        let younger = made(&s, "j\u{00E9}ro\u{0302}me@example.com").await;
         let younger = User {
             created_at: nfd.created_at + 1,
             ..younger
@@ -395,10 +388,7 @@ mod tests {
     async fn unique_case_insensitive_emails() {
         let dir = tempfile::tempdir().unwrap();
         let s = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
-        let a = create(&s, "alice@example.com", "h".into())
-            .await
-            .unwrap()
-            .unwrap();
+        let a = made(&s, "alice@example.com").await;
         assert!(
             create(&s, "alice@example.com", "h2".into())
                 .await

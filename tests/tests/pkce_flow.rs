@@ -416,19 +416,28 @@ async fn open_login(b: &mut Browser<'_>, authz: &Authz) -> Page {
     page
 }
 
-/// From the sign-in page: "Create an account", submit it, follow to /consent. Returns what
-/// /consent answers (the consent page, or the redirect to the app).
-async fn sign_up(b: &mut Browser<'_>, login: &Page, email: &str, password: &str) -> Page {
+/// From the sign-in page: "Create an account" and submit it; returns the 303 (not followed).
+async fn submit_signup_form(
+    b: &mut Browser<'_>,
+    login: &Page,
+    email: &str,
+    password: &str,
+) -> Page {
     let signup = b.get(&format!("/signup?req={}", login.hidden("req"))).await;
     assert_eq!(signup.status, StatusCode::OK, "{}", signup.body);
     assert!(signup.body.contains("action=\"/signup\""));
-    let done = b
-        .submit(
-            &signup,
-            "/signup",
-            &[("email", email), ("password", password)],
-        )
-        .await;
+    b.submit(
+        &signup,
+        "/signup",
+        &[("email", email), ("password", password)],
+    )
+    .await
+}
+
+/// From the sign-in page: "Create an account", submit it, follow to /consent. Returns what
+/// /consent answers (the consent page, or the redirect to the app).
+async fn sign_up(b: &mut Browser<'_>, login: &Page, email: &str, password: &str) -> Page {
+    let done = submit_signup_form(b, login, email, password).await;
     assert!(
         done.location().starts_with("/consent?req="),
         "signup failed: {:?}",
@@ -447,14 +456,7 @@ async fn submit_signup<'e>(
 ) -> (Browser<'e>, Page) {
     let mut b = Browser::new(env);
     let login = open_login(&mut b, &app.authorize(&[PROFILE])).await;
-    let signup = b.get(&format!("/signup?req={}", login.hidden("req"))).await;
-    let r = b
-        .submit(
-            &signup,
-            "/signup",
-            &[("email", email), ("password", password)],
-        )
-        .await;
+    let r = submit_signup_form(&mut b, &login, email, password).await;
     (b, r)
 }
 

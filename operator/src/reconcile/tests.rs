@@ -579,6 +579,13 @@ fn svc_verdict(p: &Plan) -> &Verdict {
         .expect("a verdict")
 }
 
+fn svc_mut(r: &mut Resources) -> &mut Subscription {
+    r.subscriptions
+        .iter_mut()
+        .find(|s| s.name_any() == "svc-mobile")
+        .expect("svc-mobile")
+}
+
 fn svc_status(r: &Resources) -> ResourceStatus {
     r.subscriptions
         .iter()
@@ -605,11 +612,7 @@ fn a_planted_secret_with_a_forged_owner_is_never_adopted() {
     let approved = resources("").subscriptions;
     let mut r = resources("");
     // Waiting for approval: already refused, so an administrator sees why before approving.
-    for s in &mut r.subscriptions {
-        if s.name_any() == "svc-mobile" {
-            s.spec.plan = "gold".into();
-        }
-    }
+    svc_mut(&mut r).spec.plan = "gold".into();
     r.secrets.push(forged_secret());
     let p1 = plan(r.clone(), &Known::default(), &mut g, "t1");
     assert_eq!(
@@ -798,11 +801,7 @@ fn the_published_secret_vouches_only_for_a_secret_the_status_names() {
         // Created again: no status yet.
         None,
     ] {
-        for s in &mut r.subscriptions {
-            if s.name_any() == "svc-mobile" {
-                s.status = status.clone();
-            }
-        }
+        svc_mut(&mut r).status = status.clone();
         let p = plan(r.clone(), &published, &mut g, "t");
         assert!(svc_client(&p).is_none(), "{status:?}");
         assert_eq!(svc_verdict(&p).phase, Phase::Invalid);
@@ -843,14 +842,11 @@ fn the_recorded_uid_outlasts_an_absent_secret_and_a_client_secret_ref() {
         .into(),
     );
     with_ref.secrets.push(own);
-    for s in &mut with_ref.subscriptions {
-        if s.name_any() == "svc-mobile" {
-            s.spec.client_secret_ref = Some(gatehouse_crds::SecretKeyRef {
-                name: "own".into(),
-                key: "clientSecret".into(),
-            });
-        }
-    }
+    let s = svc_mut(&mut with_ref);
+    s.spec.client_secret_ref = Some(gatehouse_crds::SecretKeyRef {
+        name: "own".into(),
+        key: "clientSecret".into(),
+    });
     let p = plan(with_ref.clone(), &Known::default(), &mut g, "t2");
     assert_eq!(svc_verdict(&p).phase, Phase::Active);
     let r3 = apply(with_ref, &p);
@@ -869,11 +865,7 @@ fn the_recorded_uid_outlasts_an_absent_secret_and_a_client_secret_ref() {
     // record stays, and no placeholder is written.
     let mut waiting = r2.clone();
     waiting.secrets.clear();
-    for s in &mut waiting.subscriptions {
-        if s.name_any() == "svc-mobile" {
-            s.spec.plan = "gold".into();
-        }
-    }
+    svc_mut(&mut waiting).spec.plan = "gold".into();
     let p = plan(waiting, &Known::default(), &mut g, "t4");
     assert!(p.new_secrets.is_empty());
     let st = status_of(&p, "svc-mobile");
@@ -908,11 +900,7 @@ fn a_refused_create_keeps_the_record() {
     );
     // Seen on the next pass: Active again, nothing to create.
     let mut r3 = r2;
-    for s in &mut r3.subscriptions {
-        if s.name_any() == "svc-mobile" {
-            s.status = Some(failed.status.clone());
-        }
-    }
+    svc_mut(&mut r3).status = Some(failed.status.clone());
     r3.secrets.push(secret);
     let p3 = plan(r3, &Known::default(), &mut g, "t3");
     assert!(p3.new_secrets.is_empty());
