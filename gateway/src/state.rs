@@ -29,6 +29,8 @@ pub struct AppState {
     pub password_min_len: usize,
     /// Signups allowed per client IP per hour.
     pub max_signups_per_ip: u64,
+    /// Sign-ins (password checks) allowed per client IP per 15 minutes.
+    pub max_password_checks_per_ip: u64,
     /// Proxies whose X-Forwarded-For names the client for the login, signup and sign-in
     /// throttles.
     pub trusted_proxies: TrustedProxies,
@@ -58,6 +60,7 @@ impl AppState {
             forwarded_proto: if is_https(issuer) { "https" } else { "http" },
             password_min_len: crate::password::MIN_LENGTH,
             max_signups_per_ip: crate::oauth::login::MAX_SIGNUPS_PER_IP,
+            max_password_checks_per_ip: crate::oauth::login::MAX_PASSWORD_CHECKS_PER_IP,
             trusted_proxies: TrustedProxies::default(),
             sign_in_starts: AddressThrottle::per_minute(
                 crate::oauth::authorize::MAX_SIGN_IN_STARTS_PER_MINUTE,

@@ -149,8 +149,8 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
         ("HorizontalPodAutoscaler", 1),
         ("PodDisruptionBudget", 1),
         ("ClusterRole", 1),
-        ("ValidatingAdmissionPolicy", 1),
-        ("ValidatingAdmissionPolicyBinding", 1),
+        ("ValidatingAdmissionPolicy", 2),
+        ("ValidatingAdmissionPolicyBinding", 2),
         ("ServiceMonitor", 0),
         ("NetworkPolicy", 0),
     ] {
@@ -159,7 +159,7 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
     for needle in [
         "- --appendonly\n            - \"yes\"",
         "- --appendfsync\n            - \"everysec\"",
-        "- --maxmemory\n            - \"400mb\"\n            - --maxmemory-policy\n            - noeviction",
+        "- --maxmemory\n            - \"300mb\"\n            - --maxmemory-policy\n            - noeviction",
         "volumeClaimTemplates:",
         "readOnlyRootFilesystem: true",
         "runAsNonRoot: true",
@@ -207,11 +207,28 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
             d.contains("\nkind: NetworkPolicy\n") && d.contains("policyTypes: [Ingress, Egress]")
         })
         .unwrap_or_else(|| panic!("no gateway egress policy in {ext}"));
-    assert!(
-        gateway_policy.contains("except: [169.254.0.0/16]"),
-        "{gateway_policy}"
-    );
+    // The same metadata addresses as compile::is_metadata_ip refuses as upstreams.
+    for needle in [
+        "except: [169.254.0.0/16, 100.100.100.200/32, 168.63.129.16/32, 192.0.0.192/32]",
+        r#"except: [fe80::/10, "fd00:ec2::/64", "fd20:ce::254/128", "fd00:c1::a9fe:a9fe/128"]"#,
+    ] {
+        assert!(gateway_policy.contains(needle), "{gateway_policy}");
+    }
     assert!(gateway_policy.contains("port: 53"), "{gateway_policy}");
+    // One replica and minAvailable 1 would block every node drain: no budget then.
+    let single = helm_offline_ok(&[
+        "template",
+        RELEASE,
+        &chart,
+        "--namespace",
+        NAMESPACE,
+        "--set",
+        "gateway.autoscaling.enabled=false",
+        "--set",
+        "gateway.replicas=1",
+    ]);
+    assert_eq!(count(&single, "PodDisruptionBudget"), 0);
+    assert_eq!(count(&default, "PodDisruptionBudget"), 1);
     // The ingress's addresses reach the gateway's throttles only when set.
     assert!(ext.contains("- --trusted-proxies=10.244.0.0/16"));
     assert!(!default.contains("--trusted-proxies"));
@@ -413,7 +430,8 @@ fn kube_chart_installs_on_the_api_server_guards_approval_and_upgrades() {
         "-n",
         NAMESPACE
     ]));
-    assert!(!can(&["delete", "secrets", "-n", "demo"]));
+    // It deletes a Secret it created when recording it in the status was refused.
+    assert!(can(&["delete", "secrets", "-n", "demo"]));
     assert!(!can(&[
         "patch",
         "subscriptions.gatehouse.dev",
@@ -633,6 +651,106 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
         sub["metadata"]["annotations"]["gatehouse.dev/approved"], "false",
         "{sub}"
     );
+
+    // --- the operator's Secret writes --------------------------------------------------------
+    // RBAC lets the operator write any Secret; the policy lets it write only its own kind:
+    // labelled Opaque Secrets controlled by a Subscription (never a service-account token
+    // Secret, which Kubernetes would fill with a token it could read).
+    let sub_uid = sub["metadata"]["uid"].as_str().expect("subscription uid");
+    let as_operator = format!("--as=system:serviceaccount:{NAMESPACE}:gh-gatehouse-operator");
+    let secret = |name: &str, kind: &str, labelled: bool, owned: bool| {
+        let labels = if labelled {
+            "labels: {app.kubernetes.io/managed-by: gatehouse-operator}"
+        } else {
+            "labels: {}"
+        };
+        let owners = if owned {
+            format!(
+                "ownerReferences: [{{apiVersion: gatehouse.dev/v1alpha1, kind: Subscription, name: demo-app-mobile, uid: {sub_uid}, controller: true}}]"
+            )
+        } else {
+            "ownerReferences: []".to_string()
+        };
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: demo\n  {labels}\n  {owners}\n  annotations: {{kubernetes.io/service-account.name: default}}\ntype: {kind}\nstringData: {{clientSecret: x}}\n"
+        )
+    };
+    let create = |yaml: &str| {
+        kube.kubectl_stdin(
+            &[
+                as_operator.as_str(),
+                "create",
+                "--dry-run=server",
+                "-f",
+                "-",
+            ],
+            yaml,
+        )
+    };
+    let guard = "gh-gatehouse-gatehouse-system-operator-secrets";
+    let refused = |out: &Output| {
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(guard)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = create(&secret("planted", "Opaque", false, true));
+        if refused(&out) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the operator's Secret guard never refused: {}",
+            describe(&out)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for (kind, labelled, owned) in [
+        ("kubernetes.io/service-account-token", true, true),
+        ("Opaque", true, false),
+        ("Opaque", false, false),
+    ] {
+        let out = create(&secret("planted", kind, labelled, owned));
+        assert!(
+            refused(&out),
+            "{kind} {labelled} {owned}: {}",
+            describe(&out)
+        );
+    }
+    let out = create(&secret("demo-app-mobile-credentials", "Opaque", true, true));
+    assert!(out.status.success(), "{}", describe(&out));
+    // Another Secret of the namespace: not the operator's to change or delete.
+    kube.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "unrelated",
+        "-n",
+        "demo",
+        "--from-literal=k=v",
+    ]);
+    let out = kube.kubectl(&[
+        as_operator.as_str(),
+        "patch",
+        "secret",
+        "unrelated",
+        "-n",
+        "demo",
+        "--type=merge",
+        "-p",
+        r#"{"stringData":{"k":"w"}}"#,
+    ]);
+    assert!(refused(&out), "{}", describe(&out));
+    let out = kube.kubectl(&[
+        as_operator.as_str(),
+        "delete",
+        "secret",
+        "unrelated",
+        "-n",
+        "demo",
+    ]);
+    assert!(refused(&out), "{}", describe(&out));
+    // Anyone else is not affected by it.
+    kube.kubectl_ok(&["delete", "secret", "unrelated", "-n", "demo"]);
 
     // --- upgrade with changed values ---------------------------------------------------------
     kube.helm_ok(&[

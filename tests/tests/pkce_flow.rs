@@ -1456,6 +1456,25 @@ async fn revoking_a_refresh_token_revokes_its_access_tokens() {
     assert_eq!(revoke(&env, PHONE_APP, &access).await, StatusCode::OK);
     assert_token_refused_by_api(&env, &access).await;
 
+    // A refresh token already rotated (a sign-out racing a background refresh, or a stolen
+    // token refreshed by someone else): revoking it ends its family, the newer tokens too.
+    // Another client's attempt changes nothing.
+    let (code, verifier) = code_again(&mut b, &phone, &[PROFILE]).await;
+    let (_, r1) = phone.tokens(&env, &code, &verifier).await;
+    let t2 = phone.refresh(&env, &r1).await.expect("refresh");
+    let (a2, r2) = (
+        t2.access_token().secret().clone(),
+        t2.refresh_token().expect("rotated").secret().clone(),
+    );
+    assert_eq!(revoke(&env, FIRST_PARTY_APP, &r1).await, StatusCode::OK);
+    assert_eq!(call_api(&env, &a2).await.status(), StatusCode::OK);
+    assert_eq!(revoke(&env, PHONE_APP, &r1).await, StatusCode::OK);
+    assert_token_refused_by_api(&env, &a2).await;
+    assert_eq!(
+        token_error(phone.refresh(&env, &r2).await),
+        BasicErrorResponseType::InvalidGrant
+    );
+
     // Unknown tokens: 200.
     assert_eq!(
         revoke(&env, PHONE_APP, "no-such-token").await,

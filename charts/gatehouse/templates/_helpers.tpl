@@ -134,8 +134,11 @@ topologySpreadConstraints:
 # Client-secret Secrets of confidential subscriptions (owned by the Subscription). The operator
 # watches only Opaque Secrets' metadata and reads (get) only the Secrets subscriptions name, but
 # RBAC cannot say so: list/watch here also allow reading data. It patches only the clientId of
-# the Secrets it generated, when spec.clientId changes. No events: it reports through status.
+# the Secrets it generated, when spec.clientId changes, and deletes one it just created when
+# recording it in the Subscription's status was refused. RBAC cannot narrow create/patch/delete
+# to those Secrets either: operator-secret-guard.yaml does (labelled Opaque Secrets owned by a
+# Subscription only). No events: it reports through status.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 {{- end }}

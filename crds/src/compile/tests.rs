@@ -1897,3 +1897,56 @@ fn oversized_specs_are_invalid_alone() {
     api(&mut r, "mobile").spec.auth.scopes[0].description = "x".repeat(MAX_SPEC_BYTES - 1_024);
     assert_active(&compile(&r), Kind::Api, "mobile");
 }
+
+/// The chart's gateway NetworkPolicy keeps the gateways away from the addresses this crate
+/// refuses as upstreams (a second layer): every `except` block is metadata, and every metadata
+/// address compile knows sits in one.
+#[test]
+fn the_charts_network_policy_excludes_the_metadata_addresses() {
+    use std::net::IpAddr;
+    let policy = include_str!("../../../charts/gatehouse/templates/networkpolicy.yaml");
+    let blocks: Vec<(IpAddr, u32)> = policy
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("except: ["))
+        .flat_map(|l| l.trim_end_matches(']').split(", "))
+        .map(|c| {
+            let (ip, len) = c.trim_matches('"').split_once('/').expect("a CIDR");
+            (
+                ip.parse().expect("an address"),
+                len.parse().expect("a length"),
+            )
+        })
+        .collect();
+    assert_eq!(blocks.len(), 8, "{blocks:?}");
+    let inside = |ip: IpAddr, (net, len): (IpAddr, u32)| match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            len == 0 || (u32::from(a) ^ u32::from(n)) >> (32 - len) == 0
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            len == 0 || (u128::from(a) ^ u128::from(n)) >> (128 - len) == 0
+        }
+        _ => false,
+    };
+    for &(net, _) in &blocks {
+        assert!(is_metadata_ip(net), "{net} is excluded but not metadata");
+    }
+    for ip in [
+        "169.254.169.254",
+        "169.254.170.23",
+        "100.100.100.200",
+        "168.63.129.16",
+        "192.0.0.192",
+        "fe80::a9fe:a9fe",
+        "fd00:ec2::254",
+        "fd00:ec2::23",
+        "fd20:ce::254",
+        "fd00:c1::a9fe:a9fe",
+    ] {
+        let ip: IpAddr = ip.parse().unwrap();
+        assert!(is_metadata_ip(ip), "{ip}");
+        assert!(
+            blocks.iter().any(|&b| inside(ip, b)),
+            "{ip} is metadata but the NetworkPolicy lets gateways reach it"
+        );
+    }
+}

@@ -263,7 +263,12 @@ pub async fn handle(
         );
     }
     let (sid, sess, new_cookie) = match existing {
-        Some((sid, s)) => (sid, s, false),
+        Some((sid, mut s)) => {
+            if let Err(e) = session::renew_for_pending(&*state.store, &sid, &mut s).await {
+                return store_error_page(e);
+            }
+            (sid, s, false)
+        }
         None => match session::create(&*state.store, None).await {
             Ok((sid, s)) => (sid, s, true),
             Err(e) => return store_error_page(e),

@@ -26,10 +26,16 @@ pub const MAX_FAILURES_PER_ACCOUNT: u64 = 5;
 pub const MAX_FAILURES_PER_IP: u64 = 20;
 /// Default signups per client IP per hour; mobile carriers put many users behind one address.
 pub const MAX_SIGNUPS_PER_IP: u64 = 100;
+/// Default sign-ins (right password or wrong) per client IP in one window: each costs an
+/// Argon2id verification, and right ones take back their failure count, so without this one
+/// account's holder could keep the hashing pool busy for everybody.
+pub const MAX_PASSWORD_CHECKS_PER_IP: u64 = 300;
 pub const THROTTLE_WINDOW_SECS: u64 = 15 * 60;
 
 const BAD_CREDENTIALS: &str = "The email or password is not correct.";
 const THROTTLED: &str = "Too many failed attempts. Please wait 15 minutes and try again.";
+const BUSY_NETWORK: &str =
+    "Too many sign-ins from this network. Please wait 15 minutes and try again.";
 
 /// The browsers an account signed in on (`Device`s, least recently used first), all in one
 /// value: however sign-ins race, an account holds at most this one record.
@@ -321,6 +327,17 @@ fn attempt_failed() {
     metrics::counter!("gatehouse_login_failures_total").increment(1);
 }
 
+/// Counts a password check against the address's budget (`--max-password-checks-per-ip`),
+/// right password or wrong, never taken back; false when it is spent or the store cannot
+/// count.
+async fn count_password_check(state: &AppState, ip: &str) -> bool {
+    let key = format!("throttle:login:checks:{ip}");
+    match state.store.counter_incr(&key, THROTTLE_WINDOW_SECS).await {
+        Ok(n) => n <= state.max_password_checks_per_ip,
+        Err(_) => false,
+    }
+}
+
 /// Takes back a reserved attempt's counts: the password was correct, or it was never checked.
 async fn give_back_attempt(state: &AppState, c: &Counters) {
     let _ = state.store.counter_decr(&c.by_account).await;
@@ -444,6 +461,10 @@ pub async fn login_post(
     };
     // Looked up only for an attempt that goes on to Argon2: a refused one answers at once, and
     // a lookup before it would time whether the email has an account.
+    if !count_password_check(&state, &ip).await {
+        authorize::flash(&state, &sid, &mut sess, BUSY_NETWORK, Some(&email)).await;
+        return see_other(&back);
+    }
     let counters = Counters::new(&email, &ip, known_device(&state, &headers, &email).await);
     if !reserve_attempt(&state, &counters).await {
         authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
@@ -777,6 +798,65 @@ pub async fn logout_post(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Right passwords count against the address's budget of checks too (each is an Argon2id
+    /// run): past it, a sign-in from that address is refused before any hashing, whichever
+    /// account it names, and another address is not affected.
+    #[tokio::test]
+    async fn every_password_check_counts_against_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = AppState::for_tests(dir.path());
+        state.max_password_checks_per_ip = 2;
+        let state = Arc::new(state);
+        let pw = "violet harbour lantern quietly 1987";
+        let hash = crate::password::hash(pw);
+        accounts::create(&*state.store, "owner@example.com", hash)
+            .await
+            .unwrap()
+            .unwrap();
+        // One sign-in from `ip` in a fresh browser; the flash message it left, if any.
+        let sign_in = |ip: &'static str| {
+            let state = state.clone();
+            async move {
+                let (sid, sess) = session::create(&*state.store, None).await.unwrap();
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    header::COOKIE,
+                    format!("{}={sid}", session::COOKIE).parse().unwrap(),
+                );
+                let body = format!(
+                    "csrf={}&req=r1&email=owner%40example.com&password=violet+harbour+lantern+quietly+1987",
+                    sess.csrf
+                );
+                let r = login_post(
+                    State(state.clone()),
+                    PeerIp(ip.into()),
+                    headers.clone(),
+                    PageBody(body.into()),
+                )
+                .await;
+                assert_eq!(r.status(), StatusCode::SEE_OTHER);
+                let location = r.headers()[header::LOCATION].to_str().unwrap().to_string();
+                let flash = session::load(&*state.store, &headers, false)
+                    .await
+                    .unwrap()
+                    .and_then(|(_, s)| s.flash);
+                (location, flash)
+            }
+        };
+        let signed_in = ("/consent?req=r1".to_string(), None);
+        for _ in 0..2 {
+            assert_eq!(sign_in("192.0.2.7").await, signed_in);
+        }
+        let refused = ("/login?req=r1".to_string(), Some(BUSY_NETWORK.to_string()));
+        assert_eq!(sign_in("192.0.2.7").await, refused);
+        assert_eq!(sign_in("192.0.2.8").await, signed_in);
+        // The refused attempt counted no failure against the account.
+        let failures = state
+            .store
+            .counter_get("throttle:login:acct:owner@example.com");
+        assert_eq!(failures.await.unwrap(), 0);
+    }
 
     /// Until the start-up sweep has recorded accounts from before email normalization under
     /// their normalized address, a signup is answered "in a moment" and makes no account;

@@ -56,6 +56,12 @@ pub struct Session {
     pub flash: Option<String>,
     #[serde(default)]
     pub flash_email: Option<String>,
+    /// When its lifetime started (unix s): a sign-in for a signed-in session, the latest
+    /// pending request for an anonymous one. Saving again (a flash message) does not extend
+    /// it, so a stolen session cookie ends with the session it was taken from. Sessions saved
+    /// before this field start counting at their next load.
+    #[serde(default = "unix_now")]
+    pub started_at: u64,
 }
 
 /// An authorization request that passed validation and waits for login/consent.
@@ -141,14 +147,16 @@ pub async fn create(store: &dyn Store, user_id: Option<String>) -> StoreResult<(
         csrf: tokens::generate(),
         flash: None,
         flash_email: None,
+        started_at: unix_now(),
     };
     save(store, &sid, &session).await?;
     Ok((sid, session))
 }
 
-/// How long a session is kept. One nobody signed in to only serves a pending request, which
-/// lives 10 minutes: it goes with it, so cookieless requests cannot pile up 8-hour sessions.
-fn ttl(session: &Session) -> u64 {
+/// How long a session lives from `started_at`. One nobody signed in to only serves a pending
+/// request, which lives 10 minutes: it goes with it, so cookieless requests cannot pile up
+/// 8-hour sessions.
+fn lifetime(session: &Session) -> u64 {
     if session.user_id.is_some() {
         SESSION_TTL
     } else {
@@ -156,8 +164,36 @@ fn ttl(session: &Session) -> u64 {
     }
 }
 
+/// Seconds the session has left at `now` (at least 1, so a save never keeps it for ever). Pure.
+pub fn ttl_left(session: &Session, now: u64) -> u64 {
+    (session.started_at.saturating_add(lifetime(session)))
+        .saturating_sub(now)
+        .max(1)
+}
+
 pub async fn save(store: &dyn Store, sid: &str, session: &Session) -> StoreResult<()> {
-    kv::put(store, &session_key(sid), session, ttl(session)).await
+    kv::put(
+        store,
+        &session_key(sid),
+        session,
+        ttl_left(session, unix_now()),
+    )
+    .await
+}
+
+/// An anonymous session that takes a new pending request lives as long as that request (a
+/// sign-in started again after 9 minutes must not lose its session a minute later). A
+/// signed-in one keeps its end.
+pub async fn renew_for_pending(
+    store: &dyn Store,
+    sid: &str,
+    session: &mut Session,
+) -> StoreResult<()> {
+    if session.user_id.is_some() {
+        return Ok(());
+    }
+    session.started_at = unix_now();
+    save(store, sid, session).await
 }
 
 pub async fn destroy(store: &dyn Store, sid: &str) -> StoreResult<()> {
@@ -284,14 +320,43 @@ mod tests {
     }
 
     #[test]
-    fn only_signed_in_sessions_are_kept_for_hours() {
-        let anonymous = Session::default();
-        assert_eq!(ttl(&anonymous), PENDING_TTL);
-        let signed_in = Session {
-            user_id: Some("u1".into()),
+    fn only_signed_in_sessions_are_kept_for_hours_counted_from_their_start() {
+        let t0 = 1_000_000;
+        let anonymous = Session {
+            started_at: t0,
             ..Session::default()
         };
-        assert_eq!(ttl(&signed_in), SESSION_TTL);
+        assert_eq!(ttl_left(&anonymous, t0), PENDING_TTL);
+        let signed_in = Session {
+            user_id: Some("u1".into()),
+            started_at: t0,
+            ..Session::default()
+        };
+        assert_eq!(ttl_left(&signed_in, t0), SESSION_TTL);
+        // Saving later (a flash message) keeps the end where it was; past it, 1 s.
+        assert_eq!(ttl_left(&signed_in, t0 + 3_600), SESSION_TTL - 3_600);
+        assert_eq!(ttl_left(&signed_in, t0 + SESSION_TTL + 50), 1);
+        // A session saved before `started_at` existed starts counting when loaded.
+        let old: Session = serde_json::from_str(r#"{"user_id":"u1","csrf":"c"}"#).unwrap();
+        assert!(old.started_at + 5 >= unix_now());
+    }
+
+    /// A new sign-in request on an anonymous session gives the session the request's 10
+    /// minutes again; a signed-in session keeps the end of its 8 hours.
+    #[tokio::test]
+    async fn only_anonymous_sessions_are_renewed_by_a_new_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let long_ago = unix_now() - 540;
+        for (user_id, renewed) in [(None, true), (Some("u1".to_string()), false)] {
+            let (sid, mut s) = create(&store, user_id).await.unwrap();
+            s.started_at = long_ago;
+            save(&store, &sid, &s).await.unwrap();
+            renew_for_pending(&store, &sid, &mut s).await.unwrap();
+            assert_eq!(s.started_at != long_ago, renewed);
+            let kept: Session = kv::get(&store, &session_key(&sid)).await.unwrap().unwrap();
+            assert_eq!(kept.started_at, s.started_at);
+        }
     }
 
     #[test]

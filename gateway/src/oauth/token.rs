@@ -208,7 +208,7 @@ pub fn rotated_key(hash: &tokens::TokenHash) -> String {
 /// A spent code or rotated refresh token left a marker naming its client and grant: revoke
 /// that grant when `client_id` is its client. Returns how many tokens went, or None when there
 /// is no marker or it names another client.
-async fn revoke_marked_grant(
+pub(super) async fn revoke_marked_grant(
     state: &AppState,
     marker: &str,
     client_id: &str,

@@ -192,9 +192,11 @@ impl RedisStore {
                 .await;
                 match subscribed {
                     Ok(Ok((mut sink, mut stream))) => {
-                        // Anything revoked while we were not listening may be cached: start clean.
-                        store.cache.clear();
+                        // Anything revoked while we were not listening may be cached: start
+                        // clean. The epoch first, as in `invalidate`: a lookup that read before
+                        // and inserts after the clear sees the bump and takes its entry out.
                         store.epoch.fetch_add(1, Ordering::SeqCst);
+                        store.cache.clear();
                         store.listening.store(true, Ordering::SeqCst);
                         metrics::gauge!("gatehouse_revocation_listener_up").set(1.0);
                         delay = Duration::from_millis(100);
@@ -221,6 +223,7 @@ impl RedisStore {
                             }
                         };
                         store.listening.store(false, Ordering::SeqCst);
+                        store.epoch.fetch_add(1, Ordering::SeqCst);
                         store.cache.clear();
                         metrics::gauge!("gatehouse_revocation_listener_up").set(0.0);
                         tracing::warn!(

@@ -110,6 +110,7 @@ fn start_gateway(
             .args(extra)
             // The benchmark signs up and signs in every user from one address.
             .env("GATEHOUSE_MAX_SIGNUPS_PER_IP", "100000000")
+            .env("GATEHOUSE_MAX_PASSWORD_CHECKS_PER_IP", "100000000")
             .env("GATEHOUSE_MAX_SIGN_IN_STARTS_PER_MINUTE", "100000000")
             // It measures how many grants the token endpoint serves, from one client.
             .env("GATEHOUSE_MAX_TOKEN_GRANTS_PER_MINUTE", "100000000")
