@@ -159,7 +159,7 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
     for needle in [
         "- --appendonly\n            - \"yes\"",
         "- --appendfsync\n            - \"everysec\"",
-        "- --maxmemory\n            - \"300mb\"\n            - --maxmemory-policy\n            - noeviction",
+        "- --maxmemory\n            - \"400mb\"\n            - --maxmemory-policy\n            - noeviction",
         "volumeClaimTemplates:",
         "readOnlyRootFilesystem: true",
         "runAsNonRoot: true",
@@ -210,7 +210,8 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
     // The same metadata addresses as compile::is_metadata_ip refuses as upstreams.
     for needle in [
         "except: [169.254.0.0/16, 100.100.100.200/32, 168.63.129.16/32, 192.0.0.192/32]",
-        r#"except: [fe80::/10, "fd00:ec2::/64", "fd20:ce::254/128", "fd00:c1::a9fe:a9fe/128"]"#,
+        "- fd00:ec2::/64\n",
+        "- 64:ff9b::a9fe:0/112\n",
     ] {
         assert!(gateway_policy.contains(needle), "{gateway_policy}");
     }
@@ -228,6 +229,20 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
         "gateway.replicas=1",
     ]);
     assert_eq!(count(&single, "PodDisruptionBudget"), 0);
+    let percent = helm_offline_ok(&[
+        "template",
+        RELEASE,
+        &chart,
+        "--namespace",
+        NAMESPACE,
+        "--set",
+        "gateway.autoscaling.enabled=false",
+        "--set",
+        "gateway.replicas=1",
+        "--set-string",
+        "gateway.podDisruptionBudget.minAvailable=50%",
+    ]);
+    assert_eq!(count(&percent, "PodDisruptionBudget"), 0);
     assert_eq!(count(&default, "PodDisruptionBudget"), 1);
     // The ingress's addresses reach the gateway's throttles only when set.
     assert!(ext.contains("- --trusted-proxies=10.244.0.0/16"));
@@ -328,6 +343,20 @@ fn annotate_as(kube: &KubeApiServer, user: &str, group: &str, extra: &[&str]) ->
     ];
     args.extend_from_slice(extra);
     kube.kubectl(&args)
+}
+
+fn patch_as_operator_named(kube: &KubeApiServer, as_operator: &str, name: &str, patch: &str) -> Output {
+    kube.kubectl(&[
+        as_operator,
+        "patch",
+        "secret",
+        name,
+        "-n",
+        "demo",
+        "--type=merge",
+        "-p",
+        patch,
+    ])
 }
 
 fn refused_by_guard(out: &Output) -> bool {
@@ -653,47 +682,48 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
     );
 
     // --- the operator's Secret writes --------------------------------------------------------
-    // RBAC lets the operator write any Secret; the policy lets it write only its own kind:
-    // labelled Opaque Secrets controlled by a Subscription (never a service-account token
-    // Secret, which Kubernetes would fill with a token it could read).
+    // RBAC lets the operator write any Secret; the policy lets it write only what
+    // reconcile::secret_object makes: an Opaque `<subscription>-credentials` controlled by that
+    // Subscription, with the one label, no annotations and only clientId/clientSecret (never a
+    // service-account token Secret, which Kubernetes would fill with a token it could read).
     let sub_uid = sub["metadata"]["uid"].as_str().expect("subscription uid");
     let as_operator = format!("--as=system:serviceaccount:{NAMESPACE}:gh-gatehouse-operator");
-    let secret = |name: &str, kind: &str, labelled: bool, owned: bool| {
-        let labels = if labelled {
-            "labels: {app.kubernetes.io/managed-by: gatehouse-operator}"
-        } else {
-            "labels: {}"
-        };
-        let owners = if owned {
-            format!(
-                "ownerReferences: [{{apiVersion: gatehouse.dev/v1alpha1, kind: Subscription, name: demo-app-mobile, uid: {sub_uid}, controller: true}}]"
-            )
-        } else {
-            "ownerReferences: []".to_string()
-        };
+    let owner = format!(
+        "[{{apiVersion: gatehouse.dev/v1alpha1, kind: Subscription, name: demo-app-mobile, uid: {sub_uid}, controller: true}}]"
+    );
+    let ours = "{app.kubernetes.io/managed-by: gatehouse-operator}";
+    // A Secret in demo: name, type, labels, ownerReferences, extra metadata lines, data.
+    let secret = |name: &str, kind: &str, labels: &str, owners: &str, extra: &str, data: &str| {
         format!(
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: demo\n  {labels}\n  {owners}\n  annotations: {{kubernetes.io/service-account.name: default}}\ntype: {kind}\nstringData: {{clientSecret: x}}\n"
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {labels}\n  ownerReferences: {owners}\n{extra}type: {kind}\nstringData: {data}\n"
+        )
+    };
+    let legit = |name: &str| {
+        secret(
+            name,
+            "Opaque",
+            ours,
+            &owner,
+            "",
+            "{clientId: c, clientSecret: s}",
         )
     };
     let create = |yaml: &str| {
         kube.kubectl_stdin(
-            &[
-                as_operator.as_str(),
-                "create",
-                "--dry-run=server",
-                "-f",
-                "-",
-            ],
+            &[as_operator.as_str(), "create", "--dry-run=server", "-f", "-"],
             yaml,
         )
     };
-    let guard = "gh-gatehouse-gatehouse-system-operator-secrets";
+    // The policy's own message, not just its name: an expression that fails to evaluate is
+    // refused too (failurePolicy Fail), with another message.
     let refused = |out: &Output| {
-        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(guard)
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr)
+                .contains("the gatehouse operator only writes its own credentials Secrets")
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = create(&secret("planted", "Opaque", false, true));
+        let out = create(&legit("planted"));
         if refused(&out) {
             break;
         }
@@ -704,20 +734,81 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    for (kind, labelled, owned) in [
-        ("kubernetes.io/service-account-token", true, true),
-        ("Opaque", true, false),
-        ("Opaque", false, false),
+    let name = "demo-app-mobile-credentials";
+    let sa_token = "  annotations: {kubernetes.io/service-account.name: default}\n";
+    for (what, yaml) in [
+        (
+            "a service-account token",
+            secret(name, "kubernetes.io/service-account-token", ours, &owner, sa_token, "{}"),
+        ),
+        ("unowned", secret(name, "Opaque", ours, "[]", "", "{clientId: c}")),
+        ("unlabelled", secret(name, "Opaque", "{}", &owner, "", "{clientId: c}")),
+        (
+            "another label",
+            secret(
+                name,
+                "Opaque",
+                "{app.kubernetes.io/managed-by: gatehouse-operator, argocd.argoproj.io/secret-type: cluster}",
+                &owner,
+                "",
+                "{clientId: c}",
+            ),
+        ),
+        (
+            "annotated",
+            secret(name, "Opaque", ours, &owner, "  annotations: {a: b}\n", "{clientId: c}"),
+        ),
+        ("another key", secret(name, "Opaque", ours, &owner, "", "{config: x}")),
     ] {
-        let out = create(&secret("planted", kind, labelled, owned));
-        assert!(
-            refused(&out),
-            "{kind} {labelled} {owned}: {}",
-            describe(&out)
-        );
+        let out = create(&yaml);
+        assert!(refused(&out), "{what}: {}", describe(&out));
     }
-    let out = create(&secret("demo-app-mobile-credentials", "Opaque", true, true));
+    // What the operator does with its Secrets passes: create, the clientId patch (a merge
+    // patch naming the Secret's uid, controller.rs), delete.
+    let out = create(&legit(name));
     assert!(out.status.success(), "{}", describe(&out));
+    let out = kube.kubectl_stdin(&["create", "-f", "-"], &legit(name));
+    assert!(out.status.success(), "{}", describe(&out));
+    let secret_uid = kube.get_json(&["secret", name, "-n", "demo"])["metadata"]["uid"]
+        .as_str()
+        .expect("secret uid")
+        .to_string();
+    let patch_as_operator = |patch: &str| {
+        kube.kubectl(&[
+            as_operator.as_str(),
+            "patch",
+            "secret",
+            name,
+            "-n",
+            "demo",
+            "--type=merge",
+            "-p",
+            patch,
+        ])
+    };
+    let out = patch_as_operator(&format!(
+        r#"{{"metadata":{{"uid":"{secret_uid}"}},"stringData":{{"clientId":"renamed"}}}}"#
+    ));
+    assert!(out.status.success(), "{}", describe(&out));
+    for patch in [
+        r#"{"stringData":{"config":"x"}}"#,
+        r#"{"metadata":{"labels":{"argocd.argoproj.io/secret-type":"cluster"}}}"#,
+        r#"{"metadata":{"annotations":{"a":"b"}}}"#,
+    ] {
+        let out = patch_as_operator(patch);
+        assert!(refused(&out), "{patch}: {}", describe(&out));
+    }
+    let out = kube.kubectl(&[
+        as_operator.as_str(),
+        "delete",
+        "secret",
+        name,
+        "-n",
+        "demo",
+        "--dry-run=server",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    kube.kubectl_ok(&["delete", "secret", name, "-n", "demo"]);
     // Another Secret of the namespace: not the operator's to change or delete.
     kube.kubectl_ok(&[
         "create",
@@ -728,17 +819,7 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
         "demo",
         "--from-literal=k=v",
     ]);
-    let out = kube.kubectl(&[
-        as_operator.as_str(),
-        "patch",
-        "secret",
-        "unrelated",
-        "-n",
-        "demo",
-        "--type=merge",
-        "-p",
-        r#"{"stringData":{"k":"w"}}"#,
-    ]);
+    let out = patch_as_operator_named(&kube, &as_operator, "unrelated", r#"{"stringData":{"k":"w"}}"#);
     assert!(refused(&out), "{}", describe(&out));
     let out = kube.kubectl(&[
         as_operator.as_str(),

@@ -1899,16 +1899,30 @@ fn oversized_specs_are_invalid_alone() {
 }
 
 /// The chart's gateway NetworkPolicy keeps the gateways away from the addresses this crate
-/// refuses as upstreams (a second layer): every `except` block is metadata, and every metadata
-/// address compile knows sits in one.
+/// refuses as upstreams (a second layer): every `except` block is metadata, and each metadata
+/// address below (every one `is_metadata_ip` names, and the NAT64 spellings of the IPv4
+/// ones) sits in one.
 #[test]
 fn the_charts_network_policy_excludes_the_metadata_addresses() {
     use std::net::IpAddr;
     let policy = include_str!("../../../charts/gatehouse/templates/networkpolicy.yaml");
-    let blocks: Vec<(IpAddr, u32)> = policy
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("except: ["))
-        .flat_map(|l| l.trim_end_matches(']').split(", "))
+    // `except: [a, b]` on one line (IPv4) or `- a` lines under `except:` (IPv6).
+    let mut cidrs: Vec<&str> = vec![];
+    let mut in_list = false;
+    for line in policy.lines().map(str::trim) {
+        if let Some(inline) = line.strip_prefix("except: [") {
+            cidrs.extend(inline.trim_end_matches(']').split(", "));
+        }
+        in_list = match line.strip_prefix("- ") {
+            Some(item) if in_list && item.contains('/') => {
+                cidrs.push(item);
+                true
+            }
+            _ => line == "except:" || (in_list && line.starts_with('#')),
+        };
+    }
+    let blocks: Vec<(IpAddr, u32)> = cidrs
+        .into_iter()
         .map(|c| {
             let (ip, len) = c.trim_matches('"').split_once('/').expect("a CIDR");
             (
@@ -1917,7 +1931,7 @@ fn the_charts_network_policy_excludes_the_metadata_addresses() {
             )
         })
         .collect();
-    assert_eq!(blocks.len(), 8, "{blocks:?}");
+    assert_eq!(blocks.len(), 12, "{blocks:?}");
     let inside = |ip: IpAddr, (net, len): (IpAddr, u32)| match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
             len == 0 || (u32::from(a) ^ u32::from(n)) >> (32 - len) == 0
@@ -1941,6 +1955,11 @@ fn the_charts_network_policy_excludes_the_metadata_addresses() {
         "fd00:ec2::23",
         "fd20:ce::254",
         "fd00:c1::a9fe:a9fe",
+        // NAT64 spellings of the IPv4 ones (compile refuses those too).
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b::6464:64c8",
+        "64:ff9b::a83f:8110",
+        "64:ff9b::c000:c0",
     ] {
         let ip: IpAddr = ip.parse().unwrap();
         assert!(is_metadata_ip(ip), "{ip}");
