@@ -64,8 +64,8 @@ pub struct Args {
     #[arg(long, env = "GATEHOUSE_MAX_SIGNUPS_PER_IP", default_value_t = crate::oauth::login::MAX_SIGNUPS_PER_IP)]
     pub max_signups_per_ip: u64,
 
-    /// Sign-ins (each an Argon2id check, right password or wrong) allowed per client IP per 15
-    /// minutes. Failed ones are limited more tightly (20) on top of this.
+    /// Sign-ins at /login (each an Argon2id check, right password or wrong) allowed per client
+    /// IP per 15 minutes. Failed ones are limited more tightly (20) on top of this.
     #[arg(long, env = "GATEHOUSE_MAX_PASSWORD_CHECKS_PER_IP", default_value_t = crate::oauth::login::MAX_PASSWORD_CHECKS_PER_IP, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_password_checks_per_ip: u64,
 

@@ -192,10 +192,40 @@ async fn malformed_requests_are_invalid_request() {
     assert_eq!(json(resp).await["error"], "invalid_request");
 }
 
-/// The embedded store, except that `put_token` fails while `fail_puts` is set.
+/// The embedded store, except that `put_token` fails while `fail_puts` is set, and
+/// `revoke_token` waits for `release` while `hold_revokes` is set (telling `entered` first).
 struct FlakyStore {
     inner: gatehouse_gateway::store::embedded::EmbeddedStore,
     fail_puts: std::sync::atomic::AtomicBool,
+    hold_revokes: std::sync::atomic::AtomicBool,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+/// A harness on a `FlakyStore` (nothing failing or held yet).
+async fn flaky_harness() -> (Harness, Arc<FlakyStore>) {
+    let upstream = gatehouse_tests::echo::spawn().await;
+    let flaky = Arc::new(std::sync::OnceLock::<Arc<FlakyStore>>::new());
+    let keep = flaky.clone();
+    let h = Harness::with_store(
+        manifests(&format!("http://{upstream}"), 100),
+        upstream,
+        "http://gw.test",
+        move |inner| {
+            let s = Arc::new(FlakyStore {
+                inner,
+                fail_puts: Default::default(),
+                hold_revokes: Default::default(),
+                entered: Default::default(),
+                release: Default::default(),
+            });
+            keep.set(s.clone()).ok();
+            s
+        },
+    )
+    .await;
+    let flaky = flaky.get().unwrap().clone();
+    (h, flaky)
 }
 
 mod flaky {
@@ -217,6 +247,10 @@ mod flaky {
             self.inner.get_token(hash).await
         }
         async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
+            if self.hold_revokes.load(Ordering::SeqCst) {
+                self.entered.notify_one();
+                self.release.notified().await;
+            }
             self.inner.revoke_token(hash).await
         }
         async fn revoke_grant(&self, grant_id: &str) -> StoreResult<usize> {
@@ -321,26 +355,9 @@ async fn stored_code(h: &Harness, email: &str, grant: &str, expires_at: u64) -> 
 #[tokio::test]
 async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing() {
     use gatehouse_gateway::store::TokenKind;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
 
-    let upstream = gatehouse_tests::echo::spawn().await;
-    let flaky = Arc::new(std::sync::OnceLock::<Arc<FlakyStore>>::new());
-    let keep = flaky.clone();
-    let h = Harness::with_store(
-        manifests(&format!("http://{upstream}"), 100),
-        upstream,
-        "http://gw.test",
-        move |inner| {
-            let s = Arc::new(FlakyStore {
-                inner,
-                fail_puts: AtomicBool::new(false),
-            });
-            keep.set(s.clone()).ok();
-            s
-        },
-    )
-    .await;
-    let flaky = flaky.get().unwrap().clone();
+    let (h, flaky) = flaky_harness().await;
     // A user's access and refresh token of app-mobile, as a code exchange leaves them.
     let now = gatehouse_gateway::store::unix_now();
     let record = |kind| user_token(kind, "g-1", now + 3600);
@@ -385,6 +402,43 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
     assert_eq!(resp.status(), 200, "the retry is not a replay");
     let resp = h.call(token_request(&body, None)).await;
     assert_eq!(json(resp).await["error"], "invalid_grant", "single use");
+}
+
+/// A client that goes away in the middle of a refresh (hyper then drops the request's future)
+/// does not stop the rotation half-way: the presented refresh token is spent all the same, so
+/// it cannot be used a second time as if it were new (the embedded store commits its file
+/// before its memory, and a stop in between left it live until a restart).
+#[tokio::test]
+async fn a_refresh_whose_client_goes_away_is_finished_anyway() {
+    use gatehouse_gateway::store::TokenKind;
+    use std::sync::atomic::Ordering;
+
+    let (h, flaky) = flaky_harness().await;
+    let now = gatehouse_gateway::store::unix_now();
+    let refresh = gatehouse_gateway::tokens::generate();
+    let hash = gatehouse_gateway::tokens::hash(&refresh);
+    let store = h.state.store.clone();
+    store
+        .put_token(hash, user_token(TokenKind::Refresh, "g-1", now + 3600))
+        .await
+        .unwrap();
+    let body = format!("grant_type=refresh_token&client_id=app-mobile&refresh_token={refresh}");
+    flaky.hold_revokes.store(true, Ordering::SeqCst);
+    tokio::select! {
+        _ = h.call(token_request(&body, None)) => panic!("answered while its spend was held"),
+        () = flaky.entered.notified() => {}
+    }
+    // The request's future is gone, as when its connection closes; the spend goes on.
+    flaky.hold_revokes.store(false, Ordering::SeqCst);
+    flaky.release.notify_one();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while store.get_token(&hash).await.unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refresh token is still live after its request went away"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// A refresh token or code in its last 2 s is refused as expired before anything is issued or

@@ -345,7 +345,12 @@ fn annotate_as(kube: &KubeApiServer, user: &str, group: &str, extra: &[&str]) ->
     kube.kubectl(&args)
 }
 
-fn patch_as_operator_named(kube: &KubeApiServer, as_operator: &str, name: &str, patch: &str) -> Output {
+fn patch_as_operator_named(
+    kube: &KubeApiServer,
+    as_operator: &str,
+    name: &str,
+    patch: &str,
+) -> Output {
     kube.kubectl(&[
         as_operator,
         "patch",
@@ -710,7 +715,13 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
     };
     let create = |yaml: &str| {
         kube.kubectl_stdin(
-            &[as_operator.as_str(), "create", "--dry-run=server", "-f", "-"],
+            &[
+                as_operator.as_str(),
+                "create",
+                "--dry-run=server",
+                "-f",
+                "-",
+            ],
             yaml,
         )
     };
@@ -739,10 +750,23 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
     for (what, yaml) in [
         (
             "a service-account token",
-            secret(name, "kubernetes.io/service-account-token", ours, &owner, sa_token, "{}"),
+            secret(
+                name,
+                "kubernetes.io/service-account-token",
+                ours,
+                &owner,
+                sa_token,
+                "{}",
+            ),
         ),
-        ("unowned", secret(name, "Opaque", ours, "[]", "", "{clientId: c}")),
-        ("unlabelled", secret(name, "Opaque", "{}", &owner, "", "{clientId: c}")),
+        (
+            "unowned",
+            secret(name, "Opaque", ours, "[]", "", "{clientId: c}"),
+        ),
+        (
+            "unlabelled",
+            secret(name, "Opaque", "{}", &owner, "", "{clientId: c}"),
+        ),
         (
             "another label",
             secret(
@@ -756,9 +780,19 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
         ),
         (
             "annotated",
-            secret(name, "Opaque", ours, &owner, "  annotations: {a: b}\n", "{clientId: c}"),
+            secret(
+                name,
+                "Opaque",
+                ours,
+                &owner,
+                "  annotations: {a: b}\n",
+                "{clientId: c}",
+            ),
         ),
-        ("another key", secret(name, "Opaque", ours, &owner, "", "{config: x}")),
+        (
+            "another key",
+            secret(name, "Opaque", ours, &owner, "", "{config: x}"),
+        ),
     ] {
         let out = create(&yaml);
         assert!(refused(&out), "{what}: {}", describe(&out));
@@ -819,7 +853,12 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
         "demo",
         "--from-literal=k=v",
     ]);
-    let out = patch_as_operator_named(&kube, &as_operator, "unrelated", r#"{"stringData":{"k":"w"}}"#);
+    let out = patch_as_operator_named(
+        &kube,
+        &as_operator,
+        "unrelated",
+        r#"{"stringData":{"k":"w"}}"#,
+    );
     assert!(refused(&out), "{}", describe(&out));
     let out = kube.kubectl(&[
         as_operator.as_str(),

@@ -26,15 +26,17 @@ pub const MAX_FAILURES_PER_ACCOUNT: u64 = 5;
 pub const MAX_FAILURES_PER_IP: u64 = 20;
 /// Default signups per client IP per hour; mobile carriers put many users behind one address.
 pub const MAX_SIGNUPS_PER_IP: u64 = 100;
-/// Default sign-ins (right password or wrong) per client IP in one window: each costs an
-/// Argon2id verification, and right ones take back their failure count, so without this one
-/// account's holder could keep the hashing pool busy for everybody.
-pub const MAX_PASSWORD_CHECKS_PER_IP: u64 = 300;
+/// Default sign-ins at /login (right password or wrong) per client IP in one window: each
+/// costs an Argon2id verification, and right ones take back their failure count, so without
+/// it one account's holder signing in and out in a loop could keep the hashing pool busy for
+/// everybody. High, as mobile carriers put many users behind one address: spending it takes
+/// 1,000 verifications (the 20 failures an address may make lock it out sooner).
+pub const MAX_PASSWORD_CHECKS_PER_IP: u64 = 1_000;
 pub const THROTTLE_WINDOW_SECS: u64 = 15 * 60;
 
 const BAD_CREDENTIALS: &str = "The email or password is not correct.";
 const THROTTLED: &str = "Too many failed attempts. Please wait 15 minutes and try again.";
-const BUSY_NETWORK: &str =
+const TOO_MANY_SIGN_INS: &str =
     "Too many sign-ins from this network. Please wait 15 minutes and try again.";
 
 /// The browsers an account signed in on (`Device`s, least recently used first), all in one
@@ -327,15 +329,10 @@ fn attempt_failed() {
     metrics::counter!("gatehouse_login_failures_total").increment(1);
 }
 
-/// Counts a password check against the address's budget (`--max-password-checks-per-ip`),
-/// right password or wrong, never taken back; false when it is spent or the store cannot
-/// count.
-async fn count_password_check(state: &AppState, ip: &str) -> bool {
-    let key = format!("throttle:login:checks:{ip}");
-    match state.store.counter_incr(&key, THROTTLE_WINDOW_SECS).await {
-        Ok(n) => n <= state.max_password_checks_per_ip,
-        Err(_) => false,
-    }
+/// The address's budget of password checks (`--max-password-checks-per-ip`: right password
+/// or wrong, never taken back).
+fn checks_key(ip: &str) -> String {
+    format!("throttle:login:checks:{ip}")
 }
 
 /// Takes back a reserved attempt's counts: the password was correct, or it was never checked.
@@ -461,14 +458,37 @@ pub async fn login_post(
     };
     // Looked up only for an attempt that goes on to Argon2: a refused one answers at once, and
     // a lookup before it would time whether the email has an account.
-    if !count_password_check(&state, &ip).await {
-        authorize::flash(&state, &sid, &mut sess, BUSY_NETWORK, Some(&email)).await;
-        return see_other(&back);
+    // The address's budget of checks: looked at first, touching nothing (a spent one must not
+    // let requests park failure counters per made-up email), and counted once the attempt is
+    // reserved, as that one goes on to Argon2id.
+    let checks = checks_key(&ip);
+    match state.store.counter_get(&checks).await {
+        Ok(n) if n >= state.max_password_checks_per_ip => {
+            authorize::flash(&state, &sid, &mut sess, TOO_MANY_SIGN_INS, Some(&email)).await;
+            return see_other(&back);
+        }
+        Ok(_) => {}
+        Err(e) => return store_error_page(e),
     }
     let counters = Counters::new(&email, &ip, known_device(&state, &headers, &email).await);
     if !reserve_attempt(&state, &counters).await {
         authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
         return see_other(&back);
+    }
+    match state
+        .store
+        .counter_incr(&checks, THROTTLE_WINDOW_SECS)
+        .await
+    {
+        Ok(n) if n <= state.max_password_checks_per_ip => {}
+        counted => {
+            give_back_attempt(&state, &counters).await;
+            if let Err(e) = counted {
+                return store_error_page(e);
+            }
+            authorize::flash(&state, &sid, &mut sess, TOO_MANY_SIGN_INS, Some(&email)).await;
+            return see_other(&back);
+        }
     }
     let user = match accounts::find(&*state.store, &email, legacy_email.as_deref()).await {
         Ok(u) => u,
@@ -800,13 +820,14 @@ mod tests {
     use super::*;
 
     /// Right passwords count against the address's budget of checks too (each is an Argon2id
-    /// run): past it, a sign-in from that address is refused before any hashing, whichever
-    /// account it names, and another address is not affected.
+    /// run): past it, a sign-in from that address is refused before any hashing, and before
+    /// it touches any other counter (a made-up email parks none). Another address is not
+    /// affected.
     #[tokio::test]
     async fn every_password_check_counts_against_the_address() {
         let dir = tempfile::tempdir().unwrap();
         let mut state = AppState::for_tests(dir.path());
-        state.max_password_checks_per_ip = 2;
+        state.max_password_checks_per_ip = 3;
         let state = Arc::new(state);
         let pw = "violet harbour lantern quietly 1987";
         let hash = crate::password::hash(pw);
@@ -814,8 +835,9 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        // One sign-in from `ip` in a fresh browser; the flash message it left, if any.
-        let sign_in = |ip: &'static str| {
+        // One sign-in as `who` (its local part) from `ip` in a fresh browser: where it was
+        // sent, and the flash message it left, if any.
+        let sign_in = |ip: &'static str, who: &'static str, password: &'static str| {
             let state = state.clone();
             async move {
                 let (sid, sess) = session::create(&*state.store, None).await.unwrap();
@@ -825,8 +847,9 @@ mod tests {
                     format!("{}={sid}", session::COOKIE).parse().unwrap(),
                 );
                 let body = format!(
-                    "csrf={}&req=r1&email=owner%40example.com&password=violet+harbour+lantern+quietly+1987",
-                    sess.csrf
+                    "csrf={}&req=r1&email={who}%40example.com&password={}",
+                    sess.csrf,
+                    password.replace(' ', "+")
                 );
                 let r = login_post(
                     State(state.clone()),
@@ -845,17 +868,34 @@ mod tests {
             }
         };
         let signed_in = ("/consent?req=r1".to_string(), None);
-        for _ in 0..2 {
-            assert_eq!(sign_in("192.0.2.7").await, signed_in);
-        }
-        let refused = ("/login?req=r1".to_string(), Some(BUSY_NETWORK.to_string()));
-        assert_eq!(sign_in("192.0.2.7").await, refused);
-        assert_eq!(sign_in("192.0.2.8").await, signed_in);
-        // The refused attempt counted no failure against the account.
-        let failures = state
+        let refused = (
+            "/login?req=r1".to_string(),
+            Some(TOO_MANY_SIGN_INS.to_string()),
+        );
+        let wrong = (
+            "/login?req=r1".to_string(),
+            Some(BAD_CREDENTIALS.to_string()),
+        );
+        assert_eq!(sign_in("192.0.2.7", "owner", pw).await, signed_in);
+        assert_eq!(sign_in("192.0.2.7", "owner", pw).await, signed_in);
+        assert_eq!(sign_in("192.0.2.7", "nobody", pw).await, wrong);
+        // The budget of 3 is spent: refused, right password or not.
+        assert_eq!(sign_in("192.0.2.7", "owner", pw).await, refused);
+        assert_eq!(sign_in("192.0.2.7", "made-up", pw).await, refused);
+        assert_eq!(sign_in("192.0.2.8", "owner", pw).await, signed_in);
+        // The refusals counted no failure and parked no counter for the made-up email.
+        let count = |key: &'static str| {
+            let state = state.clone();
+            async move { state.store.counter_get(key).await.unwrap() }
+        };
+        assert_eq!(count("throttle:login:acct:owner@example.com").await, 0);
+        assert_eq!(count("throttle:login:acct:nobody@example.com").await, 1);
+        let parked = state
             .store
-            .counter_get("throttle:login:acct:owner@example.com");
-        assert_eq!(failures.await.unwrap(), 0);
+            .kv_keys("throttle:login:acct:made-up", |_| true)
+            .await
+            .unwrap();
+        assert!(parked.is_empty(), "{parked:?}");
     }
 
     /// Until the start-up sweep has recorded accounts from before email normalization under

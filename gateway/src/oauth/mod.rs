@@ -20,8 +20,39 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, header};
 
-use crate::error::{OAuthErrorCode, oauth};
+use crate::error::{GatewayError, OAuthErrorCode, oauth};
 use crate::state::AppState;
+
+/// Runs an endpoint's work on a task of its own, so it goes to its end even when the client
+/// goes away: hyper drops a request's future when its connection closes, and a code exchange,
+/// a refresh or a revocation changes the store in several steps. Stopped between two of them,
+/// the embedded store (which commits its file before it changes memory) would keep a revoked
+/// token working, or a spent code or refresh token usable, until the next restart.
+pub async fn to_completion<T, W>(work: W) -> Result<T, GatewayError>
+where
+    T: Send + 'static,
+    W: Future<Output = Result<T, GatewayError>> + Send + 'static,
+{
+    let task = TASKS.with(|tasks| tasks.spawn(work));
+    task.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "an authorization server task failed");
+        Err(oauth(OAuthErrorCode::ServerError, "internal error"))
+    })
+}
+
+thread_local! {
+    /// This thread's `to_completion` tasks. A worker's runtime ends with its server and would
+    /// cancel them there, so the server waits for them first (`finish_tasks`).
+    static TASKS: tokio_util::task::TaskTracker = tokio_util::task::TaskTracker::new();
+}
+
+/// Waits for this thread's `to_completion` tasks: a server calls it once its connections are
+/// drained, before its runtime goes.
+pub async fn finish_tasks() {
+    let tasks = TASKS.with(Clone::clone);
+    tasks.close();
+    tasks.wait().await;
+}
 
 /// The body of a request to an OAuth endpoint (at most `server::FORM_BODY_LIMIT`). One too
 /// large, or one that stops arriving, is answered as an RFC 6749 `invalid_request` (JSON,

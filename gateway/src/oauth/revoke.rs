@@ -22,7 +22,8 @@ pub async fn handle(
     headers: HeaderMap,
     OAuthBody(body): OAuthBody,
 ) -> Response {
-    match revoke(&state, &headers, &body).await {
+    let answer = super::to_completion(async move { revoke(&state, &headers, &body).await });
+    match answer.await {
         Ok(()) => {
             let mut r = StatusCode::OK.into_response();
             no_store(r.headers_mut());

@@ -39,7 +39,8 @@ pub async fn handle(
     headers: HeaderMap,
     OAuthBody(body): OAuthBody,
 ) -> Response {
-    match token(&state, &headers, &body).await {
+    let answer = super::to_completion(async move { token(&state, &headers, &body).await });
+    match answer.await {
         Ok(resp) => {
             let mut r = Json(resp).into_response();
             no_store(r.headers_mut());
