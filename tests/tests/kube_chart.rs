@@ -216,33 +216,25 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
         assert!(gateway_policy.contains(needle), "{gateway_policy}");
     }
     assert!(gateway_policy.contains("port: 53"), "{gateway_policy}");
-    // One replica and minAvailable 1 would block every node drain: no budget then.
-    let single = helm_offline_ok(&[
-        "template",
-        RELEASE,
-        &chart,
-        "--namespace",
-        NAMESPACE,
-        "--set",
-        "gateway.autoscaling.enabled=false",
-        "--set",
-        "gateway.replicas=1",
-    ]);
-    assert_eq!(count(&single, "PodDisruptionBudget"), 0);
-    let percent = helm_offline_ok(&[
-        "template",
-        RELEASE,
-        &chart,
-        "--namespace",
-        NAMESPACE,
-        "--set",
-        "gateway.autoscaling.enabled=false",
-        "--set",
-        "gateway.replicas=1",
-        "--set-string",
-        "gateway.podDisruptionBudget.minAvailable=50%",
-    ]);
-    assert_eq!(count(&percent, "PodDisruptionBudget"), 0);
+    // One replica and minAvailable 1 (or any percentage of one) would block every node
+    // drain: no budget then.
+    for min_available in ["1", "50%"] {
+        let min = format!("gateway.podDisruptionBudget.minAvailable={min_available}");
+        let single = helm_offline_ok(&[
+            "template",
+            RELEASE,
+            &chart,
+            "--namespace",
+            NAMESPACE,
+            "--set",
+            "gateway.autoscaling.enabled=false",
+            "--set",
+            "gateway.replicas=1",
+            "--set-string",
+            &min,
+        ]);
+        assert_eq!(count(&single, "PodDisruptionBudget"), 0, "{min}");
+    }
     assert_eq!(count(&default, "PodDisruptionBudget"), 1);
     // The ingress's addresses reach the gateway's throttles only when set.
     assert!(ext.contains("- --trusted-proxies=10.244.0.0/16"));
