@@ -262,13 +262,8 @@ pub async fn handle(
             "too many sign-in requests from this network; try again in a minute",
         );
     }
-    let (sid, sess, new_cookie) = match existing {
-        Some((sid, mut s)) => {
-            if let Err(e) = session::renew_for_pending(&*state.store, &sid, &mut s).await {
-                return store_error_page(e);
-            }
-            (sid, s, false)
-        }
+    let (sid, mut sess, new_cookie) = match existing {
+        Some((sid, s)) => (sid, s, false),
         None => match session::create(&*state.store, None).await {
             Ok((sid, s)) => (sid, s, true),
             Err(e) => return store_error_page(e),
@@ -291,6 +286,9 @@ pub async fn handle(
         Ok(id) => id,
         Err(e) => return store_error_page(e),
     };
+    if let Err(e) = session::attach_pending(&*state.store, &sid, &mut sess, &req_id).await {
+        return store_error_page(e);
+    }
     let mut resp = match &sess.user_id {
         // Already signed in here: straight on to consent or the code.
         Some(_) => see_other(&format!("/consent?req={req_id}")),

@@ -62,7 +62,15 @@ pub struct Session {
     /// before this field start counting at their next load.
     #[serde(default = "unix_now")]
     pub started_at: u64,
+    /// Ids of its open pending requests, oldest first (`attach_pending`).
+    #[serde(default)]
+    pub pending: Vec<String>,
 }
+
+/// Open sign-in requests one browser session keeps: a new one past this drops the oldest, so a
+/// session (a signed-in one counts per user, not per address) cannot park requests without
+/// bound.
+pub const MAX_PENDING_PER_SESSION: usize = 10;
 
 /// An authorization request that passed validation and waits for login/consent.
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -148,6 +156,7 @@ pub async fn create(store: &dyn Store, user_id: Option<String>) -> StoreResult<(
         flash: None,
         flash_email: None,
         started_at: unix_now(),
+        pending: Vec::new(),
     };
     save(store, &sid, &session).await?;
     Ok((sid, session))
@@ -181,19 +190,30 @@ pub async fn save(store: &dyn Store, sid: &str, session: &Session) -> StoreResul
     .await
 }
 
-/// An anonymous session that takes a new pending request lives as long as that request (a
-/// sign-in started again after 9 minutes must not lose its session a minute later). A
+/// Records a new pending request in its session and deletes the session's oldest ones past
+/// `MAX_PENDING_PER_SESSION`. An anonymous session lives as long as its newest request then
+/// (a sign-in started again after 9 minutes must not lose its session a minute later); a
 /// signed-in one keeps its end.
-pub async fn renew_for_pending(
+pub async fn attach_pending(
     store: &dyn Store,
     sid: &str,
     session: &mut Session,
+    id: &str,
 ) -> StoreResult<()> {
-    if session.user_id.is_some() {
-        return Ok(());
+    session.pending.push(id.to_string());
+    let excess = session
+        .pending
+        .len()
+        .saturating_sub(MAX_PENDING_PER_SESSION);
+    let dropped: Vec<String> = session.pending.drain(..excess).collect();
+    if session.user_id.is_none() {
+        session.started_at = unix_now();
     }
-    session.started_at = unix_now();
-    save(store, sid, session).await
+    save(store, sid, session).await?;
+    for old in dropped {
+        store.kv_delete(&pending_key(&old)).await?;
+    }
+    Ok(())
 }
 
 pub async fn destroy(store: &dyn Store, sid: &str) -> StoreResult<()> {
@@ -341,10 +361,11 @@ mod tests {
         assert!(old.started_at + 5 >= unix_now());
     }
 
-    /// A new sign-in request on an anonymous session gives the session the request's 10
-    /// minutes again; a signed-in session keeps the end of its 8 hours.
+    /// A session keeps its newest `MAX_PENDING_PER_SESSION` requests (older ones are deleted),
+    /// and a new request gives an anonymous session the request's 10 minutes again while a
+    /// signed-in one keeps the end of its 8 hours.
     #[tokio::test]
-    async fn only_anonymous_sessions_are_renewed_by_a_new_request() {
+    async fn a_session_keeps_its_newest_requests_and_only_an_anonymous_one_is_renewed() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
         let long_ago = unix_now() - 540;
@@ -352,10 +373,31 @@ mod tests {
             let (sid, mut s) = create(&store, user_id).await.unwrap();
             s.started_at = long_ago;
             save(&store, &sid, &s).await.unwrap();
-            renew_for_pending(&store, &sid, &mut s).await.unwrap();
+            let mut ids = vec![];
+            for _ in 0..MAX_PENDING_PER_SESSION + 2 {
+                let p = Pending {
+                    session: session_binding(&sid),
+                    client_id: "c".into(),
+                    redirect_uri: "app:/cb".into(),
+                    redirect_uri_sent: true,
+                    state: None,
+                    scope: String::new(),
+                    code_challenge: "x".into(),
+                    created_at: unix_now(),
+                    confirm: false,
+                };
+                let id = put_pending(&store, &p).await.unwrap();
+                attach_pending(&store, &sid, &mut s, &id).await.unwrap();
+                ids.push(id);
+            }
             assert_eq!(s.started_at != long_ago, renewed);
             let kept: Session = kv::get(&store, &session_key(&sid)).await.unwrap().unwrap();
             assert_eq!(kept.started_at, s.started_at);
+            assert_eq!(kept.pending, ids[2..]);
+            for (i, id) in ids.iter().enumerate() {
+                let open = get_pending(&store, id, &sid).await.unwrap().is_some();
+                assert_eq!(open, i >= 2, "request {i}");
+            }
         }
     }
 
