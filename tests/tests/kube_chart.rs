@@ -356,6 +356,24 @@ fn patch_as_operator_named(
     ])
 }
 
+/// A policy takes effect once the API server has compiled it: tries `attempt` (a server
+/// dry-run) until `refused` says the policy refused it, for at most 30 s.
+fn until_refused(policy: &str, attempt: impl Fn() -> Output, refused: impl Fn(&Output) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = attempt();
+        if refused(&out) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{policy} never refused: {}",
+            describe(&out)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 fn refused_by_guard(out: &Output) -> bool {
     !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(GUARD_MESSAGE)
 }
@@ -505,25 +523,18 @@ subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: bob}
 ",
     );
-    // The policy takes effect once the API server has compiled it: wait with server dry-runs.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = annotate_as(
-            &kube,
-            "alice",
-            "devs",
-            &["gatehouse.dev/approved=true", "--dry-run=server"],
-        );
-        if refused_by_guard(&out) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the approval guard never refused alice: {}",
-            describe(&out)
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    until_refused(
+        "the approval guard",
+        || {
+            annotate_as(
+                &kube,
+                "alice",
+                "devs",
+                &["gatehouse.dev/approved=true", "--dry-run=server"],
+            )
+        },
+        refused_by_guard,
+    );
     // A non-admin: setting the annotation is refused, with the policy's message ...
     let out = annotate_as(&kube, "alice", "devs", &["gatehouse.dev/approved=true"]);
     assert!(refused_by_guard(&out), "{}", describe(&out));
@@ -724,19 +735,11 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
             && String::from_utf8_lossy(&out.stderr)
                 .contains("the gatehouse operator only writes its own credentials Secrets")
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = create(&legit("planted"));
-        if refused(&out) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the operator's Secret guard never refused: {}",
-            describe(&out)
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    until_refused(
+        "the operator's Secret guard",
+        || create(&legit("planted")),
+        refused,
+    );
     let name = "demo-app-mobile-credentials";
     let sa_token = "  annotations: {kubernetes.io/service-account.name: default}\n";
     for (what, yaml) in [
