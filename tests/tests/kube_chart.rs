@@ -802,19 +802,7 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
         .as_str()
         .expect("secret uid")
         .to_string();
-    let patch_as_operator = |patch: &str| {
-        kube.kubectl(&[
-            as_operator.as_str(),
-            "patch",
-            "secret",
-            name,
-            "-n",
-            "demo",
-            "--type=merge",
-            "-p",
-            patch,
-        ])
-    };
+    let patch_as_operator = |patch: &str| patch_as_operator_named(&kube, &as_operator, name, patch);
     let out = patch_as_operator(&format!(
         r#"{{"metadata":{{"uid":"{secret_uid}"}},"stringData":{{"clientId":"renamed"}}}}"#
     ));
