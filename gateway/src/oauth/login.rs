@@ -456,8 +456,6 @@ pub async fn login_post(
         Ok(p) => p,
         Err(r) => return r,
     };
-    // Looked up only for an attempt that goes on to Argon2: a refused one answers at once, and
-    // a lookup before it would time whether the email has an account.
     // The address's budget of checks: looked at first, touching nothing (a spent one must not
     // let requests park failure counters per made-up email), and counted once the attempt is
     // reserved, as that one goes on to Argon2id.
@@ -470,6 +468,8 @@ pub async fn login_post(
         Ok(_) => {}
         Err(e) => return store_error_page(e),
     }
+    // The account is looked up only for an attempt that goes on to Argon2: a refused one
+    // answers at once, and a lookup before it would time whether the email has an account.
     let counters = Counters::new(&email, &ip, known_device(&state, &headers, &email).await);
     if !reserve_attempt(&state, &counters).await {
         authorize::flash(&state, &sid, &mut sess, THROTTLED, Some(&email)).await;
