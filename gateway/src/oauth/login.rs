@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::PageBody;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequestParts, Query, State};
 use axum::response::Response;
+use http::request::Parts;
 use http::{HeaderMap, StatusCode, header};
 
 use super::PeerIp;
@@ -202,6 +203,26 @@ pub struct ReqParam {
     req: String,
 }
 
+/// The sign-in pages' `req` query parameter. A query that does not parse (`req` twice, bad
+/// percent-encoding) gets a page with the pages' security headers, not axum's plain-text
+/// rejection.
+pub struct ReqQuery(ReqParam);
+
+impl<S: Send + Sync> FromRequestParts<S> for ReqQuery {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Query::<ReqParam>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(ReqQuery(q)),
+            Err(_) => Err(error_page(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "This sign-in link is not valid. Go back to the app and start again.",
+            )),
+        }
+    }
+}
+
 /// GET /login and GET /signup: render the form for a pending request of this session.
 async fn show(state: &AppState, headers: &HeaderMap, req: &str, signup: bool) -> Response {
     let (sid, mut sess) = match session::load(&*state.store, headers, state.secure_cookies()).await
@@ -248,7 +269,7 @@ async fn show(state: &AppState, headers: &HeaderMap, req: &str, signup: bool) ->
 
 pub async fn login_page(
     State(state): State<Arc<AppState>>,
-    Query(q): Query<ReqParam>,
+    ReqQuery(q): ReqQuery,
     headers: HeaderMap,
 ) -> Response {
     show(&state, &headers, &q.req, false).await
@@ -256,7 +277,7 @@ pub async fn login_page(
 
 pub async fn signup_page(
     State(state): State<Arc<AppState>>,
-    Query(q): Query<ReqParam>,
+    ReqQuery(q): ReqQuery,
     headers: HeaderMap,
 ) -> Response {
     show(&state, &headers, &q.req, true).await
@@ -657,7 +678,7 @@ async fn signed_in_user(
 
 pub async fn consent_page(
     State(state): State<Arc<AppState>>,
-    Query(q): Query<ReqParam>,
+    ReqQuery(q): ReqQuery,
     headers: HeaderMap,
 ) -> Response {
     let (sid, sess, user) = match signed_in_user(&state, &headers).await {
@@ -818,6 +839,25 @@ pub async fn logout_post(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sign-in page's query that does not parse gets a page with the security headers (no
+    /// framing, no sniffing), not a plain-text rejection; a good one passes.
+    #[tokio::test]
+    async fn a_bad_sign_in_query_gets_a_page_with_the_security_headers() {
+        let parts = |uri: &str| http::Request::get(uri).body(()).unwrap().into_parts().0;
+        let Err(r) = ReqQuery::from_request_parts(&mut parts("/login?req=a&req=b"), &()).await
+        else {
+            panic!("a repeated req was accepted");
+        };
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(r.headers()[header::X_FRAME_OPTIONS], "DENY");
+        assert_eq!(r.headers()[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        let Ok(ReqQuery(q)) = ReqQuery::from_request_parts(&mut parts("/login?req=r1"), &()).await
+        else {
+            panic!("a good query was refused");
+        };
+        assert_eq!(q.req, "r1");
+    }
 
     /// Right passwords count against the address's budget of checks too (each is an Argon2id
     /// run): past it, a sign-in from that address is refused before any hashing, and before
