@@ -138,8 +138,6 @@ async fn serve_until(
     drop(listener);
     graceful.stop();
     graceful.drained().await;
-    // Token and revocation work whose client went away during the drain.
-    crate::oauth::finish_tasks().await;
 }
 
 /// HTTP/1.1 with a deadline for each request's headers, which also covers a connection that
