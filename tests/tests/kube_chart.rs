@@ -356,18 +356,19 @@ fn patch_as_operator_named(
     ])
 }
 
-/// A policy takes effect once the API server has compiled it: tries `attempt` (a server
-/// dry-run) until `refused` says the policy refused it, for at most 30 s.
-fn until_refused(policy: &str, attempt: impl Fn() -> Output, refused: impl Fn(&Output) -> bool) {
+/// A policy (or its change) takes effect once the API server has compiled it: tries `attempt`
+/// (a server dry-run, or a change that is harmless when it goes through) until `done` holds,
+/// for at most 30 s; `waiting` says what for.
+fn until(waiting: &str, attempt: impl Fn() -> Output, done: impl Fn(&Output) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = attempt();
-        if refused(&out) {
+        if done(&out) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{policy} never refused: {}",
+            "{waiting}: still not after 30 s: {}",
             describe(&out)
         );
         std::thread::sleep(Duration::from_millis(300));
@@ -523,8 +524,8 @@ subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: bob}
 ",
     );
-    until_refused(
-        "the approval guard",
+    until(
+        "the approval guard refusing alice",
         || {
             annotate_as(
                 &kube,
@@ -735,8 +736,8 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
             && String::from_utf8_lossy(&out.stderr)
                 .contains("the gatehouse operator only writes its own credentials Secrets")
     };
-    until_refused(
-        "the operator's Secret guard",
+    until(
+        "the operator's Secret guard refusing a planted Secret",
         || create(&legit("planted")),
         refused,
     );
@@ -914,22 +915,16 @@ spec: {application: demo-app, api: mobile, plan: premium, trusted: true}
         "-n",
         "demo",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = annotate_as(
-            &kube,
-            "carol",
-            "devs",
-            &["--overwrite", "gatehouse.dev/approved=true"],
-        );
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "carol (approvalGuard.adminUsers after the upgrade) still refused: {}",
-            describe(&out)
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    until(
+        "carol (approvalGuard.adminUsers after the upgrade) allowed",
+        || {
+            annotate_as(
+                &kube,
+                "carol",
+                "devs",
+                &["--overwrite", "gatehouse.dev/approved=true"],
+            )
+        },
+        |out| out.status.success(),
+    );
 }

@@ -840,6 +840,18 @@ pub async fn logout_post(
 mod tests {
     use super::*;
 
+    /// A fresh browser: its Cookie header naming a new anonymous session, and that session's
+    /// CSRF token.
+    async fn browser(state: &AppState) -> (HeaderMap, String) {
+        let (sid, sess) = session::create(&*state.store, None).await.unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            format!("{}={sid}", session::COOKIE).parse().unwrap(),
+        );
+        (headers, sess.csrf)
+    }
+
     /// A sign-in page's query that does not parse gets a page with the security headers (no
     /// framing, no sniffing), not a plain-text rejection; a good one passes.
     #[tokio::test]
@@ -880,15 +892,9 @@ mod tests {
         let sign_in = |ip: &'static str, who: &'static str, password: &'static str| {
             let state = state.clone();
             async move {
-                let (sid, sess) = session::create(&*state.store, None).await.unwrap();
-                let mut headers = HeaderMap::new();
-                headers.insert(
-                    header::COOKIE,
-                    format!("{}={sid}", session::COOKIE).parse().unwrap(),
-                );
+                let (headers, csrf) = browser(&state).await;
                 let body = format!(
-                    "csrf={}&req=r1&email={who}%40example.com&password={}",
-                    sess.csrf,
+                    "csrf={csrf}&req=r1&email={who}%40example.com&password={}",
                     password.replace(' ', "+")
                 );
                 let r = login_post(
@@ -948,12 +954,7 @@ mod tests {
         state
             .accounts_indexed
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        let (sid, _) = session::create(&*state.store, None).await.unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::COOKIE,
-            format!("{}={sid}", session::COOKIE).parse().unwrap(),
-        );
+        let (headers, csrf) = browser(&state).await;
         let signup = |csrf: String| {
             let state = state.clone();
             let headers = headers.clone();
@@ -970,12 +971,6 @@ mod tests {
                 .await
             }
         };
-        let csrf = session::load(&*state.store, &headers, false)
-            .await
-            .unwrap()
-            .unwrap()
-            .1
-            .csrf;
         let r = signup(csrf).await;
         assert_eq!(r.status(), StatusCode::SEE_OTHER);
         assert_eq!(r.headers()[header::LOCATION], "/signup?req=r1");
