@@ -69,6 +69,13 @@ pub struct Args {
     #[arg(long, env = "GATEHOUSE_MAX_PASSWORD_CHECKS_PER_IP", default_value_t = crate::oauth::login::MAX_PASSWORD_CHECKS_PER_IP, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_password_checks_per_ip: u64,
 
+    /// Seconds after a refresh during which the refresh token it spent still works once more,
+    /// for a client that never got the answer (a dropped connection): the pair that answer
+    /// held is revoked and a new one issued. Used later, or once the new refresh token was
+    /// used, it is reuse and revokes the family. 0 makes every second use reuse.
+    #[arg(long, env = "GATEHOUSE_REFRESH_RETRY_SECONDS", default_value_t = crate::oauth::refresh::REFRESH_RETRY_SECONDS, value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub refresh_retry_seconds: u64,
+
     /// Sign-in requests (`/oauth2/authorize`) one client IP may start per minute on each
     /// replica, as a burst, then evenly spaced (a browser signed in at the gateway counts as
     /// its user). Each parks a pending request in the store for 10 minutes; over the limit the

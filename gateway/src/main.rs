@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
     state.password_min_len = args.password_min_length as usize;
     state.max_signups_per_ip = args.max_signups_per_ip;
     state.max_password_checks_per_ip = args.max_password_checks_per_ip;
+    state.refresh_retry_secs = args.refresh_retry_seconds;
     state.websocket_slots = Arc::new(tokio::sync::Semaphore::new(args.max_websockets as usize));
     state.websocket_callers = Arc::new(gatehouse_gateway::tunnel::PerCaller::new(
         args.max_websockets_per_caller as usize,

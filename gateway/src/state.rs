@@ -31,6 +31,9 @@ pub struct AppState {
     pub max_signups_per_ip: u64,
     /// Sign-ins (password checks) allowed per client IP per 15 minutes.
     pub max_password_checks_per_ip: u64,
+    /// Seconds after a rotation during which the token rotated last may be redeemed again by
+    /// a client that did not get the answer (`--refresh-retry-seconds`; 0: never).
+    pub refresh_retry_secs: u64,
     /// Proxies whose X-Forwarded-For names the client for the login, signup and sign-in
     /// throttles.
     pub trusted_proxies: TrustedProxies,
@@ -61,6 +64,7 @@ impl AppState {
             password_min_len: crate::password::MIN_LENGTH,
             max_signups_per_ip: crate::oauth::login::MAX_SIGNUPS_PER_IP,
             max_password_checks_per_ip: crate::oauth::login::MAX_PASSWORD_CHECKS_PER_IP,
+            refresh_retry_secs: crate::oauth::refresh::REFRESH_RETRY_SECONDS,
             trusted_proxies: TrustedProxies::default(),
             sign_in_starts: AddressThrottle::per_minute(
                 crate::oauth::authorize::MAX_SIGN_IN_STARTS_PER_MINUTE,

@@ -18,6 +18,38 @@ pub fn generate() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// Bytes of a grant family's id. Every refresh token of one family starts with it, so a
+/// rotated token that comes back names its family without a record per rotation.
+pub const FAMILY_LEN: usize = 16;
+pub type FamilyId = [u8; FAMILY_LEN];
+
+/// A fresh family id (128 random bits; only the family's refresh tokens carry it).
+pub fn new_family() -> FamilyId {
+    let mut id = [0u8; FAMILY_LEN];
+    rand::rng().fill_bytes(&mut id);
+    id
+}
+
+/// A refresh token of `family`: its id, then 256 random bits, base64url (64 characters).
+pub fn generate_refresh(family: &FamilyId) -> String {
+    let mut bytes = [0u8; REFRESH_LEN];
+    bytes[..FAMILY_LEN].copy_from_slice(family);
+    rand::rng().fill_bytes(&mut bytes[FAMILY_LEN..]);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+const REFRESH_LEN: usize = FAMILY_LEN + 32;
+
+/// The family a refresh token names; None for any other shape, such as the 43-character
+/// refresh tokens issued before families. Says nothing about whether the token is genuine.
+pub fn refresh_family(token: &str) -> Option<FamilyId> {
+    let mut bytes = [0u8; REFRESH_LEN];
+    match URL_SAFE_NO_PAD.decode_slice(token.as_bytes(), &mut bytes) {
+        Ok(REFRESH_LEN) => bytes[..FAMILY_LEN].try_into().ok(),
+        _ => None,
+    }
+}
+
 pub fn hash(token: &str) -> TokenHash {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -67,6 +99,26 @@ mod tests {
         assert!(looks_like_token(&a));
         assert_ne!(a, b);
         assert_eq!(URL_SAFE_NO_PAD.decode(&a).unwrap().len(), 32);
+    }
+
+    #[test]
+    fn refresh_tokens_name_their_family_and_nothing_else_does() {
+        let family = new_family();
+        let (a, b) = (generate_refresh(&family), generate_refresh(&family));
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b, "256 random bits after the family id");
+        assert_eq!(refresh_family(&a), Some(family));
+        assert_eq!(refresh_family(&b), Some(family));
+        assert_ne!(
+            refresh_family(&generate_refresh(&new_family())),
+            Some(family)
+        );
+        // Access tokens, refresh tokens from before families, and anything else: no family.
+        assert_eq!(refresh_family(&generate()), None);
+        assert_eq!(refresh_family(&format!("{a}A")), None);
+        assert_eq!(refresh_family(&a[..63]), None);
+        assert_eq!(refresh_family(&format!("{}+", &a[..63])), None);
+        assert_eq!(refresh_family(&"é".repeat(32)), None);
     }
 
     #[test]

@@ -192,12 +192,14 @@ async fn malformed_requests_are_invalid_request() {
     assert_eq!(json(resp).await["error"], "invalid_request");
 }
 
-/// The embedded store, except that `put_token` fails while `fail_puts` is set, and
-/// `revoke_token` waits for `release` while `hold_revokes` is set (telling `entered` first).
+/// The embedded store, except that `put_token` fails while `fail_puts` is set, `revoke_token`
+/// waits for `release` while `hold_revokes` is set (telling `entered` first), and revokes but
+/// answers an error while `lose_revoke_replies` is set (a reply lost to a timeout).
 struct FlakyStore {
     inner: gatehouse_gateway::store::embedded::EmbeddedStore,
     fail_puts: std::sync::atomic::AtomicBool,
     hold_revokes: std::sync::atomic::AtomicBool,
+    lose_revoke_replies: std::sync::atomic::AtomicBool,
     entered: tokio::sync::Notify,
     release: tokio::sync::Notify,
 }
@@ -216,6 +218,7 @@ async fn flaky_harness() -> (Harness, Arc<FlakyStore>) {
                 inner,
                 fail_puts: Default::default(),
                 hold_revokes: Default::default(),
+                lose_revoke_replies: Default::default(),
                 entered: Default::default(),
                 release: Default::default(),
             });
@@ -251,7 +254,11 @@ mod flaky {
                 self.entered.notify_one();
                 self.release.notified().await;
             }
-            self.inner.revoke_token(hash).await
+            let revoked = self.inner.revoke_token(hash).await;
+            if self.lose_revoke_replies.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("injected: reply lost".into()));
+            }
+            revoked
         }
         async fn revoke_grant(&self, grant_id: &str) -> StoreResult<usize> {
             self.inner.revoke_grant(grant_id).await
@@ -348,6 +355,53 @@ async fn stored_code(h: &Harness, email: &str, grant: &str, expires_at: u64) -> 
     )
 }
 
+/// A refresh whose spend happened but whose answer from the store was lost (a timeout) answers
+/// 503, and the client's retry with the same token gets a pair: the family's record names the
+/// pair nobody received, which the retry takes instead. (Before, the retry found the token
+/// spent and revoked the family: the user was signed out by a slow store.) Once the new
+/// refresh token is used, the old one is reuse again.
+#[tokio::test]
+async fn a_refresh_whose_spend_reply_is_lost_can_be_retried() {
+    use std::sync::atomic::Ordering;
+
+    let (h, flaky) = flaky_harness().await;
+    let now = gatehouse_gateway::store::unix_now();
+    let exchange = stored_code(&h, "lost@example.com", "g-lost", now + 60).await;
+    let resp = h.call(token_request(&exchange, None)).await;
+    assert_eq!(resp.status(), 200);
+    let v = json(resp).await;
+    let field = |v: &serde_json::Value, k: &str| v[k].as_str().expect(k).to_string();
+    let (a0, r0) = (field(&v, "access_token"), field(&v, "refresh_token"));
+    let refresh =
+        |t: &str| format!("grant_type=refresh_token&client_id=app-mobile&refresh_token={t}");
+    let store = h.state.store.clone();
+    let live = |t: &str| {
+        let (store, hash) = (store.clone(), gatehouse_gateway::tokens::hash(t));
+        async move { store.get_token(&hash).await.unwrap().is_some() }
+    };
+
+    flaky.lose_revoke_replies.store(true, Ordering::SeqCst);
+    let resp = h.call(token_request(&refresh(&r0), None)).await;
+    assert_eq!(resp.status(), 503);
+    flaky.lose_revoke_replies.store(false, Ordering::SeqCst);
+    assert!(!live(&r0).await, "the spend happened");
+
+    let resp = h.call(token_request(&refresh(&r0), None)).await;
+    assert_eq!(resp.status(), 200, "the retry is not reuse");
+    let v = json(resp).await;
+    let (a1, r1) = (field(&v, "access_token"), field(&v, "refresh_token"));
+    assert!(live(&a0).await && live(&a1).await && live(&r1).await);
+
+    let resp = h.call(token_request(&refresh(&r1), None)).await;
+    assert_eq!(resp.status(), 200);
+    let r2 = field(&json(resp).await, "refresh_token");
+    let resp = h.call(token_request(&refresh(&r0), None)).await;
+    assert_eq!(json(resp).await["error"], "invalid_grant");
+    for t in [&a0, &a1, &r2] {
+        assert!(!live(t).await, "reuse of the old token left {t} live");
+    }
+}
+
 /// A refresh or code exchange that cannot store its new pair answers 503 and spends nothing:
 /// the client's retry with the same refresh token or code works, and the access token it holds
 /// keeps working. (Spending first made that retry look like reuse or a replay, which revoked
@@ -381,16 +435,21 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
     let resp = h.call(token_request(&body, None)).await;
     assert_eq!(resp.status(), 200, "the retry is not reuse");
     let v = json(resp).await;
-    assert!(v["refresh_token"].is_string());
-    let old = store
-        .get_token(&gatehouse_gateway::tokens::hash(&access))
-        .await
-        .unwrap();
-    assert!(old.is_some(), "the family was not revoked");
-    // The token it presented is spent now: a third use is reuse.
+    // A refresh token from before families (43 characters) is rotated into one that carries
+    // its family (64).
+    let next = v["refresh_token"].as_str().expect("a refresh token");
+    assert_eq!(next.len(), 64);
+    let live = |t: &str| {
+        let (store, hash) = (store.clone(), gatehouse_gateway::tokens::hash(t));
+        async move { store.get_token(&hash).await.unwrap().is_some() }
+    };
+    assert!(live(&access).await, "the family was not revoked");
+    // The token it presented is spent now: a third use is reuse, found by the marker its
+    // rotation left, and it ends the family, the new refresh token too.
     let resp = h.call(token_request(&body, None)).await;
     assert_eq!(resp.status(), 400);
     assert_eq!(json(resp).await["error"], "invalid_grant");
+    assert!(!live(&access).await && !live(next).await);
 
     // The same for a code: not spent by an exchange whose tokens cannot be stored.
     let body = stored_code(&h, "c@example.com", "g-2", now + 60).await;

@@ -1068,9 +1068,12 @@ async fn codes_are_single_use_and_bound_to_verifier_client_and_redirect() {
     assert_eq!(body["error"], "invalid_request", "42 characters: {body}");
 }
 
+/// With retries of a refresh turned off (`--refresh-retry-seconds 0`), so that any second use of
+/// a refresh token is reuse however the two requests interleave; with the default window see
+/// `a_refresh_can_be_retried_within_its_window_only`.
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_uses_of_one_code_or_refresh_token_leave_no_live_tokens() {
-    let env = env().await;
+    let env = env_with(&["--refresh-retry-seconds", "0"]).await;
     let phone = app(&env, PHONE_APP, "myapp://callback");
     let (mut b, code, verifier) = new_user(&env, &phone, "rita@example.com", &[PROFILE]).await;
     // One code redeemed twice at once (a retried request, or a thief with the verifier): at
@@ -1426,6 +1429,93 @@ async fn refresh_tokens_rotate_and_reuse_revokes_the_family() {
         token_error(phone.refresh(&env, &r4).await),
         BasicErrorResponseType::InvalidGrant
     );
+}
+
+/// The access and refresh token of a token response.
+fn pair_of(t: &BasicTokenResponse) -> (String, String) {
+    let refresh = t.refresh_token().expect("a refresh token");
+    (t.access_token().secret().clone(), refresh.secret().clone())
+}
+
+/// A refresh whose answer never reached the app (a dropped connection) can be retried with the
+/// same token for `--refresh-retry-seconds` (30 by default): the retry gets a new pair, and the
+/// pair in the lost answer stops working. Once the new refresh token is used, the old one is
+/// reuse and ends the family; so is a retry after the window, and (below) any second use with
+/// the window off. Another client sending the token changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_can_be_retried_within_its_window_only() {
+    let env = env().await;
+    let phone = app(&env, PHONE_APP, "myapp://callback");
+    let (a0, r0) = user_tokens(&env, &phone, "olga@example.com", &[PROFILE]).await;
+    assert_eq!(r0.len(), 64, "a refresh token carries its family");
+    let (a1, r1) = pair_of(&phone.refresh(&env, &r0).await.expect("refresh"));
+    let (a2, r2) = pair_of(&phone.refresh(&env, &r0).await.expect("the retry"));
+    assert_token_refused_by_api(&env, &a1).await;
+    for access in [&a0, &a2] {
+        assert_eq!(call_api(&env, access).await.status(), StatusCode::OK);
+    }
+    let thief = app(&env, FIRST_PARTY_APP, "myapp://callback");
+    assert_eq!(
+        token_error(thief.refresh(&env, &r0).await),
+        BasicErrorResponseType::InvalidGrant
+    );
+    assert_eq!(call_api(&env, &a2).await.status(), StatusCode::OK);
+    let (a3, r3) = pair_of(&phone.refresh(&env, &r2).await.expect("refresh"));
+    assert_eq!(
+        token_error(phone.refresh(&env, &r0).await),
+        BasicErrorResponseType::InvalidGrant,
+        "a retry after the new token was used"
+    );
+    for access in [&a0, &a2, &a3] {
+        assert_token_refused_by_api(&env, access).await;
+    }
+    for refresh in [&r1, &r3] {
+        assert_eq!(
+            token_error(phone.refresh(&env, refresh).await),
+            BasicErrorResponseType::InvalidGrant
+        );
+    }
+
+    // The lost answer's refresh token, if it arrived after all, is reuse once the retry took
+    // its place.
+    let (_, r0) = user_tokens(&env, &phone, "oscar@example.com", &[PROFILE]).await;
+    let (_, r1) = pair_of(&phone.refresh(&env, &r0).await.expect("refresh"));
+    let (a2, _) = pair_of(&phone.refresh(&env, &r0).await.expect("the retry"));
+    assert_eq!(
+        token_error(phone.refresh(&env, &r1).await),
+        BasicErrorResponseType::InvalidGrant
+    );
+    assert_token_refused_by_api(&env, &a2).await;
+
+    // Two uses at once: whichever way they interleave, at most one answered pair works.
+    for round in 0..4 {
+        let (_, r0) = user_tokens(&env, &phone, &format!("otto{round}@example.com"), &[]).await;
+        let (t1, t2) = tokio::join!(phone.refresh(&env, &r0), phone.refresh(&env, &r0));
+        let mut working = 0;
+        for t in [t1, t2].iter().filter_map(|t| t.as_ref().ok()) {
+            if call_api(&env, t.access_token().secret()).await.status() == StatusCode::OK {
+                working += 1;
+            }
+        }
+        assert!(working <= 1, "round {round}: two pairs work");
+    }
+
+    // A window of 1 s: a retry 2 s later is reuse. With none, at once.
+    for (window, wait) in [("1", 2), ("0", 0)] {
+        let env = env_with(&["--refresh-retry-seconds", window]).await;
+        let phone = app(&env, PHONE_APP, "myapp://callback");
+        let (a0, r0) = user_tokens(&env, &phone, "olga@example.com", &[PROFILE]).await;
+        let (a1, _) = pair_of(&phone.refresh(&env, &r0).await.expect("refresh"));
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        assert_eq!(
+            token_error(phone.refresh(&env, &r0).await),
+            BasicErrorResponseType::InvalidGrant,
+            "window {window}"
+        );
+        for access in [&a0, &a1] {
+            assert_token_refused_by_api(&env, access).await;
+        }
+    }
 }
 
 /// Revoking the refresh token `revoked` (of PHONE_APP): another client's request answers 200

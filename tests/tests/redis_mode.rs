@@ -337,7 +337,10 @@ async fn pkce_flow_across_two_gateways_sharing_redis() {
         .to_string();
     assert_eq!(user.len(), 36);
 
-    // A: refresh; B: the rotated token again -> refused and the family revoked everywhere
+    // A: refresh, whose answer the app never gets; B: the app's retry with the same token gets
+    // a pair, and the lost answer's access token stops working on both replicas (one family
+    // record for all of them). B: the lost answer's refresh token after all -> reuse, and the
+    // family is revoked everywhere.
     let refresh = tokens["refresh_token"].as_str().unwrap().to_string();
     let rotate = |gw: &Gateway, t: &str| {
         http.post(gw.url("/oauth2/token")).form(&[
@@ -346,34 +349,33 @@ async fn pkce_flow_across_two_gateways_sharing_redis() {
             ("refresh_token", t),
         ])
     };
-    let new: Value = rotate(&a, &refresh)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let new_access = new["access_token"].as_str().unwrap().to_string();
-    assert_eq!(
-        http.get(b.url("/mobile/me"))
-            .bearer_auth(&new_access)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let reuse = rotate(&b, &refresh).send().await.unwrap();
+    let pair = |v: Value| {
+        let field = |k: &str| v[k].as_str().unwrap().to_string();
+        (field("access_token"), field("refresh_token"))
+    };
+    let status_on = |gw: &Gateway, access: &str| {
+        let call = http.get(gw.url("/mobile/me")).bearer_auth(access);
+        async move { call.send().await.unwrap().status() }
+    };
+    let lost = rotate(&a, &refresh).send().await.unwrap();
+    assert_eq!(lost.status(), 200);
+    let (lost_access, lost_refresh) = pair(lost.json().await.unwrap());
+    let retry = rotate(&b, &refresh).send().await.unwrap();
+    assert_eq!(retry.status(), 200, "a retry on another replica");
+    let (new_access, _) = pair(retry.json().await.unwrap());
+    for gw in [&a, &b] {
+        assert_eq!(status_on(gw, &lost_access).await, 401);
+    }
+    // Only B has seen the new access token, so A's answer below cannot come from its cache.
+    assert_eq!(status_on(&b, &new_access).await, 200);
+    let reuse = rotate(&b, &lost_refresh).send().await.unwrap();
     assert_eq!(reuse.status(), 400);
     for gw in [&a, &b] {
-        let s = http
-            .get(gw.url("/mobile/me"))
-            .bearer_auth(&new_access)
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(s, 401, "family revoked on every replica");
+        assert_eq!(
+            status_on(gw, &new_access).await,
+            401,
+            "family revoked on every replica"
+        );
     }
     // A replayed code (on the other replica) is refused too.
     let replay = exchange(&a).send().await.unwrap();

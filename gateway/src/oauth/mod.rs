@@ -8,6 +8,7 @@ pub mod login;
 pub mod metadata;
 pub mod pkce;
 pub mod redirect;
+pub mod refresh;
 pub mod revoke;
 pub mod session;
 pub mod token;

@@ -1,6 +1,6 @@
 //! `POST /oauth2/revoke` (RFC 7009). Revoking a refresh token revokes its whole grant (the
 //! access tokens issued with it too), also when that token was already rotated; unknown tokens
-//! and other clients' tokens answer 200.
+//! and other clients' tokens answer 200 and change nothing.
 
 use std::sync::Arc;
 
@@ -46,31 +46,23 @@ async fn revoke(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<()
             "the token store is unavailable",
         )
     };
-    let Some(record) = state.store.get_token(&hash).await.map_err(unavailable)? else {
-        // A refresh token spent by a rotation: a sign-out that raced a background refresh, or
-        // a holder who does not know the token was stolen and refreshed by someone else. The
-        // grant it belonged to is what the client asks to end, whoever holds its newer tokens.
-        let rotated = super::token::rotated_key(&hash);
-        if super::token::revoke_marked_grant(state, &rotated, &client.cfg.client_id)
-            .await?
-            .is_some()
-        {
-            metrics::counter!("gatehouse_tokens_revoked_total").increment(1);
-        }
-        return Ok(());
-    };
-    if record.client_id != client.cfg.client_id {
-        // Not this client's token: nothing happens, and nothing is revealed.
-        return Ok(());
-    }
-    match record.kind {
-        TokenKind::Refresh => {
-            super::token::revoke_family(state, &record.grant_id)
-                .await
-                .map_err(unavailable)?;
-        }
-        TokenKind::Access => {
+    let record = state.store.get_token(&hash).await.map_err(unavailable)?;
+    match record.as_deref() {
+        Some(r) if r.kind == TokenKind::Access => {
+            if r.client_id != client.cfg.client_id {
+                // Not this client's token: nothing happens, and nothing is revealed.
+                return Ok(());
+            }
             state.store.revoke_token(&hash).await.map_err(unavailable)?;
+        }
+        // A refresh token, live or already rotated, ends its family (`refresh::revoke`).
+        live => {
+            if super::refresh::revoke(state, client, token, live)
+                .await?
+                .is_none()
+            {
+                return Ok(());
+            }
         }
     }
     metrics::counter!("gatehouse_tokens_revoked_total").increment(1);

@@ -63,7 +63,7 @@ async fn token(
     match grant_type {
         "client_credentials" => client_credentials(state, &snap, client, &form).await,
         "authorization_code" => authorization_code(state, &snap, client, &form).await,
-        "refresh_token" => refresh_token(state, &snap, client, &form).await,
+        "refresh_token" => super::refresh::refresh_token(state, &snap, client, &form).await,
         other => Err(oauth(
             OAuthErrorCode::UnsupportedGrantType,
             format!("grant_type {} is not supported", super::shown(other)),
@@ -104,7 +104,7 @@ fn offers(snap: &Snapshot, client: &ClientRuntime, scope: &str) -> bool {
 
 /// `granted` less the scopes the Api no longer offers. When that leaves none of a non-empty
 /// grant, `invalid_scope`: a token response without `scope` says "all you asked for".
-fn still_offered(
+pub(super) fn still_offered(
     snap: &Snapshot,
     client: &ClientRuntime,
     granted: &str,
@@ -122,7 +122,7 @@ fn still_offered(
     Ok(kept.join(" "))
 }
 
-fn require_grant(client: &ClientRuntime, grant: GrantType) -> Result<(), GatewayError> {
+pub(super) fn require_grant(client: &ClientRuntime, grant: GrantType) -> Result<(), GatewayError> {
     if client.cfg.grants.contains(&grant) {
         Ok(())
     } else {
@@ -152,7 +152,7 @@ async fn client_credentials(
     let access_token = issue(
         state,
         client,
-        TokenKind::Access,
+        Issue::Access,
         None,
         &scope,
         &uuid::Uuid::new_v4().to_string(),
@@ -189,11 +189,11 @@ fn within_issuance_limit(
         .map_err(GatewayError::SlowDown)
 }
 
-fn invalid_grant(desc: &str) -> GatewayError {
+pub(super) fn invalid_grant(desc: &str) -> GatewayError {
     oauth(OAuthErrorCode::InvalidGrant, desc)
 }
 
-fn unavailable(e: crate::store::StoreError) -> GatewayError {
+pub(super) fn unavailable(e: crate::store::StoreError) -> GatewayError {
     tracing::error!(error = %e, "store failure at the token endpoint");
     oauth(
         OAuthErrorCode::TemporarilyUnavailable,
@@ -201,8 +201,9 @@ fn unavailable(e: crate::store::StoreError) -> GatewayError {
     )
 }
 
-/// Where a rotated refresh token leaves its grant id, so reuse can revoke the family.
-pub fn rotated_key(hash: &tokens::TokenHash) -> String {
+/// Where a rotated refresh token from before families (`refresh.rs`) left its grant id, so
+/// reuse can revoke the family.
+pub(super) fn rotated_key(hash: &tokens::TokenHash) -> String {
     format!("rotated:{}", hex::encode(hash))
 }
 
@@ -233,7 +234,7 @@ pub(super) async fn revoke_marked_grant(
 
 /// A spent code's or rotated refresh token's marker: "<client id> <grant id>". Markers
 /// written before the client was recorded hold only the grant id. Pure.
-fn marker_value(client_id: &str, grant_id: &str) -> String {
+pub(super) fn marker_value(client_id: &str, grant_id: &str) -> String {
     format!("{client_id} {grant_id}")
 }
 
@@ -243,6 +244,14 @@ fn parse_marker(value: &str) -> (Option<&str>, &str) {
         Some((client, grant)) => (Some(client), grant),
         None => (None, value),
     }
+}
+
+/// Whether `revoke_family` ended this grant (within the last `REVOKED_GRANT_MEMORY`).
+pub(super) async fn grant_revoked(state: &AppState, grant_id: &str) -> Result<bool, GatewayError> {
+    Ok(kv::get::<bool>(&*state.store, &revoked_grant_key(grant_id))
+        .await
+        .map_err(unavailable)?
+        .is_some())
 }
 
 /// Marks a grant revoked for as long as tokens could still be issued into it (a code exchange
@@ -365,16 +374,12 @@ async fn authorization_code(
         return Err(invalid_grant("the user no longer exists"));
     }
     // The pair first, then the code is spent (see `answer_once`).
-    let pair = token_pair(
-        state,
-        snap,
-        client,
-        &record.user_id,
-        &scope,
-        &scope,
-        &record.grant_id,
-    )
-    .await?;
+    // The family's first refresh token; its record is written at the first rotation.
+    let family = Family {
+        grant_id: &record.grant_id,
+        id: &tokens::new_family(),
+    };
+    let pair = token_pair(state, snap, client, &record.user_id, &scope, &scope, family).await?;
     let owner = marker_value(&record.client_id, &record.grant_id);
     let spent = match kv::put(store, &marker, &owner, USED_CODE_MEMORY).await {
         // Only whether this request took it matters: the record was read above.
@@ -384,14 +389,18 @@ async fn authorization_code(
     let presented = Presented {
         grant_id: &record.grant_id,
         expires_at: record.expires_at,
+        keep_refresh: false,
     };
     answer_once(state, pair, spent, presented, replayed).await
 }
 
 /// The code or refresh token a request presented: its grant family and when it expires.
-struct Presented<'a> {
-    grant_id: &'a str,
-    expires_at: u64,
+pub(super) struct Presented<'a> {
+    pub grant_id: &'a str,
+    pub expires_at: u64,
+    /// When spending fails, keep the unsent pair's refresh token: its family's record names it,
+    /// so the client's retry can still redeem it (`refresh.rs`).
+    pub keep_refresh: bool,
 }
 
 /// Seconds a code or refresh token must have left to be redeemed. It is spent only after the
@@ -399,7 +408,7 @@ struct Presented<'a> {
 /// would read as a replay and revoke the family of a legitimate client.
 const SPEND_MARGIN_SECONDS: u64 = 2;
 
-fn about_to_expire(expires_at: u64) -> bool {
+pub(super) fn about_to_expire(expires_at: u64) -> bool {
     expires_at <= unix_now().saturating_add(SPEND_MARGIN_SECONDS)
 }
 
@@ -410,7 +419,7 @@ fn about_to_expire(expires_at: u64) -> bool {
 /// took it answers; for the others it is a replay, which revokes the family, the pairs they
 /// issued included. When spending failed, whether it happened is unknown (a lost reply): the
 /// pair nobody will get is removed.
-async fn answer_once(
+pub(super) async fn answer_once(
     state: &AppState,
     pair: TokenResponse,
     spent: Result<bool, crate::store::StoreError>,
@@ -422,7 +431,7 @@ async fn answer_once(
         // Not there to take because it expired while the pair was stored (a store slower than
         // SPEND_MARGIN_SECONDS): no replay, so nothing is revoked beyond the unsent pair.
         Ok(false) if presented.expires_at <= unix_now() => {
-            discard(state, &pair).await;
+            discard(state, &pair, false).await;
             Err(invalid_grant(
                 "the authorization code or refresh token has expired",
             ))
@@ -434,7 +443,7 @@ async fn answer_once(
             Err(replayed(n))
         }
         Err(e) => {
-            discard(state, &pair).await;
+            discard(state, &pair, presented.keep_refresh).await;
             Err(unavailable(e))
         }
     }
@@ -442,22 +451,24 @@ async fn answer_once(
 
 /// Access token plus (when the client may refresh) a refresh token, in one grant family. The
 /// access token gets `scope`; the refresh token `refresh_scope`, which stays the grant's scope
-/// when a refresh narrows the access token (RFC 6749 section 6).
-async fn token_pair(
+/// when a refresh narrows the access token (RFC 6749 section 6). The refresh token carries
+/// the family's id (`tokens::generate_refresh`).
+pub(super) async fn token_pair(
     state: &AppState,
     snap: &Snapshot,
     client: &ClientRuntime,
     user_id: &str,
     scope: &str,
     refresh_scope: &str,
-    grant_id: &str,
+    family: Family<'_>,
 ) -> Result<TokenResponse, GatewayError> {
+    let grant_id = family.grant_id;
     within_issuance_limit(state, client, Some(user_id))?;
     let api = &snap.apis[client.api].cfg;
     let access_token = issue(
         state,
         client,
-        TokenKind::Access,
+        Issue::Access,
         Some(user_id),
         scope,
         grant_id,
@@ -469,7 +480,7 @@ async fn token_pair(
             issue(
                 state,
                 client,
-                TokenKind::Refresh,
+                Issue::Refresh(family.id),
                 Some(user_id),
                 refresh_scope,
                 grant_id,
@@ -482,11 +493,7 @@ async fn token_pair(
     };
     // The grant was revoked while these were being issued (a replay of its code, reuse of its
     // refresh token, revocation): they must not outlive it.
-    if kv::get::<bool>(&*state.store, &revoked_grant_key(grant_id))
-        .await
-        .map_err(unavailable)?
-        .is_some()
-    {
+    if grant_revoked(state, grant_id).await? {
         state
             .store
             .revoke_grant(grant_id)
@@ -503,119 +510,45 @@ async fn token_pair(
     })
 }
 
-async fn refresh_token(
-    state: &AppState,
-    snap: &Snapshot,
-    client: &ClientRuntime,
-    form: &Form,
-) -> Result<TokenResponse, GatewayError> {
-    require_grant(client, GrantType::RefreshToken)?;
-    let presented = form.require("refresh_token")?;
-    let hash = tokens::hash(presented);
-    let store: &dyn crate::store::Store = &*state.store;
-    let live = state.store.get_token(&hash).await.map_err(unavailable)?;
-    let reused = |n: usize| {
-        tracing::warn!(client_id = %client.cfg.client_id, revoked = n, "rotated refresh token reused; family revoked");
-        metrics::counter!("gatehouse_refresh_reuse_total").increment(1);
-        invalid_grant("the refresh token is invalid, expired, revoked or already used")
-    };
-    let record = match live {
-        Some(r) if r.kind == TokenKind::Refresh => r,
-        _ => {
-            // A rotated token coming back means two parties hold the family: revoke all of it.
-            return Err(
-                match revoke_marked_grant(state, &rotated_key(&hash), &client.cfg.client_id).await?
-                {
-                    Some(n) => reused(n),
-                    None => invalid_grant(
-                        "the refresh token is invalid, expired, revoked or already used",
-                    ),
-                },
-            );
-        }
-    };
-    if about_to_expire(record.expires_at) {
-        return Err(invalid_grant("the refresh token has expired"));
-    }
-    if record.client_id != client.cfg.client_id {
-        return Err(invalid_grant(
-            "the refresh token was issued to another client",
-        ));
-    }
-    // A client id taken over by another Subscription (explicit spec.clientId) does not inherit
-    // the old one's refresh tokens, which would mint access tokens for its Api.
-    if record.subscription != client.cfg.subscription || record.api != snap.apis[client.api].cfg.id
-    {
-        return Err(invalid_grant(
-            "the refresh token belongs to a subscription that no longer exists",
-        ));
-    }
-    // A narrower scope may be asked for (RFC 6749 6); never a wider one. Checked before the
-    // rotation: a refused request must leave the refresh token usable (spending it here would
-    // make the client's next, correct refresh look like reuse and revoke the whole family).
-    let scope = match form.get("scope") {
-        // What was granted, less any scope the Api no longer offers.
-        None => still_offered(snap, client, &record.scope)?,
-        Some(req) => {
-            let have: Vec<&str> = record.scope.split(' ').collect();
-            if let Some(extra) = req.split(' ').find(|s| !s.is_empty() && !have.contains(s)) {
-                return Err(oauth(
-                    OAuthErrorCode::InvalidScope,
-                    format!(
-                        "scope {} was not granted to this refresh token",
-                        super::shown(extra)
-                    ),
-                ));
-            }
-            check_scopes(snap, client, Some(req))?
-        }
-    };
-    // The pair first, then the token is spent (see `answer_once`).
-    let user_id = record.user_id.clone().unwrap_or_default();
-    let pair = token_pair(
-        state,
-        snap,
-        client,
-        &user_id,
-        &scope,
-        &record.scope,
-        &record.grant_id,
-    )
-    .await?;
-    // Rotation. The reuse marker is written before the token is spent, so a second use finds
-    // the token or the marker, never neither.
-    let remember = record.expires_at.saturating_sub(unix_now()).max(1);
-    let owner = marker_value(&record.client_id, &record.grant_id);
-    let spent = match kv::put(store, &rotated_key(&hash), &owner, remember).await {
-        Ok(()) => state.store.revoke_token(&hash).await.map(|r| r.is_some()),
-        Err(e) => Err(e),
-    };
-    let presented = Presented {
-        grant_id: &record.grant_id,
-        expires_at: record.expires_at,
-    };
-    answer_once(state, pair, spent, presented, reused).await
-}
-
-/// Best effort: removes the tokens of a response that is not sent.
-async fn discard(state: &AppState, pair: &TokenResponse) {
-    let tokens = std::iter::once(&pair.access_token).chain(pair.refresh_token.as_ref());
+/// Best effort: removes the tokens of a response that is not sent (but the refresh token when
+/// `keep_refresh`).
+async fn discard(state: &AppState, pair: &TokenResponse, keep_refresh: bool) {
+    let refresh = pair.refresh_token.as_ref().filter(|_| !keep_refresh);
+    let tokens = std::iter::once(&pair.access_token).chain(refresh);
     for t in tokens {
         let _ = state.store.revoke_token(&tokens::hash(t)).await;
     }
+}
+
+/// A grant family: the grant id its tokens are stored under, and the id its refresh tokens
+/// carry.
+#[derive(Clone, Copy)]
+pub(super) struct Family<'a> {
+    pub grant_id: &'a str,
+    pub id: &'a tokens::FamilyId,
+}
+
+/// What `issue` makes.
+pub enum Issue<'a> {
+    Access,
+    /// A refresh token of this family.
+    Refresh(&'a tokens::FamilyId),
 }
 
 /// Creates and stores one token; returns the token itself (the store keeps only its hash).
 pub async fn issue(
     state: &AppState,
     client: &ClientRuntime,
-    kind: TokenKind,
+    what: Issue<'_>,
     user_id: Option<&str>,
     scope: &str,
     grant_id: &str,
     ttl: u64,
 ) -> Result<String, GatewayError> {
-    let token = tokens::generate();
+    let (token, kind) = match what {
+        Issue::Access => (tokens::generate(), TokenKind::Access),
+        Issue::Refresh(family) => (tokens::generate_refresh(family), TokenKind::Refresh),
+    };
     let now = unix_now();
     let record = TokenRecord {
         kind,
@@ -715,6 +648,7 @@ mod answer_once_tests {
         let presented = Presented {
             grant_id: "g-1",
             expires_at,
+            keep_refresh: false,
         };
         let err = answer_once(&state, pair, Ok(false), presented, |_| {
             invalid_grant("replayed")

@@ -1,0 +1,353 @@
+//! The refresh_token grant (RFC 6749 section 6). Every use rotates: the presented token is
+//! spent and a new pair issued into the same grant family. A rotated token that comes back
+//! means two parties hold the family, and all of it is revoked (design section 5).
+//!
+//! Refresh tokens begin with their family's id (`tokens::generate_refresh`), so one record per
+//! family (`FamilyRecord`, rewritten at each rotation) recognizes every rotated token of it.
+//! Refresh tokens from before families (43 characters) each left a marker at their rotation
+//! for the rest of their life instead (up to 30 days, one per refresh); those still count.
+//!
+//! A client that never got the answer to its refresh (a dropped connection, a store timeout
+//! after the spend) retries with the token it has. Within `--refresh-retry-seconds` of its
+//! rotation the token rotated last is redeemed again: the pair issued for it, which nobody
+//! received, is revoked and a new one answers (Okta's grace period, Ory Hydra's
+//! `rotation_grace_period`). Anyone else presenting it in that window holds the family only
+//! until the rightful client's next refresh, which then reads as reuse and ends the family.
+
+use std::sync::Arc;
+
+use gatehouse_crds::GrantType;
+use serde::{Deserialize, Serialize};
+
+use super::form::Form;
+use super::token::{
+    Family, Presented, TokenResponse, about_to_expire, answer_once, check_scopes, grant_revoked,
+    invalid_grant, marker_value, require_grant, revoke_family, revoke_marked_grant, rotated_key,
+    still_offered, token_pair, unavailable,
+};
+use crate::error::{GatewayError, OAuthErrorCode, oauth};
+use crate::snapshot::{ClientRuntime, Snapshot};
+use crate::state::AppState;
+use crate::store::{StoreError, TokenKind, TokenRecord, kv, unix_now};
+use crate::tokens::{self, FamilyId, TokenHash};
+
+/// Default of `--refresh-retry-seconds`.
+pub const REFRESH_RETRY_SECONDS: u64 = 30;
+
+/// A family's record (JSON under `family_key`), kept as long as its newest refresh token.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+struct FamilyRecord {
+    client_id: String,
+    grant_id: String,
+    /// SHA-256 (hex) of the refresh token rotated last, and when (Unix seconds).
+    rotated: String,
+    rotated_at: u64,
+    /// SHA-256 (hex) of the refresh and the access token issued for it.
+    refresh: String,
+    access: String,
+}
+
+/// Hashed, so the store's keys do not hold what the family's tokens carry.
+fn family_key(id: &FamilyId) -> String {
+    format!("family:{}", tokens::hash_hex(id))
+}
+
+/// Whether a token rotated at `rotated_at` may still be retried at `now` (`window` seconds;
+/// 0 turns retries off). Pure.
+fn within_retry(rotated_at: u64, now: u64, window: u64) -> bool {
+    now < rotated_at.saturating_add(window)
+}
+
+fn parse_hash(hex_hash: &str) -> Option<TokenHash> {
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(hex_hash, &mut hash).ok()?;
+    Some(hash)
+}
+
+/// How the presented token is redeemed.
+enum Redeem {
+    /// A live refresh token.
+    Live,
+    /// The family's last rotated token, retried in time: through the pair issued for it, which
+    /// nobody received (`unsent`, the hash of its refresh token).
+    Retry {
+        unsent: TokenHash,
+        family: FamilyRecord,
+    },
+}
+
+fn unknown() -> GatewayError {
+    invalid_grant("the refresh token is invalid, expired, revoked or already used")
+}
+
+fn reused(client: &ClientRuntime, revoked: usize) -> GatewayError {
+    tracing::warn!(client_id = %client.cfg.client_id, revoked, "rotated refresh token reused; family revoked");
+    metrics::counter!("gatehouse_refresh_reuse_total").increment(1);
+    unknown()
+}
+
+pub(super) async fn refresh_token(
+    state: &AppState,
+    snap: &Snapshot,
+    client: &ClientRuntime,
+    form: &Form,
+) -> Result<TokenResponse, GatewayError> {
+    require_grant(client, GrantType::RefreshToken)?;
+    let presented = form.require("refresh_token")?;
+    let hash = tokens::hash(presented);
+    let family_id = tokens::refresh_family(presented);
+    let (record, redeem) = match state.store.get_token(&hash).await.map_err(unavailable)? {
+        Some(r) if r.kind == TokenKind::Refresh => (r, Redeem::Live),
+        _ => not_live(state, client, &hash, family_id.as_ref()).await?,
+    };
+    // For a retry, `record` is the unsent refresh token's: same client, grant and scope.
+    if about_to_expire(record.expires_at) {
+        return Err(invalid_grant("the refresh token has expired"));
+    }
+    if record.client_id != client.cfg.client_id {
+        return Err(invalid_grant(
+            "the refresh token was issued to another client",
+        ));
+    }
+    // A client id taken over by another Subscription (explicit spec.clientId) does not inherit
+    // the old one's refresh tokens, which would mint access tokens for its Api.
+    if record.subscription != client.cfg.subscription || record.api != snap.apis[client.api].cfg.id
+    {
+        return Err(invalid_grant(
+            "the refresh token belongs to a subscription that no longer exists",
+        ));
+    }
+    // A narrower scope may be asked for (RFC 6749 6); never a wider one. Checked before the
+    // rotation: a refused request must leave the refresh token usable (spending it here would
+    // make the client's next, correct refresh look like reuse and revoke the whole family).
+    let scope = match form.get("scope") {
+        // What was granted, less any scope the Api no longer offers.
+        None => still_offered(snap, client, &record.scope)?,
+        Some(req) => {
+            let have: Vec<&str> = record.scope.split(' ').collect();
+            if let Some(extra) = req.split(' ').find(|s| !s.is_empty() && !have.contains(s)) {
+                return Err(oauth(
+                    OAuthErrorCode::InvalidScope,
+                    format!(
+                        "scope {} was not granted to this refresh token",
+                        super::shown(extra)
+                    ),
+                ));
+            }
+            check_scopes(snap, client, Some(req))?
+        }
+    };
+    // A token from before families starts one.
+    let id = family_id.unwrap_or_else(tokens::new_family);
+    let family = Family {
+        grant_id: &record.grant_id,
+        id: &id,
+    };
+    // The pair first, then the token is spent (see `answer_once`).
+    let user_id = record.user_id.clone().unwrap_or_default();
+    let pair = token_pair(state, snap, client, &user_id, &scope, &record.scope, family).await?;
+    let ttl = snap.apis[client.api].cfg.refresh_token_ttl_seconds;
+    let rotation = Rotation {
+        presented: &hash,
+        record: &record,
+        family: &id,
+        legacy: family_id.is_none(),
+        ttl,
+    };
+    let spent = rotate(state, &rotation, &pair, &redeem).await;
+    let presented = Presented {
+        grant_id: &record.grant_id,
+        expires_at: record.expires_at,
+        // The family's record names the unsent refresh token: the client's retry redeems it.
+        keep_refresh: family_id.is_some(),
+    };
+    answer_once(state, pair, spent, presented, |n| reused(client, n)).await
+}
+
+/// A presented token that is not a live refresh token: the family's last rotated one retried in
+/// time, or reuse of a rotated one (the family is revoked), or unknown.
+async fn not_live(
+    state: &AppState,
+    client: &ClientRuntime,
+    hash: &TokenHash,
+    family_id: Option<&FamilyId>,
+) -> Result<(Arc<TokenRecord>, Redeem), GatewayError> {
+    let Some(id) = family_id else {
+        // From before families: its rotation left a marker.
+        let marker = rotated_key(hash);
+        return Err(
+            match revoke_marked_grant(state, &marker, &client.cfg.client_id).await? {
+                Some(n) => reused(client, n),
+                None => unknown(),
+            },
+        );
+    };
+    let key = family_key(id);
+    let family = match kv::get::<FamilyRecord>(&*state.store, &key).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err(unknown()),
+        Err(e) => return Err(unavailable(e)),
+    };
+    // Another client sending a token it saw cannot end the owner's family; one that was
+    // revoked (signed out, or a replayed code) is not reuse.
+    if family.client_id != client.cfg.client_id || grant_revoked(state, &family.grant_id).await? {
+        return Err(unknown());
+    }
+    let last = tokens::constant_time_eq(hex::encode(hash).as_bytes(), family.rotated.as_bytes());
+    if last
+        && within_retry(family.rotated_at, unix_now(), state.refresh_retry_secs)
+        && let Some(unsent) = parse_hash(&family.refresh)
+    {
+        let record = state.store.get_token(&unsent).await.map_err(unavailable)?;
+        let unsent_refresh =
+            record.filter(|r| r.kind == TokenKind::Refresh && r.grant_id == family.grant_id);
+        if let Some(r) = unsent_refresh {
+            return Ok((r, Redeem::Retry { unsent, family }));
+        }
+        // The pair issued for it was used or retried already: two holders.
+    }
+    // A rotated token of this family (or one made up with its id, which takes having seen one
+    // of its tokens).
+    let n = end_family(state, &family.grant_id, Some(id)).await?;
+    Err(reused(client, n))
+}
+
+/// What one rotation writes.
+struct Rotation<'a> {
+    presented: &'a TokenHash,
+    record: &'a TokenRecord,
+    family: &'a FamilyId,
+    /// The presented token is from before families.
+    legacy: bool,
+    /// Seconds the new refresh token lives.
+    ttl: u64,
+}
+
+/// Records the rotation, then spends the presented token (for a retry, the unsent pair).
+/// Returns whether this request spent it. The records are written first, so a second use finds
+/// the token or the record, never neither.
+async fn rotate(
+    state: &AppState,
+    r: &Rotation<'_>,
+    pair: &TokenResponse,
+    redeem: &Redeem,
+) -> Result<bool, StoreError> {
+    let store = &*state.store;
+    let now = unix_now();
+    if r.legacy {
+        let remember = r.record.expires_at.saturating_sub(now).max(1);
+        let owner = marker_value(&r.record.client_id, &r.record.grant_id);
+        kv::put(store, &rotated_key(r.presented), &owner, remember).await?;
+    }
+    let (rotated, rotated_at) = match redeem {
+        Redeem::Live => (hex::encode(r.presented), now),
+        // A retry does not move the window: a client retries for `--refresh-retry-seconds`
+        // after the rotation, however many times.
+        Redeem::Retry { family, .. } => (family.rotated.clone(), family.rotated_at),
+    };
+    let next = FamilyRecord {
+        client_id: r.record.client_id.clone(),
+        grant_id: r.record.grant_id.clone(),
+        rotated,
+        rotated_at,
+        refresh: pair
+            .refresh_token
+            .as_deref()
+            .map(|t| hex::encode(tokens::hash(t)))
+            .unwrap_or_default(),
+        access: hex::encode(tokens::hash(&pair.access_token)),
+    };
+    // As long as the newest token of the family; older ones expire before it.
+    let keep = r.ttl.max(r.record.expires_at.saturating_sub(now)).max(1);
+    kv::put(store, &family_key(r.family), &next, keep).await?;
+    match redeem {
+        Redeem::Live => Ok(store.revoke_token(r.presented).await?.is_some()),
+        Redeem::Retry { unsent, family } => {
+            let taken = store.revoke_token(unsent).await?.is_some();
+            if taken && let Some(access) = parse_hash(&family.access) {
+                // Issued with the refresh token just taken; nobody received it.
+                store.revoke_token(&access).await?;
+            }
+            Ok(taken)
+        }
+    }
+}
+
+/// Revokes a grant, and forgets its family's record when the family is known: its rotated
+/// tokens are then simply unknown. Returns how many tokens went.
+async fn end_family(
+    state: &AppState,
+    grant_id: &str,
+    family: Option<&FamilyId>,
+) -> Result<usize, GatewayError> {
+    let n = revoke_family(state, grant_id).await.map_err(unavailable)?;
+    if let Some(id) = family {
+        // Best effort: what remains is a record of a revoked grant, which `not_live` ignores.
+        let _ = state.store.kv_delete(&family_key(id)).await;
+    }
+    Ok(n)
+}
+
+/// `/oauth2/revoke` for a refresh token: a live one of this client ends its family; one that
+/// was rotated already ends it too (a sign-out racing a background refresh, or a holder who
+/// does not know the token was stolen and refreshed by someone else). Returns how many tokens
+/// went, or None when the token is nothing of this client's.
+pub(super) async fn revoke(
+    state: &AppState,
+    client: &ClientRuntime,
+    token: &str,
+    live: Option<&TokenRecord>,
+) -> Result<Option<usize>, GatewayError> {
+    let family_id = tokens::refresh_family(token);
+    if let Some(record) = live {
+        if record.client_id != client.cfg.client_id {
+            return Ok(None);
+        }
+        return end_family(state, &record.grant_id, family_id.as_ref())
+            .await
+            .map(Some);
+    }
+    let Some(id) = family_id else {
+        let marker = rotated_key(&tokens::hash(token));
+        return revoke_marked_grant(state, &marker, &client.cfg.client_id).await;
+    };
+    match kv::get::<FamilyRecord>(&*state.store, &family_key(&id)).await {
+        Ok(Some(f)) if f.client_id == client.cfg.client_id => {
+            end_family(state, &f.grant_id, Some(&id)).await.map(Some)
+        }
+        Ok(_) => Ok(None),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_are_within_the_window_only() {
+        assert!(within_retry(1_000, 1_000, 30));
+        assert!(within_retry(1_000, 1_029, 30));
+        assert!(!within_retry(1_000, 1_030, 30));
+        assert!(!within_retry(1_000, 1_000, 0), "0 turns retries off");
+        assert!(within_retry(u64::MAX - 1, u64::MAX - 1, 30));
+    }
+
+    #[test]
+    fn family_keys_do_not_show_the_family_id() {
+        let id = tokens::new_family();
+        let key = family_key(&id);
+        assert!(key.starts_with("family:") && key.len() == "family:".len() + 64);
+        assert!(!key.contains(&hex::encode(id)));
+        assert_ne!(family_key(&tokens::new_family()), key);
+    }
+
+    #[test]
+    fn hashes_parse_from_hex_only() {
+        let h = tokens::hash("t");
+        assert_eq!(parse_hash(&hex::encode(h)), Some(h));
+        assert_eq!(parse_hash(""), None);
+        assert_eq!(parse_hash(&"zz".repeat(32)), None);
+        assert_eq!(parse_hash(&hex::encode(&h[..31])), None);
+    }
+}
