@@ -116,8 +116,16 @@ macro_rules! contract {
                 assert_eq!(s.kv_get("k").await.unwrap().as_deref(), Some(&b"v2"[..]));
                 assert!(!s.kv_put_new("k", b"v3", 0).await.unwrap());
                 assert!(s.kv_put_new("fresh", b"x", 0).await.unwrap());
+                assert!(s.kv_put_existing("k", b"v4", 60).await.unwrap());
+                assert_eq!(s.kv_get("k").await.unwrap().as_deref(), Some(&b"v4"[..]));
                 s.kv_delete("k").await.unwrap();
                 assert_eq!(s.kv_get("k").await.unwrap(), None);
+                assert!(!s.kv_put_existing("k", b"v5", 60).await.unwrap());
+                assert_eq!(
+                    s.kv_get("k").await.unwrap(),
+                    None,
+                    "written back after a delete"
+                );
                 assert_eq!(s.kv_get("never").await.unwrap(), None);
             }
 
@@ -158,6 +166,10 @@ macro_rules! contract {
                 assert_eq!(s.kv_take("short").await.unwrap(), None);
                 assert_eq!(s.counter_get("ctr").await.unwrap(), 0);
                 assert!(s.kv_put_new("short", b"again", 0).await.unwrap());
+                s.kv_put("brief", b"v", 1).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2_100)).await;
+                assert!(!s.kv_put_existing("brief", b"back", 60).await.unwrap());
+                assert_eq!(s.kv_get("brief").await.unwrap(), None);
             }
 
             #[tokio::test(flavor = "multi_thread")]

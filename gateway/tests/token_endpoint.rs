@@ -275,6 +275,9 @@ mod flaky {
         async fn kv_put_new(&self, key: &str, value: &[u8], ttl: u64) -> StoreResult<bool> {
             self.inner.kv_put_new(key, value, ttl).await
         }
+        async fn kv_put_existing(&self, key: &str, value: &[u8], ttl: u64) -> StoreResult<bool> {
+            self.inner.kv_put_existing(key, value, ttl).await
+        }
         async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
             self.inner.kv_get(key).await
         }

@@ -286,8 +286,11 @@ pub async fn handle(
         Ok(id) => id,
         Err(e) => return store_error_page(e),
     };
-    if let Err(e) = session::attach_pending(&*state.store, &sid, &mut sess, &req_id).await {
-        return store_error_page(e);
+    match session::attach_pending(&*state.store, &sid, &mut sess, &req_id).await {
+        Ok(true) => {}
+        // Signed out by another request (or expired) since it was loaded: it stays gone.
+        Ok(false) => return super::login::session_expired(),
+        Err(e) => return store_error_page(e),
     }
     let mut resp = match &sess.user_id {
         // Already signed in here: straight on to consent or the code.

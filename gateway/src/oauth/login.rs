@@ -148,7 +148,7 @@ fn form_fields(body: &[u8]) -> HashMap<String, String> {
     url::form_urlencoded::parse(body).into_owned().collect()
 }
 
-fn session_expired() -> Response {
+pub(super) fn session_expired() -> Response {
     error_page(
         StatusCode::FORBIDDEN,
         "Session expired",

@@ -158,7 +158,8 @@ pub async fn create(store: &dyn Store, user_id: Option<String>) -> StoreResult<(
         started_at: unix_now(),
         pending: Vec::new(),
     };
-    save(store, &sid, &session).await?;
+    let key = session_key(&sid);
+    kv::put(store, &key, &session, ttl_left(&session, unix_now())).await?;
     Ok((sid, session))
 }
 
@@ -180,8 +181,10 @@ pub fn ttl_left(session: &Session, now: u64) -> u64 {
         .max(1)
 }
 
-pub async fn save(store: &dyn Store, sid: &str, session: &Session) -> StoreResult<()> {
-    kv::put(
+/// Saves a session that was loaded. False when it is gone: signed out (or replaced at sign-in)
+/// by another request since it was loaded, which a save must not undo.
+pub async fn save(store: &dyn Store, sid: &str, session: &Session) -> StoreResult<bool> {
+    kv::put_existing(
         store,
         &session_key(sid),
         session,
@@ -193,13 +196,14 @@ pub async fn save(store: &dyn Store, sid: &str, session: &Session) -> StoreResul
 /// Records a new pending request in its session and deletes the session's oldest ones past
 /// `MAX_PENDING_PER_SESSION`. An anonymous session lives as long as its newest request then
 /// (a sign-in started again after 9 minutes must not lose its session a minute later); a
-/// signed-in one keeps its end.
+/// signed-in one keeps its end. False when the session is gone (`save`): the new request is
+/// deleted then, and the session's others are left as they are.
 pub async fn attach_pending(
     store: &dyn Store,
     sid: &str,
     session: &mut Session,
     id: &str,
-) -> StoreResult<()> {
+) -> StoreResult<bool> {
     session.pending.push(id.to_string());
     let excess = session
         .pending
@@ -209,11 +213,14 @@ pub async fn attach_pending(
     if session.user_id.is_none() {
         session.started_at = unix_now();
     }
-    save(store, sid, session).await?;
+    if !save(store, sid, session).await? {
+        store.kv_delete(&pending_key(id)).await?;
+        return Ok(false);
+    }
     for old in dropped {
         store.kv_delete(&pending_key(&old)).await?;
     }
-    Ok(())
+    Ok(true)
 }
 
 pub async fn destroy(store: &dyn Store, sid: &str) -> StoreResult<()> {
@@ -399,6 +406,37 @@ mod tests {
                 assert_eq!(open, i >= 2, "request {i}");
             }
         }
+    }
+
+    /// A request that loaded the session before another signed it out saves nothing: the
+    /// session stays gone, and a sign-in request it was starting is deleted with it.
+    #[tokio::test]
+    async fn a_save_after_sign_out_does_not_bring_the_session_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let (sid, mut s) = create(&store, Some("u1".into())).await.unwrap();
+        s.flash = Some("saved".into());
+        assert!(save(&store, &sid, &s).await.unwrap());
+        destroy(&store, &sid).await.unwrap();
+        assert!(!save(&store, &sid, &s).await.unwrap());
+        let p = Pending {
+            session: session_binding(&sid),
+            client_id: "c".into(),
+            redirect_uri: "app:/cb".into(),
+            redirect_uri_sent: true,
+            state: None,
+            scope: String::new(),
+            code_challenge: "x".into(),
+            created_at: unix_now(),
+            confirm: false,
+        };
+        let id = put_pending(&store, &p).await.unwrap();
+        assert!(!attach_pending(&store, &sid, &mut s, &id).await.unwrap());
+        let gone = kv::get::<Session>(&store, &session_key(&sid))
+            .await
+            .unwrap();
+        assert!(gone.is_none(), "the session came back");
+        assert!(get_pending(&store, &id, &sid).await.unwrap().is_none());
     }
 
     #[test]

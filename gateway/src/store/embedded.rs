@@ -507,6 +507,21 @@ impl Store for EmbeddedStore {
         Ok(written.is_some())
     }
 
+    async fn kv_put_existing(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<bool> {
+        let now = unix_now();
+        let e = KvEntry {
+            value: value.to_vec(),
+            expires_at: expiry(ttl_secs),
+        };
+        let written = self
+            .kv_update(key, |current| match current {
+                Some(c) if c.live(now) => Some(e),
+                _ => None,
+            })
+            .await?;
+        Ok(written.is_some())
+    }
+
     async fn kv_keys(
         &self,
         prefix: &str,

@@ -91,6 +91,9 @@ pub trait Store: Send + Sync {
     async fn kv_put(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<()>;
     /// Writes only when the key is absent (or expired); false when it exists.
     async fn kv_put_new(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<bool>;
+    /// Writes only when a live entry is there; false when it is absent or expired (a session
+    /// saved while another request signs it out stays signed out).
+    async fn kv_put_existing(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<bool>;
     async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
     /// Reads and deletes in one atomic step: of two concurrent takers only one gets the value.
     async fn kv_take(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
@@ -140,6 +143,15 @@ pub mod kv {
         ttl: u64,
     ) -> StoreResult<bool> {
         s.kv_put_new(key, &encode(v)?, ttl).await
+    }
+
+    pub async fn put_existing<T: Serialize>(
+        s: &dyn Store,
+        key: &str,
+        v: &T,
+        ttl: u64,
+    ) -> StoreResult<bool> {
+        s.kv_put_existing(key, &encode(v)?, ttl).await
     }
 
     pub async fn get<T: DeserializeOwned>(s: &dyn Store, key: &str) -> StoreResult<Option<T>> {

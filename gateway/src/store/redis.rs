@@ -443,6 +443,21 @@ impl Store for RedisStore {
         Ok(set.is_some())
     }
 
+    async fn kv_put_existing(&self, key: &str, value: &[u8], ttl_secs: u64) -> StoreResult<bool> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(kv_key(key)).arg(value).arg("XX");
+        if ttl_secs > 0 {
+            cmd.arg("EX").arg(ttl_secs);
+        }
+        let cmd = &cmd;
+        // Sent again after a lost reply, it writes the same again, or nothing if the key went
+        // meanwhile (and then it should not be there).
+        let set: Option<String> = self
+            .idempotent(|mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
+        Ok(set.is_some())
+    }
+
     async fn kv_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         self.read(&kv_key(key)).await
     }
