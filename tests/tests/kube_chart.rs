@@ -72,6 +72,28 @@ fn kinds(manifest: &str) -> Vec<String> {
         .collect()
 }
 
+/// `Kind/name` of every cluster-scoped object in a rendered manifest.
+fn cluster_scoped(manifest: &str) -> Vec<String> {
+    const KINDS: [&str; 4] = [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ];
+    manifest
+        .split("\n---")
+        .filter_map(|doc| {
+            let kind = doc.lines().find_map(|l| l.strip_prefix("kind: "))?.trim();
+            let name = doc
+                .lines()
+                .skip_while(|l| *l != "metadata:")
+                .find_map(|l| l.strip_prefix("  name: "))?
+                .trim();
+            KINDS.contains(&kind).then(|| format!("{kind}/{name}"))
+        })
+        .collect()
+}
+
 fn count(manifest: &str, kind: &str) -> usize {
     kinds(manifest).iter().filter(|k| *k == kind).count()
 }
@@ -177,6 +199,14 @@ fn kube_chart_lints_and_renders_with_default_and_external_values() {
     ] {
         assert!(default.contains(needle), "default render lacks {needle:?}");
     }
+    // Two releases of one name in two namespaces: no cluster-scoped object shares a name.
+    let other = helm_offline_ok(&["template", RELEASE, &chart, "--namespace", "gatehouse-two"]);
+    let (mine, theirs) = (cluster_scoped(&default), cluster_scoped(&other));
+    assert_eq!(mine.len(), 6, "{mine:?}");
+    assert!(
+        mine.iter().all(|o| !theirs.contains(o)),
+        "{mine:?} / {theirs:?}"
+    );
     // The operator emits no events, so it may not write them.
     assert!(!default.contains("resources: [events]"), "events RBAC");
     // No wildcard permissions anywhere.
@@ -540,7 +570,8 @@ subjects:
     let out = annotate_as(&kube, "alice", "devs", &["gatehouse.dev/approved=true"]);
     assert!(refused_by_guard(&out), "{}", describe(&out));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("gh-gatehouse-approval-guard"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("gh-gatehouse-gatehouse-system-approval-guard"),
         "{}",
         describe(&out)
     );
