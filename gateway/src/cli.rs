@@ -69,10 +69,12 @@ pub struct Args {
     #[arg(long, env = "GATEHOUSE_MAX_PASSWORD_CHECKS_PER_IP", default_value_t = crate::oauth::login::MAX_PASSWORD_CHECKS_PER_IP, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_password_checks_per_ip: u64,
 
-    /// Seconds after a refresh during which the refresh token it spent still works once more,
-    /// for a client that never got the answer (a dropped connection): the pair that answer
-    /// held is revoked and a new one issued. Used later, or once the new refresh token was
-    /// used, it is reuse and revokes the family. 0 makes every second use reuse.
+    /// Seconds after a refresh during which the refresh token it spent may be used again by a
+    /// client that never got the answer (a connection dropped after the gateway sent it): the
+    /// pair that answer held is revoked and a new one issued, as often as asked within the
+    /// window. After it, or once the new refresh token was used, it is reuse and revokes the
+    /// family. 0 (the default, design section 5) makes every second use reuse. Rotations the
+    /// gateway knows went unanswered (a store timeout, a client gone first) are undone anyway.
     #[arg(long, env = "GATEHOUSE_REFRESH_RETRY_SECONDS", default_value_t = crate::oauth::refresh::REFRESH_RETRY_SECONDS, value_parser = clap::value_parser!(u64).range(0..=300))]
     pub refresh_retry_seconds: u64,
 

@@ -3,6 +3,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -18,10 +19,14 @@ pub fn generate() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// Bytes of a grant family's id. Every refresh token of one family starts with it, so a
-/// rotated token that comes back names its family without a record per rotation.
+/// Bytes of a grant family's id. Every refresh token of one family carries it, so a rotated
+/// token that comes back names its family without a record per rotation.
 pub const FAMILY_LEN: usize = 16;
 pub type FamilyId = [u8; FAMILY_LEN];
+
+/// The key that signs the family id in refresh tokens (HMAC-SHA256): one per store, so every
+/// replica checks what the others issued.
+pub type RefreshKey = [u8; 32];
 
 /// A fresh family id (128 random bits; only the family's refresh tokens carry it).
 pub fn new_family() -> FamilyId {
@@ -30,24 +35,47 @@ pub fn new_family() -> FamilyId {
     id
 }
 
-/// A refresh token of `family`: its id, then 256 random bits, base64url (64 characters).
-pub fn generate_refresh(family: &FamilyId) -> String {
+pub fn new_refresh_key() -> RefreshKey {
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    key
+}
+
+const NONCE_LEN: usize = 32;
+const TAG_LEN: usize = 16;
+const REFRESH_LEN: usize = FAMILY_LEN + NONCE_LEN + TAG_LEN;
+
+fn refresh_mac(key: &RefreshKey, signed: &[u8]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(signed);
+    mac
+}
+
+/// A refresh token of `family`: the family id, 256 random bits, and the first 128 bits of
+/// their HMAC under `key`, base64url (86 characters). Without the tag, anyone who saw the
+/// beginning of one of the family's tokens (a log that cuts tokens short, a long-expired one)
+/// could make up a "rotated" token and have the family revoked.
+pub fn generate_refresh(key: &RefreshKey, family: &FamilyId) -> String {
     let mut bytes = [0u8; REFRESH_LEN];
     bytes[..FAMILY_LEN].copy_from_slice(family);
-    rand::rng().fill_bytes(&mut bytes[FAMILY_LEN..]);
+    rand::rng().fill_bytes(&mut bytes[FAMILY_LEN..FAMILY_LEN + NONCE_LEN]);
+    let (signed, tag) = bytes.split_at_mut(FAMILY_LEN + NONCE_LEN);
+    tag.copy_from_slice(&refresh_mac(key, signed).finalize().into_bytes()[..TAG_LEN]);
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-const REFRESH_LEN: usize = FAMILY_LEN + 32;
-
-/// The family a refresh token names; None for any other shape, such as the 43-character
-/// refresh tokens issued before families. Says nothing about whether the token is genuine.
-pub fn refresh_family(token: &str) -> Option<FamilyId> {
+/// The family a refresh token names, when `key` signed it; None for any other token, such as
+/// the 43-character refresh tokens issued before families. Says nothing about whether the
+/// token is live. The tag is compared in constant time.
+pub fn refresh_family(key: &RefreshKey, token: &str) -> Option<FamilyId> {
     let mut bytes = [0u8; REFRESH_LEN];
     match URL_SAFE_NO_PAD.decode_slice(token.as_bytes(), &mut bytes) {
-        Ok(REFRESH_LEN) => bytes[..FAMILY_LEN].try_into().ok(),
-        _ => None,
+        Ok(REFRESH_LEN) => {}
+        _ => return None,
     }
+    let (signed, tag) = bytes.split_at(FAMILY_LEN + NONCE_LEN);
+    refresh_mac(key, signed).verify_truncated_left(tag).ok()?;
+    signed[..FAMILY_LEN].try_into().ok()
 }
 
 pub fn hash(token: &str) -> TokenHash {
@@ -102,23 +130,34 @@ mod tests {
     }
 
     #[test]
-    fn refresh_tokens_name_their_family_and_nothing_else_does() {
-        let family = new_family();
-        let (a, b) = (generate_refresh(&family), generate_refresh(&family));
-        assert_eq!(a.len(), 64);
-        assert_ne!(a, b, "256 random bits after the family id");
-        assert_eq!(refresh_family(&a), Some(family));
-        assert_eq!(refresh_family(&b), Some(family));
-        assert_ne!(
-            refresh_family(&generate_refresh(&new_family())),
-            Some(family)
+    fn refresh_tokens_name_their_family_under_their_key_only() {
+        let (key, family) = (new_refresh_key(), new_family());
+        let (a, b) = (
+            generate_refresh(&key, &family),
+            generate_refresh(&key, &family),
         );
+        assert_eq!(a.len(), 86);
+        assert_ne!(a, b, "256 random bits after the family id");
+        assert_eq!(refresh_family(&key, &a), Some(family));
+        assert_eq!(refresh_family(&key, &b), Some(family));
+        let other = generate_refresh(&key, &new_family());
+        assert_ne!(refresh_family(&key, &other), Some(family));
+        // Another key (another store), a changed character anywhere, a made-up token with the
+        // family's id: nothing.
+        assert_eq!(refresh_family(&new_refresh_key(), &a), None);
+        for i in [0, 21, 22, 63, 64, 85] {
+            let mut bytes = a.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+            let changed = String::from_utf8(bytes).unwrap();
+            assert_eq!(refresh_family(&key, &changed), None, "character {i}");
+        }
+        let forged = format!("{}{}", &a[..22], "A".repeat(64));
+        assert_eq!(refresh_family(&key, &forged), None);
         // Access tokens, refresh tokens from before families, and anything else: no family.
-        assert_eq!(refresh_family(&generate()), None);
-        assert_eq!(refresh_family(&format!("{a}A")), None);
-        assert_eq!(refresh_family(&a[..63]), None);
-        assert_eq!(refresh_family(&format!("{}+", &a[..63])), None);
-        assert_eq!(refresh_family(&"é".repeat(32)), None);
+        assert_eq!(refresh_family(&key, &generate()), None);
+        assert_eq!(refresh_family(&key, &format!("{a}A")), None);
+        assert_eq!(refresh_family(&key, &a[..85]), None);
+        assert_eq!(refresh_family(&key, &"é".repeat(43)), None);
     }
 
     #[test]

@@ -194,12 +194,15 @@ async fn malformed_requests_are_invalid_request() {
 
 /// The embedded store, except that `put_token` fails while `fail_puts` is set, `revoke_token`
 /// waits for `release` while `hold_revokes` is set (telling `entered` first), and revokes but
-/// answers an error while `lose_revoke_replies` is set (a reply lost to a timeout).
+/// answers an error while `lose_revoke_replies` is set (a reply lost to a timeout). `puts`
+/// records the hash of every token stored, `revokes` counts finished `revoke_token` calls.
 struct FlakyStore {
     inner: gatehouse_gateway::store::embedded::EmbeddedStore,
     fail_puts: std::sync::atomic::AtomicBool,
     hold_revokes: std::sync::atomic::AtomicBool,
     lose_revoke_replies: std::sync::atomic::AtomicBool,
+    puts: std::sync::Mutex<Vec<gatehouse_gateway::tokens::TokenHash>>,
+    revokes: std::sync::atomic::AtomicUsize,
     entered: tokio::sync::Notify,
     release: tokio::sync::Notify,
 }
@@ -219,6 +222,8 @@ async fn flaky_harness() -> (Harness, Arc<FlakyStore>) {
                 fail_puts: Default::default(),
                 hold_revokes: Default::default(),
                 lose_revoke_replies: Default::default(),
+                puts: Default::default(),
+                revokes: Default::default(),
                 entered: Default::default(),
                 release: Default::default(),
             });
@@ -244,6 +249,7 @@ mod flaky {
             if self.fail_puts.load(Ordering::SeqCst) {
                 return Err(StoreError::Unavailable("injected".into()));
             }
+            self.puts.lock().unwrap().push(hash);
             self.inner.put_token(hash, record).await
         }
         async fn get_token(&self, hash: &TokenHash) -> StoreResult<Option<Arc<TokenRecord>>> {
@@ -255,6 +261,7 @@ mod flaky {
                 self.release.notified().await;
             }
             let revoked = self.inner.revoke_token(hash).await;
+            self.revokes.fetch_add(1, Ordering::SeqCst);
             if self.lose_revoke_replies.load(Ordering::SeqCst) {
                 return Err(StoreError::Unavailable("injected: reply lost".into()));
             }
@@ -358,13 +365,12 @@ async fn stored_code(h: &Harness, email: &str, grant: &str, expires_at: u64) -> 
     )
 }
 
-/// A refresh whose spend happened but whose answer from the store was lost (a timeout) answers
-/// 503, and the client's retry with the same token gets a pair: the family's record names the
-/// pair nobody received, which the retry takes instead. (Before, the retry found the token
-/// spent and revoked the family: the user was signed out by a slow store.) Once the new
-/// refresh token is used, the old one is reuse again.
+/// A refresh whose spend may have happened (its answer from the store was lost to a timeout)
+/// answers 503 and is undone: the presented token is put back and the new pair removed, so the
+/// client's retry is a plain refresh. (Before, the retry found the token spent and revoked the
+/// family: a slow store signed the user out.) A second use after that is reuse as ever.
 #[tokio::test]
-async fn a_refresh_whose_spend_reply_is_lost_can_be_retried() {
+async fn a_refresh_whose_spend_reply_is_lost_is_undone() {
     use std::sync::atomic::Ordering;
 
     let (h, flaky) = flaky_harness().await;
@@ -378,30 +384,37 @@ async fn a_refresh_whose_spend_reply_is_lost_can_be_retried() {
     let refresh =
         |t: &str| format!("grant_type=refresh_token&client_id=app-mobile&refresh_token={t}");
     let store = h.state.store.clone();
-    let live = |t: &str| {
-        let (store, hash) = (store.clone(), gatehouse_gateway::tokens::hash(t));
+    let live_hash = |hash: gatehouse_gateway::tokens::TokenHash| {
+        let store = store.clone();
         async move { store.get_token(&hash).await.unwrap().is_some() }
     };
+    let live = |t: &str| live_hash(gatehouse_gateway::tokens::hash(t));
 
+    let before = flaky.puts.lock().unwrap().len();
     flaky.lose_revoke_replies.store(true, Ordering::SeqCst);
     let resp = h.call(token_request(&refresh(&r0), None)).await;
     assert_eq!(resp.status(), 503);
     flaky.lose_revoke_replies.store(false, Ordering::SeqCst);
-    assert!(!live(&r0).await, "the spend happened");
+    assert!(live(&r0).await, "the presented token was not put back");
+    let stored: Vec<_> = flaky.puts.lock().unwrap()[before..].to_vec();
+    let unsent: Vec<_> = stored
+        .into_iter()
+        .filter(|h| *h != gatehouse_gateway::tokens::hash(&r0))
+        .collect();
+    assert_eq!(unsent.len(), 2, "the unsent access and refresh token");
+    for hash in unsent {
+        assert!(!live_hash(hash).await, "a token of the unsent pair is live");
+    }
 
     let resp = h.call(token_request(&refresh(&r0), None)).await;
     assert_eq!(resp.status(), 200, "the retry is not reuse");
     let v = json(resp).await;
     let (a1, r1) = (field(&v, "access_token"), field(&v, "refresh_token"));
     assert!(live(&a0).await && live(&a1).await && live(&r1).await);
-
-    let resp = h.call(token_request(&refresh(&r1), None)).await;
-    assert_eq!(resp.status(), 200);
-    let r2 = field(&json(resp).await, "refresh_token");
     let resp = h.call(token_request(&refresh(&r0), None)).await;
     assert_eq!(json(resp).await["error"], "invalid_grant");
-    for t in [&a0, &a1, &r2] {
-        assert!(!live(t).await, "reuse of the old token left {t} live");
+    for t in [&a0, &a1, &r1] {
+        assert!(!live(t).await, "reuse of the rotated token left {t} live");
     }
 }
 
@@ -439,9 +452,9 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
     assert_eq!(resp.status(), 200, "the retry is not reuse");
     let v = json(resp).await;
     // A refresh token from before families (43 characters) is rotated into one that carries
-    // its family (64).
+    // its family (86).
     let next = v["refresh_token"].as_str().expect("a refresh token");
-    assert_eq!(next.len(), 64);
+    assert_eq!(next.len(), 86);
     let live = |t: &str| {
         let (store, hash) = (store.clone(), gatehouse_gateway::tokens::hash(t));
         async move { store.get_token(&hash).await.unwrap().is_some() }
@@ -467,11 +480,12 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
 }
 
 /// A client that goes away in the middle of a refresh (hyper then drops the request's future)
-/// does not stop the rotation half-way: the presented refresh token is spent all the same, so
-/// it cannot be used a second time as if it were new (the embedded store commits its file
-/// before its memory, and a stop in between left it live until a restart).
+/// does not stop the rotation half-way, and nobody gets its answer, so the rotation is undone:
+/// the presented token is spent, then put back, and the new pair is removed. Its retry is then
+/// a plain refresh, not reuse. (Stopped half-way, the embedded store, which commits its file
+/// before its memory, left a spent token live until a restart.)
 #[tokio::test]
-async fn a_refresh_whose_client_goes_away_is_finished_anyway() {
+async fn a_refresh_whose_client_goes_away_is_finished_and_undone() {
     use gatehouse_gateway::store::TokenKind;
     use std::sync::atomic::Ordering;
 
@@ -493,14 +507,33 @@ async fn a_refresh_whose_client_goes_away_is_finished_anyway() {
     // The request's future is gone, as when its connection closes; the spend goes on.
     flaky.hold_revokes.store(false, Ordering::SeqCst);
     flaky.release.notify_one();
+    // The spend, then the unsent pair's two tokens.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while store.get_token(&hash).await.unwrap().is_some() {
+    while flaky.revokes.load(Ordering::SeqCst) < 3 {
         assert!(
             std::time::Instant::now() < deadline,
-            "the refresh token is still live after its request went away"
+            "the rotation stopped half-way after its request went away"
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    assert!(
+        store.get_token(&hash).await.unwrap().is_some(),
+        "not put back"
+    );
+    let issued: Vec<_> = flaky.puts.lock().unwrap().clone();
+    assert_eq!(
+        issued.len(),
+        4,
+        "the token, the unsent pair, the token put back"
+    );
+    for h in issued.iter().filter(|h| **h != hash) {
+        assert!(
+            store.get_token(h).await.unwrap().is_none(),
+            "unsent token live"
+        );
+    }
+    let resp = h.call(token_request(&body, None)).await;
+    assert_eq!(resp.status(), 200, "the retry is a plain refresh");
 }
 
 /// A refresh token or code in its last 2 s is refused as expired before anything is issued or

@@ -1417,6 +1417,16 @@ async fn refresh_tokens_rotate_and_reuse_revokes_the_family() {
     let a4 = t4.access_token().secret().clone();
     let r4 = t4.refresh_token().unwrap().secret().clone();
 
+    // A made-up token with the family's id (the first 22 characters of one of its tokens, as a
+    // log might keep them) is unknown: refused, revoking nothing, at both endpoints.
+    let forged = format!("{}{}", &r1[..22], "A".repeat(64));
+    assert_eq!(
+        token_error(phone.refresh(&env, &forged).await),
+        BasicErrorResponseType::InvalidGrant
+    );
+    assert_eq!(revoke(&env, PHONE_APP, &forged).await, StatusCode::OK);
+    assert_eq!(call_api(&env, &a4).await.status(), StatusCode::OK);
+
     // The rotated token comes back: refused, and the whole family is revoked.
     assert_eq!(
         token_error(phone.refresh(&env, &r1).await),
@@ -1437,30 +1447,33 @@ fn pair_of(t: &BasicTokenResponse) -> (String, String) {
     (t.access_token().secret().clone(), refresh.secret().clone())
 }
 
-/// A refresh whose answer never reached the app (a dropped connection) can be retried with the
-/// same token for `--refresh-retry-seconds` (30 by default): the retry gets a new pair, and the
+/// With `--refresh-retry-seconds 30`, a refresh whose answer never reached the app (a dropped
+/// connection) can be retried with the same token for 30 s: the retry gets a new pair, and the
 /// pair in the lost answer stops working. Once the new refresh token is used, the old one is
 /// reuse and ends the family; so is a retry after the window, and (below) any second use with
-/// the window off. Another client sending the token changes nothing.
+/// the window off, the default. Another client sending a rotated token changes nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refresh_can_be_retried_within_its_window_only() {
-    let env = env().await;
+    let env = env_with(&["--refresh-retry-seconds", "30"]).await;
     let phone = app(&env, PHONE_APP, "myapp://callback");
     let (a0, r0) = user_tokens(&env, &phone, "olga@example.com", &[PROFILE]).await;
-    assert_eq!(r0.len(), 64, "a refresh token carries its family");
+    assert_eq!(r0.len(), 86, "a refresh token carries its family, signed");
     let (a1, r1) = pair_of(&phone.refresh(&env, &r0).await.expect("refresh"));
     let (a2, r2) = pair_of(&phone.refresh(&env, &r0).await.expect("the retry"));
     assert_token_refused_by_api(&env, &a1).await;
     for access in [&a0, &a2] {
         assert_eq!(call_api(&env, access).await.status(), StatusCode::OK);
     }
-    let thief = app(&env, FIRST_PARTY_APP, "myapp://callback");
-    assert_eq!(
-        token_error(thief.refresh(&env, &r0).await),
-        BasicErrorResponseType::InvalidGrant
-    );
-    assert_eq!(call_api(&env, &a2).await.status(), StatusCode::OK);
     let (a3, r3) = pair_of(&phone.refresh(&env, &r2).await.expect("refresh"));
+    // r0 and r2 are rotated now: another client sending one is refused and ends nothing.
+    let thief = app(&env, FIRST_PARTY_APP, "myapp://callback");
+    for rotated in [&r0, &r2] {
+        assert_eq!(
+            token_error(thief.refresh(&env, rotated).await),
+            BasicErrorResponseType::InvalidGrant
+        );
+    }
+    assert_eq!(call_api(&env, &a3).await.status(), StatusCode::OK);
     assert_eq!(
         token_error(phone.refresh(&env, &r0).await),
         BasicErrorResponseType::InvalidGrant,
@@ -1477,7 +1490,7 @@ async fn a_refresh_can_be_retried_within_its_window_only() {
     }
 
     // The lost answer's refresh token, if it arrived after all, is reuse once the retry took
-    // its place.
+    // its place (window still 30 s).
     let (_, r0) = user_tokens(&env, &phone, "oscar@example.com", &[PROFILE]).await;
     let (_, r1) = pair_of(&phone.refresh(&env, &r0).await.expect("refresh"));
     let (a2, _) = pair_of(&phone.refresh(&env, &r0).await.expect("the retry"));
@@ -1500,9 +1513,9 @@ async fn a_refresh_can_be_retried_within_its_window_only() {
         assert!(working <= 1, "round {round}: two pairs work");
     }
 
-    // A window of 1 s: a retry 2 s later is reuse. With none, at once.
-    for (window, wait) in [("1", 2), ("0", 0)] {
-        let env = env_with(&["--refresh-retry-seconds", window]).await;
+    // A window of 1 s: a retry 2 s later is reuse. With none (the default), at once.
+    for (flags, wait) in [(&["--refresh-retry-seconds", "1"][..], 2), (&[][..], 0)] {
+        let env = env_with(flags).await;
         let phone = app(&env, PHONE_APP, "myapp://callback");
         let (a0, r0) = user_tokens(&env, &phone, "olga@example.com", &[PROFILE]).await;
         let (a1, _) = pair_of(&phone.refresh(&env, &r0).await.expect("refresh"));
@@ -1510,7 +1523,7 @@ async fn a_refresh_can_be_retried_within_its_window_only() {
         assert_eq!(
             token_error(phone.refresh(&env, &r0).await),
             BasicErrorResponseType::InvalidGrant,
-            "window {window}"
+            "{flags:?}"
         );
         for access in [&a0, &a1] {
             assert_token_refused_by_api(&env, access).await;

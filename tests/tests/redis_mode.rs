@@ -226,8 +226,16 @@ async fn pkce_flow_across_two_gateways_sharing_redis() {
     let url = redis.url();
     let (a, b) = tokio::task::block_in_place(|| {
         (
-            Gateway::start(&mdir, &dir.path().join("a"), &["--redis", &url]),
-            Gateway::start(&mdir, &dir.path().join("b"), &["--redis", &url]),
+            Gateway::start(
+                &mdir,
+                &dir.path().join("a"),
+                &["--redis", &url, "--refresh-retry-seconds", "30"],
+            ),
+            Gateway::start(
+                &mdir,
+                &dir.path().join("b"),
+                &["--redis", &url, "--refresh-retry-seconds", "30"],
+            ),
         )
     });
     let http = reqwest::Client::builder()
@@ -337,6 +345,7 @@ async fn pkce_flow_across_two_gateways_sharing_redis() {
         .to_string();
     assert_eq!(user.len(), 36);
 
+    // Both replicas allow a retry for 30 s (`--refresh-retry-seconds`).
     // A: refresh, whose answer the app never gets; B: the app's retry with the same token gets
     // a pair, and the lost answer's access token stops working on both replicas (one family
     // record for all of them). B: the lost answer's refresh token after all -> reuse, and the

@@ -20,6 +20,7 @@ use axum::extract::FromRequest;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, header};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{GatewayError, OAuthErrorCode, oauth};
 use crate::state::AppState;
@@ -28,13 +29,20 @@ use crate::state::AppState;
 /// goes away: hyper drops a request's future when its connection closes, and a code exchange,
 /// a refresh or a revocation changes the store in several steps. Stopped between two of them,
 /// the embedded store (which commits its file before it changes memory) would keep a revoked
-/// token working, or a spent code or refresh token usable, until the next restart.
-pub async fn to_completion<T, W>(work: W) -> Result<T, GatewayError>
+/// token working, or a spent code or refresh token usable, until the next restart. `work` gets
+/// a token that is cancelled once nobody waits for its answer, so work whose answer only that
+/// client would have got can be undone (a refresh puts the presented token back).
+pub async fn to_completion<T, W>(
+    work: impl FnOnce(CancellationToken) -> W,
+) -> Result<T, GatewayError>
 where
     T: Send + 'static,
     W: Future<Output = Result<T, GatewayError>> + Send + 'static,
 {
-    let task = TASKS.with(|tasks| tasks.spawn(work));
+    let gone = CancellationToken::new();
+    // Dropped with this future: when hyper drops the request's, or after the answer came.
+    let _waiting = gone.clone().drop_guard();
+    let task = TASKS.with(|tasks| tasks.spawn(work(gone)));
     task.await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "an authorization server task failed");
         Err(oauth(OAuthErrorCode::ServerError, "internal error"))

@@ -2,37 +2,43 @@
 //! spent and a new pair issued into the same grant family. A rotated token that comes back
 //! means two parties hold the family, and all of it is revoked (design section 5).
 //!
-//! Refresh tokens begin with their family's id (`tokens::generate_refresh`), so one record per
-//! family (`FamilyRecord`, rewritten at each rotation) recognizes every rotated token of it.
-//! Refresh tokens from before families (43 characters) each left a marker at their rotation
-//! for the rest of their life instead (up to 30 days, one per refresh); those still count.
+//! Refresh tokens carry their family's id, signed with the store's key
+//! (`tokens::generate_refresh`), so one record per family (`FamilyRecord`, rewritten at each
+//! rotation) recognizes every rotated token of it. Refresh tokens from before families (43
+//! characters) each left a marker at their rotation for the rest of their life instead (up to
+//! 30 days, one per refresh); those still count.
 //!
-//! A client that never got the answer to its refresh (a dropped connection, a store timeout
-//! after the spend) retries with the token it has. Within `--refresh-retry-seconds` of its
-//! rotation the token rotated last is redeemed again: the pair issued for it, which nobody
-//! received, is revoked and a new one answers (Okta's grace period, Ory Hydra's
-//! `rotation_grace_period`). Anyone else presenting it in that window holds the family only
-//! until the rightful client's next refresh, which then reads as reuse and ends the family.
+//! A rotation whose answer the gateway knows is not delivered is undone: when the spend's
+//! outcome is unknown (a store timeout) or the client went away before the answer, the presented
+//! token is put back and the new pair removed, so the client's retry is a plain refresh.
+//!
+//! An answer lost after it left the gateway (a mobile connection dropping) is invisible here.
+//! `--refresh-retry-seconds` (0, off, by default) lets the token rotated last be redeemed again
+//! for that long after its rotation: the pair issued for it, which the client never got, is
+//! revoked and a new one answers (Okta's grace period, Ory Hydra's `rotation_grace_period`).
+//! Anyone else presenting it in that window holds the family until the rightful client's next
+//! refresh, which then reads as reuse and ends the family.
 
 use std::sync::Arc;
 
 use gatehouse_crds::GrantType;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::form::Form;
 use super::token::{
-    Family, Presented, TokenResponse, about_to_expire, answer_once, check_scopes, grant_revoked,
-    invalid_grant, marker_value, require_grant, revoke_family, revoke_marked_grant, rotated_key,
-    still_offered, token_pair, unavailable,
+    Family, Presented, TokenResponse, about_to_expire, answer_once, check_scopes, discard,
+    grant_revoked, invalid_grant, marker_value, require_grant, revoke_family, revoke_marked_grant,
+    rotated_key, still_offered, token_pair, unavailable,
 };
 use crate::error::{GatewayError, OAuthErrorCode, oauth};
 use crate::snapshot::{ClientRuntime, Snapshot};
 use crate::state::AppState;
 use crate::store::{StoreError, TokenKind, TokenRecord, kv, unix_now};
-use crate::tokens::{self, FamilyId, TokenHash};
+use crate::tokens::{self, FamilyId, RefreshKey, TokenHash};
 
-/// Default of `--refresh-retry-seconds`.
-pub const REFRESH_RETRY_SECONDS: u64 = 30;
+/// Default of `--refresh-retry-seconds`: off, as design section 5 and Ory Hydra have it.
+pub const REFRESH_RETRY_SECONDS: u64 = 0;
 
 /// A family's record (JSON under `family_key`), kept as long as its newest refresh token.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -45,6 +51,37 @@ struct FamilyRecord {
     /// SHA-256 (hex) of the refresh and the access token issued for it.
     refresh: String,
     access: String,
+}
+
+/// Where the store keeps the key that signs refresh tokens (`tokens::generate_refresh`).
+const REFRESH_KEY: &str = "refresh-token-key";
+
+/// The key that signs refresh tokens: the store's, made by whichever replica needed it first,
+/// then kept in memory. Should the store lose it (a Redis flushed by hand), its tokens went with
+/// it; a replica that still holds the old key in memory signs with it until it restarts, so
+/// only the family ids of its tokens go unrecognized elsewhere (each is then unknown, never
+/// taken for another family's).
+pub(super) async fn refresh_key(state: &AppState) -> Result<&RefreshKey, GatewayError> {
+    state
+        .refresh_key
+        .get_or_try_init(|| async {
+            let store = &*state.store;
+            let fresh = tokens::new_refresh_key();
+            store
+                .kv_put_new(REFRESH_KEY, &fresh, 0)
+                .await
+                .map_err(unavailable)?;
+            let stored = store.kv_get(REFRESH_KEY).await.map_err(unavailable)?;
+            stored
+                .as_deref()
+                .and_then(|k| RefreshKey::try_from(k).ok())
+                .ok_or_else(|| {
+                    unavailable(StoreError::Corrupt(format!(
+                        "{REFRESH_KEY} is not a 32-byte key"
+                    )))
+                })
+        })
+        .await
 }
 
 /// Hashed, so the store's keys do not hold what the family's tokens carry.
@@ -86,16 +123,19 @@ fn reused(client: &ClientRuntime, revoked: usize) -> GatewayError {
     unknown()
 }
 
+/// `gone`: cancelled once the client no longer waits for the answer (`to_completion`).
 pub(super) async fn refresh_token(
     state: &AppState,
     snap: &Snapshot,
     client: &ClientRuntime,
     form: &Form,
+    gone: &CancellationToken,
 ) -> Result<TokenResponse, GatewayError> {
     require_grant(client, GrantType::RefreshToken)?;
     let presented = form.require("refresh_token")?;
     let hash = tokens::hash(presented);
-    let family_id = tokens::refresh_family(presented);
+    let key = refresh_key(state).await?;
+    let family_id = tokens::refresh_family(key, presented);
     let (record, redeem) = match state.store.get_token(&hash).await.map_err(unavailable)? {
         Some(r) if r.kind == TokenKind::Refresh => (r, Redeem::Live),
         _ => not_live(state, client, &hash, family_id.as_ref()).await?,
@@ -142,6 +182,7 @@ pub(super) async fn refresh_token(
     let family = Family {
         grant_id: &record.grant_id,
         id: &id,
+        key,
     };
     // The pair first, then the token is spent (see `answer_once`).
     let user_id = record.user_id.clone().unwrap_or_default();
@@ -155,13 +196,44 @@ pub(super) async fn refresh_token(
         ttl,
     };
     let spent = rotate(state, &rotation, &pair, &redeem).await;
+    let live = matches!(redeem, Redeem::Live);
+    if live && spent.is_err() {
+        // Whether the spend happened is unknown, and this pair will not be sent: the presented
+        // token goes back, so the client's retry is a plain refresh, not reuse.
+        restore(state, &hash, &record).await;
+    }
     let presented = Presented {
         grant_id: &record.grant_id,
         expires_at: record.expires_at,
-        // The family's record names the unsent refresh token: the client's retry redeems it.
-        keep_refresh: family_id.is_some(),
+        // A retry's record names the new refresh token already: a further retry redeems it.
+        keep_refresh: !live,
     };
-    answer_once(state, pair, spent, presented, |n| reused(client, n)).await
+    let answer = answer_once(state, pair, spent, presented, |n| reused(client, n)).await?;
+    if live && gone.is_cancelled() {
+        // Nobody will read this answer (the client went away while it was made): undone, as if
+        // it had failed, so the client's retry with the token it has is no reuse.
+        restore(state, &hash, &record).await;
+        discard(state, &answer, false).await;
+        return Err(oauth(
+            OAuthErrorCode::TemporarilyUnavailable,
+            "the client went away before the answer",
+        ));
+    }
+    Ok(answer)
+}
+
+/// Undoes a rotation whose answer is not sent: the spent token goes back into the store, unless
+/// its grant was revoked meanwhile. A revocation that found it gone must not miss it, so the
+/// grant is checked after the token is back (as `token_pair` does for new tokens); when the
+/// check fails, the grant is revoked rather than risk a revoked token coming back.
+async fn restore(state: &AppState, hash: &TokenHash, record: &TokenRecord) {
+    if let Err(e) = state.store.put_token(*hash, record.clone()).await {
+        tracing::warn!(error = %e, "cannot put back a refresh token whose rotation went unanswered");
+        return;
+    }
+    if grant_revoked(state, &record.grant_id).await.unwrap_or(true) {
+        let _ = state.store.revoke_grant(&record.grant_id).await;
+    }
 }
 
 /// A presented token that is not a live refresh token: the family's last rotated one retried in
@@ -202,6 +274,8 @@ async fn not_live(
         let unsent_refresh =
             record.filter(|r| r.kind == TokenKind::Refresh && r.grant_id == family.grant_id);
         if let Some(r) = unsent_refresh {
+            tracing::info!(client_id = %client.cfg.client_id, grant_id = %family.grant_id, "refresh retried with the token rotated last; the unsent pair is replaced");
+            metrics::counter!("gatehouse_refresh_retries_total").increment(1);
             return Ok((r, Redeem::Retry { unsent, family }));
         }
         // The pair issued for it was used or retried already: two holders.
@@ -209,6 +283,10 @@ async fn not_live(
     // A rotated token of this family (or one made up with its id, which takes having seen one
     // of its tokens).
     let n = end_family(state, &family.grant_id, Some(id)).await?;
+    if n == 0 {
+        // The family was over already (expired, or revoked more than a day ago): no alarm.
+        return Err(unknown());
+    }
     Err(reused(client, n))
 }
 
@@ -263,12 +341,12 @@ async fn rotate(
     match redeem {
         Redeem::Live => Ok(store.revoke_token(r.presented).await?.is_some()),
         Redeem::Retry { unsent, family } => {
-            let taken = store.revoke_token(unsent).await?.is_some();
-            if taken && let Some(access) = parse_hash(&family.access) {
-                // Issued with the refresh token just taken; nobody received it.
+            // The unsent pair's access token first: should taking its refresh token fail after
+            // this, the client retries; the other way round, a failure here would leave it live.
+            if let Some(access) = parse_hash(&family.access) {
                 store.revoke_token(&access).await?;
             }
-            Ok(taken)
+            Ok(store.revoke_token(unsent).await?.is_some())
         }
     }
 }
@@ -298,7 +376,7 @@ pub(super) async fn revoke(
     token: &str,
     live: Option<&TokenRecord>,
 ) -> Result<Option<usize>, GatewayError> {
-    let family_id = tokens::refresh_family(token);
+    let family_id = tokens::refresh_family(refresh_key(state).await?, token);
     if let Some(record) = live {
         if record.client_id != client.cfg.client_id {
             return Ok(None);

@@ -22,7 +22,7 @@ pub async fn handle(
     headers: HeaderMap,
     OAuthBody(body): OAuthBody,
 ) -> Response {
-    let answer = super::to_completion(async move { revoke(&state, &headers, &body).await });
+    let answer = super::to_completion(|_| async move { revoke(&state, &headers, &body).await });
     match answer.await {
         Ok(()) => {
             let mut r = StatusCode::OK.into_response();

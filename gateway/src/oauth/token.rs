@@ -39,7 +39,8 @@ pub async fn handle(
     headers: HeaderMap,
     OAuthBody(body): OAuthBody,
 ) -> Response {
-    let answer = super::to_completion(async move { token(&state, &headers, &body).await });
+    let answer =
+        super::to_completion(|gone| async move { token(&state, &headers, &body, &gone).await });
     match answer.await {
         Ok(resp) => {
             let mut r = Json(resp).into_response();
@@ -50,10 +51,12 @@ pub async fn handle(
     }
 }
 
+/// `gone`: cancelled once the client no longer waits for the answer (`to_completion`).
 async fn token(
     state: &AppState,
     headers: &HeaderMap,
     body: &[u8],
+    gone: &tokio_util::sync::CancellationToken,
 ) -> Result<TokenResponse, GatewayError> {
     let form = Form::parse(headers, body)?;
     let grant_type = form.require("grant_type")?;
@@ -63,7 +66,7 @@ async fn token(
     match grant_type {
         "client_credentials" => client_credentials(state, &snap, client, &form).await,
         "authorization_code" => authorization_code(state, &snap, client, &form).await,
-        "refresh_token" => super::refresh::refresh_token(state, &snap, client, &form).await,
+        "refresh_token" => super::refresh::refresh_token(state, &snap, client, &form, gone).await,
         other => Err(oauth(
             OAuthErrorCode::UnsupportedGrantType,
             format!("grant_type {} is not supported", super::shown(other)),
@@ -378,6 +381,7 @@ async fn authorization_code(
     let family = Family {
         grant_id: &record.grant_id,
         id: &tokens::new_family(),
+        key: super::refresh::refresh_key(state).await?,
     };
     let pair = token_pair(state, snap, client, &record.user_id, &scope, &scope, family).await?;
     let owner = marker_value(&record.client_id, &record.grant_id);
@@ -480,7 +484,10 @@ pub(super) async fn token_pair(
             issue(
                 state,
                 client,
-                Issue::Refresh(family.id),
+                Issue::Refresh {
+                    family: family.id,
+                    key: family.key,
+                },
                 Some(user_id),
                 refresh_scope,
                 grant_id,
@@ -512,7 +519,7 @@ pub(super) async fn token_pair(
 
 /// Best effort: removes the tokens of a response that is not sent (but the refresh token when
 /// `keep_refresh`).
-async fn discard(state: &AppState, pair: &TokenResponse, keep_refresh: bool) {
+pub(super) async fn discard(state: &AppState, pair: &TokenResponse, keep_refresh: bool) {
     let refresh = pair.refresh_token.as_ref().filter(|_| !keep_refresh);
     let tokens = std::iter::once(&pair.access_token).chain(refresh);
     for t in tokens {
@@ -521,18 +528,22 @@ async fn discard(state: &AppState, pair: &TokenResponse, keep_refresh: bool) {
 }
 
 /// A grant family: the grant id its tokens are stored under, and the id its refresh tokens
-/// carry.
+/// carry, signed with `key` (`refresh::refresh_key`).
 #[derive(Clone, Copy)]
 pub(super) struct Family<'a> {
     pub grant_id: &'a str,
     pub id: &'a tokens::FamilyId,
+    pub key: &'a tokens::RefreshKey,
 }
 
 /// What `issue` makes.
 pub enum Issue<'a> {
     Access,
-    /// A refresh token of this family.
-    Refresh(&'a tokens::FamilyId),
+    /// A refresh token of `family`, signed with `key`.
+    Refresh {
+        family: &'a tokens::FamilyId,
+        key: &'a tokens::RefreshKey,
+    },
 }
 
 /// Creates and stores one token; returns the token itself (the store keeps only its hash).
@@ -547,7 +558,9 @@ pub async fn issue(
 ) -> Result<String, GatewayError> {
     let (token, kind) = match what {
         Issue::Access => (tokens::generate(), TokenKind::Access),
-        Issue::Refresh(family) => (tokens::generate_refresh(family), TokenKind::Refresh),
+        Issue::Refresh { family, key } => {
+            (tokens::generate_refresh(key, family), TokenKind::Refresh)
+        }
     };
     let now = unix_now();
     let record = TokenRecord {
