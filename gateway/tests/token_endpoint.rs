@@ -192,14 +192,20 @@ async fn malformed_requests_are_invalid_request() {
     assert_eq!(json(resp).await["error"], "invalid_request");
 }
 
-/// The embedded store, except that `put_token` fails while `fail_puts` is set, `revoke_token`
-/// waits for `release` while `hold_revokes` is set (telling `entered` first), and revokes but
-/// answers an error while `lose_revoke_replies` is set (a reply lost to a timeout). `puts`
-/// records the hash of every token stored, `revokes` counts finished `revoke_token` calls.
+/// The embedded store, except that `put_token` fails while `fail_puts` is set; the next
+/// `revoke_token` waits for `release` when `hold_revokes` is set (telling `entered` first),
+/// before revoking, or after it when `hold_after_revoke` is set, and so does the next revoke of
+/// the token in `hold_revoke_of` (before revoking); the next `revoke_token` fails
+/// without revoking when `fail_revokes` is set; `revoke_token` revokes but answers an error while
+/// `lose_revoke_replies` is set (a reply lost to a timeout). `puts` records the hash of every
+/// token stored, `revokes` counts finished `revoke_token` calls.
 struct FlakyStore {
     inner: gatehouse_gateway::store::embedded::EmbeddedStore,
     fail_puts: std::sync::atomic::AtomicBool,
     hold_revokes: std::sync::atomic::AtomicBool,
+    hold_after_revoke: std::sync::atomic::AtomicBool,
+    hold_revoke_of: std::sync::Mutex<Option<gatehouse_gateway::tokens::TokenHash>>,
+    fail_revokes: std::sync::atomic::AtomicBool,
     lose_revoke_replies: std::sync::atomic::AtomicBool,
     puts: std::sync::Mutex<Vec<gatehouse_gateway::tokens::TokenHash>>,
     revokes: std::sync::atomic::AtomicUsize,
@@ -209,6 +215,13 @@ struct FlakyStore {
 
 /// A harness on a `FlakyStore` (nothing failing or held yet).
 async fn flaky_harness() -> (Harness, Arc<FlakyStore>) {
+    flaky_harness_with(|_| {}).await
+}
+
+/// `flaky_harness` with `tweak` applied to the state.
+async fn flaky_harness_with(
+    tweak: impl FnOnce(&mut gatehouse_gateway::state::AppState),
+) -> (Harness, Arc<FlakyStore>) {
     let upstream = gatehouse_tests::echo::spawn().await;
     let flaky = Arc::new(std::sync::OnceLock::<Arc<FlakyStore>>::new());
     let keep = flaky.clone();
@@ -221,6 +234,9 @@ async fn flaky_harness() -> (Harness, Arc<FlakyStore>) {
                 inner,
                 fail_puts: Default::default(),
                 hold_revokes: Default::default(),
+                hold_after_revoke: Default::default(),
+                hold_revoke_of: Default::default(),
+                fail_revokes: Default::default(),
                 lose_revoke_replies: Default::default(),
                 puts: Default::default(),
                 revokes: Default::default(),
@@ -230,6 +246,7 @@ async fn flaky_harness() -> (Harness, Arc<FlakyStore>) {
             keep.set(s.clone()).ok();
             s
         },
+        tweak,
     )
     .await;
     let flaky = flaky.get().unwrap().clone();
@@ -256,12 +273,20 @@ mod flaky {
             self.inner.get_token(hash).await
         }
         async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
-            if self.hold_revokes.load(Ordering::SeqCst) {
+            let held = self.hold_revoke_of.lock().unwrap().take_if(|h| h == hash);
+            if self.hold_revokes.swap(false, Ordering::SeqCst) || held.is_some() {
                 self.entered.notify_one();
                 self.release.notified().await;
             }
+            if self.fail_revokes.swap(false, Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("injected".into()));
+            }
             let revoked = self.inner.revoke_token(hash).await;
             self.revokes.fetch_add(1, Ordering::SeqCst);
+            if self.hold_after_revoke.swap(false, Ordering::SeqCst) {
+                self.entered.notify_one();
+                self.release.notified().await;
+            }
             if self.lose_revoke_replies.load(Ordering::SeqCst) {
                 return Err(StoreError::Unavailable("injected: reply lost".into()));
             }
@@ -365,56 +390,102 @@ async fn stored_code(h: &Harness, email: &str, grant: &str, expires_at: u64) -> 
     )
 }
 
-/// A refresh whose spend may have happened (its answer from the store was lost to a timeout)
-/// answers 503 and is undone: the presented token is put back and the new pair removed, so the
-/// client's retry is a plain refresh. (Before, the retry found the token spent and revoked the
-/// family: a slow store signed the user out.) A second use after that is reuse as ever.
+/// A user's first pair of app-mobile (access, refresh), from a code exchange at `h`.
+async fn first_pair(h: &Harness, email: &str) -> (String, String) {
+    let now = gatehouse_gateway::store::unix_now();
+    let exchange = stored_code(h, email, &format!("g-{email}"), now + 60).await;
+    let resp = h.call(token_request(&exchange, None)).await;
+    assert_eq!(resp.status(), 200);
+    pair(json(resp).await)
+}
+
+fn pair(v: serde_json::Value) -> (String, String) {
+    let field = |k: &str| v[k].as_str().expect(k).to_string();
+    (field("access_token"), field("refresh_token"))
+}
+
+fn refresh_body(token: &str) -> String {
+    format!("grant_type=refresh_token&client_id=app-mobile&refresh_token={token}")
+}
+
+async fn live(h: &Harness, hash: gatehouse_gateway::tokens::TokenHash) -> bool {
+    h.state.store.get_token(&hash).await.unwrap().is_some()
+}
+
+async fn token_live(h: &Harness, token: &str) -> bool {
+    live(h, gatehouse_gateway::tokens::hash(token)).await
+}
+
+/// The tokens stored since `since` (an index into `puts`), less `except`.
+fn stored_since(
+    flaky: &FlakyStore,
+    since: usize,
+    except: &str,
+) -> Vec<gatehouse_gateway::tokens::TokenHash> {
+    let except = gatehouse_gateway::tokens::hash(except);
+    let puts = flaky.puts.lock().unwrap();
+    puts[since..]
+        .iter()
+        .filter(|h| **h != except)
+        .copied()
+        .collect()
+}
+
+/// A refresh whose spend fails without happening answers 503; the presented token is still
+/// live, the pair made for the answer is removed, and the client's retry is a plain refresh.
 #[tokio::test]
-async fn a_refresh_whose_spend_reply_is_lost_is_undone() {
+async fn a_refresh_whose_spend_fails_leaves_its_token_usable() {
     use std::sync::atomic::Ordering;
 
     let (h, flaky) = flaky_harness().await;
-    let now = gatehouse_gateway::store::unix_now();
-    let exchange = stored_code(&h, "lost@example.com", "g-lost", now + 60).await;
-    let resp = h.call(token_request(&exchange, None)).await;
-    assert_eq!(resp.status(), 200);
-    let v = json(resp).await;
-    let field = |v: &serde_json::Value, k: &str| v[k].as_str().expect(k).to_string();
-    let (a0, r0) = (field(&v, "access_token"), field(&v, "refresh_token"));
-    let refresh =
-        |t: &str| format!("grant_type=refresh_token&client_id=app-mobile&refresh_token={t}");
-    let store = h.state.store.clone();
-    let live_hash = |hash: gatehouse_gateway::tokens::TokenHash| {
-        let store = store.clone();
-        async move { store.get_token(&hash).await.unwrap().is_some() }
-    };
-    let live = |t: &str| live_hash(gatehouse_gateway::tokens::hash(t));
-
+    let (a0, r0) = first_pair(&h, "fail@example.com").await;
     let before = flaky.puts.lock().unwrap().len();
-    flaky.lose_revoke_replies.store(true, Ordering::SeqCst);
-    let resp = h.call(token_request(&refresh(&r0), None)).await;
+    flaky.fail_revokes.store(true, Ordering::SeqCst);
+    let resp = h.call(token_request(&refresh_body(&r0), None)).await;
     assert_eq!(resp.status(), 503);
-    flaky.lose_revoke_replies.store(false, Ordering::SeqCst);
-    assert!(live(&r0).await, "the presented token was not put back");
-    let stored: Vec<_> = flaky.puts.lock().unwrap()[before..].to_vec();
-    let unsent: Vec<_> = stored
-        .into_iter()
-        .filter(|h| *h != gatehouse_gateway::tokens::hash(&r0))
-        .collect();
+    assert!(token_live(&h, &r0).await && token_live(&h, &a0).await);
+    let unsent = stored_since(&flaky, before, &r0);
     assert_eq!(unsent.len(), 2, "the unsent access and refresh token");
     for hash in unsent {
-        assert!(!live_hash(hash).await, "a token of the unsent pair is live");
+        assert!(!live(&h, hash).await, "a token of the unsent pair is live");
     }
-
-    let resp = h.call(token_request(&refresh(&r0), None)).await;
+    let resp = h.call(token_request(&refresh_body(&r0), None)).await;
     assert_eq!(resp.status(), 200, "the retry is not reuse");
-    let v = json(resp).await;
-    let (a1, r1) = (field(&v, "access_token"), field(&v, "refresh_token"));
-    assert!(live(&a0).await && live(&a1).await && live(&r1).await);
-    let resp = h.call(token_request(&refresh(&r0), None)).await;
-    assert_eq!(json(resp).await["error"], "invalid_grant");
-    for t in [&a0, &a1, &r1] {
-        assert!(!live(t).await, "reuse of the rotated token left {t} live");
+}
+
+/// A refresh whose spend ran but whose answer from the store was lost (a timeout) answers 503.
+/// Whose spend that was is unknown (a concurrent use could have taken the token), so nothing is
+/// put back: without a retry window the client's retry is reuse and ends the family, as design
+/// section 5 has it; with one, the retry redeems the pair the failed answer would have carried.
+#[tokio::test]
+async fn a_refresh_whose_spend_reply_is_lost_is_reuse_unless_a_window_allows_a_retry() {
+    use std::sync::atomic::Ordering;
+
+    for window in [0, 30] {
+        let (h, flaky) = flaky_harness_with(|s| s.refresh_retry_secs = window).await;
+        let (a0, r0) = first_pair(&h, "lost@example.com").await;
+        flaky.lose_revoke_replies.store(true, Ordering::SeqCst);
+        let resp = h.call(token_request(&refresh_body(&r0), None)).await;
+        assert_eq!(resp.status(), 503);
+        flaky.lose_revoke_replies.store(false, Ordering::SeqCst);
+        assert!(!token_live(&h, &r0).await, "window {window}: the spend ran");
+        let resp = h.call(token_request(&refresh_body(&r0), None)).await;
+        if window == 0 {
+            assert_eq!(json(resp).await["error"], "invalid_grant");
+            assert!(!token_live(&h, &a0).await, "the family was not revoked");
+            continue;
+        }
+        assert_eq!(resp.status(), 200, "the retry in the window");
+        let (a1, r1) = pair(json(resp).await);
+        assert!(token_live(&h, &a0).await && token_live(&h, &a1).await);
+        // Once the new refresh token is used, the old one is reuse.
+        let resp = h.call(token_request(&refresh_body(&r1), None)).await;
+        let (a2, _) = pair(json(resp).await);
+        let resp = h.call(token_request(&refresh_body(&r0), None)).await;
+        assert_eq!(json(resp).await["error"], "invalid_grant");
+        for t in [&a0, &a1, &a2] {
+            assert!(!token_live(&h, t).await, "reuse left {t} live");
+        }
     }
 }
 
@@ -481,33 +552,24 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
 
 /// A client that goes away in the middle of a refresh (hyper then drops the request's future)
 /// does not stop the rotation half-way, and nobody gets its answer, so the rotation is undone:
-/// the presented token is spent, then put back, and the new pair is removed. Its retry is then
-/// a plain refresh, not reuse. (Stopped half-way, the embedded store, which commits its file
-/// before its memory, left a spent token live until a restart.)
+/// the new pair is removed and the presented token put back. Its retry is then a plain refresh,
+/// not reuse. (Stopped half-way, the embedded store, which commits its file before its memory,
+/// left a spent token live until a restart.)
 #[tokio::test]
 async fn a_refresh_whose_client_goes_away_is_finished_and_undone() {
-    use gatehouse_gateway::store::TokenKind;
     use std::sync::atomic::Ordering;
 
     let (h, flaky) = flaky_harness().await;
-    let now = gatehouse_gateway::store::unix_now();
-    let refresh = gatehouse_gateway::tokens::generate();
-    let hash = gatehouse_gateway::tokens::hash(&refresh);
-    let store = h.state.store.clone();
-    store
-        .put_token(hash, user_token(TokenKind::Refresh, "g-1", now + 3600))
-        .await
-        .unwrap();
-    let body = format!("grant_type=refresh_token&client_id=app-mobile&refresh_token={refresh}");
+    let (a0, r0) = first_pair(&h, "gone@example.com").await;
+    let before = flaky.puts.lock().unwrap().len();
     flaky.hold_revokes.store(true, Ordering::SeqCst);
     tokio::select! {
-        _ = h.call(token_request(&body, None)) => panic!("answered while its spend was held"),
+        _ = h.call(token_request(&refresh_body(&r0), None)) => panic!("answered while its spend was held"),
         () = flaky.entered.notified() => {}
     }
     // The request's future is gone, as when its connection closes; the spend goes on.
-    flaky.hold_revokes.store(false, Ordering::SeqCst);
     flaky.release.notify_one();
-    // The spend, then the unsent pair's two tokens.
+    // The spend, then the unsent pair's refresh and access token.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while flaky.revokes.load(Ordering::SeqCst) < 3 {
         assert!(
@@ -516,24 +578,92 @@ async fn a_refresh_whose_client_goes_away_is_finished_and_undone() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert!(
-        store.get_token(&hash).await.unwrap().is_some(),
-        "not put back"
-    );
-    let issued: Vec<_> = flaky.puts.lock().unwrap().clone();
-    assert_eq!(
-        issued.len(),
-        4,
-        "the token, the unsent pair, the token put back"
-    );
-    for h in issued.iter().filter(|h| **h != hash) {
-        assert!(
-            store.get_token(h).await.unwrap().is_none(),
-            "unsent token live"
-        );
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(token_live(&h, &r0).await, "not put back");
+    let unsent = stored_since(&flaky, before, &r0);
+    assert_eq!(unsent.len(), 2, "the unsent access and refresh token");
+    for hash in unsent {
+        assert!(!live(&h, hash).await, "a token of the unsent pair is live");
     }
-    let resp = h.call(token_request(&body, None)).await;
+    let resp = h.call(token_request(&refresh_body(&r0), None)).await;
     assert_eq!(resp.status(), 200, "the retry is a plain refresh");
+    assert!(token_live(&h, &a0).await);
+}
+
+/// The same undo when, while the request whose client went away was finishing, a retry in the
+/// window already redeemed the pair it made: the rotation then stands (putting the presented
+/// token back would leave the family two live chains), and only the retry's pair works.
+#[tokio::test]
+async fn an_undo_after_a_retry_redeemed_its_pair_puts_nothing_back() {
+    use std::sync::atomic::Ordering;
+
+    let (h, flaky) = flaky_harness_with(|s| s.refresh_retry_secs = 30).await;
+    let (_, r0) = first_pair(&h, "split@example.com").await;
+    flaky.hold_after_revoke.store(true, Ordering::SeqCst);
+    tokio::select! {
+        _ = h.call(token_request(&refresh_body(&r0), None)) => panic!("answered while held"),
+        () = flaky.entered.notified() => {}
+    }
+    // r0 is spent; its request's client is gone. The retry redeems the pair it made.
+    let resp = h.call(token_request(&refresh_body(&r0), None)).await;
+    assert_eq!(resp.status(), 200, "the retry in the window");
+    let (a2, r2) = pair(json(resp).await);
+    let done = flaky.revokes.load(Ordering::SeqCst);
+    flaky.release.notify_one();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while flaky.revokes.load(Ordering::SeqCst) < done + 1 {
+        assert!(std::time::Instant::now() < deadline, "no undo attempted");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        !token_live(&h, &r0).await,
+        "put back beside the retry's pair"
+    );
+    assert!(token_live(&h, &a2).await && token_live(&h, &r2).await);
+}
+
+/// An undo whose grant is revoked while it puts the presented token back (here: the family
+/// ended through `/oauth2/revoke` with the spent token, between the undo's removal of the new
+/// pair and the put): the token does not come back, since the undo checks the grant after the
+/// put and revokes it again.
+#[tokio::test]
+async fn an_undo_racing_a_revocation_leaves_nothing_live() {
+    use std::sync::atomic::Ordering;
+
+    let (h, flaky) = flaky_harness().await;
+    let (a0, r0) = first_pair(&h, "race@example.com").await;
+    let before = flaky.puts.lock().unwrap().len();
+    flaky.hold_revokes.store(true, Ordering::SeqCst);
+    tokio::select! {
+        _ = h.call(token_request(&refresh_body(&r0), None)) => panic!("answered while held"),
+        () = flaky.entered.notified() => {}
+    }
+    // The client is gone. Hold the undo at its removal of the unsent access token (stored
+    // first), after it took the unsent refresh token.
+    let unsent_access = flaky.puts.lock().unwrap()[before];
+    *flaky.hold_revoke_of.lock().unwrap() = Some(unsent_access);
+    flaky.release.notify_one();
+    flaky.entered.notified().await;
+    let revoke = http::Request::post("/oauth2/revoke")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(axum::body::Body::from(format!(
+            "client_id=app-mobile&token={r0}"
+        )))
+        .unwrap();
+    assert_eq!(h.call(revoke).await.status(), 200);
+    assert!(!token_live(&h, &a0).await, "the family was not revoked");
+    flaky.release.notify_one();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while flaky.puts.lock().unwrap().len() < before + 3 {
+        assert!(std::time::Instant::now() < deadline, "nothing put back");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        !token_live(&h, &r0).await,
+        "a token of a revoked grant came back"
+    );
 }
 
 /// A refresh token or code in its last 2 s is refused as expired before anything is issued or

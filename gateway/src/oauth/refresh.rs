@@ -8,9 +8,11 @@
 //! characters) each left a marker at their rotation for the rest of their life instead (up to
 //! 30 days, one per refresh); those still count.
 //!
-//! A rotation whose answer the gateway knows is not delivered is undone: when the spend's
-//! outcome is unknown (a store timeout) or the client went away before the answer, the presented
-//! token is put back and the new pair removed, so the client's retry is a plain refresh.
+//! A rotation whose answer the gateway knows nobody will read (the client went away first) is
+//! undone: the new pair is removed and the presented token put back, so the client's retry is a
+//! plain refresh. A spend that failed leaves the presented token live (nothing to undo), or, when
+//! the token is gone anyway (a timeout after the store ran it, or a concurrent use), nothing is
+//! put back: whose spend it was is unknown.
 //!
 //! An answer lost after it left the gateway (a mobile connection dropping) is invisible here.
 //! `--refresh-retry-seconds` (0, off, by default) lets the token rotated last be redeemed again
@@ -195,44 +197,102 @@ pub(super) async fn refresh_token(
         legacy: family_id.is_none(),
         ttl,
     };
-    let spent = rotate(state, &rotation, &pair, &redeem).await;
-    let live = matches!(redeem, Redeem::Live);
-    if live && spent.is_err() {
-        // Whether the spend happened is unknown, and this pair will not be sent: the presented
-        // token goes back, so the client's retry is a plain refresh, not reuse.
-        restore(state, &hash, &record).await;
+    if gone.is_cancelled() {
+        // Nobody waits for this answer any more: nothing is spent.
+        discard(state, &pair, false).await;
+        return Err(client_gone());
     }
+    let spent = rotate(state, &rotation, &pair, &redeem).await;
+    let keep_refresh = match spent {
+        Err(_) => kept_after_failed_spend(state, &rotation, &redeem).await,
+        Ok(_) => false,
+    };
     let presented = Presented {
         grant_id: &record.grant_id,
         expires_at: record.expires_at,
-        // A retry's record names the new refresh token already: a further retry redeems it.
-        keep_refresh: !live,
+        keep_refresh,
     };
     let answer = answer_once(state, pair, spent, presented, |n| reused(client, n)).await?;
-    if live && gone.is_cancelled() {
-        // Nobody will read this answer (the client went away while it was made): undone, as if
-        // it had failed, so the client's retry with the token it has is no reuse.
-        restore(state, &hash, &record).await;
-        discard(state, &answer, false).await;
-        return Err(oauth(
-            OAuthErrorCode::TemporarilyUnavailable,
-            "the client went away before the answer",
-        ));
+    if matches!(redeem, Redeem::Live) && gone.is_cancelled() {
+        // The client went away while the answer was made: undone, so its retry with the token
+        // it has is a plain refresh rather than reuse.
+        undo(state, &hash, &record, &answer).await;
+        return Err(client_gone());
     }
     Ok(answer)
 }
 
-/// Undoes a rotation whose answer is not sent: the spent token goes back into the store, unless
-/// its grant was revoked meanwhile. A revocation that found it gone must not miss it, so the
-/// grant is checked after the token is back (as `token_pair` does for new tokens); when the
-/// check fails, the grant is revoked rather than risk a revoked token coming back.
+fn client_gone() -> GatewayError {
+    oauth(
+        OAuthErrorCode::TemporarilyUnavailable,
+        "the client went away before the answer",
+    )
+}
+
+/// After a spend whose outcome is unknown (a store error): whether the new refresh token stays
+/// for the client's retry. When the token to spend (for a retry, the unsent one) is still live,
+/// the spend did not happen: the new pair goes, and a retry puts the family's record back, so
+/// the client's retry finds things as they were. When it is gone, whose spend that was is
+/// unknown (a concurrent use may have taken it), so nothing is put back: the family's record
+/// names the new pair, which a retry within `--refresh-retry-seconds` redeems; without a
+/// window the retry is reuse.
+async fn kept_after_failed_spend(state: &AppState, r: &Rotation<'_>, redeem: &Redeem) -> bool {
+    let (to_spend, previous) = match redeem {
+        Redeem::Live => (r.presented, None),
+        Redeem::Retry { unsent, family } => (unsent, Some(family)),
+    };
+    match state.store.get_token(to_spend).await {
+        Ok(Some(_)) => {
+            if let Some(family) = previous
+                && let Err(e) = kv::put(&*state.store, &family_key(r.family), family, r.ttl).await
+            {
+                tracing::warn!(error = %e, "cannot put a refresh family's record back");
+            }
+            false
+        }
+        _ => state.refresh_retry_secs > 0,
+    }
+}
+
+/// Undoes a rotation whose answer nobody will read. The new refresh token is taken first: if a
+/// retry redeemed it meanwhile, the rotation stands (putting the old token back would give the
+/// family two live chains). Then its access token goes and the presented token comes back.
+async fn undo(
+    state: &AppState,
+    presented: &TokenHash,
+    record: &TokenRecord,
+    answer: &TokenResponse,
+) {
+    let Some(new_refresh) = answer.refresh_token.as_deref() else {
+        return;
+    };
+    match state.store.revoke_token(&tokens::hash(new_refresh)).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot undo a refresh whose client went away");
+            return;
+        }
+    }
+    let _ = state
+        .store
+        .revoke_token(&tokens::hash(&answer.access_token))
+        .await;
+    restore(state, presented, record).await;
+}
+
+/// Puts a spent refresh token back, unless its grant was revoked meanwhile. A revocation that
+/// found it gone must not miss it, so the grant is checked after the token is back (as
+/// `token_pair` does for new tokens), also when the put reported an error (it may have landed);
+/// when the check fails, the grant is revoked rather than risk a revoked token coming back.
 async fn restore(state: &AppState, hash: &TokenHash, record: &TokenRecord) {
     if let Err(e) = state.store.put_token(*hash, record.clone()).await {
         tracing::warn!(error = %e, "cannot put back a refresh token whose rotation went unanswered");
-        return;
     }
-    if grant_revoked(state, &record.grant_id).await.unwrap_or(true) {
-        let _ = state.store.revoke_grant(&record.grant_id).await;
+    if grant_revoked(state, &record.grant_id).await.unwrap_or(true)
+        && let Err(e) = state.store.revoke_grant(&record.grant_id).await
+    {
+        tracing::error!(error = %e, grant_id = %record.grant_id, "cannot revoke a grant whose token was put back");
     }
 }
 

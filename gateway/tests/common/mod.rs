@@ -142,26 +142,27 @@ impl Harness {
 
     /// With the public URL `issuer` (https behind a TLS-terminating ingress).
     pub async fn with_issuer(yaml: String, upstream: SocketAddr, issuer: &str) -> Harness {
-        Harness::with_store(yaml, upstream, issuer, |s| Arc::new(s)).await
+        Harness::with_store(yaml, upstream, issuer, |s| Arc::new(s), |_| {}).await
     }
 
     /// With the embedded store as `wrap` makes it (e.g. one that fails on demand).
+    /// A harness on the store `wrap` makes of the embedded one, with `tweak` applied to the
+    /// state (settings a flag would set).
     pub async fn with_store(
         yaml: String,
         upstream: SocketAddr,
         issuer: &str,
         wrap: impl FnOnce(EmbeddedStore) -> Arc<dyn Store>,
+        tweak: impl FnOnce(&mut AppState),
     ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let mdir = dir.path().join("manifests");
         std::fs::create_dir_all(&mdir).unwrap();
         std::fs::write(mdir.join("all.yaml"), yaml).unwrap();
         let store = EmbeddedStore::open(&dir.path().join("data")).unwrap();
-        let state = Arc::new(AppState::new(
-            wrap(store),
-            Arc::new(LocalLimiter::default()),
-            issuer,
-        ));
+        let mut state = AppState::new(wrap(store), Arc::new(LocalLimiter::default()), issuer);
+        tweak(&mut state);
+        let state = Arc::new(state);
         source::reload(&state, &[mdir]).expect("manifests load");
         Harness {
             state,
