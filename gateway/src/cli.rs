@@ -73,9 +73,9 @@ pub struct Args {
     /// client that never got the answer (a connection dropped after the gateway sent it): the
     /// pair that answer held is revoked and a new one issued, as often as asked within the
     /// window. After it, or once the new refresh token was used, it is reuse and revokes the
-    /// family. 0 (the default, design section 5) makes every second use reuse. Rotations the
-    /// gateway knows went unanswered (a store timeout, a client gone first) are undone anyway.
-    #[arg(long, env = "GATEHOUSE_REFRESH_RETRY_SECONDS", default_value_t = crate::oauth::refresh::REFRESH_RETRY_SECONDS, value_parser = clap::value_parser!(u64).range(0..=300))]
+    /// family. 0 (the default, design section 5) makes every second use reuse; at most 60 (as
+    /// Okta and Cognito). A rotation whose client went away before the answer is undone anyway.
+    #[arg(long, env = "GATEHOUSE_REFRESH_RETRY_SECONDS", default_value_t = crate::oauth::refresh::REFRESH_RETRY_SECONDS, value_parser = clap::value_parser!(u64).range(0..=60))]
     pub refresh_retry_seconds: u64,
 
     /// Sign-in requests (`/oauth2/authorize`) one client IP may start per minute on each
