@@ -2,12 +2,14 @@
 //! lookup never touches the disk), and every change is written through to a redb file under
 //! `--data-dir` before it is acknowledged, so a restart loses nothing.
 //!
-//! Memory never keeps a change the file did not get. Deletions and plain writes reach memory only
-//! after their commit; changes that must be decided atomically in memory (put-if-absent,
-//! counters) are undone there when their commit fails. A caller whose write failed (it answers
-//! 503) thus leaves things as the file has them: the client's retry finds the token, code or
-//! session it asked to remove and removes it for good, instead of being told it is already gone
-//! while a restart brings it back.
+//! Memory never keeps a change the file did not get. Plain writes reach memory only after their
+//! commit. Key-value deletions and the changes that must be decided atomically in memory
+//! (put-if-absent, put-if-present, counters) change memory first and queue their write while
+//! they hold the entry's lock, so one key's changes reach the file in the order memory saw
+//! them; they are undone in memory when their commit fails. A caller whose write failed (it
+//! answers 503) thus leaves things as the file has them: the client's retry finds the token,
+//! code or session it asked to remove and removes it for good, instead of being told it is
+//! already gone while a restart brings it back.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -68,6 +70,7 @@ fn expiry(ttl_secs: u64) -> u64 {
 /// A change to apply inside the batch's transaction; errors are reported as text.
 type Change = Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), String> + Send>;
 type Waiter = tokio::sync::oneshot::Sender<StoreResult<()>>;
+type Committed = tokio::sync::oneshot::Receiver<StoreResult<()>>;
 
 /// Group commit: one thread owns redb writes and commits every change that queued up while the
 /// previous commit was syncing in one transaction. Each caller is still answered only after
@@ -120,12 +123,23 @@ impl GroupCommit {
     }
 
     async fn submit(&self, change: Change) -> StoreResult<()> {
+        Self::done(self.enqueue(change)?).await
+    }
+
+    /// Queues a change without waiting: changes commit in the order they were queued, so a
+    /// caller holding a lock while it queues fixes the order in the file too.
+    fn enqueue(&self, change: Change) -> StoreResult<Committed> {
         let (done, wait) = tokio::sync::oneshot::channel();
         self.queue
             .as_ref()
             .ok_or_else(|| io("the store is closing"))?
             .send((change, done))
             .map_err(|_| io("the store writer has stopped"))?;
+        Ok(wait)
+    }
+
+    /// Waits for a queued change's commit.
+    async fn done(wait: Committed) -> StoreResult<()> {
         wait.await.map_err(|_| io("the store writer has stopped"))?
     }
 }
@@ -274,45 +288,50 @@ impl EmbeddedStore {
     }
 
     async fn kv_write(&self, key: &str, entry: Option<KvEntry>) -> StoreResult<()> {
+        GroupCommit::done(self.kv_enqueue(key, entry)?).await
+    }
+
+    fn kv_enqueue(&self, key: &str, entry: Option<KvEntry>) -> StoreResult<Committed> {
         let key = key.to_string();
-        self.writer
-            .submit(Box::new(move |txn| {
-                let mut table = txn.open_table(KV).map_err(|e| e.to_string())?;
-                match entry {
-                    Some(e) => table.insert(key.as_str(), e.encode().as_slice()).map(drop),
-                    None => table.remove(key.as_str()).map(drop),
-                }
-                .map_err(|e| e.to_string())
-            }))
-            .await
+        self.writer.enqueue(Box::new(move |txn| {
+            let mut table = txn.open_table(KV).map_err(|e| e.to_string())?;
+            match entry {
+                Some(e) => table.insert(key.as_str(), e.encode().as_slice()).map(drop),
+                None => table.remove(key.as_str()).map(drop),
+            }
+            .map_err(|e| e.to_string())
+        }))
     }
 
     /// Changes one kv entry in memory under its entry lock, so concurrent callers decide one
-    /// after the other (put-if-absent, counters), then writes it. `change` gets the current
-    /// entry and returns the new one, or None to leave it alone. When the write fails, memory
-    /// gets back what it had, unless another change has replaced the entry since (that one's
-    /// own commit decides).
+    /// after the other (put-if-absent, counters), and queues its write under the same lock, so
+    /// the file gets the changes of one key in the order memory did (`kv_delete` does the
+    /// same). `change` gets the current entry and returns the new one, or None to leave it
+    /// alone. When the write fails, memory gets back what it had, unless another change has
+    /// replaced the entry since (that one's own commit decides).
     async fn kv_update(
         &self,
         key: &str,
         change: impl FnOnce(Option<&KvEntry>) -> Option<KvEntry>,
     ) -> StoreResult<Option<KvEntry>> {
-        let (before, after) = match self.kv.entry(key.to_string()) {
+        let (before, after, committed) = match self.kv.entry(key.to_string()) {
             dashmap::Entry::Occupied(mut o) => {
                 let Some(after) = change(Some(o.get())) else {
                     return Ok(None);
                 };
-                (Some(o.insert(after.clone())), after)
+                let committed = self.kv_enqueue(key, Some(after.clone()))?;
+                (Some(o.insert(after.clone())), after, committed)
             }
             dashmap::Entry::Vacant(v) => {
                 let Some(after) = change(None) else {
                     return Ok(None);
                 };
+                let committed = self.kv_enqueue(key, Some(after.clone()))?;
                 v.insert(after.clone());
-                (None, after)
+                (None, after, committed)
             }
         };
-        if let Err(e) = self.kv_write(key, Some(after.clone())).await {
+        if let Err(e) = GroupCommit::done(committed).await {
             if let dashmap::Entry::Occupied(mut o) = self.kv.entry(key.to_string())
                 && *o.get() == after
             {
@@ -560,10 +579,21 @@ impl Store for EmbeddedStore {
     }
 
     async fn kv_delete(&self, key: &str) -> StoreResult<()> {
-        if self.kv.contains_key(key) {
-            // The file first: see the module comment.
-            self.kv_write(key, None).await?;
-            self.kv.remove(key);
+        // Memory and the queued write under the entry's lock, as `kv_update` does, so that a
+        // save racing this delete ends the same way in the file as in memory.
+        let (before, committed) = match self.kv.entry(key.to_string()) {
+            dashmap::Entry::Occupied(o) => {
+                let committed = self.kv_enqueue(key, None)?;
+                (o.remove(), committed)
+            }
+            dashmap::Entry::Vacant(_) => return Ok(()),
+        };
+        if let Err(e) = GroupCommit::done(committed).await {
+            // Back as the file still has it, unless another change has been made since.
+            if let dashmap::Entry::Vacant(v) = self.kv.entry(key.to_string()) {
+                v.insert(before);
+            }
+            return Err(e);
         }
         Ok(())
     }
@@ -626,6 +656,33 @@ mod tests {
             grant_id: grant.into(),
             issued_at: 1,
             expires_at,
+        }
+    }
+
+    /// A save that only writes while the entry exists (`kv_put_existing`, a session's) racing a
+    /// delete (a sign-out) on the same key: whichever way they interleave, the file ends as
+    /// memory does, so a restart cannot bring a signed-out session back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_save_racing_a_delete_leaves_the_file_as_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let mut in_memory = Vec::new();
+        for i in 0..200 {
+            let key = format!("session:{i}");
+            s.kv_put(&key, b"v0", 600).await.unwrap();
+            let (a, b) = (s.clone(), s.clone());
+            let (k1, k2) = (key.clone(), key.clone());
+            let save = tokio::spawn(async move { a.kv_put_existing(&k1, b"v1", 600).await });
+            let delete = tokio::spawn(async move { b.kv_delete(&k2).await });
+            save.await.unwrap().unwrap();
+            delete.await.unwrap().unwrap();
+            in_memory.push(s.kv_get(&key).await.unwrap());
+        }
+        drop(s);
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        for (i, memory) in in_memory.into_iter().enumerate() {
+            let file = s.kv_get(&format!("session:{i}")).await.unwrap();
+            assert_eq!(file, memory, "session {i}: the file and memory differ");
         }
     }
 
