@@ -34,9 +34,9 @@ pub struct AppState {
     /// Seconds after a rotation during which the token rotated last may be redeemed again by
     /// a client that did not get the answer (`--refresh-retry-seconds`; 0: never).
     pub refresh_retry_secs: u64,
-    /// Signs refresh tokens' family ids; read from (or first written to) the store at the
-    /// first use (`refresh::refresh_key`).
-    pub refresh_key: tokio::sync::OnceCell<crate::tokens::RefreshKey>,
+    /// Sign refresh tokens' family ids; read from (or first written to) the store at the first
+    /// use (`refresh::refresh_keys`).
+    pub refresh_keys: arc_swap::ArcSwapOption<crate::oauth::refresh::RefreshKeys>,
     /// Proxies whose X-Forwarded-For names the client for the login, signup and sign-in
     /// throttles.
     pub trusted_proxies: TrustedProxies,
@@ -68,7 +68,7 @@ impl AppState {
             max_signups_per_ip: crate::oauth::login::MAX_SIGNUPS_PER_IP,
             max_password_checks_per_ip: crate::oauth::login::MAX_PASSWORD_CHECKS_PER_IP,
             refresh_retry_secs: crate::oauth::refresh::REFRESH_RETRY_SECONDS,
-            refresh_key: tokio::sync::OnceCell::new(),
+            refresh_keys: arc_swap::ArcSwapOption::empty(),
             trusted_proxies: TrustedProxies::default(),
             sign_in_starts: AddressThrottle::per_minute(
                 crate::oauth::authorize::MAX_SIGN_IN_STARTS_PER_MINUTE,

@@ -45,6 +45,9 @@ const NONCE_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 const REFRESH_LEN: usize = FAMILY_LEN + NONCE_LEN + TAG_LEN;
 
+/// The length of a refresh token (`generate_refresh`).
+pub const REFRESH_TOKEN_CHARS: usize = (REFRESH_LEN * 8).div_ceil(6);
+
 fn refresh_mac(key: &RefreshKey, signed: &[u8]) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(signed);
@@ -137,6 +140,7 @@ mod tests {
             generate_refresh(&key, &family),
         );
         assert_eq!(a.len(), 86);
+        assert_eq!(REFRESH_TOKEN_CHARS, 86);
         assert_ne!(a, b, "256 random bits after the family id");
         assert_eq!(refresh_family(&key, &a), Some(family));
         assert_eq!(refresh_family(&key, &b), Some(family));

@@ -58,32 +58,86 @@ struct FamilyRecord {
 /// Where the store keeps the key that signs refresh tokens (`tokens::generate_refresh`).
 const REFRESH_KEY: &str = "refresh-token-key";
 
-/// The key that signs refresh tokens: the store's, made by whichever replica needed it first,
-/// then kept in memory. Should the store lose it (a Redis flushed by hand), its tokens went with
-/// it; a replica that still holds the old key in memory signs with it until it restarts, so
-/// only the family ids of its tokens go unrecognized elsewhere (each is then unknown, never
-/// taken for another family's).
-pub(super) async fn refresh_key(state: &AppState) -> Result<&RefreshKey, GatewayError> {
-    state
-        .refresh_key
-        .get_or_try_init(|| async {
-            let store = &*state.store;
-            let fresh = tokens::new_refresh_key();
-            store
-                .kv_put_new(REFRESH_KEY, &fresh, 0)
-                .await
-                .map_err(unavailable)?;
-            let stored = store.kv_get(REFRESH_KEY).await.map_err(unavailable)?;
-            stored
-                .as_deref()
-                .and_then(|k| RefreshKey::try_from(k).ok())
-                .ok_or_else(|| {
-                    unavailable(StoreError::Corrupt(format!(
-                        "{REFRESH_KEY} is not a 32-byte key"
-                    )))
-                })
-        })
+/// The keys that sign refresh tokens: the store's (`current`, made by whichever replica needed
+/// one first), and the one this replica signed with before it found the store's changed
+/// (`previous`, still good for checking the tokens it signed).
+pub struct RefreshKeys {
+    current: RefreshKey,
+    previous: Option<RefreshKey>,
+}
+
+impl RefreshKeys {
+    /// The key new refresh tokens are signed with.
+    pub(super) fn signing(&self) -> &RefreshKey {
+        &self.current
+    }
+
+    /// The family `token` names under either key (`tokens::refresh_family`).
+    fn family_of(&self, token: &str) -> Option<FamilyId> {
+        tokens::refresh_family(&self.current, token)
+            .or_else(|| tokens::refresh_family(self.previous.as_ref()?, token))
+    }
+}
+
+/// The store's key, written first when it has none.
+async fn stored_key(state: &AppState) -> Result<RefreshKey, GatewayError> {
+    let store = &*state.store;
+    let fresh = tokens::new_refresh_key();
+    store
+        .kv_put_new(REFRESH_KEY, &fresh, 0)
         .await
+        .map_err(unavailable)?;
+    let stored = store.kv_get(REFRESH_KEY).await.map_err(unavailable)?;
+    stored
+        .as_deref()
+        .and_then(|k| RefreshKey::try_from(k).ok())
+        .ok_or_else(|| {
+            unavailable(StoreError::Corrupt(format!(
+                "{REFRESH_KEY} is not a 32-byte key"
+            )))
+        })
+}
+
+/// This replica's keys, read from the store at the first use and kept in memory.
+pub(super) async fn refresh_keys(state: &AppState) -> Result<Arc<RefreshKeys>, GatewayError> {
+    if let Some(keys) = state.refresh_keys.load_full() {
+        return Ok(keys);
+    }
+    // Two first uses at once both read the one key the store kept.
+    let keys = Arc::new(RefreshKeys {
+        current: stored_key(state).await?,
+        previous: None,
+    });
+    state.refresh_keys.store(Some(keys.clone()));
+    Ok(keys)
+}
+
+/// The family a presented refresh token names. A token of a refresh token's length that this
+/// replica's keys did not sign makes it read the store's key again: should the store have lost
+/// its key (a flush, a failover to an empty server) and another replica have made a new one,
+/// every replica signs and checks with the store's key from then on, instead of each not
+/// recognizing the others' tokens (which would leave their reuse undetected) until it restarts.
+async fn family_of(state: &AppState, token: &str) -> Result<Option<FamilyId>, GatewayError> {
+    let keys = refresh_keys(state).await?;
+    if let Some(family) = keys.family_of(token) {
+        return Ok(Some(family));
+    }
+    if token.len() != tokens::REFRESH_TOKEN_CHARS {
+        return Ok(None);
+    }
+    let stored = stored_key(state).await?;
+    if tokens::constant_time_eq(&stored, &keys.current) {
+        // Made up, or cut from another token: nobody's family.
+        metrics::counter!("gatehouse_refresh_tokens_unsigned_total").increment(1);
+        return Ok(None);
+    }
+    tracing::warn!("the store's refresh-token key changed; signing and checking with it now");
+    let renewed = Arc::new(RefreshKeys {
+        current: stored,
+        previous: Some(keys.current),
+    });
+    state.refresh_keys.store(Some(renewed.clone()));
+    Ok(renewed.family_of(token))
 }
 
 /// Hashed, so the store's keys do not hold what the family's tokens carry.
@@ -136,8 +190,8 @@ pub(super) async fn refresh_token(
     require_grant(client, GrantType::RefreshToken)?;
     let presented = form.require("refresh_token")?;
     let hash = tokens::hash(presented);
-    let key = refresh_key(state).await?;
-    let family_id = tokens::refresh_family(key, presented);
+    let family_id = family_of(state, presented).await?;
+    let keys = refresh_keys(state).await?;
     let (record, redeem) = match state.store.get_token(&hash).await.map_err(unavailable)? {
         Some(r) if r.kind == TokenKind::Refresh => (r, Redeem::Live),
         _ => not_live(state, client, &hash, family_id.as_ref()).await?,
@@ -184,7 +238,7 @@ pub(super) async fn refresh_token(
     let family = Family {
         grant_id: &record.grant_id,
         id: &id,
-        key,
+        key: keys.signing(),
     };
     // The pair first, then the token is spent (see `answer_once`).
     let user_id = record.user_id.clone().unwrap_or_default();
@@ -436,7 +490,7 @@ pub(super) async fn revoke(
     token: &str,
     live: Option<&TokenRecord>,
 ) -> Result<Option<usize>, GatewayError> {
-    let family_id = tokens::refresh_family(refresh_key(state).await?, token);
+    let family_id = family_of(state, token).await?;
     if let Some(record) = live {
         if record.client_id != client.cfg.client_id {
             return Ok(None);
@@ -461,6 +515,27 @@ pub(super) async fn revoke(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The store's key replaced (a flush, then another replica made a new one): a token signed
+    /// with the new key makes this replica take it up, and its own older tokens still count.
+    #[tokio::test]
+    async fn a_replica_follows_the_stores_key_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = AppState::for_tests(dir.path());
+        let old = *refresh_keys(&state).await.unwrap().signing();
+        let family = tokens::new_family();
+        let mine = tokens::generate_refresh(&old, &family);
+        let new = tokens::new_refresh_key();
+        state.store.kv_put(REFRESH_KEY, &new, 0).await.unwrap();
+        let theirs = tokens::generate_refresh(&new, &family);
+        assert_eq!(family_of(&state, &theirs).await.unwrap(), Some(family));
+        assert_eq!(refresh_keys(&state).await.unwrap().signing(), &new);
+        assert_eq!(family_of(&state, &mine).await.unwrap(), Some(family));
+        let forged = format!("{}{}", &theirs[..22], "A".repeat(64));
+        assert_eq!(family_of(&state, &forged).await.unwrap(), None);
+        assert_eq!(family_of(&state, &tokens::generate()).await.unwrap(), None);
+        assert_eq!(refresh_keys(&state).await.unwrap().signing(), &new);
+    }
 
     #[test]
     fn retries_are_within_the_window_only() {

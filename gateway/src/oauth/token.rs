@@ -378,10 +378,11 @@ async fn authorization_code(
     }
     // The pair first, then the code is spent (see `answer_once`).
     // The family's first refresh token; its record is written at the first rotation.
+    let keys = super::refresh::refresh_keys(state).await?;
     let family = Family {
         grant_id: &record.grant_id,
         id: &tokens::new_family(),
-        key: super::refresh::refresh_key(state).await?,
+        key: keys.signing(),
     };
     let pair = token_pair(state, snap, client, &record.user_id, &scope, &scope, family).await?;
     let owner = marker_value(&record.client_id, &record.grant_id);
@@ -528,7 +529,7 @@ pub(super) async fn discard(state: &AppState, pair: &TokenResponse, keep_refresh
 }
 
 /// A grant family: the grant id its tokens are stored under, and the id its refresh tokens
-/// carry, signed with `key` (`refresh::refresh_key`).
+/// carry, signed with `key` (`refresh::refresh_keys`).
 #[derive(Clone, Copy)]
 pub(super) struct Family<'a> {
     pub grant_id: &'a str,
