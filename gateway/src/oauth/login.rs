@@ -293,6 +293,7 @@ async fn signed_in(state: &AppState, old_sid: &str, req: &str, user_id: &str) ->
     };
     if let Ok(Some(mut p)) = session::get_pending(store, req, old_sid).await {
         p.session = session::session_binding(&sid);
+        // Gone since it was read (taken, expired): not brought back; consent then says so.
         if let Err(e) = session::update_pending(store, req, &p).await {
             return store_error_page(e);
         }

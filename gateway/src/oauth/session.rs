@@ -267,11 +267,13 @@ pub async fn put_pending(store: &dyn Store, p: &Pending) -> StoreResult<String> 
     Ok(id)
 }
 
-pub async fn update_pending(store: &dyn Store, id: &str, p: &Pending) -> StoreResult<()> {
+/// Rewrites a pending request that exists; false when it is gone (taken or expired since it
+/// was read), which a rewrite must not bring back.
+pub async fn update_pending(store: &dyn Store, id: &str, p: &Pending) -> StoreResult<bool> {
     let left = (p.created_at + PENDING_TTL)
         .saturating_sub(unix_now())
         .max(1);
-    kv::put(store, &pending_key(id), p, left).await
+    kv::put_existing(store, &pending_key(id), p, left).await
 }
 
 /// The pending request if it exists and belongs to this session.
