@@ -64,6 +64,8 @@ const REFRESH_KEY: &str = "refresh-token-key";
 pub struct RefreshKeys {
     current: RefreshKey,
     previous: Option<RefreshKey>,
+    /// When the store's key was last read.
+    checked: std::time::Instant,
 }
 
 impl RefreshKeys {
@@ -79,65 +81,84 @@ impl RefreshKeys {
     }
 }
 
-/// The store's key, written first when it has none.
-async fn stored_key(state: &AppState) -> Result<RefreshKey, GatewayError> {
+/// How often a replica reads the store's key again.
+const KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The store's key. When it has none (the first use ever, or a store that lost it), `ours` is
+/// written (this replica's key, so a store that lost its data gets the key back the running
+/// replicas sign with), or a fresh one; whichever replica writes first wins.
+async fn stored_key(state: &AppState, ours: Option<&RefreshKey>) -> Result<RefreshKey, StoreError> {
     let store = &*state.store;
-    let fresh = tokens::new_refresh_key();
-    store
-        .kv_put_new(REFRESH_KEY, &fresh, 0)
-        .await
-        .map_err(unavailable)?;
-    let stored = store.kv_get(REFRESH_KEY).await.map_err(unavailable)?;
-    stored
-        .as_deref()
-        .and_then(|k| RefreshKey::try_from(k).ok())
-        .ok_or_else(|| {
-            unavailable(StoreError::Corrupt(format!(
-                "{REFRESH_KEY} is not a 32-byte key"
-            )))
+    let read = |k: Option<Vec<u8>>| -> Result<Option<RefreshKey>, StoreError> {
+        k.map(|k| {
+            RefreshKey::try_from(k.as_slice())
+                .map_err(|_| StoreError::Corrupt(format!("{REFRESH_KEY} is not a 32-byte key")))
         })
+        .transpose()
+    };
+    if let Some(key) = read(store.kv_get(REFRESH_KEY).await?)? {
+        return Ok(key);
+    }
+    let offered = ours.copied().unwrap_or_else(tokens::new_refresh_key);
+    store.kv_put_new(REFRESH_KEY, &offered, 0).await?;
+    read(store.kv_get(REFRESH_KEY).await?)?
+        .ok_or_else(|| StoreError::Corrupt(format!("{REFRESH_KEY} vanished as it was written")))
 }
 
-/// This replica's keys, read from the store at the first use and kept in memory.
+/// This replica's keys: read from the store at the first use, and again once a minute, so all
+/// replicas move to the store's key within a minute should it change (a store that lost its
+/// data while a new replica started). A replica keeps its previous key for checking the tokens
+/// it signed. A failed re-read keeps the keys it has.
 pub(super) async fn refresh_keys(state: &AppState) -> Result<Arc<RefreshKeys>, GatewayError> {
-    if let Some(keys) = state.refresh_keys.load_full() {
-        return Ok(keys);
+    let now = std::time::Instant::now();
+    let have = state.refresh_keys.load_full();
+    if let Some(keys) = &have
+        && now.duration_since(keys.checked) < KEY_RECHECK
+    {
+        return Ok(keys.clone());
     }
-    // Two first uses at once both read the one key the store kept.
-    let keys = Arc::new(RefreshKeys {
-        current: stored_key(state).await?,
-        previous: None,
+    let stored = match stored_key(state, have.as_deref().map(|k| &k.current)).await {
+        Ok(k) => k,
+        Err(e) => match have {
+            Some(keys) => {
+                tracing::warn!(error = %e, "cannot read the refresh-token key again; keeping this one");
+                return Ok(keys);
+            }
+            None => return Err(unavailable(e)),
+        },
+    };
+    // From whatever is there now (another request may have moved it on meanwhile).
+    state.refresh_keys.rcu(|latest| {
+        let (previous, changed) = match latest.as_deref() {
+            Some(l) if tokens::constant_time_eq(&l.current, &stored) => (l.previous, false),
+            Some(l) => (Some(l.current), true),
+            None => (None, false),
+        };
+        if changed {
+            tracing::warn!(
+                "the store's refresh-token key changed; signing and checking with it now"
+            );
+        }
+        Some(Arc::new(RefreshKeys {
+            current: stored,
+            previous,
+            checked: now,
+        }))
     });
-    state.refresh_keys.store(Some(keys.clone()));
-    Ok(keys)
+    Ok(state
+        .refresh_keys
+        .load_full()
+        .expect("refresh keys were just stored"))
 }
 
-/// The family a presented refresh token names. A token of a refresh token's length that this
-/// replica's keys did not sign makes it read the store's key again: should the store have lost
-/// its key (a flush, a failover to an empty server) and another replica have made a new one,
-/// every replica signs and checks with the store's key from then on, instead of each not
-/// recognizing the others' tokens (which would leave their reuse undetected) until it restarts.
+/// The family a presented refresh token names under this replica's keys. Tokens of a refresh
+/// token's length that neither signed are counted: made up, or cut from another token.
 async fn family_of(state: &AppState, token: &str) -> Result<Option<FamilyId>, GatewayError> {
-    let keys = refresh_keys(state).await?;
-    if let Some(family) = keys.family_of(token) {
-        return Ok(Some(family));
-    }
-    if token.len() != tokens::REFRESH_TOKEN_CHARS {
-        return Ok(None);
-    }
-    let stored = stored_key(state).await?;
-    if tokens::constant_time_eq(&stored, &keys.current) {
-        // Made up, or cut from another token: nobody's family.
+    let family = refresh_keys(state).await?.family_of(token);
+    if family.is_none() && token.len() == tokens::REFRESH_TOKEN_CHARS {
         metrics::counter!("gatehouse_refresh_tokens_unsigned_total").increment(1);
-        return Ok(None);
     }
-    tracing::warn!("the store's refresh-token key changed; signing and checking with it now");
-    let renewed = Arc::new(RefreshKeys {
-        current: stored,
-        previous: Some(keys.current),
-    });
-    state.refresh_keys.store(Some(renewed.clone()));
-    Ok(renewed.family_of(token))
+    Ok(family)
 }
 
 /// Hashed, so the store's keys do not hold what the family's tokens carry.
@@ -516,10 +537,22 @@ pub(super) async fn revoke(
 mod tests {
     use super::*;
 
-    /// The store's key replaced (a flush, then another replica made a new one): a token signed
-    /// with the new key makes this replica take it up, and its own older tokens still count.
+    /// Makes this replica's keys due for a re-read of the store's.
+    fn due(state: &AppState) {
+        let keys = state.refresh_keys.load_full().expect("keys");
+        let long_ago = std::time::Instant::now() - KEY_RECHECK - std::time::Duration::from_secs(1);
+        state.refresh_keys.store(Some(Arc::new(RefreshKeys {
+            current: keys.current,
+            previous: keys.previous,
+            checked: long_ago,
+        })));
+    }
+
+    /// The store's key replaced (a flush, then another replica made a new one): within the
+    /// re-read interval this replica moves to it and still checks its own older tokens; a store
+    /// that lost its key gets this replica's back.
     #[tokio::test]
-    async fn a_replica_follows_the_stores_key_when_it_changes() {
+    async fn a_replica_follows_the_stores_key_and_gives_a_store_its_key_back() {
         let dir = tempfile::tempdir().unwrap();
         let state = AppState::for_tests(dir.path());
         let old = *refresh_keys(&state).await.unwrap().signing();
@@ -528,13 +561,28 @@ mod tests {
         let new = tokens::new_refresh_key();
         state.store.kv_put(REFRESH_KEY, &new, 0).await.unwrap();
         let theirs = tokens::generate_refresh(&new, &family);
+        assert_eq!(
+            family_of(&state, &theirs).await.unwrap(),
+            None,
+            "not read again yet"
+        );
+        due(&state);
         assert_eq!(family_of(&state, &theirs).await.unwrap(), Some(family));
         assert_eq!(refresh_keys(&state).await.unwrap().signing(), &new);
         assert_eq!(family_of(&state, &mine).await.unwrap(), Some(family));
         let forged = format!("{}{}", &theirs[..22], "A".repeat(64));
         assert_eq!(family_of(&state, &forged).await.unwrap(), None);
         assert_eq!(family_of(&state, &tokens::generate()).await.unwrap(), None);
+
+        state.store.kv_delete(REFRESH_KEY).await.unwrap();
+        due(&state);
         assert_eq!(refresh_keys(&state).await.unwrap().signing(), &new);
+        let back = state.store.kv_get(REFRESH_KEY).await.unwrap();
+        assert_eq!(
+            back.as_deref(),
+            Some(&new[..]),
+            "the store did not get the key back"
+        );
     }
 
     #[test]
