@@ -83,6 +83,8 @@ impl RefreshKeys {
 
 /// How often a replica reads the store's key again.
 const KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+/// How soon after a failed read it tries again.
+const KEY_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The store's key. When it has none (the first use ever, or a store that lost it), `ours` is
 /// written (this replica's key, so a store that lost its data gets the key back the running
@@ -121,30 +123,41 @@ pub(super) async fn refresh_keys(state: &AppState) -> Result<Arc<RefreshKeys>, G
         Ok(k) => k,
         Err(e) => match have {
             Some(keys) => {
+                // Tried again in KEY_RETRY, not by every request meanwhile.
                 tracing::warn!(error = %e, "cannot read the refresh-token key again; keeping this one");
-                return Ok(keys);
+                let retry = now.checked_sub(KEY_RECHECK - KEY_RETRY).unwrap_or(now);
+                let kept = Arc::new(RefreshKeys {
+                    current: keys.current,
+                    previous: keys.previous,
+                    checked: retry,
+                });
+                state.refresh_keys.store(Some(kept.clone()));
+                return Ok(kept);
             }
             None => return Err(unavailable(e)),
         },
     };
-    // From whatever is there now (another request may have moved it on meanwhile).
-    state.refresh_keys.rcu(|latest| {
-        let (previous, changed) = match latest.as_deref() {
-            Some(l) if tokens::constant_time_eq(&l.current, &stored) => (l.previous, false),
-            Some(l) => (Some(l.current), true),
-            None => (None, false),
-        };
-        if changed {
-            tracing::warn!(
-                "the store's refresh-token key changed; signing and checking with it now"
-            );
-        }
+    // From whatever is there now: another request may have moved it on meanwhile, with a read
+    // newer than this one, which then stands.
+    let keys = |previous| {
         Some(Arc::new(RefreshKeys {
             current: stored,
             previous,
             checked: now,
         }))
+    };
+    let before = state.refresh_keys.rcu(|latest| match latest.as_deref() {
+        Some(l) if l.checked > now => latest.clone(),
+        Some(l) if tokens::constant_time_eq(&l.current, &stored) => keys(l.previous),
+        Some(l) => keys(Some(l.current)),
+        None => keys(None),
     });
+    let moved = before
+        .as_deref()
+        .is_some_and(|b| b.checked <= now && !tokens::constant_time_eq(&b.current, &stored));
+    if moved {
+        tracing::warn!("the store's refresh-token key changed; signing and checking with it now");
+    }
     Ok(state
         .refresh_keys
         .load_full()
@@ -540,7 +553,9 @@ mod tests {
     /// Makes this replica's keys due for a re-read of the store's.
     fn due(state: &AppState) {
         let keys = state.refresh_keys.load_full().expect("keys");
-        let long_ago = std::time::Instant::now() - KEY_RECHECK - std::time::Duration::from_secs(1);
+        let long_ago = std::time::Instant::now()
+            .checked_sub(KEY_RECHECK + std::time::Duration::from_secs(1))
+            .expect("the monotonic clock is older than a minute");
         state.refresh_keys.store(Some(Arc::new(RefreshKeys {
             current: keys.current,
             previous: keys.previous,
