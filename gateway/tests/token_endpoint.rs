@@ -550,6 +550,30 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
     assert_eq!(json(resp).await["error"], "invalid_grant", "single use");
 }
 
+/// Starts a refresh with `token` whose spend `hold` (one of the store's hold flags) holds, then
+/// drops the request, as hyper does when its client goes away.
+async fn refresh_then_go_away(
+    h: &Harness,
+    flaky: &FlakyStore,
+    token: &str,
+    hold: &std::sync::atomic::AtomicBool,
+) {
+    hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::select! {
+        _ = h.call(token_request(&refresh_body(token), None)) => panic!("answered while held"),
+        () = flaky.entered.notified() => {}
+    }
+}
+
+/// Waits (at most 5 s) until the store has finished `n` revocations.
+async fn revokes_reach(flaky: &FlakyStore, n: usize, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while flaky.revokes.load(std::sync::atomic::Ordering::SeqCst) < n {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// A client that goes away in the middle of a refresh (hyper then drops the request's future)
 /// does not stop the rotation half-way, and nobody gets its answer, so the rotation is undone:
 /// the new pair is removed and the presented token put back. Its retry is then a plain refresh,
@@ -557,27 +581,19 @@ async fn a_refresh_or_code_exchange_that_cannot_store_its_tokens_spends_nothing(
 /// left a spent token live until a restart.)
 #[tokio::test]
 async fn a_refresh_whose_client_goes_away_is_finished_and_undone() {
-    use std::sync::atomic::Ordering;
-
     let (h, flaky) = flaky_harness().await;
     let (a0, r0) = first_pair(&h, "gone@example.com").await;
     let before = flaky.puts.lock().unwrap().len();
-    flaky.hold_revokes.store(true, Ordering::SeqCst);
-    tokio::select! {
-        _ = h.call(token_request(&refresh_body(&r0), None)) => panic!("answered while its spend was held"),
-        () = flaky.entered.notified() => {}
-    }
+    refresh_then_go_away(&h, &flaky, &r0, &flaky.hold_revokes).await;
     // The request's future is gone, as when its connection closes; the spend goes on.
     flaky.release.notify_one();
     // The spend, then the unsent pair's refresh and access token.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while flaky.revokes.load(Ordering::SeqCst) < 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the rotation stopped half-way after its request went away"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    revokes_reach(
+        &flaky,
+        3,
+        "the rotation stopped half-way after its request went away",
+    )
+    .await;
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert!(token_live(&h, &r0).await, "not put back");
     let unsent = stored_since(&flaky, before, &r0);
@@ -599,22 +615,14 @@ async fn an_undo_after_a_retry_redeemed_its_pair_puts_nothing_back() {
 
     let (h, flaky) = flaky_harness_with(|s| s.refresh_retry_secs = 30).await;
     let (_, r0) = first_pair(&h, "split@example.com").await;
-    flaky.hold_after_revoke.store(true, Ordering::SeqCst);
-    tokio::select! {
-        _ = h.call(token_request(&refresh_body(&r0), None)) => panic!("answered while held"),
-        () = flaky.entered.notified() => {}
-    }
+    refresh_then_go_away(&h, &flaky, &r0, &flaky.hold_after_revoke).await;
     // r0 is spent; its request's client is gone. The retry redeems the pair it made.
     let resp = h.call(token_request(&refresh_body(&r0), None)).await;
     assert_eq!(resp.status(), 200, "the retry in the window");
     let (a2, r2) = pair(json(resp).await);
     let done = flaky.revokes.load(Ordering::SeqCst);
     flaky.release.notify_one();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while flaky.revokes.load(Ordering::SeqCst) < done + 1 {
-        assert!(std::time::Instant::now() < deadline, "no undo attempted");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    revokes_reach(&flaky, done + 1, "no undo attempted").await;
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert!(
         !token_live(&h, &r0).await,
@@ -629,16 +637,10 @@ async fn an_undo_after_a_retry_redeemed_its_pair_puts_nothing_back() {
 /// put and revokes it again.
 #[tokio::test]
 async fn an_undo_racing_a_revocation_leaves_nothing_live() {
-    use std::sync::atomic::Ordering;
-
     let (h, flaky) = flaky_harness().await;
     let (a0, r0) = first_pair(&h, "race@example.com").await;
     let before = flaky.puts.lock().unwrap().len();
-    flaky.hold_revokes.store(true, Ordering::SeqCst);
-    tokio::select! {
-        _ = h.call(token_request(&refresh_body(&r0), None)) => panic!("answered while held"),
-        () = flaky.entered.notified() => {}
-    }
+    refresh_then_go_away(&h, &flaky, &r0, &flaky.hold_revokes).await;
     // The client is gone. Hold the undo at its removal of the unsent access token (stored
     // first), after it took the unsent refresh token.
     let unsent_access = flaky.puts.lock().unwrap()[before];

@@ -370,6 +370,21 @@ mod tests {
         assert!(old.started_at + 5 >= unix_now());
     }
 
+    /// A pending sign-in request of session `sid`.
+    fn pending_of(sid: &str) -> Pending {
+        Pending {
+            session: session_binding(sid),
+            client_id: "c".into(),
+            redirect_uri: "app:/cb".into(),
+            redirect_uri_sent: true,
+            state: None,
+            scope: String::new(),
+            code_challenge: "x".into(),
+            created_at: unix_now(),
+            confirm: false,
+        }
+    }
+
     /// A session keeps its newest `MAX_PENDING_PER_SESSION` requests (older ones are deleted),
     /// and a new request gives an anonymous session the request's 10 minutes again while a
     /// signed-in one keeps the end of its 8 hours.
@@ -384,18 +399,7 @@ mod tests {
             save(&store, &sid, &s).await.unwrap();
             let mut ids = vec![];
             for _ in 0..MAX_PENDING_PER_SESSION + 2 {
-                let p = Pending {
-                    session: session_binding(&sid),
-                    client_id: "c".into(),
-                    redirect_uri: "app:/cb".into(),
-                    redirect_uri_sent: true,
-                    state: None,
-                    scope: String::new(),
-                    code_challenge: "x".into(),
-                    created_at: unix_now(),
-                    confirm: false,
-                };
-                let id = put_pending(&store, &p).await.unwrap();
+                let id = put_pending(&store, &pending_of(&sid)).await.unwrap();
                 attach_pending(&store, &sid, &mut s, &id).await.unwrap();
                 ids.push(id);
             }
@@ -421,18 +425,7 @@ mod tests {
         assert!(save(&store, &sid, &s).await.unwrap());
         destroy(&store, &sid).await.unwrap();
         assert!(!save(&store, &sid, &s).await.unwrap());
-        let p = Pending {
-            session: session_binding(&sid),
-            client_id: "c".into(),
-            redirect_uri: "app:/cb".into(),
-            redirect_uri_sent: true,
-            state: None,
-            scope: String::new(),
-            code_challenge: "x".into(),
-            created_at: unix_now(),
-            confirm: false,
-        };
-        let id = put_pending(&store, &p).await.unwrap();
+        let id = put_pending(&store, &pending_of(&sid)).await.unwrap();
         assert!(!attach_pending(&store, &sid, &mut s, &id).await.unwrap());
         let gone = kv::get::<Session>(&store, &session_key(&sid))
             .await
