@@ -35,7 +35,7 @@ pub struct AppState {
     /// a client that did not get the answer (`--refresh-retry-seconds`; 0: never).
     pub refresh_retry_secs: u64,
     /// Sign refresh tokens' family ids; read from (or first written to) the store at the first
-    /// use (`refresh::refresh_keys`).
+    /// use and again once a minute (`refresh::refresh_keys`).
     pub refresh_keys: arc_swap::ArcSwapOption<crate::oauth::refresh::RefreshKeys>,
     /// Proxies whose X-Forwarded-For names the client for the login, signup and sign-in
     /// throttles.

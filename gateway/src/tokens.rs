@@ -100,7 +100,8 @@ pub fn secret_matches(presented: &str, expected_sha256_hex: &str) -> bool {
     constant_time_eq(presented.as_bytes(), expected_sha256_hex.as_bytes())
 }
 
-/// Shape check before touching the store: a token we issued is exactly 43 base64url chars.
+/// Shape check before touching the store: an access token (or session id) we issued is exactly
+/// 43 base64url chars. (Refresh tokens are longer: `generate_refresh`.)
 pub fn looks_like_token(token: &str) -> bool {
     token.len() == 43 && token.bytes().all(|b| BASE64URL[usize::from(b)])
 }

@@ -8,8 +8,8 @@
 //! characters) each left a marker at their rotation for the rest of their life instead (up to
 //! 30 days, one per refresh); those still count.
 //!
-//! A rotation whose answer the gateway knows nobody will read (the client went away first) is
-//! undone: the new pair is removed and the presented token put back, so the client's retry is a
+//! A rotation of a live token whose answer the gateway knows nobody will read (the client went
+//! away first) is undone: the new pair is removed and the presented token put back, so the client's retry is a
 //! plain refresh. A spend that failed leaves the presented token live (nothing to undo), or, when
 //! the token is gone anyway (a timeout after the store ran it, or a concurrent use), nothing is
 //! put back: whose spend it was is unknown.
@@ -123,7 +123,8 @@ pub(super) async fn refresh_keys(state: &AppState) -> Result<Arc<RefreshKeys>, G
         Ok(k) => k,
         Err(e) => match have {
             Some(keys) => {
-                // Tried again in KEY_RETRY, not by every request meanwhile.
+                // Tried again in KEY_RETRY, not by every request meanwhile; unless another
+                // request moved the keys on in the meantime.
                 tracing::warn!(error = %e, "cannot read the refresh-token key again; keeping this one");
                 let retry = now.checked_sub(KEY_RECHECK - KEY_RETRY).unwrap_or(now);
                 let kept = Arc::new(RefreshKeys {
@@ -131,8 +132,11 @@ pub(super) async fn refresh_keys(state: &AppState) -> Result<Arc<RefreshKeys>, G
                     previous: keys.previous,
                     checked: retry,
                 });
-                state.refresh_keys.store(Some(kept.clone()));
-                return Ok(kept);
+                state.refresh_keys.rcu(|latest| match latest {
+                    Some(l) if Arc::ptr_eq(l, &keys) => Some(kept.clone()),
+                    other => other.clone(),
+                });
+                return Ok(state.refresh_keys.load_full().unwrap_or(kept));
             }
             None => return Err(unavailable(e)),
         },
@@ -301,6 +305,10 @@ pub(super) async fn refresh_token(
         keep_refresh,
     };
     let answer = answer_once(state, pair, spent, presented, |n| reused(client, n)).await?;
+    if let Redeem::Retry { family, .. } = &redeem {
+        tracing::info!(client_id = %client.cfg.client_id, grant_id = %family.grant_id, "refresh retried with the token rotated last; the unsent pair was replaced");
+        metrics::counter!("gatehouse_refresh_retries_total").increment(1);
+    }
     if matches!(redeem, Redeem::Live) && gone.is_cancelled() {
         // The client went away while the answer was made: undone, so its retry with the token
         // it has is a plain refresh rather than reuse.
@@ -422,8 +430,6 @@ async fn not_live(
         let unsent_refresh =
             record.filter(|r| r.kind == TokenKind::Refresh && r.grant_id == family.grant_id);
         if let Some(r) = unsent_refresh {
-            tracing::info!(client_id = %client.cfg.client_id, grant_id = %family.grant_id, "refresh retried with the token rotated last; the unsent pair is replaced");
-            metrics::counter!("gatehouse_refresh_retries_total").increment(1);
             return Ok((r, Redeem::Retry { unsent, family }));
         }
         // The pair issued for it was used or retried already: two holders.
@@ -483,7 +489,9 @@ async fn rotate(
             .unwrap_or_default(),
         access: hex::encode(tokens::hash(&pair.access_token)),
     };
-    // As long as the newest token of the family; older ones expire before it.
+    // As long as the newest token of the family; older ones expire before it (unless the Api's
+    // refresh lifetime was shortened since: those then outlive the record, and come back as
+    // unknown rather than reuse).
     let keep = r.ttl.max(r.record.expires_at.saturating_sub(now)).max(1);
     kv::put(store, &family_key(r.family), &next, keep).await?;
     match redeem {

@@ -423,7 +423,8 @@ pub(super) fn about_to_expire(expires_at: u64) -> bool {
 /// retry looked like a replay and revoked the family). Of concurrent uses only the one that
 /// took it answers; for the others it is a replay, which revokes the family, the pairs they
 /// issued included. When spending failed, whether it happened is unknown (a lost reply): the
-/// pair nobody will get is removed.
+/// pair nobody will get is removed, but its refresh token when `keep_refresh` (a retry within
+/// `--refresh-retry-seconds` may redeem it: `refresh.rs`).
 pub(super) async fn answer_once(
     state: &AppState,
     pair: TokenResponse,

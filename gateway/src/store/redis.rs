@@ -359,7 +359,7 @@ impl Store for RedisStore {
     async fn revoke_token(&self, hash: &TokenHash) -> StoreResult<Option<TokenRecord>> {
         let mut c = self.conns.get();
         let hex_hash = hex::encode(hash);
-        let raw: Option<String> = self
+        let raw: Result<Option<String>, _> = self
             .revoke_token
             .key(tok_key(hash))
             .arg(&hex_hash)
@@ -367,12 +367,13 @@ impl Store for RedisStore {
             .arg(format!("{PREFIX}{GRANTS}"))
             .arg(format!("{PREFIX}{OLD_GRANT}"))
             .invoke_async(&mut c)
-            .await
-            .map_err(|e| self.fail(e))?;
+            .await;
         // As a revocation message would (epoch first, then the entry): lookups under way on
-        // this replica must not cache it.
+        // this replica must not cache it. Also when the reply was lost: the script may have run,
+        // and the next lookup must ask Redis rather than this cache.
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.cache.remove(hash);
+        let raw = raw.map_err(|e| self.fail(e))?;
         let Some(raw) = raw else {
             return Ok(None);
         };
