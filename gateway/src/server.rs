@@ -34,16 +34,8 @@ pub const FORM_BODY_LIMIT: usize = 16 * 1024;
 
 /// The public router: OAuth endpoints first, everything else is proxied by pathPrefix.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/oauth2/authorize", get(oauth::authorize::handle))
-        .route("/oauth2/token", post(oauth::token::handle))
-        .route("/oauth2/revoke", post(oauth::revoke::handle))
-        .route("/oauth2/introspect", post(oauth::introspect::handle))
-        .route("/oauth2/userinfo", get(oauth::userinfo::handle))
-        .route(
-            "/.well-known/oauth-authorization-server",
-            get(oauth::metadata::handle),
-        )
+    // The sign-in pages: a POST that fails is answered with a 303 to its error page's address.
+    let pages = Router::new()
         .route(
             "/login",
             get(oauth::login::login_page).post(oauth::login::login_post),
@@ -60,6 +52,19 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/logout",
             get(oauth::login::logout_page).post(oauth::login::logout_post),
         )
+        .route_layer(axum::middleware::from_fn(oauth::error_pages::after_post))
+        .route("/oauth2/error", get(oauth::error_pages::show));
+    Router::new()
+        .route("/oauth2/authorize", get(oauth::authorize::handle))
+        .route("/oauth2/token", post(oauth::token::handle))
+        .route("/oauth2/revoke", post(oauth::revoke::handle))
+        .route("/oauth2/introspect", post(oauth::introspect::handle))
+        .route("/oauth2/userinfo", get(oauth::userinfo::handle))
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(oauth::metadata::handle),
+        )
+        .merge(pages)
         .fallback(proxy::handle)
         // The gateway's own forms and token requests are a few hundred bytes (axum's default
         // allows 2 MB). Proxied bodies are not read through extractors: no limit applies.

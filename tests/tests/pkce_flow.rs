@@ -230,6 +230,15 @@ impl<'e> Browser<'e> {
     }
 
     /// Follows a 303 to a page of the gateway.
+    /// The answer to a POST that failed: a 303 (design section 5) to the error page `id`, with
+    /// the pages' headers; returns that page.
+    async fn failed(&mut self, posted: &Page, id: &str) -> Page {
+        assert_eq!(posted.location(), format!("/oauth2/error?e={id}"));
+        let page = self.follow(posted).await;
+        assert_page_headers(&page);
+        page
+    }
+
     async fn follow(&mut self, page: &Page) -> Page {
         let to = page.location().to_string();
         assert!(to.starts_with('/'), "redirect leaves the gateway: {to}");
@@ -721,8 +730,8 @@ async fn a_refused_email_is_kept_only_when_address_sized_and_forms_are_bounded()
     let r = b
         .submit(&again, "/login", &[("email", &big), ("password", PASSWORD)])
         .await;
-    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_page_headers(&r);
+    let page = b.failed(&r, "form-too-large").await;
+    assert_eq!(page.status, StatusCode::PAYLOAD_TOO_LARGE);
     // At the token endpoint the same is an RFC 6749 error, not cached.
     let form = [("grant_type", "authorization_code"), ("code", big.as_str())];
     let (status, headers, body) = post_form(&env, "/oauth2/token", None, &form).await;
@@ -1260,7 +1269,8 @@ async fn logout_ends_the_browser_session() {
     );
     assert_page_headers(&page);
     let forged = b.post("/logout", &[("csrf", "forged")]).await;
-    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let refused = b.failed(&forged, "form-expired").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
     let still = b.get(&phone.authorize(&[PROFILE]).url).await;
     assert!(
         still.location().starts_with("/consent?req="),
@@ -1307,9 +1317,13 @@ async fn a_redirect_uri_removed_during_sign_in_gets_no_code() {
     let r = b
         .submit(&consent, "/consent", &[("decision", "allow")])
         .await;
-    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
-    assert!(r.body.contains("App no longer registered"), "{}", r.body);
-    assert!(r.headers.get(header::LOCATION).is_none());
+    let page = b.failed(&r, "unregistered").await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
+    assert!(
+        page.body.contains("App no longer registered"),
+        "{}",
+        page.body
+    );
 }
 
 /// Refreshing and code exchange follow the configuration: a client id now used by another
@@ -1809,10 +1823,9 @@ async fn forms_need_the_csrf_token_and_pages_carry_security_headers() {
             fields.push(("csrf", c.as_str()));
         }
         let r = b.post("/login", &fields).await;
-        assert_eq!(r.status, StatusCode::FORBIDDEN, "csrf {csrf:?}");
-        assert!(r.session_cookie().is_none());
-        assert!(r.headers.get(header::LOCATION).is_none());
-        assert_page_headers(&r);
+        assert!(r.session_cookie().is_none(), "csrf {csrf:?}");
+        let page = b.failed(&r, "form-expired").await;
+        assert_eq!(page.status, StatusCode::FORBIDDEN, "csrf {csrf:?}");
     }
     assert_eq!(b.session, sid);
     let consent = b.get(&format!("/consent?req={req}")).await;
@@ -1832,7 +1845,10 @@ async fn forms_need_the_csrf_token_and_pages_carry_security_headers() {
             ],
         )
         .await;
-    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        b.failed(&r, "form-expired").await.status,
+        StatusCode::FORBIDDEN
+    );
 
     // With it: signed in under a new session id; the consent page has the headers too.
     let r = log_in(&mut b, &again, "leo@example.com", PASSWORD).await;
@@ -1846,8 +1862,10 @@ async fn forms_need_the_csrf_token_and_pages_carry_security_headers() {
     let r = b
         .post("/consent", &[("req", req.as_str()), ("decision", "allow")])
         .await;
-    assert_eq!(r.status, StatusCode::FORBIDDEN);
-    assert!(r.headers.get(header::LOCATION).is_none());
+    assert_eq!(
+        b.failed(&r, "form-expired").await.status,
+        StatusCode::FORBIDDEN
+    );
     let foreign_csrf = foreign.hidden("csrf");
     let r = b
         .post(
@@ -1859,7 +1877,10 @@ async fn forms_need_the_csrf_token_and_pages_carry_security_headers() {
             ],
         )
         .await;
-    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        b.failed(&r, "form-expired").await.status,
+        StatusCode::FORBIDDEN
+    );
     let done = decide(&mut b, &consent, "allow").await;
     let code = callback(&done, "myapp://callback").code(&env, &authz.state);
 

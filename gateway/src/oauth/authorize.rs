@@ -81,11 +81,7 @@ pub fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
 
 pub fn store_error_page(e: StoreError) -> Response {
     tracing::error!(error = %e, "store failure in the login flow");
-    error_page(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "Temporarily unavailable",
-        "Sign-in is temporarily unavailable. Please try again in a moment.",
-    )
+    super::error_pages::known("unavailable")
 }
 
 /// 303 to the app's redirect URI with the given parameters plus `state` and `iss` (RFC 9207).
@@ -374,11 +370,7 @@ pub async fn proceed(
 }
 
 pub fn expired_request_page() -> Response {
-    error_page(
-        StatusCode::BAD_REQUEST,
-        "Sign-in expired",
-        "This sign-in request has expired or was already used. Please go back to the app and start again.",
-    )
+    super::error_pages::known("request-expired")
 }
 
 /// The subscription and Api of the pending request's client if the client still has its
@@ -394,11 +386,7 @@ fn still_registered(state: &AppState, p: &Pending) -> Option<(String, String)> {
 }
 
 fn unregistered_page() -> Response {
-    error_page(
-        StatusCode::BAD_REQUEST,
-        "App no longer registered",
-        "This app or its return address was removed while you were signing in. Please go back to the app and start again.",
-    )
+    super::error_pages::known("unregistered")
 }
 
 /// Consumes the pending request and redirects to the app with a fresh single-use code.

@@ -149,19 +149,11 @@ fn form_fields(body: &[u8]) -> HashMap<String, String> {
 }
 
 pub(super) fn session_expired() -> Response {
-    error_page(
-        StatusCode::FORBIDDEN,
-        "Session expired",
-        "Your sign-in session expired or cookies are blocked. Please go back to the app and start again.",
-    )
+    super::error_pages::known("session-expired")
 }
 
 fn forbidden_form() -> Response {
-    error_page(
-        StatusCode::FORBIDDEN,
-        "Form expired",
-        "This form is no longer valid. Please go back to the app and start again.",
-    )
+    super::error_pages::known("form-expired")
 }
 
 fn with_cookie(mut resp: Response, sid: &str, state: &AppState) -> Response {
@@ -788,11 +780,7 @@ pub async fn consent_post(
             }
         }
         Some("deny") => authorize::deny(&state, &req, &sid).await,
-        _ => error_page(
-            StatusCode::BAD_REQUEST,
-            "Invalid answer",
-            "Choose Allow or Deny.",
-        ),
+        _ => super::error_pages::known("invalid-answer"),
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod authorize;
 pub mod client_auth;
+pub mod error_pages;
 pub mod form;
 pub mod introspect;
 pub mod login;
@@ -94,12 +95,9 @@ impl<S: Send + Sync> FromRequest<S> for PageBody {
         Bytes::from_request(req, state)
             .await
             .map(PageBody)
-            .map_err(|e| {
-                authorize::error_page(
-                    e.status(),
-                    "Form not accepted",
-                    "The form was too large or did not arrive whole. Please go back and try again.",
-                )
+            .map_err(|e| match e.status() {
+                http::StatusCode::PAYLOAD_TOO_LARGE => error_pages::known("form-too-large"),
+                _ => error_pages::known("form-not-accepted"),
             })
     }
 }
