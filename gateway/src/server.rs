@@ -408,6 +408,8 @@ mod tests {
             "/login",
             "/signup",
             "/consent",
+            "/logout",
+            "/oauth2/error",
             "/oauth2",
         ] {
             assert!(served_by_gateway(p), "{p}");

@@ -81,7 +81,7 @@ pub fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
 
 pub fn store_error_page(e: StoreError) -> Response {
     tracing::error!(error = %e, "store failure in the login flow");
-    super::error_pages::known("unavailable")
+    super::error_pages::known(super::error_pages::UNAVAILABLE)
 }
 
 /// 303 to the app's redirect URI with the given parameters plus `state` and `iss` (RFC 9207).
@@ -370,7 +370,7 @@ pub async fn proceed(
 }
 
 pub fn expired_request_page() -> Response {
-    super::error_pages::known("request-expired")
+    super::error_pages::known(super::error_pages::REQUEST_EXPIRED)
 }
 
 /// The subscription and Api of the pending request's client if the client still has its
@@ -386,7 +386,7 @@ fn still_registered(state: &AppState, p: &Pending) -> Option<(String, String)> {
 }
 
 fn unregistered_page() -> Response {
-    super::error_pages::known("unregistered")
+    super::error_pages::known(super::error_pages::UNREGISTERED)
 }
 
 /// Consumes the pending request and redirects to the app with a fresh single-use code.

@@ -1,5 +1,6 @@
 //! The built-in identity provider's pages: sign in, sign up, consent. Every POST answers 303
-//! (errors travel as a one-time flash message in the session); every form carries the
+//! (a wrong field travels as a one-time flash message in the session; a form that cannot be
+//! used at all ends on its error page's address, `error_pages`); every form carries the
 //! session's CSRF token and the pending authorization id.
 
 use std::collections::HashMap;
@@ -144,16 +145,23 @@ async fn remember_device(
     resp
 }
 
+/// `path?req=<req>`, the id percent-encoded: a posted `req` is whatever the form sent, and a
+/// control character in a Location header would turn the 303 into an error.
+fn with_req(path: &str, req: &str) -> String {
+    let req: String = url::form_urlencoded::byte_serialize(req.as_bytes()).collect();
+    format!("{path}?req={req}")
+}
+
 fn form_fields(body: &[u8]) -> HashMap<String, String> {
     url::form_urlencoded::parse(body).into_owned().collect()
 }
 
 pub(super) fn session_expired() -> Response {
-    super::error_pages::known("session-expired")
+    super::error_pages::known(super::error_pages::SESSION_EXPIRED)
 }
 
 fn forbidden_form() -> Response {
-    super::error_pages::known("form-expired")
+    super::error_pages::known(super::error_pages::FORM_EXPIRED)
 }
 
 fn with_cookie(mut resp: Response, sid: &str, state: &AppState) -> Response {
@@ -245,7 +253,7 @@ async fn show(state: &AppState, headers: &HeaderMap, req: &str, signup: bool) ->
             &email,
             flash.as_deref(),
             state.password_min_len,
-            &format!("/login?req={req}"),
+            &with_req("/login", req),
         )
     } else {
         pages::login(
@@ -253,7 +261,7 @@ async fn show(state: &AppState, headers: &HeaderMap, req: &str, signup: bool) ->
             &app,
             &email,
             flash.as_deref(),
-            &format!("/signup?req={req}"),
+            &with_req("/signup", req),
         )
     };
     pages::respond(StatusCode::OK, html)
@@ -294,7 +302,7 @@ async fn signed_in(state: &AppState, old_sid: &str, req: &str, user_id: &str) ->
     let next = if req.is_empty() {
         see_other("/consent")
     } else {
-        see_other(&format!("/consent?req={req}"))
+        see_other(&with_req("/consent", req))
     };
     with_cookie(next, &sid, state)
 }
@@ -421,7 +429,7 @@ async fn read_post(
     let fields = form_fields(body);
     let (sid, mut sess) = posted_session(state, headers, &fields).await?;
     let req = fields.get("req").cloned().unwrap_or_default();
-    let back = format!("{page}?req={req}");
+    let back = with_req(page, &req);
     let raw_email = fields.get("email").map(String::as_str).unwrap_or("");
     let Some(accounts::EmailForms {
         email,
@@ -780,7 +788,7 @@ pub async fn consent_post(
             }
         }
         Some("deny") => authorize::deny(&state, &req, &sid).await,
-        _ => super::error_pages::known("invalid-answer"),
+        _ => super::error_pages::known(super::error_pages::INVALID_ANSWER),
     }
 }
 
@@ -858,6 +866,25 @@ mod tests {
             panic!("a good query was refused");
         };
         assert_eq!(q.req, "r1");
+    }
+
+    /// A posted `req` goes back into the 303's Location percent-encoded: one with a control
+    /// character (`%0A`) would otherwise make the answer a 400 instead of a 303.
+    #[tokio::test]
+    async fn a_posted_request_id_is_encoded_in_the_redirect() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(AppState::for_tests(dir.path()));
+        let (headers, csrf) = browser(&state).await;
+        let body = format!("csrf={csrf}&req=a%0Ab%26c&email=not-an-email&password=x");
+        let r = login_post(
+            State(state.clone()),
+            PeerIp("192.0.2.9".into()),
+            headers,
+            PageBody(body.into()),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        assert_eq!(r.headers()[header::LOCATION], "/login?req=a%0Ab%26c");
     }
 
     /// Right passwords count against the address's budget of checks too (each is an Argon2id

@@ -96,8 +96,10 @@ impl<S: Send + Sync> FromRequest<S> for PageBody {
             .await
             .map(PageBody)
             .map_err(|e| match e.status() {
-                http::StatusCode::PAYLOAD_TOO_LARGE => error_pages::known("form-too-large"),
-                _ => error_pages::known("form-not-accepted"),
+                http::StatusCode::PAYLOAD_TOO_LARGE => {
+                    error_pages::known(error_pages::FORM_TOO_LARGE)
+                }
+                _ => error_pages::known(error_pages::FORM_NOT_ACCEPTED),
             })
     }
 }
