@@ -416,6 +416,16 @@ async fn token_live(h: &Harness, token: &str) -> bool {
     live(h, gatehouse_gateway::tokens::hash(token)).await
 }
 
+/// The two tokens stored since `since` (an index into `puts`) other than `presented` (put
+/// back) are the pair of an answer nobody got: neither is live.
+async fn unsent_pair_gone(h: &Harness, flaky: &FlakyStore, since: usize, presented: &str) {
+    let unsent = stored_since(flaky, since, presented);
+    assert_eq!(unsent.len(), 2, "the unsent access and refresh token");
+    for hash in unsent {
+        assert!(!live(h, hash).await, "a token of the unsent pair is live");
+    }
+}
+
 /// The tokens stored since `since` (an index into `puts`), less `except`.
 fn stored_since(
     flaky: &FlakyStore,
@@ -444,11 +454,7 @@ async fn a_refresh_whose_spend_fails_leaves_its_token_usable() {
     let resp = h.call(token_request(&refresh_body(&r0), None)).await;
     assert_eq!(resp.status(), 503);
     assert!(token_live(&h, &r0).await && token_live(&h, &a0).await);
-    let unsent = stored_since(&flaky, before, &r0);
-    assert_eq!(unsent.len(), 2, "the unsent access and refresh token");
-    for hash in unsent {
-        assert!(!live(&h, hash).await, "a token of the unsent pair is live");
-    }
+    unsent_pair_gone(&h, &flaky, before, &r0).await;
     let resp = h.call(token_request(&refresh_body(&r0), None)).await;
     assert_eq!(resp.status(), 200, "the retry is not reuse");
 }
@@ -596,11 +602,7 @@ async fn a_refresh_whose_client_goes_away_is_finished_and_undone() {
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert!(token_live(&h, &r0).await, "not put back");
-    let unsent = stored_since(&flaky, before, &r0);
-    assert_eq!(unsent.len(), 2, "the unsent access and refresh token");
-    for hash in unsent {
-        assert!(!live(&h, hash).await, "a token of the unsent pair is live");
-    }
+    unsent_pair_gone(&h, &flaky, before, &r0).await;
     let resp = h.call(token_request(&refresh_body(&r0), None)).await;
     assert_eq!(resp.status(), 200, "the retry is a plain refresh");
     assert!(token_live(&h, &a0).await);

@@ -74,10 +74,15 @@ impl RefreshKeys {
         &self.current
     }
 
-    /// The family `token` names under either key (`tokens::refresh_family`).
+    /// The family `token` names under either key (`tokens::refresh_family`). Tokens of a
+    /// refresh token's length that neither signed are counted: made up, or cut from another.
     fn family_of(&self, token: &str) -> Option<FamilyId> {
-        tokens::refresh_family(&self.current, token)
-            .or_else(|| tokens::refresh_family(self.previous.as_ref()?, token))
+        let family = tokens::refresh_family(&self.current, token)
+            .or_else(|| tokens::refresh_family(self.previous.as_ref()?, token));
+        if family.is_none() && token.len() == tokens::REFRESH_TOKEN_CHARS {
+            metrics::counter!("gatehouse_refresh_tokens_unsigned_total").increment(1);
+        }
+        family
     }
 }
 
@@ -168,14 +173,14 @@ pub(super) async fn refresh_keys(state: &AppState) -> Result<Arc<RefreshKeys>, G
         .expect("refresh keys were just stored"))
 }
 
-/// The family a presented refresh token names under this replica's keys. Tokens of a refresh
-/// token's length that neither signed are counted: made up, or cut from another token.
-async fn family_of(state: &AppState, token: &str) -> Result<Option<FamilyId>, GatewayError> {
-    let family = refresh_keys(state).await?.family_of(token);
-    if family.is_none() && token.len() == tokens::REFRESH_TOKEN_CHARS {
-        metrics::counter!("gatehouse_refresh_tokens_unsigned_total").increment(1);
-    }
-    Ok(family)
+/// A family's record, if it still has one.
+async fn family_record(
+    state: &AppState,
+    id: &FamilyId,
+) -> Result<Option<FamilyRecord>, GatewayError> {
+    kv::get::<FamilyRecord>(&*state.store, &family_key(id))
+        .await
+        .map_err(unavailable)
 }
 
 /// Hashed, so the store's keys do not hold what the family's tokens carry.
@@ -228,8 +233,8 @@ pub(super) async fn refresh_token(
     require_grant(client, GrantType::RefreshToken)?;
     let presented = form.require("refresh_token")?;
     let hash = tokens::hash(presented);
-    let family_id = family_of(state, presented).await?;
     let keys = refresh_keys(state).await?;
+    let family_id = keys.family_of(presented);
     let (record, redeem) = match state.store.get_token(&hash).await.map_err(unavailable)? {
         Some(r) if r.kind == TokenKind::Refresh => (r, Redeem::Live),
         _ => not_live(state, client, &hash, family_id.as_ref()).await?,
@@ -410,11 +415,8 @@ async fn not_live(
             },
         );
     };
-    let key = family_key(id);
-    let family = match kv::get::<FamilyRecord>(&*state.store, &key).await {
-        Ok(Some(f)) => f,
-        Ok(None) => return Err(unknown()),
-        Err(e) => return Err(unavailable(e)),
+    let Some(family) = family_record(state, id).await? else {
+        return Err(unknown());
     };
     // Another client sending a token it saw cannot end the owner's family; one that was
     // revoked (signed out, or a replayed code) is not reuse.
@@ -532,7 +534,7 @@ pub(super) async fn revoke(
     token: &str,
     live: Option<&TokenRecord>,
 ) -> Result<Option<usize>, GatewayError> {
-    let family_id = family_of(state, token).await?;
+    let family_id = refresh_keys(state).await?.family_of(token);
     if let Some(record) = live {
         if record.client_id != client.cfg.client_id {
             return Ok(None);
@@ -545,12 +547,11 @@ pub(super) async fn revoke(
         let marker = rotated_key(&tokens::hash(token));
         return revoke_marked_grant(state, &marker, &client.cfg.client_id).await;
     };
-    match kv::get::<FamilyRecord>(&*state.store, &family_key(&id)).await {
-        Ok(Some(f)) if f.client_id == client.cfg.client_id => {
+    match family_record(state, &id).await? {
+        Some(f) if f.client_id == client.cfg.client_id => {
             end_family(state, &f.grant_id, Some(&id)).await.map(Some)
         }
-        Ok(_) => Ok(None),
-        Err(e) => Err(unavailable(e)),
+        _ => Ok(None),
     }
 }
 
@@ -585,17 +586,29 @@ mod tests {
         state.store.kv_put(REFRESH_KEY, &new, 0).await.unwrap();
         let theirs = tokens::generate_refresh(&new, &family);
         assert_eq!(
-            family_of(&state, &theirs).await.unwrap(),
+            refresh_keys(&state).await.unwrap().family_of(&theirs),
             None,
             "not read again yet"
         );
         due(&state);
-        assert_eq!(family_of(&state, &theirs).await.unwrap(), Some(family));
+        assert_eq!(
+            refresh_keys(&state).await.unwrap().family_of(&theirs),
+            Some(family)
+        );
         assert_eq!(refresh_keys(&state).await.unwrap().signing(), &new);
-        assert_eq!(family_of(&state, &mine).await.unwrap(), Some(family));
+        assert_eq!(
+            refresh_keys(&state).await.unwrap().family_of(&mine),
+            Some(family)
+        );
         let forged = format!("{}{}", &theirs[..22], "A".repeat(64));
-        assert_eq!(family_of(&state, &forged).await.unwrap(), None);
-        assert_eq!(family_of(&state, &tokens::generate()).await.unwrap(), None);
+        assert_eq!(refresh_keys(&state).await.unwrap().family_of(&forged), None);
+        assert_eq!(
+            refresh_keys(&state)
+                .await
+                .unwrap()
+                .family_of(&tokens::generate()),
+            None
+        );
 
         state.store.kv_delete(REFRESH_KEY).await.unwrap();
         due(&state);

@@ -289,21 +289,13 @@ impl EmbeddedStore {
     }
 
     async fn kv_write(&self, key: &str, entry: Option<KvEntry>) -> StoreResult<()> {
-        self.kv_write_if(key, entry, None).await
+        GroupCommit::done(self.kv_enqueue(key, entry, None)?).await
     }
 
-    /// `kv_write`; with `live_at`, an entry is written only over a live one in the file. The
-    /// file then decides in the order of its commits what memory decided under the entry lock:
-    /// a delete that committed first (and leaves memory after its commit) wins there too.
-    async fn kv_write_if(
-        &self,
-        key: &str,
-        entry: Option<KvEntry>,
-        live_at: Option<u64>,
-    ) -> StoreResult<()> {
-        GroupCommit::done(self.kv_enqueue(key, entry, live_at)?).await
-    }
-
+    /// Queues a kv write. With `live_at`, an entry is written only over a live one in the file:
+    /// the file then decides in the order of its commits what memory decided under the entry
+    /// lock, so a delete that committed first (and leaves memory after its commit) wins there
+    /// too.
     fn kv_enqueue(
         &self,
         key: &str,
@@ -344,7 +336,7 @@ impl EmbeddedStore {
         self.kv_update_if(key, change, None).await
     }
 
-    /// `kv_update` whose file write is `kv_write_if(.., live_at)`.
+    /// `kv_update` whose file write is conditional as in `kv_enqueue(.., live_at)`.
     async fn kv_update_if(
         &self,
         key: &str,
@@ -572,7 +564,7 @@ impl Store for EmbeddedStore {
             expires_at: expiry(ttl_secs),
         };
         // Decided in memory, and again in the file: a delete racing this save may have committed
-        // first, and then leaves memory only after its commit (see `kv_write_if`).
+        // first, and then leaves memory only after its commit (see `kv_enqueue`).
         let change = |current: Option<&KvEntry>| match current {
             Some(c) if c.live(now) => Some(e),
             _ => None,
